@@ -1,0 +1,33 @@
+# Two entry points, each installs what it needs into ./.venv:
+#   make demo   - the main job: phantom data -> CTIA vs MIA cross-validation -> ensemble -> report/
+#   make test   - the test suite (CPU)
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of PyTorch; set TORCH=torch (or a CUDA build) to use your own.
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "dynamic-network-architectures>=0.3"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ctseg demo --out demo-output
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf demo-output .pytest_cache

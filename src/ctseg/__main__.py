@@ -1,0 +1,3 @@
+from ctseg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""One typed experiment configuration: YAML in, validated, saved beside every result.
+
+Every section is a pydantic model with defaults from the paper (`shared/design/METHOD.md`);
+unknown keys are refused so that a typo never silently falls back to a default.
+Load with `load_config(path)`, save with `save_config(cfg, path)` (atomic).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ctseg.errors import CtsegError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: str | None = None
+    layout: Literal["auto", "kits19", "chaos", "nnunet"] = "auto"
+    task: Literal["kidney", "liver"] = "kidney"
+
+
+class PreprocessConfig(_Section):
+    window: Literal["percentile", "organ", "bone", "lung", "custom"] = "percentile"
+    percentiles: tuple[float, float] = (0.6, 99.0)
+    presets: dict[str, tuple[float, float]] = Field(default_factory=lambda: {
+        "organ": (-160.0, 240.0), "bone": (-450.0, 1050.0), "lung": (-1350.0, 150.0)})
+    custom_window: tuple[float, float] | None = None
+    subset_size: int = Field(8, ge=1, description="training cases drawn at random for intensity statistics")
+    in_plane_size: int = Field(128, ge=8)
+    num_slices: int = Field(16, ge=1)
+    exclude_background_slices: bool = True
+    cache_dtype: Literal["float16", "int16"] = "float16"
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.percentiles
+        if not (0.0 <= lo < hi <= 100.0):
+            raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {self.percentiles}")
+        for name, (a, b) in self.presets.items():
+            if a >= b:
+                raise ValueError(f"window preset {name!r}: lower {a} must be < upper {b}")
+        if self.custom_window is not None and self.custom_window[0] >= self.custom_window[1]:
+            raise ValueError(f"custom_window lower must be < upper, got {self.custom_window}")
+        if self.window == "custom" and self.custom_window is None:
+            raise ValueError("window 'custom' needs custom_window: [lower, upper] in HU")
+        return self
+
+
+class CTIAConfig(_Section):
+    """CT-specific augmentation (paper Table 1). Probabilities are per sample unless noted."""
+    p_batch_2d: float = Field(0.9, ge=0, le=1, description="fraction of 2D batches augmented")
+    p_batch_3d: float = Field(0.8, ge=0, le=1, description="fraction of 3D batches augmented")
+    noise_p: float = Field(0.5, ge=0, le=1)
+    noise_sigma: tuple[float, float] = (0.0, 0.1)  # in z-scored units
+    cwvrs_p: float = Field(0.2, ge=0, le=1)
+    cwvrs_clusters: Literal["preset", "kmeans"] = "preset"
+    cwvrs_n_clusters: int = Field(3, ge=2)
+    cwvrs_shift: float = Field(0.05, ge=0, le=0.5, description="max shift of a cluster boundary, fraction of range")
+    cwvrs_stretch: float = Field(0.05, ge=0, le=0.5, description="max relative stretch of a cluster range")
+    slice_skip_p: float = Field(0.2, ge=0, le=1)
+    slice_skip_max_factor: float = Field(2.0, ge=1)
+    slice_interp_p: float = Field(0.2, ge=0, le=1)
+    slice_interp_min_factor: float = Field(0.5, gt=0, le=1)
+    rotation_p: float = Field(0.5, ge=0, le=1)
+    rotation_max_deg: float = Field(16.0, ge=0, le=180)
+    random_window_p: float = Field(0.0, ge=0, le=1, description="extra, off by default: random window level/width")
+    random_window_scale: float = Field(0.1, ge=0, le=1)
+
+
+class MIAConfig(_Section):
+    """General-purpose augmentation baseline, configured like nnU-Net's defaults."""
+    rotation_p: float = 0.2
+    scale_p: float = 0.2
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    elastic_p: float = 0.0
+    noise_p: float = 0.1
+    blur_p: float = 0.2
+    brightness_p: float = 0.15
+    contrast_p: float = 0.15
+    lowres_p: float = 0.25
+    gamma_p: float = 0.3
+    mirror: bool = False
+
+
+class AugmentConfig(_Section):
+    name: Literal["ctia", "mia", "none"] = "ctia"
+    ctia: CTIAConfig = Field(default_factory=CTIAConfig)
+    mia: MIAConfig = Field(default_factory=MIAConfig)
+
+
+class UNetConfig(_Section):
+    n_stages: int = Field(6, ge=2)
+    base_features: int = Field(32, ge=1)
+    max_features: int = Field(512, ge=1)
+    conv_per_stage: int = Field(2, ge=1)
+    z_pool_stages: int = Field(2, ge=0, description="3D: how many stages pool along z (fewer than in-plane)")
+
+
+class MSDConfig(_Section):
+    depth: int = Field(100, ge=1)
+    width: int = Field(1, ge=1)
+    max_dilation: int = Field(10, ge=1)
+    implementation: Literal["efficient", "naive"] = "efficient"
+
+
+class ModelConfig(_Section):
+    arch: Literal["unet", "msd"] = "unet"
+    dim: Literal["2d", "3d"] = "2d"
+    target: Literal["multiclass", "foreground"] = Field(
+        "multiclass", description="multiclass: all dataset classes; foreground: union of non-zero vs background")
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    msd: MSDConfig = Field(default_factory=MSDConfig)
+
+
+class TrainConfig(_Section):
+    batch_size_2d: int = Field(28, ge=1)
+    batch_size_3d: int = Field(1, ge=1)
+    epochs: int = Field(50, ge=1)
+    steps_per_epoch: int = Field(250, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    loss_tanimoto_weight: float = Field(0.6, ge=0)
+    loss_ce_weight: float = Field(0.4, ge=0)
+    loss_smooth: float = Field(1e-5, gt=0)
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    val_every: int = Field(1, ge=1, description="validate every N epochs")
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    compile: bool = False
+    num_workers: int = Field(0, ge=0)
+    augment_on: Literal["auto", "cpu", "device"] = "auto"
+    device: str = "auto"
+    tensorboard: bool = False
+
+
+class CVConfig(_Section):
+    n_folds: int = Field(5, ge=2)
+    fold_mode: Literal["sorted", "random", "stratified"] = "sorted"
+
+
+class StackConfig(_Section):
+    top_k: int = Field(5, ge=1)
+    meta_epochs: int = Field(20, ge=1)
+
+
+class ExperimentConfig(_Section):
+    name: str = "ctseg"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cv: CVConfig = Field(default_factory=CVConfig)
+    stack: StackConfig = Field(default_factory=StackConfig)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def parse_config(data: dict, source: str | Path | None = None) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise CtsegError(_format_validation_error(err), source) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise CtsegError("config file not found", path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise CtsegError(f"not valid YAML: {err}", path) from None
+    if data is not None and not isinstance(data, dict):
+        raise CtsegError(f"expected a mapping at the top level, got {type(data).__name__}", path)
+    return parse_config(data or {}, path)
+
+
+def config_to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text to `path` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
