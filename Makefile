@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ctseg demo --out demo-output
 
 test: $(STAMP)
+	@bash scripts/ensure-chromium.sh
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -37,7 +37,8 @@ class PreprocessConfig(_Section):
     in_plane_size: int = Field(128, ge=8)
     num_slices: int = Field(16, ge=1)
     exclude_background_slices: bool = True
-    cache_dtype: Literal["float16", "int16"] = "float16"
+    cache_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="dtype of the cached z-scored images (float16 halves disk and I/O)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -55,39 +56,73 @@ class PreprocessConfig(_Section):
 
 
 class CTIAConfig(_Section):
-    """CT-specific augmentation (paper Table 1). Probabilities are per sample unless noted."""
+    """CT-specific augmentation (paper Table 1; `ctseg.augment.ctia`).
+
+    A batch is augmented with probability p_batch_2d / p_batch_3d; inside an augmented batch each
+    transform is applied per training image (a slice in 2D, a volume in 3D) with its own probability,
+    except slice skipping / interpolation, which act along z per stack. Intensities are z-scored units.
+    """
     p_batch_2d: float = Field(0.9, ge=0, le=1, description="fraction of 2D batches augmented")
     p_batch_3d: float = Field(0.8, ge=0, le=1, description="fraction of 3D batches augmented")
     noise_p: float = Field(0.5, ge=0, le=1)
-    noise_sigma: tuple[float, float] = (0.0, 0.1)  # in z-scored units
-    cwvrs_p: float = Field(0.2, ge=0, le=1)
-    cwvrs_clusters: Literal["preset", "kmeans"] = "preset"
-    cwvrs_n_clusters: int = Field(3, ge=2)
-    cwvrs_shift: float = Field(0.05, ge=0, le=0.5, description="max shift of a cluster boundary, fraction of range")
-    cwvrs_stretch: float = Field(0.05, ge=0, le=0.5, description="max relative stretch of a cluster range")
-    slice_skip_p: float = Field(0.2, ge=0, le=1)
-    slice_skip_max_factor: float = Field(2.0, ge=1)
-    slice_interp_p: float = Field(0.2, ge=0, le=1)
-    slice_interp_min_factor: float = Field(0.5, gt=0, le=1)
+    noise_sigma: tuple[float, float] = Field((0.0, 0.1), description="std of the noise map, z-scored units")
+    cwvrs_p: float = Field(0.2, ge=0, le=1, description="cluster-wise voxel intensity range shift (paper: 20 %)")
+    cwvrs_clusters: Literal["preset", "kmeans"] = Field(
+        "preset", description="preset: tissue ranges in HU (needs the intensity plan; else k-means); kmeans: per batch")
+    cwvrs_n_clusters: int = Field(3, ge=2, description="k-means clusters")
+    cwvrs_tissue_ranges_hu: dict[str, tuple[float, float]] = Field(default_factory=lambda: {
+        "fat": (-200.0, -30.0), "soft_tissue": (-30.0, 150.0), "enhanced_or_bone": (150.0, 3000.0)})
+    cwvrs_shift: float = Field(0.05, ge=0, le=0.5, description="max shift of a cluster, fraction of its width")
+    cwvrs_stretch: float = Field(0.05, ge=0, le=0.5, description="max relative stretch of a cluster's width")
+    slice_skip_p: float = Field(0.2, ge=0, le=1, description="per stack; exclusive with slice interpolation")
+    slice_skip_max_factor: float = Field(2.0, gt=1, description="spacing factor f drawn from (1, max]")
+    slice_interp_p: float = Field(0.2, ge=0, le=1, description="per stack")
+    slice_interp_min_factor: float = Field(0.5, gt=0, lt=1, description="spacing factor f drawn from [min, 1)")
     rotation_p: float = Field(0.5, ge=0, le=1)
     rotation_max_deg: float = Field(16.0, ge=0, le=180)
     random_window_p: float = Field(0.0, ge=0, le=1, description="extra, off by default: random window level/width")
-    random_window_scale: float = Field(0.1, ge=0, le=1)
+    random_window_level: float = Field(0.1, ge=0, le=0.5, description="max level shift, fraction of window width")
+    random_window_width: float = Field(0.2, ge=0, lt=1, description="max relative change of window width")
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.noise_sigma
+        if not (0.0 <= lo <= hi):
+            raise ValueError(f"noise_sigma must satisfy 0 <= low <= high, got {self.noise_sigma}")
+        if self.slice_skip_p + self.slice_interp_p > 1.0:
+            raise ValueError("slice_skip_p + slice_interp_p must be <= 1 (a stack gets at most one of them)")
+        for name, (a, b) in self.cwvrs_tissue_ranges_hu.items():
+            if a >= b:
+                raise ValueError(f"cwvrs_tissue_ranges_hu {name!r}: lower {a} must be < upper {b}")
+        return self
 
 
 class MIAConfig(_Section):
-    """General-purpose augmentation baseline, configured like nnU-Net's defaults."""
-    rotation_p: float = 0.2
-    scale_p: float = 0.2
+    """General-purpose augmentation baseline (`ctseg.augment.mia`): batchgeneratorsv2 transforms with
+    nnU-Net v2's defaults (`nnUNetTrainer.get_training_transforms`). Probabilities are per image."""
+    rotation_p: float = Field(0.2, ge=0, le=1)
+    rotation_max_deg: float = Field(180.0, ge=0, le=180, description="in-plane; nnU-Net: unrestricted")
+    scale_p: float = Field(0.2, ge=0, le=1)
     scale_range: tuple[float, float] = (0.7, 1.4)
-    elastic_p: float = 0.0
-    noise_p: float = 0.1
-    blur_p: float = 0.2
-    brightness_p: float = 0.15
-    contrast_p: float = 0.15
-    lowres_p: float = 0.25
-    gamma_p: float = 0.3
-    mirror: bool = False
+    elastic_p: float = Field(0.0, ge=0, le=1)
+    crop_max_shift: float = Field(
+        0.1, ge=0, le=0.5, description="random patch extraction: max patch-centre offset, fraction of in-plane size")
+    noise_p: float = Field(0.1, ge=0, le=1)
+    noise_sigma: tuple[float, float] = (0.0, 0.1)
+    blur_p: float = Field(0.2, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    brightness_p: float = Field(0.15, ge=0, le=1)
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    contrast_p: float = Field(0.15, ge=0, le=1)
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    lowres_p: float = Field(0.25, ge=0, le=1)
+    lowres_scale: tuple[float, float] = (0.5, 1.0)
+    gamma_inverted_p: float = Field(0.1, ge=0, le=1)
+    gamma_p: float = Field(0.3, ge=0, le=1)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    mirror: bool = Field(False, description="nnU-Net mirrors all axes; the paper's MIA (Table 1) does not list it")
+    fill: Literal["zero", "air"] = Field(
+        "zero", description="value outside the rotated/scaled/shifted image: zero (nnU-Net) or air (needs the plan)")
 
 
 class AugmentConfig(_Section):
@@ -99,7 +134,8 @@ class AugmentConfig(_Section):
 class UNetConfig(_Section):
     n_stages: int = Field(6, ge=2)
     base_features: int = Field(32, ge=1)
-    max_features: int = Field(512, ge=1)
+    max_features: int | None = Field(
+        None, ge=1, description="cap on features per stage; None: nnU-Net's 512 in 2D, 320 in 3D")
     conv_per_stage: int = Field(2, ge=1)
     z_pool_stages: int = Field(2, ge=0, description="3D: how many stages pool along z (fewer than in-plane)")
 
@@ -144,9 +180,42 @@ class CVConfig(_Section):
     fold_mode: Literal["sorted", "random", "stratified"] = "sorted"
 
 
+class StackMemberSetConfig(_Section):
+    """One set of stacked-ensemble members: the cross-validated runs of this architecture, dimension, target."""
+    arch: Literal["unet", "msd"]
+    dim: Literal["2d", "3d"]
+    target: Literal["multiclass", "foreground"] = "multiclass"
+
+
 class StackConfig(_Section):
+    """Stacked CNN (`ctseg.models.stacking`): top_k members per set by validation score, meta-model trained on
+    out-of-fold member maps for meta_epochs x steps_per_epoch Adam steps of batch_size axial slices."""
     top_k: int = Field(5, ge=1)
+    members: list[StackMemberSetConfig] = Field(
+        default_factory=lambda: [StackMemberSetConfig(arch="msd", dim="3d", target="foreground"),
+                                 StackMemberSetConfig(arch="unet", dim="2d", target="multiclass")],
+        min_length=1, description="paper, KiTS: 3D MS-D Nets (kidney+tumour vs background) and 2D U-Nets")
     meta_epochs: int = Field(20, ge=1)
+    steps_per_epoch: int = Field(50, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    hidden: int = Field(16, ge=1, description="channels of the meta-model's 3x3 context branch")
+    foreground_fraction: float = Field(0.5, ge=0, le=1, description="share of slices with foreground per batch")
+
+
+class ExperimentMatrixConfig(_Section):
+    """The paper's experiment (`ctseg experiment`): every combination of archs x dims x augs (x seeds) is
+    cross-validated, then a stacked ensemble per augmentation. `profiles` are named partial configs
+    (same nesting as this file) merged over the config by `--profile NAME`, e.g. a small CPU variant."""
+    archs: list[Literal["unet", "msd"]] = Field(default_factory=lambda: ["unet", "msd"], min_length=1)
+    dims: list[Literal["2d", "3d"]] = Field(default_factory=lambda: ["2d", "3d"], min_length=1)
+    augs: list[Literal["mia", "ctia", "none"]] = Field(default_factory=lambda: ["mia", "ctia"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="one run per seed and combination; more seeds give top_k more candidates")
+    stack: bool = True
+    thickness_groups_mm: list[float] = Field(default_factory=lambda: [1.5, 3.0], min_length=1,
+                                             description="upper edges of the slice-thickness groups in the report")
+    profiles: dict[str, dict] = Field(default_factory=dict)
 
 
 class ExperimentConfig(_Section):
@@ -159,6 +228,7 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
     stack: StackConfig = Field(default_factory=StackConfig)
+    experiment: ExperimentMatrixConfig = Field(default_factory=ExperimentMatrixConfig)
 
 
 def _format_validation_error(err: ValidationError) -> str:

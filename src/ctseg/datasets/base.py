@@ -1,10 +1,17 @@
 """`Case` and the dataset protocol shared by every layout reader."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Protocol
 
-from ctseg.io import Volume
+import numpy as np
+
+from ctseg.errors import CtsegError
+from ctseg.io import Volume, check_hu_plausibility, resample_to, to_canonical
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,3 +41,89 @@ class Dataset(Protocol):
     def __iter__(self) -> Iterator[Case]: ...
 
     def __len__(self) -> int: ...
+
+
+class FolderDataset:
+    """Common part of the layout readers: `_cases` maps case id -> whatever `load` needs."""
+
+    layout: str = ""
+    classes: dict[int, str] = {}
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._cases: dict[str, object] = {}
+
+    def case_ids(self) -> list[str]:
+        return list(self._cases)
+
+    def load(self, case_id: str) -> Case:
+        raise NotImplementedError
+
+    def _source(self, case_id: str) -> object:
+        if case_id not in self._cases:
+            raise CtsegError(f"no case {case_id!r} in this {self.layout} dataset", self.root)
+        return self._cases[case_id]
+
+    def __iter__(self) -> Iterator[Case]:
+        for case_id in self.case_ids():
+            yield self.load(case_id)
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r}, {len(self)} cases)"
+
+
+def check_label_values(array: np.ndarray, classes: dict[int, str], path: str | Path | None) -> np.ndarray:
+    """The label as uint8 after checking that every value is one of `classes` (CtsegError naming `path`)."""
+    if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        raise CtsegError("label map has non-integer values", path)
+    lo, hi = array.min(), array.max()
+    if lo < 0 or hi > 255:
+        raise CtsegError(f"label values span {lo}..{hi}, outside the classes {classes}", path)
+    label = array.astype(np.uint8, copy=False)
+    present = np.flatnonzero(np.bincount(label.reshape(-1), minlength=256))
+    unknown = sorted(set(present.tolist()) - set(classes))
+    if unknown:
+        raise CtsegError(f"label values {unknown} are not among the classes {classes}", path)
+    return label
+
+
+def finish_case(case_id: str, image: Volume, label: Volume | None, classes: dict[int, str]) -> Case:
+    """Check the label, put it on the image grid (by geometry) and bring both to canonical orientation.
+
+    metadata: num_slices, spacing (z, y, x mm, canonical), slice_thickness (DICOM SliceThickness,
+    else the slice spacing), slice_thickness_source, original_shape, reorientation (to go back to
+    the file's voxel order with `ctseg.io.from_canonical`), image_path, label_path, warnings.
+    """
+    warnings = list(image.meta.get("warnings", []))
+    warnings += [f"image: {w}" for w in check_hu_plausibility(image)]
+    if label is not None:
+        label_path = label.meta.get("path")
+        label = label.with_array(check_label_values(label.array, classes, label_path))
+        if not label.same_geometry(image):
+            before_mm3 = np.count_nonzero(label.array) * np.prod(label.spacing)
+            label = resample_to(label, image, order=0)
+            after_mm3 = np.count_nonzero(label.array) * np.prod(image.spacing)
+            warnings.append(f"label resampled onto the image grid (geometry differs); foreground volume "
+                            f"{before_mm3 / 1000:.1f} -> {after_mm3 / 1000:.1f} mL")
+    canonical, reorientation = to_canonical(image)
+    canonical_label = None
+    if label is not None:
+        canonical_label, _ = to_canonical(label)
+    for w in warnings:
+        log.warning("case %s: %s", case_id, w)
+    thickness = image.slice_thickness
+    metadata = {
+        "num_slices": canonical.shape[0],
+        "spacing": canonical.spacing,
+        "slice_thickness": thickness if thickness is not None else canonical.spacing[0],
+        "slice_thickness_source": "dicom" if thickness is not None else "spacing",
+        "original_shape": image.shape,
+        "reorientation": reorientation,
+        "image_path": image.meta.get("path"),
+        "label_path": label.meta.get("path") if label is not None else None,
+        "warnings": warnings,
+    }
+    return Case(case_id, canonical, canonical_label, metadata)

@@ -1,0 +1,79 @@
+"""The augmenter interface shared by CTIA, MIA and "none", plus small random helpers.
+
+An augmenter maps a batch of stacks to a batch of the same shape, dtype and device:
+
+    image: Tensor (B, 1, Z, Y, X) float32, z-scored windowed intensities
+    label: Tensor (B, 1, Z, Y, X) int64 class map
+    generator: torch.Generator, the only source of randomness (same seed -> same output)
+
+For dim "2d" the Z slices of a stack are independent 2D training images (the trainer flattens Z
+into the batch afterwards); for "3d" a stack is one 3D training image.
+"""
+from __future__ import annotations
+
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+Dim = Literal["2d", "3d"]
+
+
+@runtime_checkable
+class IntensityPlanLike(Protocol):
+    """What the augmenters need from `ctseg.preprocess.windowing.IntensityPlan`: window in HU and z-score stats."""
+
+    lower: float
+    upper: float
+    mean: float
+    std: float
+
+
+class Augmenter:
+    """Base class: `augmenter(image, label, generator) -> (image, label)`."""
+
+    dim: Dim
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class NoAugment(Augmenter):
+    """Returns its inputs unchanged (config `augment.name: none`)."""
+
+    def __init__(self, dim: Dim):
+        self.dim = dim
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        check_batch(image, label)
+        return image, label
+
+
+def check_batch(image: Tensor, label: Tensor) -> None:
+    """Raise ValueError unless image/label are (B, 1, Z, Y, X) float / integer tensors of one shape and device."""
+    if image.ndim != 5 or image.shape[1] != 1:
+        raise ValueError(f"expected image of shape (B, 1, Z, Y, X), got {tuple(image.shape)}")
+    if label.shape != image.shape:
+        raise ValueError(f"label shape {tuple(label.shape)} differs from image shape {tuple(image.shape)}")
+    if not image.is_floating_point() or label.is_floating_point():
+        raise ValueError(f"expected float image and integer label, got {image.dtype} and {label.dtype}")
+    if image.device != label.device:
+        raise ValueError(f"image on {image.device} but label on {label.device}")
+
+
+def uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
+    """(n,) float32 draws from U[low, high) on the generator's device."""
+    return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
+
+
+def bernoulli(n: int, p: float, generator: torch.Generator) -> Tensor:
+    """(n,) bool, each True with probability p (always draws n numbers, so streams stay aligned)."""
+    return torch.rand(n, generator=generator, device=generator.device) < p
+
+
+def generator_for(device: torch.device, generator: torch.Generator) -> torch.Generator:
+    """`generator` itself if it lives on `device`, else a new generator there seeded from it."""
+    if torch.device(device).type == generator.device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    return torch.Generator(device=device).manual_seed(seed)

@@ -1,0 +1,128 @@
+"""`ctseg train --data DIR --out RUN [--fold K] ...`: train one network (paper Algorithm 1).
+
+--data is a raw dataset (preprocessed into --cache, default `<out>/../cache`, reusing what is up to date)
+or a cache folder made by `ctseg preprocess`. The intensity plan of a cache built here comes from a random
+subset of all its cases, as nnU-Net plans once per dataset; for a plan from training cases only, build the
+cache with `ctseg preprocess --train-ids`. With --fold K the folds file `folds.json` beside the cache is
+read (or made, `cfg.cv`): fold K's cases are held out, the rest train. Multi-GPU:
+`torchrun --nproc_per_node N -m ctseg train ...`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ctseg.config import ExperimentConfig, load_config
+from ctseg.errors import CtsegError
+
+HELP = "train a U-Net or MS-D Net (2D/3D) with CTIA, MIA or no augmentation"
+FOLDS_FILE = "folds.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder, or a cache from `ctseg preprocess`")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (weights, checkpoint, logs)")
+    parser.add_argument("--config", type=Path, help="experiment config YAML (default: built-in defaults)")
+    parser.add_argument("--arch", choices=["unet", "msd"], help="network (default: the config's model.arch)")
+    parser.add_argument("--dim", choices=["2d", "3d"], help="2D slices or 3D stacks (default: model.dim)")
+    parser.add_argument("--aug", choices=["ctia", "mia", "none"], help="augmentation (default: augment.name)")
+    parser.add_argument("--target", choices=["multiclass", "foreground"], help="classes to learn (model.target)")
+    parser.add_argument("--fold", type=int, metavar="K", help="hold out test fold K of the folds file")
+    parser.add_argument("--epochs", type=int, metavar="N", help="epochs (train.epochs)")
+    parser.add_argument("--steps", type=int, metavar="N", help="steps per epoch (train.steps_per_epoch)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out after its last epoch")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (train.device)")
+    parser.add_argument("--amp", choices=["bf16", "fp16", "none"], help="mixed precision on GPU (train.amp)")
+    parser.add_argument("--workers", type=int, metavar="N", help="data loader processes (train.num_workers)")
+    parser.add_argument("--seed", type=int, help="seed (default: the config's seed)")
+    parser.add_argument("--cache", type=Path, help="cache folder for a raw --data (default: <out>/../cache)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _apply_overrides(cfg: ExperimentConfig, args: argparse.Namespace) -> ExperimentConfig:
+    pairs = [(cfg.model, "arch", args.arch), (cfg.model, "dim", args.dim), (cfg.augment, "name", args.aug),
+             (cfg.model, "target", args.target), (cfg.train, "epochs", args.epochs),
+             (cfg.train, "steps_per_epoch", args.steps), (cfg.train, "device", args.device),
+             (cfg.train, "amp", args.amp), (cfg.train, "num_workers", args.workers), (cfg, "seed", args.seed)]
+    try:
+        for section, name, value in pairs:
+            if value is not None:
+                setattr(section, name, value)
+    except ValueError as err:  # pydantic validation of the assignment
+        raise CtsegError(f"invalid option: {err}") from None
+    return cfg
+
+
+def _open_cache(args, cfg: ExperimentConfig, ctx):
+    """CaseCache for --data: the folder itself if it is a cache, else build/refresh one (rank 0 builds)."""
+    from ctseg.preprocess.cache import PLAN_FILE, CaseCache, build_cache
+    from ctseg.train import distributed as D
+
+    if not args.data.exists():
+        raise CtsegError("data folder not found", args.data)
+    if (args.data / PLAN_FILE).is_file():
+        return CaseCache(args.data, expected=cfg)
+    cache_dir = args.cache or args.out.resolve().parent / "cache"
+    cfg.data.path = str(args.data)
+    if ctx.is_main:
+        from ctseg.datasets import open_dataset
+
+        dataset = open_dataset(args.data, layout=cfg.data.layout)
+        build_cache(dataset, cache_dir, cfg, np.random.default_rng(cfg.seed), progress=not args.no_progress)
+    D.barrier(ctx)
+    return CaseCache(cache_dir, expected=cfg)
+
+
+def _split(args, cfg: ExperimentConfig, cache, ctx) -> tuple[list[str], list[str]]:
+    """(training ids, held-out test ids) for --fold, or (all labelled ids, [])."""
+    from ctseg.evaluate.folds import load_folds, load_or_create_folds
+    from ctseg.train import distributed as D
+
+    ids = cache.case_ids()
+    test: list[str] = []
+    if args.fold is not None:
+        if not 0 <= args.fold < cfg.cv.n_folds:
+            raise CtsegError(f"--fold {args.fold} out of range: folds are 0..{cfg.cv.n_folds - 1} (cv.n_folds)")
+        path = cache.root / FOLDS_FILE
+        if ctx.is_main:
+            meta = {cid: {k: cache.meta(cid).get(k) for k in ("num_slices", "slice_thickness", "spacing")}
+                    for cid in ids}
+            folds = load_or_create_folds(path, meta, cfg.cv.n_folds, cfg.cv.fold_mode,
+                                         np.random.default_rng(cfg.seed))
+        D.barrier(ctx)
+        if not ctx.is_main:
+            folds = load_folds(path)
+        test = folds.test_ids(args.fold)
+    train = [cid for cid in ids if cid not in set(test) and cache.meta(cid).get("has_label", True)]
+    return train, test
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctseg.train import distributed as D
+    from ctseg.train.trainer import train_model
+
+    cfg = _apply_overrides(load_config(args.config) if args.config else ExperimentConfig(), args)
+    ctx = D.init_distributed(cfg.train.device)
+    try:
+        cache = _open_cache(args, cfg, ctx)
+        train_ids, test_ids = _split(args, cfg, cache, ctx)
+        result = train_model(cfg, cache, train_ids, None, args.out, resume=args.resume,
+                             progress=not args.no_progress, device=cfg.train.device)
+    finally:
+        D.shutdown(ctx)
+    if ctx.is_main:
+        table = Table(title=f"training run {args.out}", show_header=False)
+        table.add_row("model", f"{cfg.model.arch} {cfg.model.dim}, {cfg.model.target}, augmentation {cfg.augment.name}")
+        table.add_row("cases", f"{len(train_ids)} (training + validation)"
+                      + (f", fold {args.fold} held out: {len(test_ids)}" if args.fold is not None else ""))
+        table.add_row("epochs", f"{result.epochs_run} x {cfg.train.steps_per_epoch} steps")
+        last = result.history[-1] if result.history else {}
+        table.add_row("last train loss", f"{last.get('train_loss', float('nan')):.4f}")
+        table.add_row("best val Dice", f"{result.best_metric:.4f}")
+        table.add_row("files", ", ".join(sorted(p.name for p in Path(args.out).iterdir() if p.is_file())))
+        Console().print(table)
+    return 0

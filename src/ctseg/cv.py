@@ -1,0 +1,463 @@
+"""Slice-sorted cross-validation of one configuration, and the stacked ensemble over finished runs.
+
+`run_cv(cfg, data_dir, out_dir)` preprocesses once (cache), makes or reuses the folds file (paper: sorted
+by slice count, then thickness), and for each fold trains on the other folds, predicts the fold's test
+volumes, keeps their out-of-fold probabilities and scores them. A CV run folder::
+
+    cv.json                    identity (arch, dim, target, aug, seed), data / cache / folds paths
+    config.yaml                the exact configuration
+    fold_<k>/model/            the training run (`ctseg.train.trainer`: run.json, log.csv, weights)
+    fold_<k>/oof/<case>.npy    out-of-fold softmax (C, z, S, S) float16 at network resolution
+    fold_<k>/overlays/<case>.npz   one axial slice (image, reference, prediction) for the report
+    fold_<k>/results.json      `VolumeResult` records of the fold; written last, it marks the fold done
+
+Finished parts are skipped: a fold with its results file is done, a completed training is reused and an
+interrupted one resumes from its checkpoint. Folds can run as separate jobs (`folds=[k]`).
+
+Inference runs once per test volume at network resolution (`ctseg.predict.predict_network` on the cached,
+preprocessed volume, exactly the network input of `predict_volume`); the label in original geometry comes
+from restoring those probabilities in-plane (bilinear) and taking the argmax. Datasets hand out cases in
+canonical orientation with the label on the image grid, so that grid is the volume's own geometry.
+Scores: Dice per structure on the full volume and HD95 (`evaluate_volume`), and the paper's protocol
+(`dice_paper_protocol`: network resolution, foreground slices). Known limitation: the intensity plan is
+estimated once on a random subset of all cases, not per fold.
+
+`run_stack(cv_dirs, out_dir)` builds the stacked CNN from finished CV runs (see `ctseg.models.stacking`)
+and scores it, and the plain average of the same members, on the same folds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from ctseg.config import (ExperimentConfig, StackConfig, atomic_write_text, config_to_dict, parse_config,
+                          save_config)
+from ctseg.errors import CtsegError
+from ctseg.evaluate.report import VolumeResult
+
+log = logging.getLogger(__name__)
+
+CV_FORMAT = "ctseg.cv"
+STACK_FORMAT = "ctseg.stack"
+_CHUNK_BYTES = 64 * 2**20
+
+
+# ------------------------------------------------------------------------------------------- identity
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a CV run is, for tables and stacking: name e.g. 'unet-2d-ctia', 'msd-3d-ctia-fg-s1'."""
+
+    name: str
+    arch: str
+    dim: str
+    target: str
+    aug: str
+    seed: int
+    variant: str
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> "RunIdentity":
+        m = cfg.model
+        name = f"{m.arch}-{m.dim}-{cfg.augment.name}"
+        variant = []
+        if m.target == "foreground":
+            name += "-fg"
+            variant.append("foreground")
+        if cfg.seed != 0:
+            name += f"-s{cfg.seed}"
+            variant.append(f"seed {cfg.seed}")
+        return cls(name, m.arch, m.dim, m.target, cfg.augment.name, cfg.seed, ", ".join(variant))
+
+
+def _fold_dir(run_dir: Path, k: int) -> Path:
+    return Path(run_dir) / f"fold_{k}"
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    """Config without the parts that do not change a CV run's results (experiment matrix, data path)."""
+    d = json.loads(json.dumps(cfg_dict))
+    d.pop("experiment", None)
+    d.get("data", {}).pop("path", None)
+    return d
+
+
+# ------------------------------------------------------------------------------------ data and folds
+def prepare_data(cfg: ExperimentConfig, data_dir: str | Path, cache_dir: str | Path, folds_file: str | Path,
+                 progress: bool = True):
+    """Open the dataset, build or reuse the preprocessed cache, make or reuse the folds file.
+
+    Returns (dataset, CaseCache, Folds).
+    """
+    from ctseg.datasets import open_dataset
+    from ctseg.evaluate.folds import load_or_create_folds
+    from ctseg.preprocess.cache import CaseCache, build_cache
+
+    dataset = open_dataset(data_dir, cfg.data.layout)
+    build_cache(dataset, cache_dir, cfg, np.random.default_rng([cfg.seed, 0xCAC4E]), progress=progress)
+    cache = CaseCache(cache_dir, expected=cfg)
+    case_meta = {cid: {k: cache.meta(cid).get(k) for k in ("num_slices", "slice_thickness", "spacing")}
+                 for cid in cache.case_ids()}
+    folds = load_or_create_folds(folds_file, case_meta, cfg.cv.n_folds, cfg.cv.fold_mode,
+                                 np.random.default_rng([cfg.seed, 0xF01D]))
+    return dataset, cache, folds
+
+
+def _eval_classes(target: str, dataset_classes: dict[int, str]) -> tuple[dict[int, str], bool]:
+    """Classes to score a model's output with, and whether the reference must be merged to foreground.
+
+    A 'foreground' model of a multi-class dataset is scored on 'total' (the union of the classes) only.
+    """
+    fg = [k for k in dataset_classes if k != 0]
+    if target == "foreground" and len(fg) > 1:
+        return {0: dataset_classes.get(0, "background"), 1: "total"}, True
+    return dict(dataset_classes), False
+
+
+def network_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int]) -> np.ndarray:
+    """(C, z, S, S) network-resolution probabilities -> uint8 (z, H, W) label: bilinear in-plane, argmax.
+
+    Chunked along z so that only ~64 MiB of full-resolution probabilities exist at a time.
+    """
+    from ctseg.preprocess.slices import restore_in_plane
+
+    c, z = probs.shape[:2]
+    h, w = original_yx
+    out = np.empty((z, h, w), dtype=np.uint8)
+    step = max(1, _CHUNK_BYTES // (4 * c * h * w))
+    for z0 in range(0, z, step):
+        chunk = restore_in_plane(probs[:, z0:z0 + step], (h, w))
+        arg = chunk.argmax(0) if isinstance(chunk, np.ndarray) else chunk.argmax(0).cpu().numpy()
+        out[z0:z0 + step] = arg.astype(np.uint8)
+    return out
+
+
+def score_volume(identity: RunIdentity | dict, case, cached, probs: np.ndarray, fold: int,
+                 dataset_classes: dict[int, str], target: str, overlay_path: Path | None) -> VolumeResult:
+    """Score one test volume. probs: (C, z, S, S) at network resolution; case: the dataset's Case (HU,
+    label on the image grid); cached: its `CachedCase` (network-resolution label)."""
+    from ctseg.evaluate.metrics import dice_paper_protocol, evaluate_volume
+    from ctseg.evaluate.plots import save_overlay_slice
+
+    ident = identity if isinstance(identity, dict) else identity.__dict__
+    classes, merge = _eval_classes(target, dataset_classes)
+    ref_full = case.label.array
+    ref_net = np.asarray(cached.label)
+    if merge:
+        ref_full, ref_net = (ref_full > 0).astype(np.uint8), (ref_net > 0).astype(np.uint8)
+    pred = network_label(probs, case.image.shape[1:])
+    recs = evaluate_volume(pred, ref_full, classes, case.image.spacing, case_id=case.case_id, fold=fold,
+                           slice_thickness=cached.meta.get("slice_thickness"))
+    paper = dice_paper_protocol(np.asarray(probs).argmax(0).astype(np.uint8), ref_net, classes)
+    if overlay_path is not None:
+        save_overlay_slice(overlay_path, case.image.array, ref_full, pred, case.image.spacing)
+    th = cached.meta.get("slice_thickness")
+    return VolumeResult(
+        case_id=case.case_id, fold=fold, model=ident["name"], arch=ident["arch"], dim=ident["dim"], aug=ident["aug"],
+        dice={r["structure"]: float(r["dice"]) for r in recs},
+        dice_paper={k: float(v) for k, v in paper.items()},
+        hd95={r["structure"]: float(r["hd95"]) for r in recs},
+        slice_thickness=None if th is None else float(th), num_slices=int(cached.meta["num_slices"]),
+        variant=ident["variant"], overlay=str(overlay_path) if overlay_path is not None else None)
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn())
+
+
+def _write_records(path: Path, records: Sequence[VolumeResult]) -> None:
+    atomic_write_text(path, json.dumps([r.to_json() for r in records], indent=1, allow_nan=False))
+
+
+def _read_records(path: Path) -> list[VolumeResult]:
+    try:
+        return [VolumeResult.from_json(d) for d in json.loads(Path(path).read_text())]
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CtsegError(f"unreadable fold results ({type(err).__name__}: {err}); delete it to redo the fold",
+                         path) from None
+
+
+# ---------------------------------------------------------------------------------------------- run_cv
+def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, folds: Sequence[int] | None = None, *,
+           cache_dir: str | Path | None = None, folds_file: str | Path | None = None,
+           device: str | torch.device | None = None, progress: bool = True) -> list[VolumeResult]:
+    """Cross-validate `cfg` on the dataset at `data_dir`; returns the records of the folds run (or found done).
+
+    folds: fold indices to run (default all). cache_dir / folds_file default to `out_dir/cache`,
+    `out_dir/folds.json`; experiments share them between runs.
+    """
+    from ctseg.predict import predict_network
+    from ctseg.train.distributed import resolve_device
+    from ctseg.train.trainer import load_trained, train_model
+
+    out = Path(out_dir)
+    ident = RunIdentity.of(cfg)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
+    folds_file = Path(folds_file) if folds_file is not None else out / "folds.json"
+    wanted = list(range(cfg.cv.n_folds)) if folds is None else sorted(set(int(k) for k in folds))
+    bad = [k for k in wanted if not 0 <= k < cfg.cv.n_folds]
+    if bad:
+        raise CtsegError(f"fold(s) {bad} out of range: the config has {cfg.cv.n_folds} folds (0..{cfg.cv.n_folds - 1})")
+    _claim_run_dir(out, cfg, ident, data_dir, cache_dir, folds_file)
+    dataset, cache, fold_set = prepare_data(cfg, data_dir, cache_dir, folds_file, progress)
+    dev = resolve_device(device if device is not None else cfg.train.device)
+    records: list[VolumeResult] = []
+    with _progress(progress) as bar:
+        overall = bar.add_task(f"[bold]{ident.name}[/] folds", total=len(wanted)) if bar else None
+        for k in wanted:
+            fdir = _fold_dir(out, k)
+            done = fdir / "results.json"
+            if done.is_file():
+                log.info("%s fold %d: done already (%s)", ident.name, k, done)
+                records += _read_records(done)
+                if bar:
+                    bar.advance(overall)
+                continue
+            model_dir = fdir / "model"
+            if not _training_completed(model_dir):
+                train_model(cfg, cache, fold_set.train_ids(k), None, model_dir,
+                            resume=(model_dir / "checkpoint.pt").is_file(), progress=progress, device=dev)
+            trained = load_trained(model_dir, dev)
+            test_ids = fold_set.test_ids(k)
+            task = bar.add_task(f"fold {k}: predict + score", total=len(test_ids)) if bar else None
+            fold_records = []
+            for cid in test_ids:
+                cached = cache.load(cid)
+                probs, _, _ = predict_network(np.asarray(cached.image, dtype=np.float32), [trained], dev)
+                probs = probs.cpu().numpy()
+                _save_npy(fdir / "oof" / f"{cid}.npy", probs.astype(np.float16))
+                rec = score_volume(ident, dataset.load(cid), cached, probs, k, cache.classes, trained.target,
+                                   fdir / "overlays" / f"{cid}.npz")
+                rec.overlay = os.path.relpath(rec.overlay, out)
+                fold_records.append(rec)
+                if bar:
+                    bar.advance(task)
+            _write_records(done, fold_records)
+            records += fold_records
+            if bar:
+                bar.remove_task(task)
+                bar.advance(overall)
+    return records
+
+
+def _training_completed(model_dir: Path) -> bool:
+    try:
+        return json.loads((model_dir / "run.json").read_text()).get("status") == "completed" and \
+            (model_dir / "model_best.pt").is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+
+
+def _claim_run_dir(out: Path, cfg: ExperimentConfig, ident: RunIdentity, data_dir, cache_dir: Path,
+                   folds_file: Path) -> None:
+    """Write cv.json + config.yaml, or check that an existing run folder holds this same configuration."""
+    cfg_path = out / "config.yaml"
+    if cfg_path.is_file():
+        try:
+            old = parse_config(yaml.safe_load(cfg_path.read_text()), cfg_path)
+        except yaml.YAMLError as err:
+            raise CtsegError(f"unreadable ({err})", cfg_path) from None
+        a, b = _comparable(config_to_dict(old)), _comparable(config_to_dict(cfg))
+        if a != b:
+            from ctseg.train.trainer import config_differences
+
+            diffs = config_differences(a, b, ignore=())
+            raise CtsegError("this folder holds a cross-validation of another configuration; choose another "
+                             "output folder. Differences:\n  " + "\n  ".join(diffs[:20]), out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg_path)
+    manifest = {"format": CV_FORMAT, **ident.__dict__, "data": str(Path(data_dir).resolve()),
+                "layout": cfg.data.layout, "cache": str(Path(cache_dir).resolve()),
+                "folds_file": str(Path(folds_file).resolve()), "n_folds": cfg.cv.n_folds}
+    atomic_write_text(out / "cv.json", json.dumps(manifest, indent=1))
+
+
+def read_cv_manifest(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "cv.json"
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CtsegError("not a cross-validation folder (no cv.json); run `ctseg cv` first", run_dir) from None
+    except ValueError as err:
+        raise CtsegError(f"unreadable ({err})", path) from None
+    if info.get("format") != CV_FORMAT:
+        raise CtsegError(f"format {info.get('format')!r}, expected {CV_FORMAT!r}", path)
+    return info
+
+
+def load_cv_records(run_dir: str | Path, require_all: bool = False) -> list[VolumeResult]:
+    """Records of a CV (or stack) folder's finished folds; overlay paths made absolute."""
+    run_dir = Path(run_dir)
+    n_folds = int(json.loads((run_dir / ("cv.json" if (run_dir / "cv.json").is_file() else "stack.json"))
+                             .read_text())["n_folds"])
+    records = []
+    for k in range(n_folds):
+        path = _fold_dir(run_dir, k) / "results.json"
+        if not path.is_file():
+            if require_all:
+                raise CtsegError(f"fold {k} has not finished (no {path.name})", path.parent)
+            continue
+        for r in _read_records(path):
+            if r.overlay and not Path(r.overlay).is_absolute():
+                r.overlay = str((run_dir / r.overlay).resolve())
+            records.append(r)
+    return records
+
+
+def cv_log_csvs(run_dir: str | Path) -> list[Path]:
+    """The training logs of a CV folder's folds (existing ones)."""
+    return sorted(p for p in Path(run_dir).glob("fold_*/model/log.csv"))
+
+
+# ------------------------------------------------------------------------------------------- stacking
+def member_run(run_dir: str | Path):
+    """A finished CV folder as a `MemberRun` (validation score: mean over folds of the best validation Dice)."""
+    from ctseg.models.stacking import MemberRun
+
+    info = read_cv_manifest(run_dir)
+    scores = []
+    for k in range(int(info["n_folds"])):
+        run_json = _fold_dir(Path(run_dir), k) / "model" / "run.json"
+        if not (_fold_dir(Path(run_dir), k) / "results.json").is_file():
+            raise CtsegError(f"fold {k} of this cross-validation has not finished; finish it before stacking",
+                             run_dir)
+        best = json.loads(run_json.read_text()).get("best_metric")
+        scores.append(math.nan if best is None else float(best))
+    finite = [s for s in scores if math.isfinite(s)]
+    return MemberRun(info["name"], Path(run_dir).resolve(), info["arch"], info["dim"], info["target"], info["aug"],
+                     float(np.mean(finite)) if finite else math.nan)
+
+
+def _trained_on(run_dir: Path, k: int) -> frozenset[str]:
+    info = json.loads((_fold_dir(run_dir, k) / "model" / "run.json").read_text())
+    return frozenset(info["train_ids"]) | frozenset(info.get("val_ids") or [])
+
+
+def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: StackConfig | None = None, *,
+              seed: int = 0, device: str | torch.device | None = None, progress: bool = True) -> list[VolumeResult]:
+    """Stacked CNN and plain average of the top-k members per set, evaluated on the members' folds.
+
+    For each fold k the meta-model is trained on the out-of-fold maps of the cases of the other folds and
+    scored on fold k (`fold_<k>/meta_training.json` records exactly which maps it was trained on).
+    Writes `stack.json`, per-fold `results.json`, `meta.pt` and overlays into `out_dir`; skips done folds.
+    """
+    from ctseg.models.stacking import (MemberPrediction, average_members, meta_training_cases, predict_meta,
+                                       save_meta_model, select_members, stack_inputs, train_meta_model)
+    from ctseg.train.distributed import resolve_device
+    from ctseg.train.losses import TanimotoCELoss
+
+    if not cv_dirs:
+        raise CtsegError("no cross-validation folders given")
+    manifests = [read_cv_manifest(d) for d in cv_dirs]
+    first_cfg = parse_config(yaml.safe_load((Path(cv_dirs[0]) / "config.yaml").read_text()), cv_dirs[0])
+    stack_cfg = stack_cfg or first_cfg.stack
+    for key in ("data", "cache", "folds_file", "n_folds"):
+        values = {str(m[key]) for m in manifests}
+        if len(values) != 1:
+            raise CtsegError(f"the runs to stack differ in {key}: {sorted(values)}; stack runs of one experiment")
+    members = select_members([member_run(d) for d in cv_dirs], stack_cfg.members, stack_cfg.top_k)
+    augs = sorted({m.aug for m in members})
+    aug = augs[0] if len(augs) == 1 else "+".join(augs)
+    base = manifests[0]
+    from ctseg.datasets import open_dataset
+    from ctseg.evaluate.folds import load_folds
+    from ctseg.preprocess.cache import CaseCache
+
+    dataset = open_dataset(base["data"], base["layout"])
+    cache = CaseCache(base["cache"])
+    fold_set = load_folds(base["folds_file"])
+    fold_of = {cid: k for k, ids in enumerate(fold_set.folds) for cid in ids}
+    n_classes = len(cache.classes)
+    names = [m.name for m in members]
+    oof = {cid: [MemberPrediction(cid, m.name, k, _fold_dir(m.path, k) / "oof" / f"{cid}.npy", _trained_on(m.path, k))
+                 for m in members] for cid, k in fold_of.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stacked = {"name": f"stacked-{aug}", "arch": "stacked", "dim": "", "aug": aug, "variant": ""}
+    averaged = {"name": f"average-{aug}", "arch": "average", "dim": "", "aug": aug, "variant": ""}
+    atomic_write_text(out / "stack.json", json.dumps({
+        "format": STACK_FORMAT, "aug": aug, "n_folds": fold_set.n_folds, "top_k": stack_cfg.top_k,
+        "members": [{"name": m.name, "path": str(m.path), "arch": m.arch, "dim": m.dim, "target": m.target,
+                     "val_score": m.val_score if math.isfinite(m.val_score) else None} for m in members],
+        "stack": stack_cfg.model_dump(mode="json")}, indent=1))
+    dev = resolve_device(device if device is not None else "auto")
+    loss = TanimotoCELoss()
+    records: list[VolumeResult] = []
+    steps = stack_cfg.meta_epochs * stack_cfg.steps_per_epoch
+    with _progress(progress) as bar:
+        overall = bar.add_task(f"[bold]stacked ensemble ({aug})[/] folds", total=fold_set.n_folds) if bar else None
+        for k in range(fold_set.n_folds):
+            fdir = _fold_dir(out, k)
+            done = fdir / "results.json"
+            if done.is_file():
+                records += _read_records(done)
+                if bar:
+                    bar.advance(overall)
+                continue
+            train_cases = meta_training_cases(fold_of, k)
+            test_cases = fold_set.test_ids(k)
+            leaked = sorted(set(train_cases) & set(test_cases))
+            if leaked:
+                raise CtsegError(f"fold {k}: meta-model training cases include test cases {leaked}")
+            inputs, labels, provenance = [], [], {}
+            for cid in train_cases:
+                x, used = stack_inputs(cid, oof, names)
+                inputs.append(x)
+                labels.append(np.asarray(cache.load(cid).label))
+                provenance[cid] = [{"member": p.member, "fold": p.fold, "member_trained_on": sorted(p.trained_on)}
+                                   for p in used]
+            atomic_write_text(fdir / "meta_training.json", json.dumps(
+                {"eval_fold": k, "test_cases": test_cases, "training_cases": train_cases, "members": names,
+                 "maps": provenance}, indent=1))
+            task = bar.add_task(f"fold {k}: meta-model", total=steps) if bar else None
+            gen = torch.Generator().manual_seed(int(seed) * 1000 + k)
+            meta = train_meta_model(inputs, labels, n_classes, loss=loss, steps=steps, batch_size=stack_cfg.batch_size,
+                                    lr=stack_cfg.lr, hidden=stack_cfg.hidden,
+                                    foreground_fraction=stack_cfg.foreground_fraction, generator=gen, device=dev,
+                                    on_step=(lambda s, v: bar.update(task, advance=1)) if bar else None)
+            save_meta_model(meta, fdir / "meta.pt")
+            if bar:
+                bar.remove_task(task)
+                task = bar.add_task(f"fold {k}: predict + score", total=len(test_cases))
+            fold_records = []
+            for cid in test_cases:
+                x, used = stack_inputs(cid, oof, names)
+                case, cached = dataset.load(cid), cache.load(cid)
+                p_meta = predict_meta(meta, x, dev)
+                p_avg = average_members([np.asarray(p.load(), dtype=np.float32) for p in used],
+                                        [m.target for m in members], n_classes)
+                for ident, p in ((stacked, p_meta), (averaged, p_avg)):
+                    rec = score_volume(ident, case, cached, p, k, cache.classes, "multiclass",
+                                       fdir / "overlays" / ident["name"] / f"{cid}.npz")
+                    rec.overlay = os.path.relpath(rec.overlay, out)
+                    fold_records.append(rec)
+                if bar:
+                    bar.advance(task)
+            _write_records(done, fold_records)
+            records += fold_records
+            if bar:
+                bar.remove_task(task)
+                bar.advance(overall)
+    return records

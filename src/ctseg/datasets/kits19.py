@@ -1,0 +1,56 @@
+"""KiTS19: `root/case_XXXXX/imaging.nii.gz` + `segmentation.nii.gz` (0 background, 1 kidney, 2 tumour).
+
+Cases without a segmentation are test cases (label None). `root` may also be the repository
+folder holding `data/`. The files keep KiTS19's own voxel order (slice axis first, an
+inferior-posterior-left affine); cases come back canonical (see `ctseg.io.to_canonical`).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ctseg.datasets.base import Case, FolderDataset, finish_case
+from ctseg.errors import CtsegError
+from ctseg.io import Volume, read_volume, write_volume
+
+_CASE = re.compile(r"^case_\d{5}$")
+
+
+def _case_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _CASE.match(p.name) and (p / "imaging.nii.gz").is_file())
+
+
+class KiTS19Dataset(FolderDataset):
+    layout = "kits19"
+    classes = {0: "background", 1: "kidney", 2: "tumour"}
+
+    def __init__(self, root: str | Path):
+        root = Path(root)
+        if not _case_dirs(root) and _case_dirs(root / "data"):
+            root = root / "data"
+        super().__init__(root)
+        self._cases = {p.name: p for p in _case_dirs(root)}
+        if not self._cases:
+            raise CtsegError("no KiTS19 cases found (expected case_XXXXX/imaging.nii.gz)", root)
+
+    @staticmethod
+    def matches(root: Path) -> bool:
+        return bool(_case_dirs(root) or _case_dirs(root / "data"))
+
+    def load(self, case_id: str) -> Case:
+        folder = self._source(case_id)
+        image = read_volume(folder / "imaging.nii.gz")
+        seg = folder / "segmentation.nii.gz"
+        label = read_volume(seg) if seg.is_file() else None
+        return finish_case(case_id, image, label, self.classes)
+
+
+def write_kits19_case(root: str | Path, case_id: str, image: Volume, label: Volume | None) -> Path:
+    """Write `root/<case_id>/imaging.nii.gz` (+ `segmentation.nii.gz` as uint8 when labelled)."""
+    folder = Path(root) / case_id
+    write_volume(image, folder / "imaging.nii.gz")
+    if label is not None:
+        write_volume(label.with_array(label.array.astype("uint8")), folder / "segmentation.nii.gz")
+    return folder

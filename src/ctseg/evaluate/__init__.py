@@ -1,0 +1,1 @@
+"""Evaluation: cross-validation folds (`folds`), metrics (`metrics`), clinical measurements (`measure`)."""

@@ -1,0 +1,227 @@
+"""Figures of the report (matplotlib, Agg backend, PNG): Dice box plots, overlays, training curves.
+
+Every function writes one PNG and returns its path. Inputs are `ctseg.evaluate.report.VolumeResult`
+records; overlays read the small `.npz` written by `save_overlay_slice` during cross-validation.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLORS = {"mia": "#e08a1e", "ctia": "#2f6fde", "ensemble": "#2e9e5b", "none": "#777777"}
+CLASS_COLORS = ["#00c853", "#ff1744", "#ffd600", "#00b0ff", "#d500f9"]
+DISPLAY_WINDOW_HU = (-160.0, 240.0)
+
+
+def _color(r) -> str:
+    return COLORS["ensemble"] if r.arch in ("stacked", "average") else COLORS.get(r.aug, COLORS["none"])
+
+
+def _save(fig, path: Path) -> Path:
+    """Atomic PNG write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", facecolor="white")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _values(records, metric: str, cls: str) -> np.ndarray:
+    v = np.array([getattr(r, metric).get(cls, math.nan) for r in records], dtype=float)
+    return v[np.isfinite(v)]
+
+
+def _boxes(ax, data: list[np.ndarray], positions: list[float], colors: list[str], rng: np.random.Generator,
+           width: float = 0.6) -> None:
+    keep = [i for i, d in enumerate(data) if d.size]
+    if not keep:
+        return
+    bp = ax.boxplot([data[i] for i in keep], positions=[positions[i] for i in keep], widths=width,
+                    patch_artist=True, showfliers=False, medianprops={"color": "black"})
+    for patch, i in zip(bp["boxes"], keep):
+        patch.set_facecolor(colors[i])
+        patch.set_alpha(0.35)
+        patch.set_edgecolor(colors[i])
+    for i in keep:
+        x = positions[i] + rng.uniform(-width / 4, width / 4, size=data[i].size)
+        ax.scatter(x, data[i], s=12, color=colors[i], alpha=0.85, zorder=3, linewidths=0)
+
+
+def dice_boxplot(records, metric: str, classes: Sequence[str], path: str | Path) -> Path:
+    """One panel per class, one box per model (paper row order), volumes as points."""
+    from ctseg.evaluate.report import models_in_order
+
+    models = models_in_order(records)
+    rng = np.random.default_rng(0)
+    fig, axes = plt.subplots(1, len(classes), figsize=(max(4.5, 0.55 * len(models) + 1.5) * len(classes) / 1.4, 4.6),
+                             squeeze=False)
+    for ax, cls in zip(axes[0], classes):
+        data = [_values([r for r in records if r.model == m.model], metric, cls) for m in models]
+        _boxes(ax, data, list(range(len(models))), [_color(m) for m in models], rng)
+        ax.set_xticks(range(len(models)), [m.display for m in models], rotation=55, ha="right", fontsize=8)
+        ax.set_title(cls)
+        ax.set_ylabel("Dice")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def thickness_boxplot(records, metric: str, cls: str, edges_mm: Sequence[float], path: str | Path) -> Path:
+    """Boxes per slice-thickness group (x) and model (colour/offset)."""
+    from ctseg.evaluate.report import models_in_order, thickness_group_of, thickness_labels
+
+    models = models_in_order(records)
+    groups = thickness_labels(edges_mm)
+    if any(thickness_group_of(r.slice_thickness, edges_mm) == "unknown" for r in records):
+        groups.append("unknown")
+    n = len(models)
+    step = 0.8 / max(n, 1)
+    rng = np.random.default_rng(0)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(groups) * max(n, 3) * 0.45), 4.6))
+    for j, m in enumerate(models):
+        recs = [r for r in records if r.model == m.model]
+        data = [_values([r for r in recs if thickness_group_of(r.slice_thickness, edges_mm) == g], metric, cls)
+                for g in groups]
+        pos = [gi - 0.4 + step * (j + 0.5) for gi in range(len(groups))]
+        _boxes(ax, data, pos, [_color(m)] * len(groups), rng, width=step * 0.85)
+        ax.text(pos[0], 1.0, str(j + 1), transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
+    counts = [len({r.case_id for r in records if thickness_group_of(r.slice_thickness, edges_mm) == g}) for g in groups]
+    ax.set_xticks(range(len(groups)), [f"{g}\n(n={c})" for g, c in zip(groups, counts)])
+    ax.set_xlim(-0.5, len(groups) - 0.5)
+    ax.set_ylabel(f"Dice ({cls})")
+    ax.set_xlabel("slice thickness")
+    ax.grid(axis="y", alpha=0.3)
+    legend = "\n".join(f"{j + 1}: {m.display}" for j, m in enumerate(models))
+    ax.text(1.01, 0.5, legend, transform=ax.transAxes, va="center", fontsize=7.5, family="monospace")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------ overlays
+def overlay_slice_index(gt_zyx: np.ndarray, pred_zyx: np.ndarray) -> int:
+    """Axial slice with the most ground-truth foreground (else the most predicted foreground, else the middle)."""
+    for lab in (gt_zyx, pred_zyx):
+        area = (lab > 0).reshape(lab.shape[0], -1).sum(axis=1)
+        if area.max() > 0:
+            return int(area.argmax())
+    return gt_zyx.shape[0] // 2
+
+
+def save_overlay_slice(path: str | Path, image_zyx: np.ndarray, gt_zyx: np.ndarray, pred_zyx: np.ndarray,
+                       spacing_zyx: Sequence[float]) -> Path:
+    """Keep one axial slice (HU image, ground truth, prediction: all (z, y, x) on one grid) for the overlays."""
+    if not (image_zyx.shape == gt_zyx.shape == pred_zyx.shape):
+        raise ValueError(f"shapes differ: image {image_zyx.shape}, gt {gt_zyx.shape}, pred {pred_zyx.shape}")
+    z = overlay_slice_index(gt_zyx, pred_zyx)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, image=np.asarray(image_zyx[z], dtype=np.float32), gt=np.asarray(gt_zyx[z], np.uint8),
+                            pred=np.asarray(pred_zyx[z], np.uint8), z=z, spacing=np.asarray(spacing_zyx, float))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _crop_box(gt: np.ndarray, pred: np.ndarray, margin: int = 12, min_size: int = 64) -> tuple[slice, slice]:
+    fg = (gt > 0) | (pred > 0)
+    if not fg.any():
+        return slice(None), slice(None)
+    ys, xs = np.nonzero(fg)
+    out = []
+    for lo, hi, n in ((ys.min(), ys.max(), gt.shape[0]), (xs.min(), xs.max(), gt.shape[1])):
+        c, half = (lo + hi) / 2, max((hi - lo) / 2 + margin, min_size / 2)
+        a, b = int(max(0, c - half)), int(min(n, c + half + 1))
+        out.append(slice(a, b))
+    return out[0], out[1]
+
+
+def overlay_figure(records, cls: str, base_dir: str | Path, path: str | Path,
+                   window_hu: tuple[float, float] = DISPLAY_WINDOW_HU) -> Path:
+    """Best, median and worst volume of one model by Dice (paper protocol) of `cls`: slice with contours."""
+    scored = sorted((r for r in records if math.isfinite(r.dice_paper.get(cls, math.nan))),
+                    key=lambda r: r.dice_paper[cls]) or list(records)
+    picks = [("best", scored[-1]), ("median", scored[len(scored) // 2]), ("worst", scored[0])]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    for ax, (tag, r) in zip(axes, picks):
+        p = Path(r.overlay)
+        data = np.load(p if p.is_absolute() else Path(base_dir) / p)
+        img, gt, pred = data["image"], data["gt"], data["pred"]
+        sy, sx = _crop_box(gt, pred)
+        sp = data["spacing"]
+        ax.imshow(np.clip(img[sy, sx], *window_hu), cmap="gray", vmin=window_hu[0], vmax=window_hu[1],
+                  aspect=float(sp[1] / sp[2]), interpolation="bilinear")
+        labels = sorted(set(np.unique(gt)) | set(np.unique(pred)) - {0})
+        for k in labels:
+            color = CLASS_COLORS[(int(k) - 1) % len(CLASS_COLORS)]
+            for lab, style in ((gt, "solid"), (pred, "dashed")):
+                m = (lab[sy, sx] == k).astype(float)
+                if m.any() and not m.all():
+                    ax.contour(m, levels=[0.5], colors=[color], linestyles=style, linewidths=1.4)
+        d = r.dice_paper.get(cls, math.nan)
+        th = f", {r.slice_thickness:g} mm" if r.slice_thickness else ""
+        ax.set_title(f"{tag}: {r.case_id}\nDice {d:.3f}{th}, slice {int(data['z'])}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------- training curves
+def read_log_csv(path: str | Path) -> dict[str, np.ndarray]:
+    """Numeric columns of a training log (header row; empty cells -> NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols: dict[str, np.ndarray] = {}
+    for name in (rows[0].keys() if rows else []):
+        try:
+            cols[name] = np.array([float(r[name]) if r[name] not in ("", None) else math.nan for r in rows])
+        except ValueError:
+            continue
+    return cols
+
+
+def training_curves(log_csvs: Sequence[str | Path], name: str, path: str | Path) -> Path | None:
+    """Loss columns (left) and validation/score columns (right) against epoch, one line style per fold."""
+    logs = [read_log_csv(p) for p in log_csvs]
+    logs = [c for c in logs if c]
+    if not logs:
+        return None
+    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for i, cols in enumerate(logs):
+        x_name = next((k for k in ("epoch", "step") if k in cols), None)
+        x = cols[x_name] if x_name else np.arange(len(next(iter(cols.values()))))
+        for k, v in cols.items():
+            if k in ("epoch", "step") or not np.isfinite(v).any() or "time" in k or k == "lr":
+                continue
+            ax = ax_l if "loss" in k else ax_r
+            ok = np.isfinite(v)
+            ax.plot(x[ok], v[ok], marker="." if ok.sum() < 30 else None, alpha=0.85,
+                    label=f"fold {i} {k}" if len(logs) > 1 else k)
+    for ax, t in ((ax_l, "loss"), (ax_r, "validation")):
+        ax.set_title(t)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(name, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)

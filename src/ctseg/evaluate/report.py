@@ -1,0 +1,603 @@
+"""Results of a cross-validated experiment: per-volume records -> tables (paper's Table 2), plots, HTML report.
+
+Input is a list of `VolumeResult` (one per test volume x model). Outputs, all written atomically:
+
+    results.csv     one row per volume x model (Dice per class, both protocols, HD95, slice geometry)
+    results.json    the same records plus every summary table and the headline finding
+    results.md      Table 2 layout (mean ± std over volumes, pooled across folds), the MIA/CTIA std ratio,
+                    per-fold and per-slice-thickness tables
+    report/index.html   self-contained page (inline CSS, images embedded as base64 PNG)
+
+Statistics: mean and standard deviation (numpy, ddof=0, as `ctseg.evaluate.metrics.mean_std`) over volumes,
+pooled across folds; non-finite values (HD95 of a structure missing from prediction or reference) are
+left out and `n` says how many remain. A second Table 2 gives mean ± std of the per-fold means.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import yaml
+
+from ctseg.config import atomic_write_text
+from ctseg.evaluate.folds import THICKNESS_BINS, thickness_group
+from ctseg.evaluate.metrics import mean_std
+
+log = logging.getLogger(__name__)
+
+ARCH_NAMES = {"unet": "nnU-Net", "msd": "MS-D Net", "stacked": "Stacked CNN", "average": "Averaged members"}
+AUG_NAMES = {"mia": "MIA", "ctia": "CTIA", "none": "no augmentation"}
+_ARCH_ORDER = ["unet", "msd", "stacked", "average"]
+_DIM_ORDER = ["2d", "3d", ""]
+_AUG_ORDER = ["mia", "ctia", "none"]
+METRICS = {"dice_paper": "Dice, paper protocol", "dice": "Dice, full volume in original geometry",
+           "hd95": "HD95 (mm), full volume"}
+DEFAULT_THICKNESS_EDGES_MM = THICKNESS_BINS
+
+
+@dataclass
+class VolumeResult:
+    """Scores of one model on one test volume.
+
+    dice / dice_paper / hd95: class name -> value (NaN when undefined). `dice` is computed on the full
+    volume in its original geometry; `dice_paper` follows the paper's protocol (see `ctseg.evaluate.metrics`).
+    overlay: optional path (relative to the results folder or absolute) of an `.npz` written by
+    `ctseg.evaluate.plots.save_overlay_slice`, used for the best/median/worst figures.
+    """
+
+    case_id: str
+    fold: int
+    model: str
+    arch: str
+    dim: str
+    aug: str
+    dice: dict[str, float]
+    dice_paper: dict[str, float]
+    hd95: dict[str, float] = field(default_factory=dict)
+    slice_thickness: float | None = None
+    num_slices: int = 0
+    variant: str = ""
+    overlay: str | None = None
+
+    @property
+    def display(self) -> str:
+        return display_name(self.arch, self.dim, self.aug, self.variant)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for key in ("dice", "dice_paper", "hd95"):
+            d[key] = {c: _json_float(v) for c, v in d[key].items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "VolumeResult":
+        d = dict(d)
+        for key in ("dice", "dice_paper", "hd95"):
+            d[key] = {c: (math.nan if v is None else float(v)) for c, v in d.get(key, {}).items()}
+        return cls(**d)
+
+
+def display_name(arch: str, dim: str, aug: str, variant: str = "") -> str:
+    """Row label as in the paper's Table 2, e.g. 'nnU-Net + CTIA 2D', 'Stacked CNN + MIA'."""
+    name = f"{ARCH_NAMES.get(arch, arch)} + {AUG_NAMES.get(aug, aug)}"
+    if dim:
+        name += f" {dim.upper()}"
+    return f"{name} ({variant})" if variant else name
+
+
+def _order(values: list[str], v: str) -> int:
+    return values.index(v) if v in values else len(values)
+
+
+def _model_sort_key(r: VolumeResult) -> tuple:
+    return (_order(_ARCH_ORDER, r.arch), _order(_DIM_ORDER, r.dim), r.variant, _order(_AUG_ORDER, r.aug), r.model)
+
+
+def _json_float(v) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+# ----------------------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float
+    n: int
+
+    def fmt(self, digits: int = 3) -> str:
+        if self.n == 0:
+            return "–"
+        if self.n == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+    def to_json(self) -> dict:
+        return {"mean": _json_float(self.mean), "std": _json_float(self.std), "n": self.n}
+
+
+def stat(values: Iterable[float]) -> Stat:
+    """Mean and std (numpy, ddof=0, as `ctseg.evaluate.metrics.mean_std`) of the finite values; n counts them."""
+    ms = mean_std(v for v in values if v is not None)
+    return Stat(ms["mean"], ms["std"], ms["n"])
+
+
+def class_names(records: Sequence[VolumeResult]) -> list[str]:
+    """Union of class names in first-seen order (records with more classes first)."""
+    names: list[str] = []
+    for r in sorted(records, key=lambda r: -len(r.dice)):
+        for c in list(r.dice) + list(r.dice_paper):
+            if c not in names:
+                names.append(c)
+    return names
+
+
+def headline_class(classes: Sequence[str]) -> str:
+    """'total' (union of foreground classes) when present, else the last foreground class."""
+    return "total" if "total" in classes else classes[-1]
+
+
+def models_in_order(records: Sequence[VolumeResult]) -> list[VolumeResult]:
+    """One representative record per model, in the paper's row order."""
+    seen: dict[str, VolumeResult] = {}
+    for r in sorted(records, key=_model_sort_key):
+        seen.setdefault(r.model, r)
+    return list(seen.values())
+
+
+def _by_model(records: Sequence[VolumeResult]) -> dict[str, list[VolumeResult]]:
+    out: dict[str, list[VolumeResult]] = {}
+    for r in records:
+        out.setdefault(r.model, []).append(r)
+    return out
+
+
+def summary_table(records: Sequence[VolumeResult], metric: str, classes: Sequence[str]) -> dict[str, dict[str, Stat]]:
+    """model -> class -> Stat of `metric` ('dice', 'dice_paper' or 'hd95') over all volumes and folds."""
+    groups = _by_model(records)
+    return {m.model: {c: stat(getattr(r, metric).get(c, math.nan) for r in groups[m.model]) for c in classes}
+            for m in models_in_order(records)}
+
+
+def fold_mean_table(records: Sequence[VolumeResult], metric: str, classes: Sequence[str]
+                    ) -> dict[str, dict[str, Stat]]:
+    """model -> class -> Stat over the per-fold means (n = folds): the spread between test folds."""
+    folds = sorted({r.fold for r in records})
+    groups = _by_model(records)
+    out = {}
+    for m in models_in_order(records):
+        out[m.model] = {}
+        for c in classes:
+            means = [stat(getattr(r, metric).get(c, math.nan) for r in groups[m.model] if r.fold == k).mean
+                     for k in folds]
+            out[m.model][c] = stat(means)
+    return out
+
+
+def fold_table(records: Sequence[VolumeResult], metric: str, cls: str) -> tuple[list[int], dict[str, dict[int, Stat]]]:
+    folds = sorted({r.fold for r in records})
+    groups = _by_model(records)
+    table = {m.model: {k: stat(getattr(r, metric).get(cls, math.nan) for r in groups[m.model] if r.fold == k)
+                       for k in folds} for m in models_in_order(records)}
+    return folds, table
+
+
+def thickness_labels(edges_mm: Sequence[float]) -> list[str]:
+    """Group names of `ctseg.evaluate.folds.thickness_group` for these upper edges, thinnest first."""
+    edges = sorted(edges_mm)
+    probes = [edges[0], *((lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:])), edges[-1] + 1.0]
+    return [thickness_group(t, tuple(edges)) for t in probes]
+
+
+def thickness_group_of(thickness: float | None, edges_mm: Sequence[float]) -> str:
+    return thickness_group(thickness, tuple(sorted(edges_mm)))
+
+
+def thickness_table(records: Sequence[VolumeResult], metric: str, cls: str, edges_mm: Sequence[float]
+                    ) -> tuple[list[str], dict[str, dict[str, Stat]]]:
+    labels = thickness_labels(edges_mm)
+    if any(thickness_group_of(r.slice_thickness, edges_mm) == "unknown" for r in records):
+        labels.append("unknown")
+    groups = _by_model(records)
+    table = {m.model: {g: stat(getattr(r, metric).get(cls, math.nan) for r in groups[m.model]
+                               if thickness_group_of(r.slice_thickness, edges_mm) == g) for g in labels}
+             for m in models_in_order(records)}
+    return labels, table
+
+
+@dataclass
+class StdRatio:
+    """MIA vs CTIA for one architecture/dimension: std ratio MIA/CTIA (> 1: CTIA more stable)."""
+
+    pair: str
+    cls: str
+    mia: Stat
+    ctia: Stat
+    ratio: float
+    ci95: tuple[float, float]
+    mean_diff: float  # CTIA - MIA
+
+    def to_json(self) -> dict:
+        return {"pair": self.pair, "class": self.cls, "mia": self.mia.to_json(), "ctia": self.ctia.to_json(),
+                "std_ratio_mia_over_ctia": _json_float(self.ratio),
+                "ci95": [_json_float(self.ci95[0]), _json_float(self.ci95[1])],
+                "mean_diff_ctia_minus_mia": _json_float(self.mean_diff)}
+
+
+def _paired_values(a: list[VolumeResult], b: list[VolumeResult], metric: str, cls: str) -> tuple[np.ndarray, np.ndarray]:
+    va = {r.case_id: getattr(r, metric).get(cls, math.nan) for r in a}
+    vb = {r.case_id: getattr(r, metric).get(cls, math.nan) for r in b}
+    ids = sorted(i for i in set(va) & set(vb) if math.isfinite(va[i]) and math.isfinite(vb[i]))
+    return np.array([va[i] for i in ids]), np.array([vb[i] for i in ids])
+
+
+def _bootstrap_ratio_ci(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """95 % percentile interval of std(x)/std(y), resampling volumes (paired)."""
+    if x.size < 3:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))
+    sx, sy = x[idx].std(axis=1), y[idx].std(axis=1)
+    ok = sy > 0
+    if ok.sum() < n_boot // 2:
+        return (math.nan, math.nan)
+    lo, hi = np.percentile(sx[ok] / sy[ok], [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+def std_ratios(records: Sequence[VolumeResult], metric: str, classes: Sequence[str], n_boot: int = 2000,
+               seed: int = 0) -> list[StdRatio]:
+    """For each (arch, dim, variant) present with both MIA and CTIA: per-class std ratio on paired volumes."""
+    groups = _by_model(records)
+    pairs: dict[tuple, dict[str, list[VolumeResult]]] = {}
+    for m in models_in_order(records):
+        if m.aug in ("mia", "ctia"):
+            pairs.setdefault((m.arch, m.dim, m.variant), {})[m.aug] = groups[m.model]
+    out = []
+    for (arch, dim, variant), by_aug in pairs.items():
+        if len(by_aug) != 2:
+            continue
+        label = display_name(arch, dim, "", variant).replace(" + ", " ").replace("  ", " ").strip()
+        for c in classes:
+            x, y = _paired_values(by_aug["mia"], by_aug["ctia"], metric, c)
+            if x.size == 0:
+                continue
+            smia, sctia = stat(x), stat(y)
+            ratio = smia.std / sctia.std if sctia.std > 0 else math.inf if smia.std > 0 else math.nan
+            out.append(StdRatio(label, c, smia, sctia, ratio, _bootstrap_ratio_ci(x, y, n_boot, seed),
+                                sctia.mean - smia.mean))
+    return out
+
+
+@dataclass
+class Headline:
+    text: str
+    details: list[str]
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "details": self.details}
+
+
+def headline(records: Sequence[VolumeResult], metric: str, classes: Sequence[str]) -> Headline:
+    """The finding, computed from the data: CTIA vs MIA spread at their mean Dice, and the best model."""
+    cls = headline_class(classes)
+    ratios = [r for r in std_ratios(records, metric, [cls]) if math.isfinite(r.ratio) and r.ratio > 0]
+    details = []
+    if ratios:
+        gm = float(np.exp(np.mean(np.log([r.ratio for r in ratios]))))
+        diff = float(np.mean([r.mean_diff for r in ratios]))
+        n_lower = sum(r.ratio > 1 for r in ratios)
+        if gm >= 1:
+            text = f"CTIA's Dice standard deviation ({cls}) is {gm:.1f}x lower than MIA's"
+        else:
+            text = f"CTIA's Dice standard deviation ({cls}) is {1 / gm:.1f}x higher than MIA's"
+        text += (f" (geometric mean over {len(ratios)} architecture/dimension pair{'s' * (len(ratios) > 1)}; "
+                 f"lower in {n_lower} of {len(ratios)}), at a mean Dice difference of {diff:+.3f} (CTIA − MIA).")
+        for r in ratios:
+            ci = (f", 95% bootstrap CI {r.ci95[0]:.2f}–{r.ci95[1]:.2f}" if math.isfinite(r.ci95[0]) else "")
+            details.append(f"{r.pair}: std MIA {r.mia.std:.3f} vs CTIA {r.ctia.std:.3f} → ratio {r.ratio:.2f}{ci}; "
+                           f"mean MIA {r.mia.mean:.3f} vs CTIA {r.ctia.mean:.3f} (n = {r.ctia.n} volumes)")
+    else:
+        text = "No architecture was run with both MIA and CTIA, so their spread cannot be compared."
+    table = summary_table(records, metric, [cls])
+    best = max(table, key=lambda m: (table[m][cls].mean if table[m][cls].n else -math.inf))
+    rep = next(r for r in records if r.model == best)
+    details.insert(0, f"Highest mean Dice ({cls}): {rep.display}, {table[best][cls].fmt()}.")
+    return Headline(text, details)
+
+
+# ------------------------------------------------------------------------------------------- writers
+_CSV_FIXED = ["case_id", "fold", "model", "display", "arch", "dim", "aug", "variant", "slice_thickness", "num_slices"]
+
+
+def write_results_csv(records: Sequence[VolumeResult], path: Path, classes: Sequence[str]) -> None:
+    buf = io.StringIO()
+    cols = _CSV_FIXED + [f"{m}_{c}" for m in ("dice", "dice_paper", "hd95") for c in classes]
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in sorted(records, key=lambda r: (_model_sort_key(r), r.fold, r.case_id)):
+        row = {k: getattr(r, k) for k in _CSV_FIXED if k != "display"}
+        row["display"] = r.display
+        for m in ("dice", "dice_paper", "hd95"):
+            for c in classes:
+                v = getattr(r, m).get(c, math.nan)
+                row[f"{m}_{c}"] = "" if not math.isfinite(v) else f"{v:.6g}"
+        w.writerow(row)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Section:
+    """One table of the report as strings (shared by Markdown and HTML); highlight: 'max', 'min' or None."""
+
+    title: str
+    note: str
+    header: list[str]
+    rows: list[list[str]]
+    highlight: str | None = "max"
+
+
+@dataclass
+class Tables:
+    sections: list[Section]
+
+
+def build_tables(records: Sequence[VolumeResult], classes: Sequence[str], thickness_edges_mm: Sequence[float]) -> Tables:
+    cls = headline_class(classes)
+    names = {m.model: m.display for m in models_in_order(records)}
+    secs = []
+    for metric, title in (("dice_paper", "Table 2 — Dice, paper protocol"),
+                          ("dice", "Dice on the full volume in original geometry")):
+        t = summary_table(records, metric, classes)
+        secs.append(Section(title, "mean ± std over volumes, pooled across folds", ["model", *classes, "n"],
+                            [[names[m], *(t[m][c].fmt() for c in classes), str(max(s.n for s in t[m].values()))]
+                             for m in t]))
+    t = fold_mean_table(records, "dice_paper", classes)
+    secs.append(Section("Table 2, read across folds — Dice, paper protocol",
+                        "mean ± std of the per-fold mean Dice (n = folds); the paper's very small stds suggest its "
+                        "Table 2 may read this way", ["model", *classes, "folds"],
+                        [[names[m], *(t[m][c].fmt() for c in classes), str(max(s.n for s in t[m].values()))]
+                         for m in t]))
+    t = summary_table(records, "hd95", classes)
+    secs.append(Section("HD95 (mm), full volume", "95th percentile Hausdorff distance in mm; mean ± std over volumes "
+                        "where both structures are present", ["model", *classes],
+                        [[names[m], *(t[m][c].fmt(2) for c in classes)] for m in t], "min"))
+    ratios = std_ratios(records, "dice_paper", classes)
+    if ratios:
+        secs.append(Section(
+            "Spread: MIA vs CTIA per architecture", "std ratio MIA/CTIA > 1 means CTIA varies less across volumes; "
+            "95% CI from a paired bootstrap over volumes; Dice, paper protocol",
+            ["architecture", "class", "MIA", "CTIA", "std ratio MIA/CTIA", "95% CI", "Δ mean (CTIA − MIA)"],
+            [[r.pair, r.cls, r.mia.fmt(), r.ctia.fmt(), f"{r.ratio:.2f}",
+              f"{r.ci95[0]:.2f}–{r.ci95[1]:.2f}" if math.isfinite(r.ci95[0]) else "–", f"{r.mean_diff:+.3f}"]
+             for r in ratios], None))
+    folds, ft = fold_table(records, "dice_paper", cls)
+    secs.append(Section(f"Per fold — Dice ({cls}), paper protocol", "test folds of the slice-sorted cross-validation",
+                        ["model", *(f"fold {k}" for k in folds)], [[names[m], *(ft[m][k].fmt() for k in folds)] for m in ft]))
+    groups, tt = thickness_table(records, "dice_paper", cls, thickness_edges_mm)
+    counts = {g: len({r.case_id for r in records if thickness_group_of(r.slice_thickness, thickness_edges_mm) == g})
+              for g in groups}
+    secs.append(Section(f"By slice thickness — Dice ({cls}), paper protocol", "volumes grouped by slice thickness",
+                        ["model", *(f"{g} (n={counts[g]})" for g in groups)],
+                        [[names[m], *(tt[m][g].fmt() for g in groups)] for m in tt]))
+    return Tables(secs)
+
+
+def software_versions() -> dict[str, str]:
+    import matplotlib
+    import torch
+
+    import ctseg
+
+    v = {"ctseg": ctseg.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
+         "numpy": np.__version__, "matplotlib": matplotlib.__version__, "platform": platform.platform(),
+         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"}
+    try:
+        v["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                         text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return v
+
+
+def write_results(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
+                  thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, title: str = "ctseg results",
+                  versions: dict | None = None) -> dict[str, Path]:
+    """Write results.csv / results.json / results.md (+ config.yaml, versions.json) into `out_dir`."""
+    if not records:
+        raise ValueError("no results to report")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = class_names(records)
+    versions = versions or software_versions()
+    head = headline(records, "dice_paper", classes)
+    tables = build_tables(records, classes, thickness_edges_mm)
+    write_results_csv(records, out / "results.csv", classes)
+    summary = {metric: {m: {c: s.to_json() for c, s in row.items()} for m, row in summary_table(records, metric, classes).items()}
+               for metric in METRICS}
+    payload = {"title": title, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "classes": classes, "headline": head.to_json(), "summary": summary,
+               "std_ratios": [r.to_json() for r in std_ratios(records, "dice_paper", classes)],
+               "versions": versions, "config": config, "records": [_portable(r, out) for r in records]}
+    atomic_write_text(out / "results.json", json.dumps(payload, indent=1, allow_nan=False))
+    md = [f"# {title}", "", f"**{head.text}**", "", *(f"- {d}" for d in head.details), ""]
+    for sec in tables.sections:
+        md += [f"## {sec.title}", "", f"_{sec.note}_", "", _md_table(sec.header, sec.rows), ""]
+    md += ["## Software", "", _md_table(["package", "version"], [[k, v] for k, v in versions.items()]), ""]
+    atomic_write_text(out / "results.md", "\n".join(md))
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "md": out / "results.md"}
+    if config is not None:
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        paths["config"] = out / "config.yaml"
+    atomic_write_text(out / "versions.json", json.dumps(versions, indent=1))
+    return paths
+
+
+def _portable(r: VolumeResult, base: Path) -> dict:
+    """JSON record with its overlay path relative to `base` (the results folder) when possible."""
+    d = r.to_json()
+    if r.overlay and Path(r.overlay).is_absolute():
+        try:
+            d["overlay"] = os.path.relpath(r.overlay, base)
+        except ValueError:  # another drive (Windows)
+            pass
+    return d
+
+
+def load_results(path: str | Path) -> list[VolumeResult]:
+    """Records from a results.json written by `write_results` or a per-fold results file (a JSON list)."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    records = [VolumeResult.from_json(d) for d in (data["records"] if isinstance(data, dict) else data)]
+    for r in records:
+        if r.overlay and not Path(r.overlay).is_absolute():
+            r.overlay = str((path.parent / r.overlay).resolve())
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- HTML
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1d2433;background:#f6f7fb;margin:0}
+main{max-width:1180px;margin:0 auto;padding:28px 32px 60px;background:#fff;box-shadow:0 0 24px rgba(0,0,0,.06)}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:20px;margin:36px 0 8px;border-bottom:2px solid #e4e7ef;padding-bottom:6px}
+h3{font-size:16px;margin:22px 0 6px}.sub{color:#5b6478;margin:0 0 18px;font-size:14px}
+.headline{background:#eef5ff;border-left:6px solid #2f6fde;padding:14px 18px;border-radius:6px;font-size:17px;line-height:1.45}
+.headline ul{font-size:14px;margin:8px 0 0;padding-left:20px;color:#34405a}
+table{border-collapse:collapse;margin:8px 0 4px;font-size:14px;font-variant-numeric:tabular-nums}
+th,td{padding:6px 12px;border-bottom:1px solid #e4e7ef;text-align:right;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}th{background:#f0f2f8;font-weight:600}
+tr:nth-child(even) td{background:#fafbfd}tr.ctia td:first-child{color:#1f5fbf}tr.mia td:first-child{color:#b35c00}
+td.best{font-weight:700;background:#e6f4ea !important}
+.note{color:#5b6478;font-size:13px;margin:2px 0 6px}
+figure{margin:12px 0 20px}figure img{max-width:100%;border:1px solid #e4e7ef;border-radius:4px}
+figcaption{color:#5b6478;font-size:13px;margin-top:4px}
+pre{background:#f6f8fa;border:1px solid #e4e7ef;border-radius:6px;padding:12px;font-size:12px;overflow:auto;max-height:480px}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:6px 18px}.grid figure{margin:6px 0}
+"""
+
+
+def png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _html_table(header: list[str], rows: list[list[str]], row_classes: list[str] | None = None,
+                highlight: str | None = None) -> str:
+    """HTML table; highlight 'max' / 'min' marks the best mean per column (cells 'mean ± std')."""
+    best: dict[int, int] = {}
+    for j in range(1, len(header)):
+        means = []
+        for i, r in enumerate(rows):
+            try:
+                means.append((float(r[j].split(" ")[0]), i))
+            except (ValueError, IndexError):
+                pass
+        if highlight and len(means) > 1 and header[j] != "n":
+            best[j] = (max(means) if highlight == "max" else min(means))[1]
+    h = "<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr></thead><tbody>"
+    for i, r in enumerate(rows):
+        cls = f' class="{row_classes[i]}"' if row_classes else ""
+        h += f"<tr{cls}>" + "".join(
+            f'<td class="best">{html.escape(c)}</td>' if best.get(j) == i else f"<td>{html.escape(c)}</td>"
+            for j, c in enumerate(r)) + "</tr>"
+    return h + "</tbody></table>"
+
+
+def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tuple[str, str, Path]],
+                config: dict | None, versions: dict, thickness_edges_mm: Sequence[float], intro: str = "") -> str:
+    """The report page. figures: (section, caption, png path) in display order; images are embedded."""
+    classes = class_names(records)
+    head = headline(records, "dice_paper", classes)
+    tables = build_tables(records, classes, thickness_edges_mm)
+    aug_of = {m.display: m.aug for m in models_in_order(records)}
+    n_vol = len({r.case_id for r in records})
+    folds = sorted({r.fold for r in records})
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f'<p class="sub">{n_vol} volumes, {len(folds)}-fold slice-sorted cross-validation, '
+             f"{len(models_in_order(records))} models · generated {datetime.now().strftime('%Y-%m-%d %H:%M')}"
+             f"{' · ' + html.escape(intro) if intro else ''}</p>",
+             f'<div class="headline"><b>{html.escape(head.text)}</b><ul>'
+             + "".join(f"<li>{html.escape(d)}</li>" for d in head.details) + "</ul></div>"]
+    for sec in tables.sections:
+        row_cls = [aug_of.get(r[0], "") for r in sec.rows]
+        parts.append(f"<h2>{html.escape(sec.title)}</h2><p class=note>{html.escape(sec.note)}</p>"
+                     + _html_table(sec.header, sec.rows, row_cls, sec.highlight))
+    sections: dict[str, list[tuple[str, Path]]] = {}
+    for section, caption, path in figures:
+        sections.setdefault(section, []).append((caption, path))
+    for section, figs in sections.items():
+        items = "".join(f'<figure><img src="{png_data_uri(path)}" alt="{html.escape(caption)}">'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, path in figs)
+        parts.append(f"<h2>{html.escape(section)}</h2>" + (f'<div class="grid">{items}</div>' if len(figs) > 1 else items))
+    parts.append("<h2>Software</h2>" + _html_table(["package", "version"], [[k, str(v)] for k, v in versions.items()]))
+    if config is not None:
+        parts.append("<h2>Configuration</h2><pre>" + html.escape(yaml.safe_dump(config, sort_keys=False)) + "</pre>")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body><main>" + "\n".join(parts) + "</main></body></html>\n")
+
+
+def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
+                 log_csvs: dict[str, list[Path]] | None = None, title: str = "ctseg results",
+                 thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, intro: str = "") -> Path:
+    """Results files + plots + `report/index.html` into `out_dir`; returns the HTML path.
+
+    log_csvs: display name -> training logs (`log.csv` of each fold's run) for the training curves.
+    Overlay images come from each record's `overlay` file (relative paths resolve against `out_dir`).
+    """
+    from ctseg.evaluate import plots
+
+    out = Path(out_dir)
+    versions = software_versions()
+    write_results(records, out, config=config, thickness_edges_mm=thickness_edges_mm, title=title, versions=versions)
+    plot_dir = out / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    classes = class_names(records)
+    cls = headline_class(classes)
+    figures: list[tuple[str, str, Path]] = []
+    p = plots.dice_boxplot(records, "dice_paper", classes, plot_dir / "dice_boxplot.png")
+    figures.append(("Dice per configuration", "Dice per volume (paper protocol); one box per model, "
+                    "points are volumes. Orange: MIA, blue: CTIA, green: ensembles.", p))
+    p = plots.thickness_boxplot(records, "dice_paper", cls, thickness_edges_mm, plot_dir / "dice_by_thickness.png")
+    figures.append(("Dice by slice thickness", f"Dice ({cls}, paper protocol) per slice-thickness group", p))
+    for model in models_in_order(records):
+        recs = [r for r in records if r.model == model.model and r.overlay]
+        if not recs:
+            continue
+        p = plots.overlay_figure(recs, cls, out, plot_dir / f"overlay_{_safe(model.model)}.png")
+        figures.append(("Best, median and worst volume per model",
+                        f"{model.display} — ground truth solid, prediction dashed; axial slice with the most "
+                        "ground-truth foreground", p))
+    for name, paths in (log_csvs or {}).items():
+        existing = [Path(x) for x in paths if Path(x).is_file()]
+        if existing:
+            p = plots.training_curves(existing, name, plot_dir / f"curves_{_safe(name)}.png")
+            if p is not None:
+                figures.append(("Training curves", f"{name}: one line per fold", p))
+    page = render_html(records, title=title, figures=figures, config=config, versions=versions,
+                       thickness_edges_mm=thickness_edges_mm, intro=intro)
+    html_path = out / "report" / "index.html"
+    atomic_write_text(html_path, page)
+    log.info("report written to %s", html_path)
+    return html_path
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)

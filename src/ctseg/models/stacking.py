@@ -1,0 +1,240 @@
+"""Stacked ensemble ("Stacked CNN", paper): a small meta-network combines the members' probability maps.
+
+Members are cross-validated runs grouped into sets (paper, KiTS: 3D MS-D Nets on kidney+tumour vs
+background, 2D U-Nets on background/kidney/tumour; liver: both binary); the `top_k` runs of each set by
+validation score are kept. The meta-model sees the concatenation of the members' softmax maps of one
+axial slice at network resolution, (B, C_total, S, S), and predicts the dataset's classes.
+
+Out-of-fold discipline (our interpretation of the paper, METHOD.md): the meta-model never sees a volume
+one of its members trained on. For each case, the member maps come from that member's model of the fold
+in which the case was a test case (`MemberPrediction.trained_on` lists what that model saw, and
+`check_out_of_fold` refuses any map of a case in it); the meta-model evaluated on fold k is trained only on
+cases of the other folds (`meta_training_cases`). Plain averaging of the members (`average_members`) is the
+reference beside it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ctseg.errors import CtsegError
+
+log = logging.getLogger(__name__)
+
+
+class StackingMetaModel(nn.Module):
+    """(B, C_total, Y, X) member probabilities in [0, 1] -> logits (B, K, Y, X).
+
+    A 1x1 convolution over the members' log-probabilities (a learned per-voxel weighting, i.e. a weighted
+    product of experts) plus a small 3x3 context branch (conv, instance norm, LeakyReLU 1e-2, twice) whose
+    last layer starts at zero, so training starts from the pure weighting and adds local context as it helps.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 16, eps: float = 1e-4):
+        super().__init__()
+        if in_channels < 1 or num_classes < 2:
+            raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}")
+        self.in_channels, self.num_classes, self.eps = in_channels, num_classes, eps
+        self.weighting = nn.Conv2d(in_channels, num_classes, 1)
+        self.context = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.InstanceNorm2d(hidden, affine=True), nn.LeakyReLU(1e-2),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.InstanceNorm2d(hidden, affine=True), nn.LeakyReLU(1e-2),
+            nn.Conv2d(hidden, num_classes, 1))
+        nn.init.zeros_(self.context[-1].weight)
+        nn.init.zeros_(self.context[-1].bias)
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        x = torch.log(probs.float().clamp_min(self.eps))
+        return self.weighting(x) + self.context(x)
+
+
+# ------------------------------------------------------------------------------------ member selection
+@dataclass(frozen=True)
+class MemberRun:
+    """A finished cross-validation run that can be a stack member.
+
+    val_score: mean over folds of the run's best validation Dice; target: 'multiclass' | 'foreground'.
+    """
+
+    name: str
+    path: Path
+    arch: str
+    dim: str
+    target: str
+    aug: str
+    val_score: float
+
+
+def select_members(candidates: Sequence[MemberRun], sets: Sequence[object], top_k: int) -> list[MemberRun]:
+    """The `top_k` candidates of each set (objects with arch, dim, target) by validation score, set by set.
+
+    Raises CtsegError when a set has no candidate (the stack would silently lose a member type).
+    """
+    chosen: list[MemberRun] = []
+    for s in sets:
+        pool = [c for c in candidates if (c.arch, c.dim, c.target) == (s.arch, s.dim, s.target)]
+        if not pool:
+            have = ", ".join(sorted({f"{c.arch}-{c.dim}-{c.target}" for c in candidates})) or "none"
+            raise CtsegError(f"no finished run for stack member set {s.arch}-{s.dim}-{s.target} (have: {have})")
+        pool.sort(key=lambda c: (-np.nan_to_num(c.val_score, nan=-1.0), c.name))
+        chosen.extend(pool[:top_k])
+    return chosen
+
+
+# --------------------------------------------------------------------------------- out-of-fold inputs
+@dataclass(frozen=True)
+class MemberPrediction:
+    """One member's out-of-fold probabilities for one case.
+
+    path: .npy (C_member, Z, S, S) float16 softmax at network resolution; fold: the CV fold whose model
+    produced it; trained_on: every case id that model was trained or validated on.
+    """
+
+    case_id: str
+    member: str
+    fold: int
+    path: Path
+    trained_on: frozenset[str]
+
+    def load(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+
+def check_out_of_fold(predictions: Iterable[MemberPrediction]) -> None:
+    """Refuse any member map of a case its producing model saw during training (CtsegError)."""
+    for p in predictions:
+        if p.case_id in p.trained_on:
+            raise CtsegError(f"member {p.member!r} (fold {p.fold}) was trained on case {p.case_id!r}: its map is not "
+                             "out-of-fold and must not reach the stacking meta-model", p.path)
+
+
+def meta_training_cases(fold_of: Mapping[str, int], eval_fold: int) -> list[str]:
+    """Cases whose maps train the meta-model that is evaluated on `eval_fold`: every case of the other folds."""
+    cases = sorted(c for c, k in fold_of.items() if k != eval_fold)
+    if not cases:
+        raise CtsegError(f"no cases outside fold {eval_fold} to train the stacking meta-model on")
+    return cases
+
+
+def stack_inputs(case_id: str, predictions: Mapping[str, Sequence[MemberPrediction]], members: Sequence[str]
+                 ) -> tuple[np.ndarray, list[MemberPrediction]]:
+    """Concatenate the members' maps of one case in `members` order: (C_total, Z, S, S) float16.
+
+    Checks that each map is out of fold and that all members predicted the same grid.
+    """
+    by_member = {p.member: p for p in predictions.get(case_id, [])}
+    missing = [m for m in members if m not in by_member]
+    if missing:
+        raise CtsegError(f"case {case_id!r} has no out-of-fold prediction from member(s) {', '.join(missing)}")
+    used = [by_member[m] for m in members]
+    check_out_of_fold(used)
+    maps = [p.load() for p in used]
+    shapes = {m.shape[1:] for m in maps}
+    if len(shapes) != 1:
+        raise CtsegError(f"case {case_id!r}: members predicted different grids {sorted(shapes)}", used[0].path)
+    return np.concatenate([np.asarray(m, dtype=np.float16) for m in maps], axis=0), used
+
+
+# ------------------------------------------------------------------------------------------ training
+def train_meta_model(inputs: Sequence[np.ndarray], labels: Sequence[np.ndarray], num_classes: int, *,
+                     loss: nn.Module, steps: int, batch_size: int = 16, lr: float = 1e-3, hidden: int = 16,
+                     foreground_fraction: float = 0.5, generator: torch.Generator,
+                     device: str | torch.device = "cpu",
+                     on_step: Callable[[int, float], None] | None = None) -> StackingMetaModel:
+    """Fit a `StackingMetaModel` on axial slices of the given cases (Adam, `steps` steps).
+
+    inputs: per case (C_total, Z, S, S) member probabilities; labels: per case (Z, S, S) integer classes.
+    Each batch draws `batch_size` slices; a `foreground_fraction` of them from slices with foreground.
+    on_step(step, loss) is called after every step (progress display).
+    """
+    if len(inputs) != len(labels) or not inputs:
+        raise ValueError(f"need matching, non-empty inputs and labels, got {len(inputs)} and {len(labels)}")
+    channels = {x.shape[0] for x in inputs}
+    if len(channels) != 1:
+        raise ValueError(f"cases have different member channel counts {sorted(channels)}")
+    for x, y in zip(inputs, labels):
+        if x.shape[1:] != y.shape:
+            raise ValueError(f"member maps {x.shape} do not match labels {y.shape}")
+    slices = np.array([(i, z) for i, y in enumerate(labels) for z in range(y.shape[0])], dtype=np.int64)
+    fg = np.array([(i, z) for i, y in enumerate(labels) for z in np.flatnonzero(y.reshape(y.shape[0], -1).any(1))],
+                  dtype=np.int64).reshape(-1, 2)
+    model = StackingMetaModel(channels.pop(), num_classes, hidden=hidden).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        n_fg = int(round(foreground_fraction * batch_size)) if len(fg) else 0
+        pick = [fg[torch.randint(len(fg), (n_fg,), generator=generator).numpy()],
+                slices[torch.randint(len(slices), (batch_size - n_fg,), generator=generator).numpy()]]
+        idx = np.concatenate(pick)
+        x = torch.from_numpy(np.stack([np.asarray(inputs[i][:, z], dtype=np.float32) for i, z in idx])).to(device)
+        y = torch.from_numpy(np.stack([np.asarray(labels[i][z], dtype=np.int64) for i, z in idx])).to(device)
+        value = loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        if on_step is not None:
+            on_step(step, float(value.detach()))
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_meta(model: StackingMetaModel, inputs: np.ndarray, device: str | torch.device = "cpu",
+                 batch_size: int = 32) -> np.ndarray:
+    """Softmax of the meta-model slice by slice: (C_total, Z, S, S) -> (K, Z, S, S) float32."""
+    model.eval()
+    out = []
+    for z0 in range(0, inputs.shape[1], batch_size):
+        x = torch.from_numpy(np.asarray(inputs[:, z0:z0 + batch_size], dtype=np.float32)).movedim(1, 0).to(device)
+        out.append(model(x).softmax(1).movedim(0, 1).float().cpu().numpy())
+    return np.concatenate(out, axis=1)
+
+
+def average_members(maps: Sequence[np.ndarray], targets: Sequence[str], num_classes: int) -> np.ndarray:
+    """Plain averaging of member probabilities onto the dataset's classes: (K, Z, S, S) float32.
+
+    maps: per member (C_m, Z, S, S); targets: 'multiclass' (C_m = K) or 'foreground' (C_m = 2: background,
+    foreground). Background probability is the mean over all members; the foreground share is split between
+    classes by the mean of the multiclass members (foreground-only members vote on background vs
+    foreground only). With K = 2 every member votes on both classes.
+    """
+    if not maps:
+        raise ValueError("no member maps to average")
+    for m, t in zip(maps, targets):
+        want = num_classes if t == "multiclass" else 2
+        if m.shape[0] != want:
+            raise ValueError(f"a {t} member has {m.shape[0]} channels, expected {want}")
+    bg = np.mean([np.asarray(m[0], dtype=np.float32) for m in maps], axis=0)
+    out = np.empty((num_classes, *bg.shape), dtype=np.float32)
+    out[0] = bg
+    if num_classes == 2:
+        out[1] = 1.0 - bg
+        return out
+    multi = [np.asarray(m[1:], dtype=np.float32) for m, t in zip(maps, targets) if t == "multiclass"]
+    if not multi:
+        raise ValueError(f"{num_classes} classes need at least one multiclass member to split the foreground")
+    share = np.mean(multi, axis=0)
+    share /= np.maximum(share.sum(axis=0, keepdims=True), 1e-6)
+    out[1:] = share * (1.0 - bg)[None]
+    return out
+
+
+def save_meta_model(model: StackingMetaModel, path: str | Path) -> None:
+    """Weights (state dict, atomic); the architecture is re-created from `in_channels` / `num_classes`."""
+    from ctseg.train.checkpoint import atomic_torch_save
+
+    atomic_torch_save({"state_dict": model.state_dict(), "in_channels": model.in_channels,
+                       "num_classes": model.num_classes,
+                       "hidden": model.context[0].out_channels}, Path(path))
+
+
+def load_meta_model(path: str | Path, device: str | torch.device = "cpu") -> StackingMetaModel:
+    blob = torch.load(path, map_location=device, weights_only=True)
+    model = StackingMetaModel(int(blob["in_channels"]), int(blob["num_classes"]), hidden=int(blob["hidden"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()

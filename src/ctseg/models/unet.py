@@ -1,0 +1,78 @@
+"""nnU-Net's U-Net (``PlainConvUNet`` from dynamic_network_architectures) built from our config.
+
+Topology as nnU-Net plans it: ``n_stages`` resolution stages, ``conv_per_stage`` 3x3(x3) convs per
+stage in encoder and decoder, features doubling from ``base_features`` and capped at
+``max_features``, strided-conv downsampling, transposed-conv upsampling, instance norm (affine,
+eps 1e-5), LeakyReLU(0.01), He initialisation, deep supervision off.
+
+3D inputs are 16 x 128 x 128: z is pooled only in the first ``z_pool_stages`` downsamplings
+(stride (2, 2, 2)), afterwards (1, 2, 2) -- what nnU-Net's planner does when a feature-map axis
+would fall below 4 voxels (16 -> 8 -> 4 with the default 2). The input's spatial sizes must be
+divisible by the total stride per axis (:meth:`UNet.divisor`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ctseg.errors import CtsegError
+
+NEG_SLOPE = 0.01
+NORM_EPS = 1e-5
+
+
+def stage_strides(n_stages: int, dim: int, z_pool_stages: int) -> list[tuple[int, ...]]:
+    """Stride of each encoder stage: stage 0 is 1; then 2 in-plane, 2 in z for z_pool_stages stages."""
+    if dim == 2:
+        return [(1, 1)] + [(2, 2)] * (n_stages - 1)
+    return [(1, 1, 1)] + [((2 if s <= z_pool_stages else 1), 2, 2) for s in range(1, n_stages)]
+
+
+def stage_features(n_stages: int, base_features: int, max_features: int) -> list[int]:
+    """Features per stage: base * 2**s, capped at max_features."""
+    return [min(base_features * 2 ** s, max_features) for s in range(n_stages)]
+
+
+class UNet(nn.Module):
+    """U-Net (B, C, [Z,] Y, X) -> logits (B, K, [Z,] Y, X); spatial sizes divisible by `divisor`."""
+
+    def __init__(self, in_channels: int, num_classes: int, dim: int = 2, n_stages: int = 6,
+                 base_features: int = 32, max_features: int = 512, conv_per_stage: int = 2,
+                 z_pool_stages: int = 2):
+        super().__init__()
+        try:
+            from dynamic_network_architectures.architectures.unet import PlainConvUNet
+            from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+        except ImportError as err:  # optional dependency: pip install --no-deps dynamic-network-architectures
+            raise CtsegError("the U-Net needs the 'dynamic-network-architectures' package "
+                             f"(pip install --no-deps 'dynamic-network-architectures>=0.3'): {err}") from None
+        if dim == 3 and not 0 <= z_pool_stages <= n_stages - 1:
+            raise CtsegError(f"model.unet.z_pool_stages must be in 0..n_stages-1 = 0..{n_stages - 1}, "
+                             f"got {z_pool_stages}")
+        self.dim, self.in_channels, self.num_classes = dim, in_channels, num_classes
+        strides = stage_strides(n_stages, dim, z_pool_stages)
+        self.divisor = tuple(math.prod(s[a] for s in strides) for a in range(dim))
+        conv = nn.Conv2d if dim == 2 else nn.Conv3d
+        norm = nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d
+        self.net = PlainConvUNet(
+            input_channels=in_channels, n_stages=n_stages,
+            features_per_stage=stage_features(n_stages, base_features, max_features),
+            conv_op=conv, kernel_sizes=[(3,) * dim] * n_stages, strides=strides,
+            n_conv_per_stage=conv_per_stage, num_classes=num_classes,
+            n_conv_per_stage_decoder=conv_per_stage, conv_bias=True,
+            norm_op=norm, norm_op_kwargs={"eps": NORM_EPS, "affine": True},
+            nonlin=nn.LeakyReLU, nonlin_kwargs={"negative_slope": NEG_SLOPE, "inplace": True},
+            deep_supervision=False)
+        self.net.apply(InitWeights_He(NEG_SLOPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = tuple(x.shape[2:])
+        if x.ndim != self.dim + 2 or x.shape[1] != self.in_channels:
+            raise CtsegError(f"expected input (B, {self.in_channels}, {'Z, ' if self.dim == 3 else ''}Y, X), "
+                             f"got {tuple(x.shape)}")
+        if any(s % d for s, d in zip(spatial, self.divisor)):
+            raise CtsegError(f"U-Net input spatial size {spatial} must be divisible by {self.divisor} "
+                             "(the total stride per axis); pad or resize the input, or use fewer stages")
+        return self.net(x)

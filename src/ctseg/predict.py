@@ -1,0 +1,369 @@
+"""Whole-volume inference in the input's own geometry, for one model or an ensemble.
+
+Pipeline (`predict_volume`):
+
+1. `to_canonical` (axis 0 axial, direction ~ identity; permutations and flips only, no resampling);
+2. `preprocess_volume` with the models' intensity plan and in-plane size, exactly as in training
+   (window + z-score, area resize to S x S), giving (z, S, S) float32;
+3. forward passes under `torch.inference_mode`, batched, on the GPU when present:
+   2D models slice by slice; 3D models with a sliding window of `num_slices` (16) slices along z,
+   `overlap` between windows, each window's softmax weighted along z (gaussian, sigma = window/8,
+   as nnU-Net's patch blending, or linear "tent" weights) and the weighted sum normalised;
+   volumes shorter than the window are padded by edge replication and cropped back;
+4. member probabilities combined (see "Ensembles");
+5. back to the canonical in-plane size (`restore_in_plane`, bilinear) and argmax, chunk by chunk
+   along z so that only ~64 MiB of float32 probabilities exist at full resolution at any time;
+6. `from_canonical`: a uint8 label map on the input's exact grid (shape, spacing, origin, direction).
+
+Memory on a 512 x 512 x z volume: the input, one canonical copy of it when the input is not stored
+canonically, the uint8 label map (twice while it is reoriented), network-resolution probabilities
+(C x z x S x S float32) and one resampling chunk. Full-resolution probabilities (C x z x 512 x 512
+float16) are only kept when `return_probabilities=True`.
+
+Ensembles: members must share the dataset classes, the intensity plan and the in-plane size
+(else CtsegError). A member may be "multiclass" (all dataset classes) or "foreground" (background
+vs the union of all foreground classes, e.g. the paper's 3D MS-D Nets for kidney+tumour). They are
+combined hierarchically at network resolution:
+
+    P(background)   = mean over all members of their background probability
+    P(class c > 0)  = (1 - P(background)) * q_c / sum_c' q_c',   q_c = mean over multiclass members of p_c
+
+i.e. every member votes on background vs foreground, the multiclass members split the foreground
+among the classes. With only multiclass members this is exactly the mean of their probabilities.
+With only foreground members the output has two classes, background and foreground (the dataset's
+single foreground class when it has one). Disagreement: each member's foreground mask (argmax != 0
+at network resolution); `agreement` is the mean pairwise Dice between members (1.0 = identical),
+a per-volume quality flag (low values deserve a human look).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from ctseg.errors import CtsegError
+from ctseg.io import Volume
+
+log = logging.getLogger(__name__)
+
+FOREGROUND_NAME = "foreground"
+_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class PredictionResult:
+    """Output of `predict_volume`.
+
+    label: uint8 label map on the input grid (same shape, spacing, origin, direction, meta).
+    classes: label value -> name. probabilities: (C, z, y, x) float16 on the same grid, or None.
+    agreement: mean pairwise Dice of the members' foreground masks (None for one model);
+    member_dice: (M, M) pairwise Dice matrix. seconds: time per stage.
+    """
+
+    label: Volume
+    classes: dict[int, str]
+    probabilities: np.ndarray | None = None
+    agreement: float | None = None
+    member_dice: np.ndarray | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _dataset_classes(model) -> dict[int, str]:
+    classes = getattr(model, "dataset_classes", None) or model.classes
+    return {int(k): str(v) for k, v in classes.items()}
+
+
+def _in_plane_size(model) -> int:
+    return int(model.cfg.preprocess.in_plane_size)
+
+
+def check_members(models: Sequence) -> tuple[dict[int, str], dict[int, str]]:
+    """Validate an ensemble; returns (dataset classes, output classes). CtsegError names the odd member."""
+    if not models:
+        raise CtsegError("no model given")
+    ref = models[0]
+    ds_classes = _dataset_classes(ref)
+    for m in models:
+        where = getattr(m, "run_dir", None)
+        if m.target not in ("multiclass", "foreground"):
+            raise CtsegError(f"unknown model target {m.target!r}", where)
+        if _dataset_classes(m) != ds_classes:
+            raise CtsegError(f"ensemble members disagree on classes: {_dataset_classes(m)} vs {ds_classes} "
+                             f"({getattr(ref, 'run_dir', 'first model')})", where)
+        if m.plan != ref.plan:
+            raise CtsegError(f"ensemble members disagree on the intensity plan: {m.plan} vs {ref.plan} "
+                             f"({getattr(ref, 'run_dir', 'first model')}); train them on the same cache", where)
+        if _in_plane_size(m) != _in_plane_size(ref):
+            raise CtsegError(f"ensemble members disagree on the in-plane size: {_in_plane_size(m)} vs "
+                             f"{_in_plane_size(ref)}", where)
+        if m.cfg.model.dim not in ("2d", "3d"):
+            raise CtsegError(f"unknown model dim {m.cfg.model.dim!r}", where)
+    if any(m.target == "multiclass" for m in models):
+        out = ds_classes
+    else:
+        fg = [v for k, v in ds_classes.items() if k != 0]
+        out = {0: ds_classes.get(0, "background"), 1: fg[0] if len(fg) == 1 else FOREGROUND_NAME}
+    return ds_classes, out
+
+
+def blend_weights(length: int, mode: Literal["gaussian", "linear"] = "gaussian") -> np.ndarray:
+    """Per-slice weights (length,) float32 in (0, 1] for blending overlapping windows along z.
+
+    gaussian: exp(-d^2 / (2 sigma^2)), sigma = length / 8, d = distance from the window centre
+    (nnU-Net's choice for patches); linear: 1 - |d| / (length / 2 + 1). Both peak at the centre
+    and stay > 0 so every slice is covered.
+    """
+    d = np.arange(length, dtype=np.float64) - (length - 1) / 2.0
+    if mode == "gaussian":
+        w = np.exp(-(d ** 2) / (2.0 * (length / 8.0) ** 2))
+    elif mode == "linear":
+        w = 1.0 - np.abs(d) / (length / 2.0 + 1.0)
+    else:
+        raise ValueError(f"blend must be 'gaussian' or 'linear', got {mode!r}")
+    w = np.maximum(w / w.max(), 1e-3)
+    return w.astype(np.float32)
+
+
+def window_starts(num_slices: int, window: int, overlap: float) -> list[int]:
+    """Start indices of `window`-slice windows covering `num_slices` with fractional `overlap` (last flush)."""
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if num_slices <= window:
+        return [0]
+    step = max(1, int(round(window * (1.0 - overlap))))
+    starts = list(range(0, num_slices - window + 1, step))
+    if starts[-1] != num_slices - window:
+        starts.append(num_slices - window)
+    return starts
+
+
+def _check_channels(logits: torch.Tensor, expected: int, where) -> None:
+    if logits.shape[1] != expected:
+        raise CtsegError(f"the model outputs {logits.shape[1]} channels but its classes need {expected}", where)
+
+
+def _softmax_2d(module, image: torch.Tensor, batch_size: int, out: torch.Tensor, where) -> None:
+    """image (z, S, S) on device -> softmax into out (K, z, S, S), `batch_size` slices at a time."""
+    for z0 in range(0, image.shape[0], batch_size):
+        logits = module(image[z0:z0 + batch_size, None])
+        _check_channels(logits, out.shape[0], where)
+        out[:, z0:z0 + logits.shape[0]] = torch.softmax(logits.float(), dim=1).transpose(0, 1)
+
+
+def _softmax_3d(module, image: torch.Tensor, window: int, overlap: float, blend: str, batch_size: int,
+                out: torch.Tensor, where) -> None:
+    """Sliding-window softmax along z with blending; pads short volumes by edge replication."""
+    z = image.shape[0]
+    if z < window:
+        padded = torch.cat([image, image[-1:].expand(window - z, -1, -1)], dim=0)
+        logits = module(padded[None, None])
+        _check_channels(logits, out.shape[0], where)
+        out.copy_(torch.softmax(logits.float(), dim=1)[0, :, :z])
+        return
+    weights = torch.from_numpy(blend_weights(window, blend)).to(image.device)
+    wsum = torch.zeros(z, device=image.device)
+    out.zero_()
+    starts = window_starts(z, window, overlap)
+    for i in range(0, len(starts), batch_size):
+        batch = starts[i:i + batch_size]
+        logits = module(torch.stack([image[s:s + window] for s in batch])[:, None])
+        _check_channels(logits, out.shape[0], where)
+        probs = torch.softmax(logits.float(), dim=1)
+        for b, s in enumerate(batch):
+            out[:, s:s + window] += probs[b] * weights[None, :, None, None]
+            wsum[s:s + window] += weights
+    out /= wsum[None, :, None, None]
+
+
+def _member_softmax(model, image: torch.Tensor, n_out: int, device: torch.device, batch_size: int | None,
+                    overlap: float, blend: str) -> torch.Tensor:
+    """One member's softmax (n_out, z, S, S) float32 on `device` for the network input (z, S, S)."""
+    module = model.module.to(device).eval()
+    where = getattr(model, "run_dir", None)
+    out = torch.empty((n_out, *image.shape), dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        if model.cfg.model.dim == "2d":
+            _softmax_2d(module, image, batch_size or 32, out, where)
+        else:
+            _softmax_3d(module, image, int(model.cfg.preprocess.num_slices), overlap, blend, batch_size or 2,
+                        out, where)
+    return out
+
+
+def predict_network(image: np.ndarray | torch.Tensor, models, device: str | torch.device = "auto",
+                    batch_size: int | None = None, overlap: float = 0.5,
+                    blend: Literal["gaussian", "linear"] = "gaussian", progress: bool = False
+                    ) -> tuple[torch.Tensor, dict[int, str], np.ndarray | None]:
+    """Combined class probabilities at network resolution.
+
+    image: (z, S, S) preprocessed network input (e.g. `CachedCase.image` or `preprocess_volume`).
+    Returns (probabilities (C, z, S, S) float32 tensor on `device`, output classes, member Dice
+    matrix (M, M) or None for a single model).
+    """
+    from ctseg.train.distributed import resolve_device
+
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    _, out_classes = check_members(models)
+    dev = resolve_device(device)
+    x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.asarray(image, dtype=np.float32))
+    x = x.to(device=dev, dtype=torch.float32)
+    n_fg = len(out_classes) - 1
+    bg_sum = torch.zeros(x.shape, dtype=torch.float32, device=dev)
+    fg_sum = torch.zeros((n_fg, *x.shape), dtype=torch.float32, device=dev) if \
+        any(m.target == "multiclass" for m in models) else None
+    fg_masks = []
+    tracker = _progress(progress, len(models), "inference")
+    for m in models:
+        p = _member_softmax(m, x, len(m.classes), dev, batch_size, overlap, blend)
+        bg_sum += p[0]
+        if m.target == "multiclass" and fg_sum is not None:
+            fg_sum += p[1:]
+        if len(models) > 1:
+            fg_masks.append((p.argmax(dim=0) != 0).cpu().numpy())
+        del p
+        tracker.advance()
+    tracker.close()
+    bg = bg_sum / len(models)
+    del bg_sum
+    probs = torch.empty((n_fg + 1, *x.shape), dtype=torch.float32, device=dev)
+    probs[0] = bg
+    if fg_sum is None:
+        probs[1] = 1.0 - bg
+    else:
+        eps = 1e-6
+        share = (fg_sum + eps) / (fg_sum.sum(dim=0, keepdim=True) + n_fg * eps)
+        probs[1:] = (1.0 - bg)[None] * share
+    member_dice = None
+    if fg_masks:
+        from ctseg.evaluate.metrics import dice
+
+        member_dice = np.ones((len(models), len(models)))
+        for i, j in itertools.combinations(range(len(models)), 2):
+            member_dice[i, j] = member_dice[j, i] = dice(fg_masks[i], fg_masks[j])
+    return probs, out_classes, member_dice
+
+
+class _progress:
+    """A rich progress bar when asked for, a no-op otherwise."""
+
+    def __init__(self, enabled: bool, total: int, what: str):
+        self.bar = None
+        if enabled:
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(what, total=total)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def predict_volume(volume: Volume, models, device: str | torch.device = "auto", return_probabilities: bool = False,
+                   batch_size: int | None = None, overlap: float = 0.5,
+                   blend: Literal["gaussian", "linear"] = "gaussian", progress: bool = False) -> PredictionResult:
+    """Segment a CT volume (HU) with one model or an ensemble; the label comes back on the input grid.
+
+    volume: HU, any orientation. models: a TrainedModel or a list (see module docstring for the
+    ensemble rule). batch_size: slices (2D) or windows (3D) per forward pass (default 32 / 2).
+    overlap: fraction of a 3D window shared with the next. Modules are moved to `device`.
+    """
+    from ctseg.io import from_canonical, to_canonical
+    from ctseg.preprocess.slices import preprocess_volume, restore_in_plane
+    from ctseg.train.distributed import resolve_device
+
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    check_members(models)
+    dev = resolve_device(device)
+    seconds = {}
+    t0 = time.perf_counter()
+    canon, reo = to_canonical(volume)
+    image = preprocess_volume(canon.array, models[0].plan, _in_plane_size(models[0]))
+    z, h, w = canon.shape
+    canon_label = replace(canon, array=np.empty((z, h, w), dtype=np.uint8), meta=dict(volume.meta))
+    del canon  # frees the canonical copy of the image (if the input was not canonical)
+    seconds["preprocess"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    probs, classes, member_dice = predict_network(image, models, dev, batch_size, overlap, blend, progress)
+    del image
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds["forward"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    n_cls = probs.shape[0]
+    full = np.empty((n_cls, z, h, w), dtype=np.float16) if return_probabilities else None
+    step = max(1, _CHUNK_BYTES // (4 * n_cls * h * w))
+    for z0 in range(0, z, step):
+        chunk = restore_in_plane(probs[:, z0:z0 + step], (h, w), out_dtype=np.float32)
+        canon_label.array[z0:z0 + step] = chunk.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        if full is not None:
+            full[:, z0:z0 + step] = chunk.to(torch.float16).cpu().numpy()
+        del chunk
+    del probs
+    out_label = from_canonical(canon_label, reo)
+    if full is not None and not reo.is_identity:
+        reoriented = np.empty((n_cls, *volume.shape), dtype=np.float16)
+        for c in range(n_cls):
+            reoriented[c] = from_canonical(replace(canon_label, array=full[c]), reo).array
+        full = reoriented
+    del canon_label
+    seconds["restore"] = time.perf_counter() - t0
+    agreement = None
+    if member_dice is not None:
+        iu = np.triu_indices(len(models), k=1)
+        agreement = float(member_dice[iu].mean())
+    return PredictionResult(label=out_label, classes=classes, probabilities=full, agreement=agreement,
+                            member_dice=member_dice, seconds=seconds)
+
+
+def write_probabilities(result: PredictionResult, path: str | Path) -> Path:
+    """Write `result.probabilities` as a 4D NIfTI (x, y, z, class) on the label's grid, atomically.
+
+    Values are stored as uint8 with scl_slope = 1/255 (readers get probabilities back within
+    1/510); the affine (and, for NIfTI input, the qform/sform codes) are the input's.
+    """
+    import nibabel as nib
+
+    from ctseg.io import NIFTI_SUFFIXES
+
+    path = Path(path)
+    if result.probabilities is None:
+        raise ValueError("the prediction was made without return_probabilities=True")
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise CtsegError("probability maps are written as NIfTI: use a .nii.gz or .nii name", path)
+    probs = result.probabilities
+    quantised = np.empty(probs.shape, dtype=np.uint8)
+    for c in range(probs.shape[0]):
+        quantised[c] = np.rint(probs[c].astype(np.float32) * 255.0)
+    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ result.label.affine_lps
+    img = nib.Nifti1Image(quantised.transpose(3, 2, 1, 0), affine_ras)
+    header = result.label.meta.get("nifti_header")
+    codes = (int(header["qform_code"]), int(header["sform_code"])) if isinstance(header, nib.Nifti1Header) else (1, 1)
+    img.header.set_qform(affine_ras, code=codes[0] or 1)
+    img.header.set_sform(affine_ras, code=codes[1] or 1)
+    img.header.set_xyzt_units("mm")
+    img.header.set_slope_inter(1.0 / 255.0, 0.0)
+    img.header["intent_name"] = b"class probs"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

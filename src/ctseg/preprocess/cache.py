@@ -1,0 +1,384 @@
+"""The preprocessed cache: every case windowed, z-scored and resized once, memory-mappable.
+
+Layout of a cache folder::
+
+    plan.json                 IntensityPlan, preprocess settings, classes, dataset, versions, fingerprint
+    cases/<id>_image.npy      float16 (z, S, S), z-scored (np.load(..., mmap_mode="r"))
+    cases/<id>_label.npy      uint8 (z, S, S) (absent for unlabelled cases)
+    cases/<id>.json           original shape/spacing/thickness/geometry, foreground slices, file checksums
+
+Every file is written under a temporary name and renamed; a case's JSON is written last and
+records the settings fingerprint and the CRC-32 and size of its arrays. `build_cache` skips cases
+that are up to date, rebuilds stale or corrupted ones; `CaseCache.load` refuses stale or corrupted
+files with a message to re-run `ctseg preprocess`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import ctseg
+from ctseg.config import ExperimentConfig, PreprocessConfig, atomic_write_text
+from ctseg.datasets.base import Case
+from ctseg.errors import CtsegError
+from ctseg.preprocess.slices import InPlaneResize, foreground_slices, preprocess_label, preprocess_volume
+from ctseg.preprocess.windowing import IntensityPlan, compute_intensity_plan, draw_subset
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+PLAN_FILE = "plan.json"
+CASES_DIR = "cases"
+# Preprocess settings that only steer sampling at training time, not the cached files.
+_SAMPLING_ONLY = ("num_slices", "exclude_background_slices")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def cache_settings(pp: PreprocessConfig) -> dict:
+    """The preprocess settings a cache depends on, as JSON-normalised data."""
+    return json.loads(json.dumps(pp.model_dump(mode="json", exclude=set(_SAMPLING_ONLY))))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_crc32(path: Path, block: int = 8 * 2**20) -> str:
+    """CRC-32 of a file's bytes, 8 hex digits."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            v = v.tolist() if isinstance(v, np.ndarray) else str(v)
+        out[str(k)] = v
+    return out
+
+
+@dataclass
+class CachedCase:
+    """One cached case: image float16 memmap (z, S, S) z-scored; label uint8 (z, S, S) or None."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    meta: dict
+
+
+class CaseCache:
+    """Read side of a cache folder written by `build_cache`.
+
+    expected: a config (or its preprocess section); if given, the cache must have been built with
+    the same preprocess settings (sampling-only settings excepted), else CtsegError.
+    Each file's checksum is verified on its first load through this object; size, shape and dtype
+    on every load.
+    """
+
+    def __init__(self, root: str | Path, expected: ExperimentConfig | PreprocessConfig | None = None):
+        self.root = Path(root)
+        plan_path = self.root / PLAN_FILE
+        if not plan_path.is_file():
+            raise CtsegError("not a preprocessed cache (no plan.json); run `ctseg preprocess DATASET --out "
+                             f"{self.root}` first", self.root)
+        try:
+            info = json.loads(plan_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CtsegError(f"unreadable ({err}); re-run `ctseg preprocess` to rebuild the cache", plan_path) from None
+        if info.get("format") != CACHE_FORMAT:
+            raise CtsegError(f"cache format {info.get('format')!r}, this ctseg reads {CACHE_FORMAT}; "
+                             "re-run `ctseg preprocess` to rebuild the cache", plan_path)
+        self.info = info
+        self.plan = IntensityPlan.from_dict(info["intensity_plan"], plan_path)
+        self.classes = {int(k): v for k, v in info["classes"].items()}
+        self.fingerprint: str = info["fingerprint"]
+        self.settings: dict = info["preprocess"]
+        self.in_plane_size: int = int(self.settings["in_plane_size"])
+        self._ids: list[str] = list(info["cases"])
+        self._meta: dict[str, dict] = {}
+        self._verified: set[Path] = set()
+        if expected is not None:
+            pp = expected.preprocess if isinstance(expected, ExperimentConfig) else expected
+            wanted = cache_settings(pp)
+            diff = {k: (self.settings.get(k), v) for k, v in wanted.items() if self.settings.get(k) != v}
+            if diff:
+                lines = "; ".join(f"{k}: cache has {a!r}, config wants {b!r}" for k, (a, b) in sorted(diff.items()))
+                raise CtsegError(f"cache was built with other preprocess settings ({lines}); re-run "
+                                 "`ctseg preprocess` with this config or point to a matching cache", self.root)
+
+    def case_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, case_id: str) -> bool:
+        return case_id in self._ids
+
+    def meta(self, case_id: str) -> dict:
+        """The case's JSON record (original shape, spacing, slice_thickness, num_slices, foreground_slices...)."""
+        if case_id in self._meta:
+            return self._meta[case_id]
+        if case_id not in self._ids:
+            raise CtsegError(f"case {case_id!r} is not in this cache", self.root)
+        path = self.root / CASES_DIR / f"{case_id}.json"
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CtsegError("missing; re-run `ctseg preprocess` to rebuild the cache", path) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CtsegError(f"unreadable ({err}); re-run `ctseg preprocess` to rebuild it", path) from None
+        if meta.get("fingerprint") != self.fingerprint:
+            raise CtsegError("built with other settings than this cache's plan.json (stale); re-run "
+                             "`ctseg preprocess` to rebuild it", path)
+        self._meta[case_id] = meta
+        return meta
+
+    def _open(self, record: dict) -> np.ndarray:
+        path = self.root / CASES_DIR / record["name"]
+        if not path.is_file():
+            raise CtsegError("missing; re-run `ctseg preprocess` to rebuild the cache", path)
+        size = path.stat().st_size
+        if size != record["size"]:
+            raise CtsegError(f"corrupted: {size} bytes, expected {record['size']}; re-run `ctseg preprocess` "
+                             "to rebuild it", path)
+        if path not in self._verified:
+            if file_crc32(path) != record["crc32"]:
+                raise CtsegError("corrupted: checksum mismatch; re-run `ctseg preprocess` to rebuild it", path)
+            self._verified.add(path)
+        try:
+            array = np.load(path, mmap_mode="r")
+        except ValueError as err:
+            raise CtsegError(f"corrupted ({err}); re-run `ctseg preprocess` to rebuild it", path) from None
+        if list(array.shape) != record["shape"] or str(array.dtype) != record["dtype"]:
+            raise CtsegError(f"holds {array.dtype} {array.shape}, expected {record['dtype']} {tuple(record['shape'])}; "
+                             "re-run `ctseg preprocess` to rebuild it", path)
+        return array
+
+    def load(self, case_id: str) -> CachedCase:
+        meta = self.meta(case_id)
+        files = meta["files"]
+        label = self._open(files["label"]) if "label" in files else None
+        return CachedCase(case_id, self._open(files["image"]), label, meta)
+
+
+@dataclass
+class BuildReport:
+    """What `build_cache` did: cases built, skipped as up to date, rebuilt after corruption."""
+
+    root: Path
+    plan: IntensityPlan
+    plan_reused: bool
+    built: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def open(self) -> CaseCache:
+        return CaseCache(self.root)
+
+
+def _case_state(cases_dir: Path, case_id: str, fingerprint: str) -> str:
+    """'ok', 'missing', 'stale' (other settings) or 'corrupt' (a file does not match its record)."""
+    meta_path = cases_dir / f"{case_id}.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        return "missing"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "corrupt"
+    if meta.get("fingerprint") != fingerprint:
+        return "stale"
+    for record in meta.get("files", {}).values():
+        path = cases_dir / record["name"]
+        if not path.is_file() or path.stat().st_size != record["size"] or file_crc32(path) != record["crc32"]:
+            return "corrupt"
+    return "ok"
+
+
+def _tmp_name(final: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _write_image(final: Path, volume_hu: np.ndarray, plan: IntensityPlan, size: int, dtype: str) -> None:
+    tmp = _tmp_name(final)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(volume_hu.shape[0], size, size))
+        preprocess_volume(volume_hu, plan, size, out=out)
+        out.flush()
+        del out
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_array(final: Path, array: np.ndarray) -> None:
+    tmp = _tmp_name(final)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _file_record(path: Path, array_shape, dtype) -> dict:
+    return {"name": path.name, "dtype": str(np.dtype(dtype)), "shape": [int(s) for s in array_shape],
+            "size": path.stat().st_size, "crc32": file_crc32(path)}
+
+
+def write_case(case: Case, cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig, fingerprint: str) -> dict:
+    """Preprocess one case into `cases_dir` (image, label, then the JSON record); returns the record."""
+    image = case.image.array
+    z, h, w = image.shape
+    size = pp.in_plane_size
+    if case.label is not None and case.label.array.shape != image.shape:
+        raise CtsegError(f"case {case.case_id}: label shape {case.label.array.shape} != image shape {image.shape}",
+                         case.image.meta.get("path"))
+    image_path = cases_dir / f"{case.case_id}_image.npy"
+    _write_image(image_path, image, plan, size, pp.cache_dtype)
+    files = {"image": _file_record(image_path, (z, size, size), pp.cache_dtype)}
+    fg, present = [], []
+    if case.label is not None:
+        label = preprocess_label(case.label.array, size)
+        label_path = cases_dir / f"{case.case_id}_label.npy"
+        _write_array(label_path, label)
+        files["label"] = _file_record(label_path, label.shape, label.dtype)
+        fg = foreground_slices(label).tolist()
+        present = np.flatnonzero(np.bincount(label.reshape(-1), minlength=1)).tolist()
+    vol = case.image
+    meta = {
+        "case_id": case.case_id,
+        "fingerprint": fingerprint,
+        "original_shape": [z, h, w],
+        "spacing": list(vol.spacing),
+        "origin": list(vol.origin),
+        "direction": vol.direction.flatten().tolist(),
+        "slice_thickness": vol.slice_thickness if vol.slice_thickness is not None
+        else case.metadata.get("slice_thickness"),
+        "num_slices": z,
+        "in_plane": InPlaneResize((h, w), (size, size)).to_dict(),
+        "has_label": case.label is not None,
+        "foreground_slices": fg,
+        "labels_present": present,
+        "files": files,
+        "metadata": _jsonable(case.metadata),
+    }
+    atomic_write_text(cases_dir / f"{case.case_id}.json", json.dumps(meta, indent=1))
+    return meta
+
+
+def _read_plan_json(path: Path) -> dict | None:
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s is unreadable: recomputing the intensity plan", path)
+        return None
+    return info if info.get("format") == CACHE_FORMAT else None
+
+
+def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.random.Generator,
+                train_ids: Sequence[str] | None = None, progress: bool = True, force: bool = False) -> BuildReport:
+    """Preprocess every case of `dataset` into `out_dir` (see module docstring); returns a `BuildReport`.
+
+    The intensity plan comes from `cfg.preprocess.subset_size` cases drawn with `rng` from
+    `train_ids` (default: all cases); it is reused from an existing plan.json when settings and
+    subset are unchanged. Cases already cached with the same fingerprint and intact files are
+    skipped unless `force`; stale and corrupted ones are rebuilt.
+    """
+    t0 = time.perf_counter()
+    pp = cfg.preprocess
+    root = Path(out_dir)
+    cases_dir = root / CASES_DIR
+    dataset_root = getattr(dataset, "root", None)
+    ids = list(dataset.case_ids())
+    if not ids:
+        raise CtsegError("the dataset has no cases", dataset_root)
+    bad = [i for i in ids if not _SAFE_ID.match(i)]
+    if bad:
+        raise CtsegError(f"case ids unusable as file names: {', '.join(bad[:5])}", dataset_root)
+    pool = list(train_ids) if train_ids is not None else ids
+    unknown = sorted(set(pool) - set(ids))
+    if unknown:
+        raise CtsegError(f"training case ids not in the dataset: {', '.join(unknown[:10])}", dataset_root)
+    subset = draw_subset(pool, pp.subset_size, rng)
+    settings = cache_settings(pp)
+    plan_key = _digest({"format": CACHE_FORMAT, "settings": settings, "subset": subset})
+    previous = _read_plan_json(root / PLAN_FILE)
+    cases_dir.mkdir(parents=True, exist_ok=True)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+        if previous is not None and previous.get("plan_key") == plan_key and not force:
+            plan, reused = IntensityPlan.from_dict(previous["intensity_plan"], root / PLAN_FILE), True
+            log.info("intensity plan unchanged (same settings and subset): reusing %s", root / PLAN_FILE)
+        else:
+            task = bar.add_task("intensity statistics", total=len(subset))
+
+            def subset_cases():
+                for case_id in subset:
+                    yield dataset.load(case_id)
+                    bar.advance(task)
+
+            plan, reused = compute_intensity_plan(subset_cases(), pp, rng), False
+        fingerprint = _digest({"format": CACHE_FORMAT, "plan": plan.to_dict(), "in_plane_size": pp.in_plane_size,
+                               "cache_dtype": pp.cache_dtype})
+        report = BuildReport(root, plan, reused)
+        task = bar.add_task("preprocessing", total=len(ids))
+        for case_id in ids:
+            state = "rebuild" if force else _case_state(cases_dir, case_id, fingerprint)
+            if state == "ok":
+                report.skipped.append(case_id)
+            else:
+                if state == "corrupt":
+                    log.warning("cached case %s is corrupted: rebuilding it", case_id)
+                    report.repaired.append(case_id)
+                write_case(dataset.load(case_id), cases_dir, plan, pp, fingerprint)
+                report.built.append(case_id)
+            bar.advance(task)
+
+    info = {
+        "format": CACHE_FORMAT,
+        "fingerprint": fingerprint,
+        "plan_key": plan_key,
+        "intensity_plan": plan.to_dict(),
+        "preprocess": settings,
+        "classes": {str(k): v for k, v in sorted(dataset.classes.items())},
+        "dataset": str(dataset_root) if dataset_root is not None else None,
+        "train_ids": sorted(train_ids) if train_ids is not None else None,
+        "cases": ids,
+        "versions": {"ctseg": ctseg.__version__, "numpy": np.__version__, "torch": torch.__version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(root / PLAN_FILE, json.dumps(info, indent=1))
+    report.seconds = time.perf_counter() - t0
+    return report

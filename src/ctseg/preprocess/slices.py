@@ -1,0 +1,242 @@
+"""Slice sampling and in-plane resizing, shared by the training cache and by inference.
+
+- `sample_slices`: the paper's slice reduction, n random slices (sorted, no repeats, never
+  upsampled in z), background-only slices excluded for training.
+- `resize_in_plane`: (z, H, W) -> (z, S, S); images by area averaging (linear when enlarging),
+  labels by majority vote (per-class area pooling, argmax), chunked along z to bound memory.
+- `preprocess_volume` / `preprocess_label`: the single definition of "network input" used by
+  `ctseg.preprocess.cache` and by `ctseg.predict`.
+- `restore_in_plane` / `InPlaneResize`: back from (C, z, S, S) probabilities to (C, z, H, W).
+
+In-plane geometry: resizing maps pixel centres as torch's `align_corners=False` does, so
+`restore_in_plane` is the geometric inverse of `resize_in_plane` (pixel i of S covers input
+pixels [i * H / S, (i + 1) * H / S)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ctseg.errors import CtsegError
+from ctseg.preprocess.windowing import IntensityPlan, normalize
+
+_CHUNK_BYTES = 64 * 2**20  # working memory per chunk of slices
+
+
+def _size2(size: int | tuple[int, int]) -> tuple[int, int]:
+    h, w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    if h < 1 or w < 1:
+        raise ValueError(f"in-plane size must be positive, got {size}")
+    return int(h), int(w)
+
+
+def _chunk_len(plane_elems: int, channels: int = 1) -> int:
+    return max(1, _CHUNK_BYTES // (4 * plane_elems * max(channels, 1)))
+
+
+def foreground_slices(label_zyx: np.ndarray) -> np.ndarray:
+    """Indices (int64, ascending) of slices that hold at least one voxel with label > 0."""
+    z = label_zyx.shape[0]
+    if z == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.asarray(label_zyx).reshape(z, -1).max(axis=1) > 0).astype(np.int64)
+
+
+def sample_slices(label_zyx: np.ndarray | None, n: int, rng: np.random.Generator,
+                  exclude_background: bool = True, *, num_slices: int | None = None) -> np.ndarray:
+    """n distinct slice indices at random positions, sorted ascending (int64).
+
+    label_zyx: (z, y, x) label map, or None (then `num_slices` gives z and every slice is eligible).
+    exclude_background: only slices with foreground (label > 0) are eligible.
+
+    Fewer than n eligible slices: like an nnU-Net patch, the sample stays n slices whenever the
+    volume has them: all eligible slices are kept and topped up with the background slices closest
+    to them (ties broken at random), i.e. anatomical context next to the organ. A volume with no
+    foreground at all is topped up from random slices. A volume with fewer than n slices returns
+    all its slices (length z < n): slices are never repeated or interpolated (no upsampling in z);
+    the caller pads.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if label_zyx is None:
+        if num_slices is None:
+            raise ValueError("sample_slices needs num_slices when label_zyx is None")
+        z, eligible = int(num_slices), np.arange(int(num_slices), dtype=np.int64)
+    else:
+        z = label_zyx.shape[0]
+        eligible = foreground_slices(label_zyx) if exclude_background else np.arange(z, dtype=np.int64)
+    if eligible.size >= n:
+        return np.sort(rng.choice(eligible, size=n, replace=False))
+    if z <= n:
+        return np.arange(z, dtype=np.int64)
+    others = np.setdiff1d(np.arange(z, dtype=np.int64), eligible)
+    if eligible.size:
+        pos = np.searchsorted(eligible, others)
+        left = eligible[np.clip(pos - 1, 0, eligible.size - 1)]
+        right = eligible[np.clip(pos, 0, eligible.size - 1)]
+        distance = np.minimum(np.abs(others - left), np.abs(others - right))
+    else:
+        distance = np.zeros(others.size, dtype=np.int64)
+    order = np.lexsort((rng.random(others.size), distance))
+    return np.sort(np.concatenate([eligible, others[order[: n - eligible.size]]]))
+
+
+def _resize_image_chunk(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """(N, C, H, W) float -> (N, C, h, w): area mean when shrinking, antialiased bilinear otherwise."""
+    h, w = x.shape[-2:]
+    if (h, w) == out_hw:
+        return x
+    if out_hw[0] <= h and out_hw[1] <= w:
+        return F.interpolate(x, size=out_hw, mode="area")
+    return F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _label_values(chunk: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer array (a few equality scans when the range is small)."""
+    lo, hi = int(chunk.min()), int(chunk.max())
+    if hi - lo < 32:
+        return np.array([v for v in range(lo, hi + 1) if (chunk == v).any()], dtype=chunk.dtype)
+    return np.unique(chunk)
+
+
+def _class_votes(chunk: np.ndarray, value, out_hw: tuple[int, int]) -> np.ndarray:
+    """How many input pixels of each output footprint hold `value`: (n, h, w), float32 fractions or counts.
+
+    Integer factors: block sums in numpy (fast, no float temporaries); otherwise area pooling.
+    """
+    n, h, w = chunk.shape
+    fy, fx = h // out_hw[0], w // out_hw[1]
+    if fy * out_hw[0] == h and fx * out_hw[1] == w:
+        dtype = np.uint8 if fy * fx < 256 else np.uint32
+        return (chunk == value).reshape(n, out_hw[0], fy, out_hw[1], fx).sum(axis=(2, 4), dtype=dtype)
+    mask = torch.from_numpy(chunk == value)[:, None].to(torch.float32)
+    return F.interpolate(mask, size=out_hw, mode="area")[:, 0].numpy()
+
+
+def _resize_label_chunk(chunk: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """(n, H, W) integer labels -> (n, h, w) by majority vote; ties go to the lowest label value."""
+    h, w = chunk.shape[-2:]
+    if (h, w) == out_hw:
+        return chunk.copy()
+    if out_hw[0] > h and out_hw[1] > w:
+        t = torch.from_numpy(np.ascontiguousarray(chunk)).to(torch.float32)[:, None]
+        return F.interpolate(t, size=out_hw, mode="nearest-exact")[:, 0].numpy().astype(chunk.dtype)
+    values = _label_values(chunk)
+    winner = np.full((chunk.shape[0], *out_hw), values[0], dtype=chunk.dtype)
+    if values.size == 1:
+        return winner
+    best = _class_votes(chunk, values[0], out_hw)
+    for value in values[1:]:  # running argmax; strict > keeps the lower value on ties
+        votes = _class_votes(chunk, value, out_hw)
+        more = votes > best
+        best[more] = votes[more]
+        winner[more] = value
+    return winner
+
+
+def resize_in_plane(array_zyx: np.ndarray, size: int | tuple[int, int], is_label: bool) -> np.ndarray:
+    """Resize every slice of (z, H, W) to (z, h, w), chunked along z.
+
+    Image (any real dtype) -> float32: area average when shrinking (exact mean of each output
+    pixel's footprint), antialiased bilinear when enlarging. Label (integer) -> same dtype:
+    majority vote over each output pixel's footprint (per-class block counts or area pooling +
+    running argmax; ties go to the lower label value), nearest when enlarging in both axes.
+    """
+    if array_zyx.ndim != 3:
+        raise ValueError(f"expected (z, y, x), got shape {array_zyx.shape}")
+    out_hw = _size2(size)
+    z, h, w = array_zyx.shape
+    if is_label:
+        if not (np.issubdtype(array_zyx.dtype, np.integer) or array_zyx.dtype == np.bool_):
+            raise CtsegError(f"label maps must hold integers, got dtype {array_zyx.dtype}")
+        out = np.empty((z, *out_hw), dtype=array_zyx.dtype)
+        step = _chunk_len(h * w, 2)  # one class mask (+ its float copy) at a time
+        for z0 in range(0, z, step):
+            out[z0:z0 + step] = _resize_label_chunk(np.asarray(array_zyx[z0:z0 + step]), out_hw)
+        return out
+    out = np.empty((z, *out_hw), dtype=np.float32)
+    step = _chunk_len(h * w)
+    for z0 in range(0, z, step):
+        x = torch.from_numpy(np.asarray(array_zyx[z0:z0 + step], dtype=np.float32))[:, None]
+        out[z0:z0 + step] = _resize_image_chunk(x, out_hw)[:, 0].numpy()
+    return out
+
+
+def preprocess_volume(volume_hu: np.ndarray, plan: IntensityPlan, size: int | tuple[int, int],
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """HU (z, H, W) -> network input (z, S, S) float32: clip + z-score (`normalize`), then area resize.
+
+    Chunked along z; `out` (e.g. a float16 memmap of shape (z, S, S)) receives the result in place.
+    """
+    if volume_hu.ndim != 3:
+        raise ValueError(f"expected (z, y, x), got shape {volume_hu.shape}")
+    out_hw = _size2(size)
+    z, h, w = volume_hu.shape
+    if out is None:
+        out = np.empty((z, *out_hw), dtype=np.float32)
+    elif out.shape != (z, *out_hw):
+        raise ValueError(f"out has shape {out.shape}, expected {(z, *out_hw)}")
+    step = _chunk_len(h * w)
+    for z0 in range(0, z, step):
+        x = torch.from_numpy(normalize(volume_hu[z0:z0 + step], plan))[:, None]
+        out[z0:z0 + step] = _resize_image_chunk(x, out_hw)[:, 0].numpy()
+    return out
+
+
+def preprocess_label(label_zyx: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Label (z, H, W) with values 0..255 -> (z, S, S) uint8 by majority vote."""
+    if not (np.issubdtype(label_zyx.dtype, np.integer) or label_zyx.dtype == np.bool_):
+        rounded = np.rint(label_zyx)
+        if not np.array_equal(rounded, label_zyx):
+            raise CtsegError("label map holds non-integer values")
+        label_zyx = rounded
+    if label_zyx.size and (label_zyx.min() < 0 or label_zyx.max() > 255):
+        raise CtsegError(f"label values must lie in 0..255, found {label_zyx.min()}..{label_zyx.max()}")
+    return resize_in_plane(np.asarray(label_zyx).astype(np.uint8, copy=False), size, is_label=True)
+
+
+@dataclass(frozen=True)
+class InPlaneResize:
+    """Record of an in-plane resize: original (H, W) -> network (h, w); `restore` goes back."""
+
+    original_yx: tuple[int, int]
+    size_yx: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return {"original_yx": list(self.original_yx), "size_yx": list(self.size_yx)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InPlaneResize":
+        return cls(tuple(int(v) for v in d["original_yx"]), tuple(int(v) for v in d["size_yx"]))
+
+    def restore(self, prob_czyx, out_dtype=np.float32):
+        return restore_in_plane(prob_czyx, self.original_yx, out_dtype=out_dtype)
+
+
+def restore_in_plane(prob_czyx, original_yx: tuple[int, int], out_dtype=np.float32):
+    """Probabilities (C, z, h, w) at network resolution -> (C, z, H, W), bilinear, chunked along z.
+
+    numpy in -> numpy out (dtype `out_dtype`, float16 or float32); a torch tensor stays on its device
+    and comes back as a tensor (float16 if out_dtype is float16, else float32). Memory: the output
+    plus one chunk (~64 MiB of float32 working space).
+    """
+    if prob_czyx.ndim != 4:
+        raise ValueError(f"expected (C, z, y, x) probabilities, got shape {tuple(prob_czyx.shape)}")
+    out_hw = _size2(tuple(original_yx))
+    c, z = prob_czyx.shape[:2]
+    step = _chunk_len(out_hw[0] * out_hw[1], c)
+    if isinstance(prob_czyx, torch.Tensor):
+        tdtype = torch.float16 if np.dtype(out_dtype) == np.float16 else torch.float32
+        out_t = torch.empty((c, z, *out_hw), dtype=tdtype, device=prob_czyx.device)
+        for z0 in range(0, z, step):
+            x = prob_czyx[:, z0:z0 + step].to(torch.float32).transpose(0, 1)
+            out_t[:, z0:z0 + step] = _resize_image_chunk(x, out_hw).transpose(0, 1).to(tdtype)
+        return out_t
+    out = np.empty((c, z, *out_hw), dtype=out_dtype)
+    for z0 in range(0, z, step):
+        x = torch.from_numpy(np.asarray(prob_czyx[:, z0:z0 + step], dtype=np.float32)).transpose(0, 1)
+        out[:, z0:z0 + step] = _resize_image_chunk(x, out_hw).transpose(0, 1).numpy()
+    return out

@@ -1,0 +1,1 @@
+"""Training: loss (`losses`), trainer and checkpoints (`trainer`, `checkpoint`), multi-GPU (`distributed`)."""

@@ -1,0 +1,140 @@
+"""Checkpoint files: atomic writes, safe loads, RNG state capture/restore.
+
+Everything saved here is tensors and primitive containers (dict/list/tuple/int/float/str/bool/None), so it
+loads with `torch.load(path, weights_only=True)`: a checkpoint never unpickles arbitrary objects.
+
+Files of a run folder:
+- `model_best.pt`, `model_last.pt`: plain `state_dict` of the network.
+- `checkpoint.pt`: resume state, a dict with `format == CHECKPOINT_FORMAT` (see `save_resume_state`).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctseg.errors import CtsegError
+
+CHECKPOINT_FORMAT = "ctseg.train.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """`torch.save` to a temporary file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_load(path: str | Path, what: str = "checkpoint") -> object:
+    """`torch.load(weights_only=True)` on CPU; any failure becomes a CtsegError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtsegError(f"{what} not found", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CtsegError(f"{what} holds objects other than tensors and plain containers; refusing to load it "
+                         f"({first})", path) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as err:
+        raise CtsegError(f"{what} is corrupt or not a PyTorch file ({type(err).__name__}: {err})", path) from None
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain `state_dict` file (`model_best.pt` / `model_last.pt`), checked to be name -> tensor."""
+    obj = safe_load(path, "model weights")
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CtsegError("expected a state_dict (parameter name -> tensor)", path)
+    return obj
+
+
+def load_resume_state(path: str | Path) -> dict:
+    """`checkpoint.pt` written by `save_resume_state`; CtsegError if it is not ours or not this version."""
+    obj = safe_load(path, "checkpoint")
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise CtsegError("not a ctseg training checkpoint (no ctseg format marker)", path)
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise CtsegError(f"checkpoint version {obj.get('version')!r}, this ctseg reads version "
+                         f"{CHECKPOINT_VERSION}", path)
+    missing = [k for k in ("model", "optimizer", "epoch", "global_step", "config", "rng") if k not in obj]
+    if missing:
+        raise CtsegError(f"checkpoint lacks {', '.join(missing)}", path)
+    return obj
+
+
+def save_resume_state(path: str | Path, state: dict) -> None:
+    """Write `state` (see `Trainer._resume_state`) with the format marker, atomically."""
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
+
+
+# --- RNG states ---------------------------------------------------------------------------------------------
+
+def _numpy_state_to_primitive(state: dict) -> dict:
+    """numpy bit-generator state dict with ndarrays turned into lists (weights_only-loadable)."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out[k] = _numpy_state_to_primitive(v)
+        elif isinstance(v, np.ndarray):
+            out[k] = {"__ndarray__": v.tolist(), "dtype": str(v.dtype)}
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out
+
+
+def _numpy_state_from_primitive(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict) and "__ndarray__" in v:
+            out[k] = np.asarray(v["__ndarray__"], dtype=v["dtype"])
+        elif isinstance(v, dict):
+            out[k] = _numpy_state_from_primitive(v)
+        else:
+            out[k] = v
+    return out
+
+
+def capture_rng_state() -> dict:
+    """States of Python's, NumPy's legacy global, torch CPU and all CUDA RNGs.
+
+    The trainer's own generators are not stored: they are re-created for every step from
+    (seed, rank, epoch, step) (see `ctseg.train.data.step_seed`), so the position in the run fixes them.
+    """
+    return {
+        "python": random.getstate(),
+        "numpy": _numpy_state_to_primitive(np.random.get_state(legacy=False)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict, path: str | Path | None = None) -> None:
+    """Inverse of `capture_rng_state`."""
+    try:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        np.random.set_state(_numpy_state_from_primitive(state["numpy"]))
+        torch.set_rng_state(state["torch"])
+        if torch.cuda.is_available() and state["cuda"]:
+            torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CtsegError(f"checkpoint RNG state unreadable ({type(err).__name__}: {err})", path) from None

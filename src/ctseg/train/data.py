@@ -1,0 +1,235 @@
+"""Training batches from the preprocessed cache, and validation on whole cached volumes.
+
+Algorithm 1 of the paper, one step: draw random training volumes, take 16 random (sorted) foreground slices
+of each, augment, feed the network.
+
+- 2D: ceil(batch_size_2d / 16) volumes -> (B_vol, 1, 16, S, S), augmented with the 2D augmenter (each of
+  the 16 slices an independent image; slice skipping/interpolation act along z), then z is flattened into
+  the batch and `batch_size_2d` of the B_vol*16 slices are kept (a random subset) -> (B, 1, S, S).
+- 3D: `batch_size_3d` volumes x 16 slices -> (B, 1, 16, S, S), 3D augmenter.
+
+Randomness: every step draws from generators made afresh from (seed, rank, epoch, step) (`step_seed`), so the
+data stream is a pure function of the position in the run: the same with 0 or N loader workers, resumable
+after any epoch without storing generator states, and different on every DDP rank.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ctseg.config import ExperimentConfig
+
+FOREGROUND_NAME = "foreground"
+
+
+def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
+    """A 63-bit seed for one training step, well mixed (numpy SeedSequence) from its coordinates."""
+    words = np.random.SeedSequence([seed, rank, epoch, step]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def output_classes(dataset_classes: dict[int, str], target: str) -> dict[int, str]:
+    """Meaning of the network's output channels: the dataset's classes, or background/foreground."""
+    if target == "multiclass":
+        return {int(k): str(v) for k, v in sorted(dataset_classes.items())}
+    background = dataset_classes.get(0, "background")
+    return {0: str(background), 1: FOREGROUND_NAME}
+
+
+def map_label(label: np.ndarray, target: str) -> np.ndarray:
+    """Dataset label values -> training target: unchanged (multiclass) or label > 0 (foreground); int64."""
+    if target == "foreground":
+        return (label > 0).astype(np.int64)
+    return label.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Shape of a training batch: `dim` "2d"|"3d", slices per volume, volumes per step, final batch size."""
+
+    dim: str
+    num_slices: int
+    volumes: int
+    batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> "BatchPlan":
+        n = cfg.preprocess.num_slices
+        if cfg.model.dim == "2d":
+            b = cfg.train.batch_size_2d
+            return cls("2d", n, math.ceil(b / n), b)
+        b = cfg.train.batch_size_3d
+        return cls("3d", n, b, b)
+
+
+def draw_stacks(cache, case_ids: list[str], plan: BatchPlan, target: str, rng: np.random.Generator,
+                exclude_background: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Load `plan.volumes` random volumes x `plan.num_slices` sampled slices (`sample_slices`).
+
+    A volume with fewer slices than `plan.num_slices` is edge-padded along z (its last slice repeated).
+
+    Returns image float32 (V, 1, Z, S, S), label int64 (V, 1, Z, S, S) and, for 2D, the indices (batch_size,)
+    into the flattened V*Z slices that the step keeps (None for 3D).
+    """
+    from ctseg.preprocess.slices import sample_slices
+
+    chosen = rng.choice(len(case_ids), size=plan.volumes, replace=len(case_ids) < plan.volumes)
+    images, labels = [], []
+    for i in chosen:
+        case = cache.load(case_ids[int(i)])
+        idx = np.asarray(sample_slices(case.label, plan.num_slices, rng, exclude_background=exclude_background))
+        if idx.size < plan.num_slices:  # volume shorter than the stack: repeat its last slice (as in validation)
+            idx = np.concatenate([idx, np.full(plan.num_slices - idx.size, idx[-1])])
+        images.append(np.asarray(case.image[idx], dtype=np.float32))
+        labels.append(map_label(np.asarray(case.label[idx]), target))
+    image = torch.from_numpy(np.stack(images)[:, None])
+    label = torch.from_numpy(np.stack(labels)[:, None])
+    keep = None
+    if plan.dim == "2d":
+        keep = torch.from_numpy(np.sort(rng.permutation(plan.volumes * plan.num_slices)[: plan.batch_size]))
+    return image, label, keep
+
+
+def to_network_batch(image: torch.Tensor, label: torch.Tensor, keep: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augmented stacks -> network input and loss target.
+
+    2D: (V,1,Z,S,S) -> image (B,1,S,S), target (B,S,S) with the `keep` slices. 3D: image unchanged,
+    target (V,Z,S,S).
+    """
+    if keep is None:
+        return image, label[:, 0]
+    v, c, z, h, w = image.shape
+    flat_image = image.permute(0, 2, 1, 3, 4).reshape(v * z, c, h, w)
+    flat_label = label.permute(0, 2, 1, 3, 4).reshape(v * z, h, w)
+    keep = keep.to(image.device)
+    return flat_image.index_select(0, keep), flat_label.index_select(0, keep)
+
+
+class TrainStream(IterableDataset):
+    """The batches of global steps `start`..`stop`-1 in order; DataLoader workers split them round-robin.
+
+    Global step g is step g % steps_per_epoch of epoch g // steps_per_epoch. Worker w of W produces
+    steps start+w, start+w+W, ...; PyTorch's loader returns worker outputs round-robin, so the loader yields
+    the steps in order whatever W is, and one loader (persistent workers) serves the whole run.
+    Each item is a dict with `epoch`, `step` (within the epoch), `image`, `label` (network-ready if
+    `augment_here`, else the raw stacks) and `keep` (2D subset indices, raw stacks only, else None).
+    """
+
+    def __init__(self, cache, case_ids: list[str], cfg: ExperimentConfig, *, rank: int, start: int, stop: int,
+                 augment_here: bool, augmenter=None):
+        super().__init__()
+        self.cache = cache
+        self.case_ids = list(case_ids)
+        self.plan = BatchPlan.from_config(cfg)
+        self.target = cfg.model.target
+        self.exclude_background = cfg.preprocess.exclude_background_slices
+        self.seed, self.rank = cfg.seed, rank
+        self.steps_per_epoch = cfg.train.steps_per_epoch
+        self.start, self.stop = start, stop
+        self.augment_here = augment_here
+        self.augmenter = augmenter
+
+    def make_step(self, global_step: int) -> dict:
+        epoch, step = divmod(global_step, self.steps_per_epoch)
+        s = step_seed(self.seed, self.rank, epoch, step)
+        rng = np.random.default_rng(s)
+        image, label, keep = draw_stacks(self.cache, self.case_ids, self.plan, self.target, rng,
+                                         self.exclude_background)
+        item = {"epoch": epoch, "step": step}
+        if not self.augment_here:
+            return {**item, "image": image, "label": label, "keep": keep}
+        if self.augmenter is not None:
+            image, label = self.augmenter(image, label, torch.Generator().manual_seed(s))
+        image, label = to_network_batch(image, label, keep)
+        return {**item, "image": image.contiguous(), "label": label.contiguous(), "keep": None}
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for g in range(self.start + worker, self.stop, workers):
+            yield self.make_step(g)
+
+
+def make_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over a `TrainStream` (items are whole batches: batch_size=None)."""
+    kwargs = {"prefetch_factor": 4} if num_workers > 0 else {}
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+
+def chunk_starts(num_slices: int, chunk: int) -> list[int]:
+    """Start indices of `chunk`-slice windows covering 0..num_slices-1 (last one flush with the end)."""
+    if num_slices <= chunk:
+        return [0]
+    starts = list(range(0, num_slices - chunk + 1, chunk))
+    if starts[-1] + chunk < num_slices:
+        starts.append(num_slices - chunk)
+    return starts
+
+
+@torch.no_grad()
+def predict_cached(model: torch.nn.Module, image: np.ndarray, dim: str, device: torch.device, num_classes: int,
+                   batch_size: int = 28, chunk: int = 16, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Label map (z, S, S) uint8 of a cached, normalised volume at network resolution (argmax of softmax).
+
+    2D: all slices, `batch_size` at a time. 3D: windows of `chunk` slices over z (the last flush with the
+    end; volumes shorter than `chunk` are edge-padded), probabilities averaged where windows overlap.
+    """
+    vol = torch.from_numpy(np.asarray(image, dtype=np.float32))
+    z = vol.shape[0]
+    amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    if dim == "2d":
+        out = []
+        for i in range(0, z, batch_size):
+            x = vol[i:i + batch_size, None].to(device)
+            with amp:
+                logits = model(x)
+            out.append(logits.float().argmax(1).to("cpu", torch.uint8))
+        return torch.cat(out).numpy()
+    if z < chunk:
+        vol = torch.cat([vol, vol[-1:].expand(chunk - z, -1, -1)])
+    probs = torch.zeros((num_classes,) + tuple(vol.shape), dtype=torch.float32)
+    counts = torch.zeros(vol.shape[0], dtype=torch.float32)
+    for s in chunk_starts(vol.shape[0], chunk):
+        x = vol[None, None, s:s + chunk].to(device)
+        with amp:
+            logits = model(x)
+        probs[:, s:s + chunk] += torch.softmax(logits.float(), 1)[0].cpu()
+        counts[s:s + chunk] += 1
+    return (probs / counts[None, :, None, None]).argmax(0)[:z].to(torch.uint8).numpy()
+
+
+def dice_scores(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> dict[int, float]:
+    """Dice 2|P∩T| / (|P| + |T|) per class; 1.0 where the class is absent from both."""
+    out = {}
+    for k in classes:
+        p, t = pred == k, truth == k
+        denom = int(p.sum()) + int(t.sum())
+        out[k] = 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, t).sum()) / denom
+    return out
+
+
+def validate_cases(model: torch.nn.Module, cache, case_ids: list[str], cfg: ExperimentConfig,
+                   device: torch.device, num_classes: int, autocast_dtype: torch.dtype | None = None
+                   ) -> dict[str, dict[int, float]]:
+    """Dice per foreground class of each case in `case_ids` (all slices, network resolution)."""
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for cid in case_ids:
+            case = cache.load(cid)
+            pred = predict_cached(model, case.image, cfg.model.dim, device, num_classes,
+                                  batch_size=cfg.train.batch_size_2d, chunk=cfg.preprocess.num_slices,
+                                  autocast_dtype=autocast_dtype)
+            truth = map_label(np.asarray(case.label), cfg.model.target)
+            results[cid] = dice_scores(pred, truth, list(range(1, num_classes)))
+    finally:
+        model.train(was_training)
+    return results

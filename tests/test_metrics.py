@@ -1,0 +1,94 @@
+import math
+
+import numpy as np
+import pytest
+
+from ctseg.evaluate.metrics import (dice, dice_paper_protocol, dice_per_class, evaluate_volume, fold_mean_std, hd95,
+                                    structures, summarize, surface_dice)
+
+KITS = {0: "background", 1: "kidney", 2: "tumour"}
+
+
+def test_dice_known_masks():
+    a = np.zeros((4, 10, 10), bool)
+    b = np.zeros_like(a)
+    a[:, :5] = True      # 200 voxels
+    b[:, 3:8] = True     # 200 voxels, overlap 2 rows = 80
+    assert dice(a, b) == pytest.approx(2 * 80 / 400)
+    assert dice(a, a) == 1.0
+    assert dice(a, np.zeros_like(a)) == 0.0
+    assert dice(np.zeros_like(a), np.zeros_like(a)) == 1.0  # empty-empty convention
+    # paper formula with probabilities: 2 sum(p y) / (sum p^2 + sum y^2)
+    p = np.array([0.5, 1.0, 0.0])
+    y = np.array([1.0, 1.0, 0.0])
+    assert dice(p, y) == pytest.approx(2 * 1.5 / (1.25 + 2.0))
+    # binary as float equals binary as bool
+    assert dice(a.astype(np.float32), b.astype(np.float32)) == pytest.approx(dice(a, b))
+
+
+def test_dice_per_class_kits_total_is_union():
+    ref = np.zeros((2, 8, 8), np.uint8)
+    ref[:, 1:5, 1:5] = 1
+    ref[:, 2:4, 2:4] = 2
+    pred = ref.copy()
+    pred[pred == 2] = 1  # tumour called kidney
+    d = dice_per_class(pred, ref, KITS)
+    assert set(d) == {"kidney", "tumour", "total"}
+    assert d["total"] == 1.0 and d["tumour"] == 0.0
+    assert d["kidney"] == pytest.approx(2 * 24 / (32 + 24))
+    assert structures({0: "bg", 1: "liver"}) == {"liver": (1,)}
+
+
+def test_paper_protocol_drops_background_slices_and_accepts_probabilities():
+    ref = np.zeros((6, 8, 8), np.uint8)
+    ref[2:4, 2:6, 2:6] = 1
+    pred = ref.copy()
+    pred[5, 0:4, 0:4] = 1  # false positive on a background-only slice: ignored by the paper's protocol
+    assert dice_paper_protocol(pred, ref, {0: "bg", 1: "liver"})["liver"] == 1.0
+    assert dice_per_class(pred, ref, {0: "bg", 1: "liver"})["liver"] < 1.0
+    probs = np.stack([1.0 - ref, ref]).astype(np.float32) * 0.8 + 0.1  # soft: 0.9 / 0.1
+    got = dice_paper_protocol(probs, ref, {0: "bg", 1: "liver"})["liver"]
+    p, y = probs[1, 2:4], ref[2:4].astype(float)
+    assert got == pytest.approx(2 * (p * y).sum() / ((p ** 2).sum() + (y ** 2).sum()), rel=1e-5)
+
+
+def test_hd95_known_shift_and_surface_dice():
+    a = np.zeros((20, 40, 40), bool)
+    a[5:15, 10:30, 10:30] = True
+    b = np.roll(a, 3, axis=2)  # shift 3 voxels along x
+    spacing = (2.0, 1.0, 0.5)
+    assert hd95(a, b, spacing) == pytest.approx(1.5, abs=1e-4)   # 3 voxels x 0.5 mm
+    c = np.roll(a, 2, axis=0)
+    assert hd95(a, c, spacing) == pytest.approx(4.0, abs=1e-4)   # 2 slices x 2 mm
+    assert hd95(a, a, spacing) == 0.0
+    assert hd95(a, np.zeros_like(a), spacing) == math.inf
+    assert hd95(np.zeros_like(a), np.zeros_like(a), spacing) == 0.0
+    assert surface_dice(a, b, spacing, tolerance_mm=2.0) == pytest.approx(1.0)
+    sd = surface_dice(a, b, spacing, tolerance_mm=1.0)
+    assert 0.5 < sd < 1.0
+
+
+def test_evaluate_volume_records_and_summaries():
+    records = []
+    for i in range(6):
+        ref = np.zeros((8, 16, 16), np.uint8)
+        ref[2:6, 4:12, 4:12] = 1
+        ref[3:5, 6:9, 6:9] = 2
+        pred = ref.copy()
+        pred[2:6, 4:12, 4 + i % 3] = 0  # a varying error
+        records += evaluate_volume(pred, ref, KITS, (3.0, 1.0, 1.0), case_id=f"c{i}", fold=i % 2,
+                                   slice_thickness=[1.0, 2.0, 5.0][i % 3], distances=(i == 0))
+    assert len(records) == 18
+    assert {"hd95", "surface_dice"} <= set(records[0]) and "hd95" not in records[3]
+    overall = summarize(records)
+    assert set(overall) == {"kidney", "tumour", "total"} and overall["kidney"]["n"] == 6
+    kid = [r["dice"] for r in records if r["structure"] == "kidney"]
+    assert overall["kidney"]["mean"] == pytest.approx(np.mean(kid))
+    assert overall["kidney"]["std"] == pytest.approx(np.std(kid))
+    by_thick = summarize(records, by="thickness_group")
+    assert set(by_thick) == {"<=1.5mm", "1.5-3mm", ">3mm"}
+    by_fold = summarize(records, by="fold")
+    assert set(by_fold) == {0, 1}
+    fm = fold_mean_std(records)
+    assert fm["kidney"]["n"] == 2
+    assert fm["kidney"]["mean"] == pytest.approx(np.mean([by_fold[0]["kidney"]["mean"], by_fold[1]["kidney"]["mean"]]))

@@ -1,0 +1,333 @@
+"""Whole-volume inference: geometry round trip, sliding windows, ensembles, CLI, memory bound."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ctseg.cli import main as cli_main
+from ctseg.config import ExperimentConfig
+from ctseg.dicom import write_dicom_series
+from ctseg.errors import CtsegError
+from ctseg.io import Volume, read_dicom_series, read_volume, write_volume
+from ctseg.predict import blend_weights, predict_network, predict_volume, window_starts, write_probabilities
+from ctseg.preprocess.windowing import IntensityPlan
+from ctseg.train.trainer import RUN_FORMAT, TrainedModel
+
+KITS = {0: "background", 1: "kidney", 2: "tumour"}
+# x = HU / 100 after z-scoring: thresholds at 100 HU (x = 1) and 300 HU (x = 3)
+PLAN = IntensityPlan(mode="custom", lower=-1000.0, upper=1000.0, mean=0.0, std=100.0)
+
+
+class Threshold(nn.Module):
+    """Known answer: 1x1 conv whose argmax is 0 below 100 HU, 1 in 100..300 HU, 2 above 300 HU."""
+
+    def __init__(self, dim: int, n_out: int = 3, t1: float = 1.0, t2: float = 3.0, a: float = 20.0):
+        super().__init__()
+        self.conv = (nn.Conv2d if dim == 2 else nn.Conv3d)(1, n_out, 1)
+        with torch.no_grad():
+            if n_out == 3:
+                self.conv.weight.copy_(torch.tensor([0.0, a, 2 * a]).view(3, 1, *[1] * dim))
+                self.conv.bias.copy_(torch.tensor([0.0, -a * t1, -a * (t1 + t2)]))
+            else:
+                self.conv.weight.copy_(torch.tensor([0.0, a]).view(2, 1, *[1] * dim))
+                self.conv.bias.copy_(torch.tensor([0.0, -a * t1]))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Constant(nn.Module):
+    """Same logits everywhere (tests the probability arithmetic)."""
+
+    def __init__(self, logits, dim: int):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits, dtype=torch.float32))
+        self.dim = dim
+
+    def forward(self, x):
+        shape = [x.shape[0], len(self.logits), *x.shape[2:]]
+        return self.logits.view(1, -1, *[1] * self.dim).expand(shape).clone()
+
+
+def _member(module, dim="2d", size=32, target="multiclass", plan=PLAN, classes=KITS, run_dir=None):
+    cfg = ExperimentConfig()
+    cfg.model.dim = dim
+    cfg.model.target = target
+    cfg.preprocess.in_plane_size = size
+    out_classes = classes if target == "multiclass" else {0: "background", 1: "foreground"}
+    return TrainedModel(module, cfg, plan, out_classes, target, run_dir, dict(classes))
+
+
+def _phantom_hu(shape, rng):
+    """Air -1000, body 0 HU, a 200 HU 'kidney' and a 500 HU 'tumour' at asymmetric places."""
+    z, y, x = shape
+    hu = np.full(shape, -1000, np.int16)
+    hu[:, 2:y - 2, 3:x - 3] = 0
+    hu[z // 4: 3 * z // 4, y // 5: y // 2, x // 6: x // 2 + 3] = 200
+    hu[z // 3: z // 2 + 1, y // 4: y // 3 + 1, x // 5: x // 3] = 500
+    return hu + rng.integers(-20, 20, shape).astype(np.int16)
+
+
+def _expected(hu):
+    return np.where(hu > 300, 2, np.where(hu > 100, 1, 0)).astype(np.uint8)
+
+
+def test_window_starts_and_weights():
+    for z, win, ov in [(40, 16, 0.5), (16, 16, 0.5), (17, 16, 0.75), (100, 16, 0.0)]:
+        starts = window_starts(z, win, ov)
+        covered = np.zeros(z, int)
+        for s in starts:
+            covered[s:s + win] += 1
+        assert covered.min() >= 1 and starts[-1] + win == z and starts[0] == 0
+    assert window_starts(5, 16, 0.5) == [0]
+    for mode in ("gaussian", "linear"):
+        w = blend_weights(16, mode)
+        assert w.shape == (16,) and w.min() > 0 and np.allclose(w, w[::-1]) and w.argmax() in (7, 8)
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, 1.0, -1.0]),
+                                       np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float)])
+@pytest.mark.parametrize("dim", ["2d", "3d"])
+def test_label_on_input_grid_any_orientation(direction, dim, rng):
+    # in-plane size 32 == the canonical in-plane size, so the known-answer model must be exact
+    hu = _phantom_hu((20, 32, 32), rng)
+    vol = Volume(hu, (2.5, 0.8, 0.7), origin=(-12.0, 30.0, 7.5), direction=direction, slice_thickness=3.0,
+                 meta={"path": "x"})
+    model = _member(Threshold(2 if dim == "2d" else 3), dim=dim, size=32)
+    res = predict_volume(vol, model, device="cpu")
+    assert res.label.same_geometry(vol) and res.label.array.dtype == np.uint8
+    assert res.label.slice_thickness == 3.0
+    np.testing.assert_array_equal(res.label.array, _expected(hu))
+    assert res.classes == KITS and res.agreement is None
+
+
+def test_3d_sliding_window_short_and_long_volumes(rng):
+    for z in (5, 40, 16):
+        hu = _phantom_hu((z, 24, 24), rng)
+        model = _member(Threshold(3), dim="3d", size=24)
+        for blend in ("gaussian", "linear"):
+            res = predict_volume(Volume(hu, (1.0, 1.0, 1.0)), model, device="cpu", overlap=0.5, blend=blend,
+                                 batch_size=3)
+            np.testing.assert_array_equal(res.label.array, _expected(hu))
+    # blended probabilities of a constant model are exactly its softmax (weights normalised)
+    const = _member(Constant([0.0, 1.0, 2.0], 3), dim="3d", size=24)
+    probs, _, _ = predict_network(np.zeros((37, 24, 24), np.float32), const, device="cpu", overlap=0.75)
+    np.testing.assert_allclose(probs[:, :, 3, 3].T, np.tile(torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0), (37, 1)),
+                               rtol=1e-5)
+
+
+def test_single_slice_and_resampled_network_size(rng):
+    hu = _phantom_hu((1, 64, 48), rng)
+    hu[0, 10:40, 10:30] = 500
+    vol = Volume(hu, (5.0, 0.7, 0.7))
+    for dim in ("2d", "3d"):
+        res = predict_volume(vol, _member(Threshold(2 if dim == "2d" else 3), dim=dim, size=16), device="cpu")
+        assert res.label.shape == (1, 64, 48)
+        # at 16 x 16 the network sees a blurred copy: the bright block is found, not voxel-exact
+        inside = res.label.array[0, 14:36, 14:26]
+        assert (inside == 2).mean() > 0.9 and (res.label.array[0, :, 40:] == 0).all()
+
+
+def test_probabilities_and_ensemble_rule(tmp_path, rng):
+    hu = _phantom_hu((6, 24, 24), rng)
+    vol = Volume(hu, (2.0, 1.0, 1.0), origin=(1.0, 2.0, 3.0), direction=np.diag([1.0, -1.0, 1.0]))
+    multi = _member(Constant([0.0, 1.0, 2.0], 2), size=24)
+    fg = _member(Constant([1.0, 0.0], 2), size=24, target="foreground")
+    res = predict_volume(vol, [multi, fg], device="cpu", return_probabilities=True)
+    pa = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0).numpy()
+    pb = torch.softmax(torch.tensor([1.0, 0.0]), 0).numpy()
+    bg = (pa[0] + pb[0]) / 2
+    expected = np.array([bg, *((1 - bg) * pa[1:] / pa[1:].sum())])
+    assert res.probabilities.shape == (3, *vol.shape) and res.probabilities.dtype == np.float16
+    np.testing.assert_allclose(res.probabilities[:, 2, 5, 7], expected, atol=2e-3)
+    np.testing.assert_allclose(res.probabilities.astype(np.float32).sum(axis=0), 1.0, atol=3e-3)
+    assert res.agreement == 0.0  # the multiclass member calls everything tumour, the other background
+    path = write_probabilities(res, tmp_path / "probs.nii.gz")
+    img = nib.load(path)
+    assert img.shape == (24, 24, 6, 3)
+    np.testing.assert_allclose(img.affine, np.diag([-1.0, -1.0, 1.0, 1.0]) @ vol.affine_lps, atol=1e-5)
+    np.testing.assert_allclose(img.get_fdata()[7, 5, 2], expected, atol=3e-3)
+    # only-foreground ensembles give two classes
+    only_fg = predict_volume(vol, [fg, fg], device="cpu")
+    assert only_fg.classes == {0: "background", 1: "foreground"}
+
+
+def test_ensemble_agreement_and_refusals(rng):
+    hu = _phantom_hu((8, 32, 32), rng)
+    vol = Volume(hu, (2.0, 1.0, 1.0))
+    a = _member(Threshold(2), size=32)
+    b = _member(Threshold(2, t1=4.0, t2=6.0), size=32)  # only the 500 HU block is foreground
+    res = predict_volume(vol, [a, b], device="cpu")
+    fa, fb = _expected(hu) > 0, hu > 400
+    assert res.agreement == pytest.approx(2 * (fa & fb).sum() / (fa.sum() + fb.sum()), abs=1e-6)
+    assert res.member_dice.shape == (2, 2)
+    other_plan = IntensityPlan(mode="custom", lower=-500.0, upper=500.0, mean=0.0, std=100.0)
+    with pytest.raises(CtsegError, match="intensity plan"):
+        predict_volume(vol, [a, _member(Threshold(2), size=32, plan=other_plan)], device="cpu")
+    with pytest.raises(CtsegError, match="classes"):
+        predict_volume(vol, [a, _member(Threshold(2, n_out=2), size=32, classes={0: "bg", 1: "liver"})],
+                       device="cpu")
+    with pytest.raises(CtsegError, match="in-plane size"):
+        predict_volume(vol, [a, _member(Threshold(2), size=16)], device="cpu")
+    with pytest.raises(CtsegError, match="outputs 2 channels"):
+        predict_volume(vol, _member(Threshold(2, n_out=2), size=32), device="cpu")
+
+
+def test_dicom_input_flipped_rows_reversed_files(tmp_path, rng):
+    hu = _phantom_hu((10, 32, 32), rng)
+    written = Volume(hu, (2.0, 0.75, 0.75), origin=(50.0, -20.0, 100.0), direction=np.diag([-1.0, 1.0, 1.0]))
+    names = [f"{k:04d}.dcm" for k in range(10)][::-1]
+    write_dicom_series(written, tmp_path / "ser", file_names=names)
+    vol = read_dicom_series(tmp_path / "ser")
+    res = predict_volume(vol, _member(Threshold(2), size=32), device="cpu")
+    assert res.label.same_geometry(vol)
+    np.testing.assert_array_equal(res.label.array, _expected(vol.array))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _write_run_dir(path, dim="2d", size=32, classes=KITS, target="multiclass"):
+    """A model folder as `ctseg train` writes it (run.json + model_best.pt): a real MS-D Net whose final
+    1x1 convolution reads only the input channel, with the `Threshold` weights: a known answer."""
+    from ctseg.config import config_to_dict
+    from ctseg.models import build_model
+
+    cfg = ExperimentConfig()
+    cfg.model.dim, cfg.model.target, cfg.model.arch = dim, target, "msd"
+    cfg.model.msd.depth = 2
+    cfg.preprocess.in_plane_size = size
+    net = build_model(cfg.model, 1, len(classes))
+    known = Threshold(2 if dim == "2d" else 3, n_out=len(classes))
+    with torch.no_grad():
+        net.final.weight.zero_()
+        net.final.weight[:, :1] = known.conv.weight
+        net.final.bias.copy_(known.conv.bias)
+    path.mkdir(parents=True)
+    torch.save(net.state_dict(), path / "model_best.pt")
+    info = {"format": RUN_FORMAT, "status": "finished", "config": config_to_dict(cfg),
+            "intensity_plan": PLAN.to_dict(), "classes": {str(k): v for k, v in classes.items()},
+            "dataset_classes": {str(k): v for k, v in classes.items()}, "target": target,
+            "num_classes": len(classes), "in_channels": 1}
+    (path / "run.json").write_text(json.dumps(info))
+    return path
+
+
+def test_cli_nifti_keeps_affine_and_refuses_bad_input(tmp_path, rng, capsys):
+    hu = _phantom_hu((12, 32, 32), rng).astype(np.int16)
+    # NIfTI stored in an unusual orientation with a scanner qform (code 1) and an aligned sform (code 2)
+    affine = np.array([[0.0, 0.0, -2.0, 40.0], [0.7, 0.0, 0.0, -10.0], [0.0, -0.7, 0.0, 25.0], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)), affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=2)
+    src = tmp_path / "ct.nii.gz"
+    nib.save(img, src)
+    run = _write_run_dir(tmp_path / "run")
+    out, stats = tmp_path / "out" / "seg.nii.gz", tmp_path / "stats.json"
+    rc = cli_main(["predict", "-i", str(src), "-o", str(out), "--model", str(run), "--device", "cpu",
+                   "--stats", str(stats), "--no-progress"])
+    assert rc == 0
+    seg = nib.load(out)
+    assert seg.shape == img.shape and np.allclose(seg.affine, affine)
+    assert int(seg.header["qform_code"]) == 1 and int(seg.header["sform_code"]) == 2
+    assert seg.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(seg.dataobj), _expected(np.asarray(img.dataobj)))
+    report = json.loads(stats.read_text())
+    assert set(report["structures"]) == {"kidney", "tumour", "total"}
+    # existing output without --overwrite
+    assert cli_main(["predict", "-i", str(src), "-o", str(out), "--model", str(run), "--device", "cpu"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # MR-like intensities refused unless --force
+    mr = tmp_path / "mr.nii.gz"
+    write_volume(Volume(np.abs(hu).astype(np.int16) + 5, (2.0, 0.7, 0.7)), mr)
+    assert cli_main(["predict", "-i", str(mr), "-o", str(tmp_path / "mr_seg.nii.gz"), "--model", str(run),
+                     "--device", "cpu", "--no-progress"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert cli_main(["predict", "-i", str(mr), "-o", str(tmp_path / "mr_seg.nii.gz"), "--model", str(run),
+                     "--device", "cpu", "--no-progress", "--force"]) == 0
+    # model folder without weights
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "run.json").write_text((run / "run.json").read_text())
+    assert cli_main(["predict", "-i", str(src), "-o", str(tmp_path / "b.nii.gz"), "--model", str(broken),
+                     "--device", "cpu"]) == 2
+    assert "model_best.pt" in capsys.readouterr().err
+    # dicom-seg needs DICOM input
+    assert cli_main(["predict", "-i", str(src), "-o", str(tmp_path / "s.dcm"), "--model", str(run),
+                     "--output-type", "dicom-seg"]) == 2
+    assert "DICOM folder" in capsys.readouterr().err
+    # output folder cannot be created (its parent is a file)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert cli_main(["predict", "-i", str(src), "-o", str(blocker / "x.nii.gz"), "--model", str(run)]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+
+
+def test_cli_dicom_folder_with_two_series(tmp_path, rng, capsys):
+    hu = _phantom_hu((6, 32, 32), rng)
+    vol = Volume(hu, (2.0, 0.8, 0.8))
+    write_dicom_series(vol, tmp_path / "dcm", file_names=[f"a{k}.dcm" for k in range(6)], series_uid="1.2.3.4")
+    write_dicom_series(vol, tmp_path / "dcm", file_names=[f"b{k}.dcm" for k in range(6)], series_uid="1.2.3.5")
+    run = _write_run_dir(tmp_path / "run")
+    out = tmp_path / "seg.nii.gz"
+    args = ["predict", "-i", str(tmp_path / "dcm"), "-o", str(out), "--model", str(run), "--device", "cpu",
+            "--no-progress"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "1.2.3.4" in err and "1.2.3.5" in err and "--series" in err
+    assert cli_main(args + ["--series", "1.2.3.5", "--probabilities", str(tmp_path / "p.nii.gz")]) == 0
+    seg = read_volume(out)
+    assert seg.same_geometry(read_dicom_series(tmp_path / "dcm", "1.2.3.5"))
+    np.testing.assert_array_equal(seg.array, _expected(hu))
+    assert nib.load(tmp_path / "p.nii.gz").shape == (32, 32, 6, 3)
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys, time
+    import numpy as np, torch
+    from torch import nn
+    torch.set_num_threads(2)
+    from ctseg.config import ExperimentConfig
+    from ctseg.io import Volume
+    from ctseg.predict import predict_volume
+    from ctseg.preprocess.windowing import IntensityPlan
+    from ctseg.train.trainer import TrainedModel
+
+    vol = Volume(np.full((1000, 512, 512), -1000, np.int16), (1.0, 0.8, 0.8), direction=np.diag([1.0, -1.0, 1.0]))
+    vol.array[100:900, 150:350, 100:300] = 200
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cfg = ExperimentConfig()
+    cfg.preprocess.in_plane_size = 128
+    net = nn.Conv2d(1, 3, 1)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([0.0, 20.0, 40.0]).view(3, 1, 1, 1))
+        net.bias.copy_(torch.tensor([0.0, -20.0, -80.0]))
+    plan = IntensityPlan(mode="custom", lower=-1000.0, upper=1000.0, mean=0.0, std=100.0)
+    model = TrainedModel(net, cfg, plan, {0: "bg", 1: "kidney", 2: "tumour"}, "multiclass", None)
+    t = time.perf_counter()
+    res = predict_volume(vol, model, device="cpu")
+    seconds = time.perf_counter() - t
+    ok = res.label.same_geometry(vol) and res.label.array[500, 250, 200] == 1 and res.label.array[50, 250, 200] == 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(base / 2**20, peak / 2**20, seconds, ok)
+""")
+
+
+@pytest.mark.slow
+def test_memory_bounded_on_512x512x1000(tmp_path):
+    """A 512 x 512 x 1000 int16 CT (500 MB) predicts with peak RSS <= 2.0 GiB (input included)."""
+    script = tmp_path / "mem.py"
+    script.write_text(MEMORY_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    base_gib, peak_gib, seconds, ok = out.stdout.split()
+    assert ok == "True"
+    assert float(peak_gib) <= 2.0, f"peak RSS {float(peak_gib):.2f} GiB (input alone {float(base_gib):.2f} GiB)"
