@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import time
@@ -50,22 +51,25 @@ def _batch(shape, device, seed=0):
 
 
 def _time_interleaved(fns: dict, repeats: int, device, block: int = 5) -> dict:
-    """Mean ms per call of each fn: `repeats` rounds, each timing a block of `block` calls of every fn in turn
-    (interleaved, so load from other processes hits all alike); the median over rounds of the block means."""
+    """ms per call of each fn as (wall, cpu): `repeats` rounds, each timing a block of `block` calls of every fn in
+    turn (interleaved, so load from other processes hits all alike); medians over rounds of the block means.
+    cpu is process CPU time (all threads): robust to other processes on a shared machine, unlike wall time."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in fns.values():
         for _ in range(3):
             fn()
     sync()
-    times = {k: [] for k in fns}
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(block):
                 fn()
             sync()
-            times[k].append((time.perf_counter() - t0) / block)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            wall[k].append((time.perf_counter() - t0) / block)
+            cpu[k].append((time.process_time() - c0) / block)
+    return {k: (statistics.median(wall[k]) * 1e3, statistics.median(cpu[k]) * 1e3) for k in fns}
 
 
 def nnunet_2d_anchor():
@@ -129,12 +133,15 @@ def main() -> None:
             for name, _, _, anchor in cases for label in ("forced", "default")]
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {args.threads} threads, CTIA on {device} ({where}); anchors on CPU")
-    print(f"anchor nnU-Net 2D bgv2 (rot/scale + noise, brightness, contrast, gamma), 28 x 128 x 128: {a2:8.2f} ms")
-    print(f"MIA (full nnU-Net default) 2D, 28 x 128 x 128:                               {mia:8.2f} ms")
-    print(f"anchor MIA 3D (nnU-Net dummy-2D pipeline), 1 x 16 x 128 x 128:                 {a3:8.2f} ms")
-    for name, ms, anchor_ms in rows:
-        print(f"{name:40s} {ms:8.3f} ms   anchor {anchor_ms:8.2f} ms   speed-up {anchor_ms / ms:6.1f}x")
+    print(f"torch {torch.__version__}, {args.threads} threads, CTIA on {device} ({where}); anchors on CPU; "
+          f"load average {os.getloadavg()[0]:.1f}; figures: wall ms / CPU ms per batch")
+    print(f"anchor nnU-Net 2D bgv2 (rot/scale + noise, brightness, contrast, gamma), 28 x 128 x 128: "
+          f"{a2[0]:8.2f} / {a2[1]:8.2f}")
+    print(f"MIA (full nnU-Net default) 2D, 28 x 128 x 128:                                 {mia[0]:8.2f} / {mia[1]:8.2f}")
+    print(f"anchor MIA 3D (nnU-Net dummy-2D pipeline), 1 x 16 x 128 x 128:                    {a3[0]:8.2f} / {a3[1]:8.2f}")
+    for name, (w, c), (aw, ac) in rows:
+        print(f"{name:32s} {w:8.3f} / {c:8.3f} ms   anchor {aw:8.2f} / {ac:8.2f} ms   "
+              f"speed-up wall {aw / w:5.1f}x  cpu {ac / c:5.1f}x")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Figure:  `build_cache` on a one-case dataset that np.loads that file: intensity 
 Anchor:  the plain route: np.load + SimpleITK linear resample of the image (nearest for the
          label) to 128 x 128 x 300 + np.save of both, no windowing and no statistics.
 Also:    a re-run of `build_cache` on the finished cache (skip path: checksum verification only).
-Each measurement runs in a fresh subprocess; peak memory = ru_maxrss minus the RSS before loading.
+Each measurement runs in a fresh subprocess; peak memory = VmHWM minus the RSS before loading.
 
     python benchmarks/bench_preprocess.py [--threads 2] [--slices 300]
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,13 +26,13 @@ from pathlib import Path
 import numpy as np
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mib(key: str) -> float:
+    """VmRSS / VmHWM of this process (Linux; unlike ru_maxrss, VmHWM is not inherited across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 class _NpyDataset:
@@ -72,7 +71,7 @@ def child(mode: str, folder: Path, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
     t0 = time.perf_counter()
     if mode in ("ours", "rerun"):
         cfg = ExperimentConfig.model_validate({"preprocess": {"subset_size": 1}})
@@ -93,7 +92,7 @@ def child(mode: str, folder: Path, threads: int) -> dict:
             arr = sitk.GetArrayFromImage(out_img)
             np.save(out / f"{name}.npy", arr.astype(np.float16) if name == "image" else arr)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_mib": _peak_mib() - base}
+    return {"seconds": seconds, "peak_mib": _status_mib("VmHWM") - base}
 
 
 def main() -> None:
@@ -127,10 +126,12 @@ def main() -> None:
         rerun = run("rerun")
     print(f"{platform.machine()} {platform.processor() or ''}, {args.threads} threads; case {args.slices} x 512 x 512 "
           f"phantom {raw} -> {args.slices} x 128 x 128")
-    print(f"anchor  np.load + SimpleITK resample + np.save: {anchor['seconds']:6.2f} s, peak +{anchor['peak_mib']:6.0f} MiB")
+    print(f"anchor  np.load + SimpleITK resample + np.save: {anchor['seconds']:6.2f} s, "
+          f"peak +{anchor['peak_mib']:6.0f} MiB")
     print(f"ctseg   build_cache (plan, window, z-score, area/majority resize, checksums): "
           f"{ours['seconds']:6.2f} s, peak +{ours['peak_mib']:6.0f} MiB   "
-          f"time ratio {ours['seconds'] / anchor['seconds']:.2f}x, memory ratio {ours['peak_mib'] / anchor['peak_mib']:.2f}x")
+          f"time ratio {ours['seconds'] / anchor['seconds']:.2f}x, "
+          f"memory ratio {ours['peak_mib'] / anchor['peak_mib']:.2f}x")
     print(f"ctseg   build_cache re-run (up to date, checksums verified): {rerun['seconds']:6.3f} s")
 
 

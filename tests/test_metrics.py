@@ -92,3 +92,40 @@ def test_evaluate_volume_records_and_summaries():
     fm = fold_mean_std(records)
     assert fm["kidney"]["n"] == 2
     assert fm["kidney"]["mean"] == pytest.approx(np.mean([by_fold[0]["kidney"]["mean"], by_fold[1]["kidney"]["mean"]]))
+
+
+def test_cli_evaluate_folders_with_folds(tmp_path, capsys):
+    import json
+
+    from ctseg.cli import main as cli_main
+    from ctseg.evaluate.folds import load_or_create_folds
+    from ctseg.io import Volume, write_volume
+
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "ref").mkdir()
+    meta = {}
+    for i, thick in enumerate([1.0, 2.0, 4.0, 5.0]):
+        ref = np.zeros((10, 20, 20), np.uint8)
+        ref[2:8, 4:14, 4:14] = 1
+        ref[4:6, 6:9, 6:9] = 2
+        pred = np.roll(ref, i, axis=2)
+        write_volume(Volume(ref, (thick, 1.0, 1.0)), tmp_path / "ref" / f"c{i}.nii.gz")
+        write_volume(Volume(pred, (thick, 1.0, 1.0)), tmp_path / "pred" / f"c{i}.nii.gz")
+        meta[f"c{i}"] = {"num_slices": 10, "slice_thickness": thick}
+    load_or_create_folds(tmp_path / "folds.json", meta, n_folds=2, mode="sorted")
+    out = tmp_path / "metrics.json"
+    assert cli_main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                     "--folds", str(tmp_path / "folds.json"), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    kid = [r for r in data["records"] if r["structure"] == "kidney"]
+    assert [r["dice"] for r in kid][0] == 1.0 and kid[1]["dice"] < 1.0
+    assert kid[1]["hd95"] == pytest.approx(1.0)
+    assert set(data["summary"]["dice"]["by_fold"]) == {"0", "1"}
+    assert set(data["summary"]["dice"]["by_thickness_group"]) == {"<=1.5mm", "1.5-3mm", ">3mm"}
+    assert data["summary"]["dice"]["over_folds"]["total"]["n"] == 2
+    assert "kidney" in capsys.readouterr().out
+    # a missing prediction is named
+    (tmp_path / "pred" / "c3.nii.gz").unlink()
+    assert cli_main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                     "--out", str(out), "--overwrite"]) == 2
+    assert "c3" in capsys.readouterr().err

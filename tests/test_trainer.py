@@ -322,7 +322,7 @@ def test_cli_trains_a_fold_from_a_cache(cache, tmp_path):
             "--aug", "ctia", "--no-progress"]
     argv = base + ["--fold", "1", "--out", str(out)]
     assert cli_main(argv) == 0
-    folds = json.loads((data / "folds.json").read_text())["folds"]
+    folds = json.loads((tmp_path / "folds.json").read_text())["folds"]
     info = json.loads((out / "run.json").read_text())
     assert sorted(info["train_ids"] + info["val_ids"]) == sorted(folds[0])
     assert not set(info["train_ids"] + info["val_ids"]) & set(folds[1])

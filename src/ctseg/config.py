@@ -178,6 +178,7 @@ class TrainConfig(_Section):
 class CVConfig(_Section):
     n_folds: int = Field(5, ge=2)
     fold_mode: Literal["sorted", "random", "stratified"] = "sorted"
+    distances: bool = Field(True, description="HD95 on the full volume of every test case (slow on CPU)")
 
 
 class StackMemberSetConfig(_Section):
@@ -212,6 +213,8 @@ class ExperimentMatrixConfig(_Section):
     augs: list[Literal["mia", "ctia", "none"]] = Field(default_factory=lambda: ["mia", "ctia"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
                              description="one run per seed and combination; more seeds give top_k more candidates")
+    exclude: list[str] = Field(default_factory=list, description="combinations to leave out, as 'arch-dim', "
+                               "e.g. ['unet-3d']")
     stack: bool = True
     thickness_groups_mm: list[float] = Field(default_factory=lambda: [1.5, 3.0], min_length=1,
                                              description="upper edges of the slice-thickness groups in the report")

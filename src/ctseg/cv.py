@@ -142,9 +142,10 @@ def network_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int]
 
 
 def score_volume(identity: RunIdentity | dict, case, cached, probs: np.ndarray, fold: int,
-                 dataset_classes: dict[int, str], target: str, overlay_path: Path | None) -> VolumeResult:
+                 dataset_classes: dict[int, str], target: str, overlay_path: Path | None,
+                 distances: bool = True) -> VolumeResult:
     """Score one test volume. probs: (C, z, S, S) at network resolution; case: the dataset's Case (HU,
-    label on the image grid); cached: its `CachedCase` (network-resolution label)."""
+    label on the image grid); cached: its `CachedCase` (network-resolution label). distances: HD95."""
     from ctseg.evaluate.metrics import dice_paper_protocol, evaluate_volume
     from ctseg.evaluate.plots import save_overlay_slice
 
@@ -156,7 +157,7 @@ def score_volume(identity: RunIdentity | dict, case, cached, probs: np.ndarray, 
         ref_full, ref_net = (ref_full > 0).astype(np.uint8), (ref_net > 0).astype(np.uint8)
     pred = network_label(probs, case.image.shape[1:])
     recs = evaluate_volume(pred, ref_full, classes, case.image.spacing, case_id=case.case_id, fold=fold,
-                           slice_thickness=cached.meta.get("slice_thickness"))
+                           slice_thickness=cached.meta.get("slice_thickness"), distances=distances)
     paper = dice_paper_protocol(np.asarray(probs).argmax(0).astype(np.uint8), ref_net, classes)
     if overlay_path is not None:
         save_overlay_slice(overlay_path, case.image.array, ref_full, pred, case.image.spacing)
@@ -165,12 +166,13 @@ def score_volume(identity: RunIdentity | dict, case, cached, probs: np.ndarray, 
         case_id=case.case_id, fold=fold, model=ident["name"], arch=ident["arch"], dim=ident["dim"], aug=ident["aug"],
         dice={r["structure"]: float(r["dice"]) for r in recs},
         dice_paper={k: float(v) for k, v in paper.items()},
-        hd95={r["structure"]: float(r["hd95"]) for r in recs},
+        hd95={r["structure"]: float(r["hd95"]) for r in recs if "hd95" in r},
         slice_thickness=None if th is None else float(th), num_slices=int(cached.meta["num_slices"]),
         variant=ident["variant"], overlay=str(overlay_path) if overlay_path is not None else None)
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
+    """A rich progress display (elapsed and remaining time) or, when disabled, None."""
     if not enabled:
         return nullcontext(None)
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -217,7 +219,7 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
     dataset, cache, fold_set = prepare_data(cfg, data_dir, cache_dir, folds_file, progress)
     dev = resolve_device(device if device is not None else cfg.train.device)
     records: list[VolumeResult] = []
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         overall = bar.add_task(f"[bold]{ident.name}[/] folds", total=len(wanted)) if bar else None
         for k in wanted:
             fdir = _fold_dir(out, k)
@@ -242,7 +244,7 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
                 probs = probs.cpu().numpy()
                 _save_npy(fdir / "oof" / f"{cid}.npy", probs.astype(np.float16))
                 rec = score_volume(ident, dataset.load(cid), cached, probs, k, cache.classes, trained.target,
-                                   fdir / "overlays" / f"{cid}.npz")
+                                   fdir / "overlays" / f"{cid}.npz", cfg.cv.distances)
                 rec.overlay = os.path.relpath(rec.overlay, out)
                 fold_records.append(rec)
                 if bar:
@@ -356,7 +358,8 @@ def _trained_on(run_dir: Path, k: int) -> frozenset[str]:
 
 
 def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: StackConfig | None = None, *,
-              seed: int = 0, device: str | torch.device | None = None, progress: bool = True) -> list[VolumeResult]:
+              seed: int = 0, distances: bool | None = None, device: str | torch.device | None = None,
+              progress: bool = True) -> list[VolumeResult]:
     """Stacked CNN and plain average of the top-k members per set, evaluated on the members' folds.
 
     For each fold k the meta-model is trained on the out-of-fold maps of the cases of the other folds and
@@ -373,6 +376,7 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
     manifests = [read_cv_manifest(d) for d in cv_dirs]
     first_cfg = parse_config(yaml.safe_load((Path(cv_dirs[0]) / "config.yaml").read_text()), cv_dirs[0])
     stack_cfg = stack_cfg or first_cfg.stack
+    distances = first_cfg.cv.distances if distances is None else distances
     for key in ("data", "cache", "folds_file", "n_folds"):
         values = {str(m[key]) for m in manifests}
         if len(values) != 1:
@@ -406,7 +410,7 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
     loss = TanimotoCELoss()
     records: list[VolumeResult] = []
     steps = stack_cfg.meta_epochs * stack_cfg.steps_per_epoch
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         overall = bar.add_task(f"[bold]stacked ensemble ({aug})[/] folds", total=fold_set.n_folds) if bar else None
         for k in range(fold_set.n_folds):
             fdir = _fold_dir(out, k)
@@ -450,7 +454,7 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
                                         [m.target for m in members], n_classes)
                 for ident, p in ((stacked, p_meta), (averaged, p_avg)):
                     rec = score_volume(ident, case, cached, p, k, cache.classes, "multiclass",
-                                       fdir / "overlays" / ident["name"] / f"{cid}.npz")
+                                       fdir / "overlays" / ident["name"] / f"{cid}.npz", distances)
                     rec.overlay = os.path.relpath(rec.overlay, out)
                     fold_records.append(rec)
                 if bar:

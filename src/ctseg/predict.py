@@ -150,16 +150,17 @@ def _check_channels(logits: torch.Tensor, expected: int, where) -> None:
         raise CtsegError(f"the model outputs {logits.shape[1]} channels but its classes need {expected}", where)
 
 
-def _softmax_2d(module, image: torch.Tensor, batch_size: int, out: torch.Tensor, where) -> None:
+def _softmax_2d(module, image: torch.Tensor, batch_size: int, out: torch.Tensor, where, tick) -> None:
     """image (z, S, S) on device -> softmax into out (K, z, S, S), `batch_size` slices at a time."""
     for z0 in range(0, image.shape[0], batch_size):
         logits = module(image[z0:z0 + batch_size, None])
         _check_channels(logits, out.shape[0], where)
         out[:, z0:z0 + logits.shape[0]] = torch.softmax(logits.float(), dim=1).transpose(0, 1)
+        tick()
 
 
 def _softmax_3d(module, image: torch.Tensor, window: int, overlap: float, blend: str, batch_size: int,
-                out: torch.Tensor, where) -> None:
+                out: torch.Tensor, where, tick) -> None:
     """Sliding-window softmax along z with blending; pads short volumes by edge replication."""
     z = image.shape[0]
     if z < window:
@@ -167,6 +168,7 @@ def _softmax_3d(module, image: torch.Tensor, window: int, overlap: float, blend:
         logits = module(padded[None, None])
         _check_channels(logits, out.shape[0], where)
         out.copy_(torch.softmax(logits.float(), dim=1)[0, :, :z])
+        tick()
         return
     weights = torch.from_numpy(blend_weights(window, blend)).to(image.device)
     wsum = torch.zeros(z, device=image.device)
@@ -180,21 +182,28 @@ def _softmax_3d(module, image: torch.Tensor, window: int, overlap: float, blend:
         for b, s in enumerate(batch):
             out[:, s:s + window] += probs[b] * weights[None, :, None, None]
             wsum[s:s + window] += weights
+        tick()
     out /= wsum[None, :, None, None]
 
 
-def _member_softmax(model, image: torch.Tensor, n_out: int, device: torch.device, batch_size: int | None,
-                    overlap: float, blend: str) -> torch.Tensor:
-    """One member's softmax (n_out, z, S, S) float32 on `device` for the network input (z, S, S)."""
+def _n_batches(model, z: int, batch_size: int | None, overlap: float) -> int:
+    if model.cfg.model.dim == "2d":
+        return -(-z // (batch_size or 32))
+    return -(-len(window_starts(z, int(model.cfg.preprocess.num_slices), overlap)) // (batch_size or 2))
+
+
+def _member_softmax(model, image: torch.Tensor, device: torch.device, batch_size: int | None,
+                    overlap: float, blend: str, tick) -> torch.Tensor:
+    """One member's softmax (K, z, S, S) float32 on `device` for the network input (z, S, S)."""
     module = model.module.to(device).eval()
     where = getattr(model, "run_dir", None)
-    out = torch.empty((n_out, *image.shape), dtype=torch.float32, device=device)
+    out = torch.empty((len(model.classes), *image.shape), dtype=torch.float32, device=device)
     with torch.inference_mode():
         if model.cfg.model.dim == "2d":
-            _softmax_2d(module, image, batch_size or 32, out, where)
+            _softmax_2d(module, image, batch_size or 32, out, where, tick)
         else:
             _softmax_3d(module, image, int(model.cfg.preprocess.num_slices), overlap, blend, batch_size or 2,
-                        out, where)
+                        out, where, tick)
     return out
 
 
@@ -215,44 +224,40 @@ def predict_network(image: np.ndarray | torch.Tensor, models, device: str | torc
     dev = resolve_device(device)
     x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.asarray(image, dtype=np.float32))
     x = x.to(device=dev, dtype=torch.float32)
-    n_fg = len(out_classes) - 1
-    bg_sum = torch.zeros(x.shape, dtype=torch.float32, device=dev)
-    fg_sum = torch.zeros((n_fg, *x.shape), dtype=torch.float32, device=dev) if \
-        any(m.target == "multiclass" for m in models) else None
-    fg_masks = []
-    tracker = _progress(progress, len(models), "inference")
-    for m in models:
-        p = _member_softmax(m, x, len(m.classes), dev, batch_size, overlap, blend)
-        bg_sum += p[0]
-        if m.target == "multiclass" and fg_sum is not None:
-            fg_sum += p[1:]
-        if len(models) > 1:
-            fg_masks.append((p.argmax(dim=0) != 0).cpu().numpy())
-        del p
-        tracker.advance()
-    tracker.close()
-    bg = bg_sum / len(models)
-    del bg_sum
-    probs = torch.empty((n_fg + 1, *x.shape), dtype=torch.float32, device=dev)
-    probs[0] = bg
-    if fg_sum is None:
-        probs[1] = 1.0 - bg
-    else:
-        eps = 1e-6
-        share = (fg_sum + eps) / (fg_sum.sum(dim=0, keepdim=True) + n_fg * eps)
-        probs[1:] = (1.0 - bg)[None] * share
-    member_dice = None
-    if fg_masks:
-        from ctseg.evaluate.metrics import dice
+    total = sum(_n_batches(m, x.shape[0], batch_size, overlap) for m in models)
+    with _Progress(progress, total, f"inference ({len(models)} model{'s' if len(models) > 1 else ''})") as tick:
+        if len(models) == 1:
+            return _member_softmax(models[0], x, dev, batch_size, overlap, blend, tick), out_classes, None
+        n_fg = len(out_classes) - 1
+        bg = torch.zeros(x.shape, dtype=torch.float32, device=dev)
+        fg = torch.zeros((n_fg, *x.shape), dtype=torch.float32, device=dev) if \
+            any(m.target == "multiclass" for m in models) else None
+        fg_masks = []
+        for m in models:
+            p = _member_softmax(m, x, dev, batch_size, overlap, blend, tick)
+            bg += p[0]
+            if m.target == "multiclass":
+                fg += p[1:]
+            fg_masks.append((_argmax_uint8(p) != 0).cpu().numpy())
+            del p
+    bg /= len(models)
+    if fg is None:
+        probs = torch.stack([bg, 1.0 - bg])
+    else:  # split the foreground mass 1 - bg among the classes as the multiclass members do
+        fg += 1e-6
+        fg /= fg.sum(dim=0, keepdim=True)
+        fg *= (1.0 - bg)[None]
+        probs = torch.cat([bg[None], fg])
+    from ctseg.evaluate.metrics import dice
 
-        member_dice = np.ones((len(models), len(models)))
-        for i, j in itertools.combinations(range(len(models)), 2):
-            member_dice[i, j] = member_dice[j, i] = dice(fg_masks[i], fg_masks[j])
+    member_dice = np.ones((len(models), len(models)))
+    for i, j in itertools.combinations(range(len(models)), 2):
+        member_dice[i, j] = member_dice[j, i] = dice(fg_masks[i], fg_masks[j])
     return probs, out_classes, member_dice
 
 
-class _progress:
-    """A rich progress bar when asked for, a no-op otherwise."""
+class _Progress:
+    """Context manager yielding a `tick()` callable: a rich progress bar when enabled, else a no-op."""
 
     def __init__(self, enabled: bool, total: int, what: str):
         self.bar = None
@@ -260,16 +265,27 @@ class _progress:
             from rich.progress import Progress
 
             self.bar = Progress(transient=True)
-            self.bar.start()
             self.task = self.bar.add_task(what, total=total)
 
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task)
+    def __enter__(self):
+        if self.bar is None:
+            return lambda: None
+        self.bar.start()
+        return lambda: self.bar.advance(self.task)
 
-    def close(self) -> None:
+    def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _argmax_uint8(probs: torch.Tensor) -> torch.Tensor:
+    """argmax over dim 0 of (C, ...) as uint8 (ties -> lower class); ~6x faster than `argmax(0)` on CPU."""
+    best = probs[0].clone()
+    label = torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
+    for c in range(1, probs.shape[0]):
+        label.masked_fill_(probs[c] > best, c)
+        torch.maximum(best, probs[c], out=best)
+    return label
 
 
 def predict_volume(volume: Volume, models, device: str | torch.device = "auto", return_probabilities: bool = False,
@@ -310,7 +326,7 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     step = max(1, _CHUNK_BYTES // (4 * n_cls * h * w))
     for z0 in range(0, z, step):
         chunk = restore_in_plane(probs[:, z0:z0 + step], (h, w), out_dtype=np.float32)
-        canon_label.array[z0:z0 + step] = chunk.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        canon_label.array[z0:z0 + step] = _argmax_uint8(chunk).cpu().numpy()
         if full is not None:
             full[:, z0:z0 + step] = chunk.to(torch.float16).cpu().numpy()
         del chunk

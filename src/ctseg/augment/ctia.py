@@ -47,10 +47,11 @@ def sample_noise_sigma(n: int, p: float, sigma_range: tuple[float, float], gener
 
 def add_noise(x: Tensor, sigma: Tensor, generator: torch.Generator) -> Tensor:
     """x (N, V) + sigma[n] * standard-normal map, drawn only for rows with sigma > 0. Returns a new tensor."""
+    sigma = sigma.to(device=x.device, dtype=x.dtype)
     rows = torch.nonzero(sigma > 0).flatten()
     noise = torch.randn((rows.numel(), x.shape[1]), generator=generator_for(x.device, generator),
                         device=x.device, dtype=x.dtype)
-    noise.mul_(sigma[rows, None].to(x.dtype))
+    noise.mul_(sigma[rows, None])
     if rows.numel() == x.shape[0]:
         return noise.add_(x)
     return x.index_add(0, rows, noise)
@@ -318,7 +319,7 @@ class CTIAugmenter(Augmenter):
                                             cfg.slice_interp_p, cfg.slice_interp_min_factor, generator)
         angles = sample_rotation(n, cfg.rotation_p, cfg.rotation_max_deg, generator)
         if self._preset is not None:
-            knots = self._preset
+            knots = self._preset.to(image.device)
         elif cfg.cwvrs_p > 0:
             knots = kmeans_knots(image, cfg.cwvrs_n_clusters)
         else:

@@ -3,8 +3,9 @@
 --data is a raw dataset (preprocessed into --cache, default `<out>/../cache`, reusing what is up to date)
 or a cache folder made by `ctseg preprocess`. The intensity plan of a cache built here comes from a random
 subset of all its cases, as nnU-Net plans once per dataset; for a plan from training cases only, build the
-cache with `ctseg preprocess --train-ids`. With --fold K the folds file `folds.json` beside the cache is
-read (or made, `cfg.cv`): fold K's cases are held out, the rest train. Multi-GPU:
+cache with `ctseg preprocess --train-ids`. With --fold K the folds file `folds.json` beside the cache
+(`<cache>/../folds.json`, as `ctseg cv` lays it out) is read or made (`cfg.cv`): fold K's cases are held out,
+the rest train. Multi-GPU:
 `torchrun --nproc_per_node N -m ctseg train ...`.
 """
 from __future__ import annotations
@@ -72,7 +73,9 @@ def _open_cache(args, cfg: ExperimentConfig, ctx):
         from ctseg.datasets import open_dataset
 
         dataset = open_dataset(args.data, layout=cfg.data.layout)
-        build_cache(dataset, cache_dir, cfg, np.random.default_rng(cfg.seed), progress=not args.no_progress)
+        # the same random streams as `ctseg.cv.prepare_data`, so `ctseg train` and `ctseg cv` share a cache
+        build_cache(dataset, cache_dir, cfg, np.random.default_rng([cfg.seed, 0xCAC4E]),
+                    progress=not args.no_progress)
     D.barrier(ctx)
     return CaseCache(cache_dir, expected=cfg)
 
@@ -87,12 +90,12 @@ def _split(args, cfg: ExperimentConfig, cache, ctx) -> tuple[list[str], list[str
     if args.fold is not None:
         if not 0 <= args.fold < cfg.cv.n_folds:
             raise CtsegError(f"--fold {args.fold} out of range: folds are 0..{cfg.cv.n_folds - 1} (cv.n_folds)")
-        path = cache.root / FOLDS_FILE
+        path = cache.root.parent / FOLDS_FILE
         if ctx.is_main:
             meta = {cid: {k: cache.meta(cid).get(k) for k in ("num_slices", "slice_thickness", "spacing")}
                     for cid in ids}
             folds = load_or_create_folds(path, meta, cfg.cv.n_folds, cfg.cv.fold_mode,
-                                         np.random.default_rng(cfg.seed))
+                                         np.random.default_rng([cfg.seed, 0xF01D]))  # as ctseg.cv
         D.barrier(ctx)
         if not ctx.is_main:
             folds = load_folds(path)

@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 from scipy import ndimage
+from threadpoolctl import threadpool_limits
 
 from ctseg.datasets.base import Case
 from ctseg.errors import CtsegError
@@ -373,7 +374,7 @@ class _Bowel:
         if self.hu_contrast is not None:
             np.copyto(content, _F32(self.hu_contrast), where=f[1] > 0.8)
         blk.paint(win, loop, content, 0)
-        blk.paint(win, loop & (f[0] < self.threshold + 0.35), _F32(self.hu_wall), 0)
+        blk.paint(win, loop & (f[0] < self.threshold + 0.15), _F32(self.hu_wall), 0)
         blk.paint(win, loop & (f[0] > self.threshold + 0.7) & (f[1] < -self.gas), _F32(-1000), 0)
 
 
@@ -469,10 +470,13 @@ class _Spine:
     hu_disc: float
     hu_csf: float
     hu_arch: float
+    field: _Field | None = None   # trabecular texture
+
+    def box(self) -> tuple[float, ...]:
+        return (-70.0, 70.0, self.y - self.ry - 5, self.y + self.ry + 75, -1e4, 1e4)
 
     def __call__(self, blk: _Block) -> None:
-        ext = 70.0
-        win = blk.window((-ext, ext, self.y - self.ry - 5, self.y + self.ry + 75, -1e4, 1e4))
+        win = blk.window(self.box())
         if win is None:
             return
         X, Y, z = blk.coords(win)
@@ -482,8 +486,9 @@ class _Spine:
         shell = 1.8 / min(self.rx, self.ry)
         body = (e < 1)[None]
         endplate = (np.abs(np.abs(rel) - self.height / 2) < 1.5)[:, None, None]
-        value = np.where(in_body[:, None, None], np.where((e > 1 - shell)[None] | endplate, self.hu_cortex,
-                                                          self.hu_body), self.hu_disc).astype(_F32)
+        cancellous = _F32(self.hu_body) + _F32(30) * blk.field(self.field, win)[0]
+        value = np.where(in_body[:, None, None], np.where((e > 1 - shell)[None] | endplate, _F32(self.hu_cortex),
+                                                          cancellous), _F32(self.hu_disc))
         shape = (len(z), *X.shape)
         blk.paint(win, np.broadcast_to(body, shape), np.broadcast_to(value, shape), 0)
         cy = self.y + self.ry + 11.0
@@ -524,9 +529,9 @@ class _Ribs:
                 continue
             win = (slice(k0, k1), sy, sx)
             d = blk.wall_depth[win] + _F32(8.0)                                  # mm from the rib centre line
-            e = ((blk.z[k0:k1, None, None] - zr[None]) / _F32(5.5)) ** 2 + (d / _F32(5.0)) ** 2
+            e = ((blk.z[k0:k1, None, None] - zr[None]) / _F32(5.0)) ** 2 + (d / _F32(3.5)) ** 2
             rib = on[None] & (e < 1)
-            blk.paint(win, rib, np.where(e > 0.45, _F32(self.hu_cortex), _F32(self.hu_marrow)), 0)
+            blk.paint(win, rib, np.where(e > 0.5, _F32(self.hu_cortex), _F32(self.hu_marrow)), 0)
 
 
 @dataclass
@@ -549,8 +554,9 @@ class _Pelvis:
         for side in (-1, 1):
             cx = side * (self.x * (1 - 0.35 * t))
             r = np.hypot((X[None] - cx) / 55, (Y[None] - self.y) / 70)
-            plate = (np.abs(r - 1) < 0.1 + 0.1 * t) & (Y[None] < self.y + 35) & (side * X[None] > side * cx - 25)
-            blk.paint(win, plate, np.where(np.abs(r - 1) > 0.06 + 0.1 * t, _F32(self.hu_cortex),
+            half = 0.07 + 0.05 * t
+            plate = (np.abs(r - 1) < half) & (Y[None] < self.y + 35) & (side * X[None] > side * cx - 25)
+            blk.paint(win, plate, np.where(np.abs(r - 1) > half - 0.03, _F32(self.hu_cortex),
                                            _F32(self.hu_marrow)), 0)
 
 
@@ -677,7 +683,7 @@ def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body,
     painters.append(blob((0.15 * W, yc - 0.25 * D, z_dome_r + 60 * sz), (0.45 * W, 0.5 * D, 65 * sz),
                          _rotation(0.5), hu["heart"], clip="thorax", texture=8))
     contrast = _u(rng, 150, 300) if rng.random() < 0.25 else None
-    painters.append(_Bowel(_Field.draw(rng, lo, hi, np.full(3, 17.0), 2), dia, body_box, _u(rng, -0.1, 0.4),
+    painters.append(_Bowel(_Field.draw(rng, lo, hi, np.full(3, 17.0), 2), dia, body_box, _u(rng, -0.6, 0.1),
                            _u(rng, 40, 70), _u(rng, 5, 35), contrast, _u(rng, 0.2, 0.9)))
     painters.append(blob((0, yc - 0.35 * D, crest - 140 * sz), (50 * s, 40 * s, 40 * sz), np.eye(3),
                          _u(rng, 0, 20), clip="cavity", texture=2))                                  # bladder
@@ -759,8 +765,10 @@ def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body,
                           extent=(xi - 25, xi + 25, yi - 25, yi + 25)))
 
     # bones
-    painters.append(_Spine(y_v, rv, ryv, 36 * sz, 27 * sz, _u(rng, 0, 36), hu["vb"], hu["cortical"],
-                           _u(rng, 70, 100), _u(rng, 5, 25), _u(rng, 400, 700)))
+    spine = _Spine(y_v, rv, ryv, 36 * sz, 27 * sz, _u(rng, 0, 36), hu["vb"], hu["cortical"],
+                   _u(rng, 70, 100), _u(rng, 5, 25), _u(rng, 400, 700))
+    spine.field = _Field.draw(rng, *grid.scanner_box((*spine.box()[:4], *z_all)), np.full(3, 5.0))
+    painters.append(spine)
     z12 = max(k.blob.centre[2] for k in kidneys) + _u(rng, 25, 45) * sz
     ribs = _Ribs([(side, z12 + i * 24 * sz, (100 + 10 * i) * sz, (1.7, 2.0)[i] if i < 2 else 2.6)
                   for side in (-1, 1) for i in range(9)], _u(rng, 200, 350), hu["cortical"])
@@ -825,9 +833,8 @@ def _draw_z(rng: np.random.Generator, task: str, regions: dict, num_slices: int 
     return region, thickness, spacing, n, centre - (n - 1) * spacing / 2
 
 
-def _draw_acquisition(rng: np.random.Generator, task: str, size: str, body: _Body, in_plane: int | None,
-                      num_slices: int | None) -> tuple[Acquisition, float]:
-    """The acquisition of one case at `size`; returns it and the full-size pixel spacing."""
+def _draw_acquisition(rng: np.random.Generator, size: str, body: _Body, in_plane: int | None) -> Acquisition:
+    """The in-plane part of the acquisition and the noise/calibration draws (z is set by `_finish_z`)."""
     pixel_full = float(np.clip(2 * body.a * _u(rng, 1.0, 1.35) / 512, 0.6, 1.0))
     n = in_plane or SIZES[size]
     roll = float(np.clip(rng.normal(0, 4), -10, 10))
@@ -840,20 +847,28 @@ def _draw_acquisition(rng: np.random.Generator, task: str, size: str, body: _Bod
                       streaks=bool(rng.random() < 0.3), storage="int16" if rng.random() < 0.7 else "float32",
                       fov_padding=float(rng.choice([-2048.0, -3024.0])) if rng.random() < 0.15 else None,
                       subsamples=1, psf_sigma_px=round(_u(rng, 0.5, 0.8) * max(0.5, min(1.0, n / 512)), 3))
-    return acq, pixel_full
+    return acq
 
 
 def _finish_z(acq: Acquisition, rng: np.random.Generator, task: str, size: str, regions: dict,
-              num_slices: int | None) -> None:
+              num_slices: int | None, thickness_mm: float | None) -> None:
     region, thickness, spacing, n, z_first = _draw_z(rng, task, regions, None if size == "small" else num_slices)
     acq.noise_sigma = round(float(np.clip(acq.noise_sigma * math.sqrt(2.5 / thickness), 5, 35)), 2)
-    if size == "small":
+    if thickness_mm is not None:
+        # explicit slice thickness: noise follows it (full-size equivalent for small), extent kept
+        equivalent = thickness_mm / (4 if size == "small" else 1)
+        acq.noise_sigma = round(float(np.clip(acq.noise_sigma * math.sqrt(thickness / equivalent), 5, 35)), 2)
+        centre, extent = z_first + (n - 1) * spacing / 2, (n - 1) * spacing
+        thickness = spacing = float(thickness_mm)
+        n = num_slices if num_slices is not None else max(int(extent // spacing) + 1, 2)
+        z_first = centre - (n - 1) * spacing / 2
+    elif size == "small":
         # the full-size geometry coarsened: in-plane x4, along z by up to 4 while keeping >= 16 slices
         factor = float(np.clip((n - 1) / 15, 1, 4))
         extent = (n - 1) * spacing
         thickness, spacing = round(thickness * factor, 3), round(spacing * factor, 3)
         centre = z_first + extent / 2
-        n = num_slices if num_slices is not None else int(extent // spacing) + 1
+        n = num_slices if num_slices is not None else int(round(extent / spacing)) + 1
         z_first = centre - (n - 1) * spacing / 2
     acq.region, acq.slice_thickness, acq.slice_spacing, acq.num_slices = region, thickness, spacing, n
     acq.z_first = round(z_first, 3)
@@ -928,24 +943,20 @@ def _render(anatomy: _Anatomy, acq: Acquisition, grid: _Grid, noise_seed: int, s
     return image, label
 
 
-def generate_case(seed: int | np.random.SeedSequence | np.random.Generator = 0, task: str = "kidney",
-                  size: str = "full", *, in_plane: int | None = None, num_slices: int | None = None,
-                  case_id: str = "phantom", workers: int | None = None) -> Case:
-    """One synthetic abdominal CT case, deterministic per seed.
-
-    task: "kidney" (labels 0 background, 1 kidney, 2 tumour; KiTS19) or "liver" (0/1; CHAOS).
-    size: "full" (512 x 512, ~20..600 slices) or "small" (128 x 128, the same case coarsened: about x4 in
-    every axis, >= 16 slices). in_plane / num_slices override the in-plane size (same field of view) and the
-    slice count (same slice spacing, centred on the drawn region). Image: HU (int16 or float32 as drawn),
-    canonical (z, y, x), direction identity; label uint8 on the same grid.
-    """
+def _check_args(task: str, size: str, in_plane: int | None, num_slices: int | None,
+                thickness: float | None) -> None:
     if task not in CLASSES:
         raise CtsegError(f"unknown phantom task {task!r}; choose one of {list(CLASSES)}")
     if size not in SIZES:
         raise CtsegError(f"unknown phantom size {size!r}; choose one of {list(SIZES)}")
-    if (in_plane is not None and in_plane < 16) or (num_slices is not None and num_slices < 1):
-        raise CtsegError(f"in_plane must be >= 16 and num_slices >= 1 (got {in_plane}, {num_slices})")
-    rng = np.random.default_rng(seed)
+    if (in_plane is not None and in_plane < 16) or (num_slices is not None and num_slices < 1) \
+            or (thickness is not None and not 0.1 <= thickness <= 50):
+        raise CtsegError(f"need in_plane >= 16, num_slices >= 1, 0.1 <= thickness <= 50 mm "
+                         f"(got {in_plane}, {num_slices}, {thickness})")
+
+
+def _draw_case(rng: np.random.Generator, task: str, size: str, in_plane: int | None, num_slices: int | None,
+               thickness: float | None) -> tuple[Acquisition, _Grid, _Anatomy]:
     a, b = _u(rng, 135, 195), _u(rng, 95, 140)
     sz = _u(rng, 0.9, 1.1)
     body = _Body(a=a, b=b, back=b * _u(rng, 0.85, 0.95),
@@ -953,16 +964,44 @@ def generate_case(seed: int | np.random.SeedSequence | np.random.Generator = 0, 
                  fat=_u(rng, 6, 40) * a / 165, fat_profile=_Curve.draw(rng, -700, 700, 60, 7, 0.12),
                  muscle=_u(rng, 7, 13), hu_fat=_u(rng, -120, -80), hu_muscle=_u(rng, 40, 60),
                  hu_visceral=_u(rng, -120, -80))
-    acq, _ = _draw_acquisition(rng, task, size, body, in_plane, num_slices)
+    acq = _draw_acquisition(rng, size, body, in_plane)
     grid = _Grid.make(acq.size, acq.pixel_spacing, (0.0, 0.0), acq.roll_deg, acq.table_shift_mm)
     anatomy = _draw_anatomy(rng, task, grid, body, sz)
-    _finish_z(acq, rng, task, size, anatomy.regions, num_slices)
+    _finish_z(acq, rng, task, size, anatomy.regions, num_slices, thickness)
+    return acq, grid, anatomy
+
+
+def draw_acquisition(seed: int | np.random.SeedSequence | np.random.Generator = 0, task: str = "kidney",
+                     size: str = "full", *, in_plane: int | None = None, num_slices: int | None = None,
+                     thickness: float | None = None) -> Acquisition:
+    """The acquisition `generate_case` would use for these arguments, without rendering the volume."""
+    _check_args(task, size, in_plane, num_slices, thickness)
+    return _draw_case(np.random.default_rng(seed), task, size, in_plane, num_slices, thickness)[0]
+
+
+def generate_case(seed: int | np.random.SeedSequence | np.random.Generator = 0, task: str = "kidney",
+                  size: str = "full", *, in_plane: int | None = None, num_slices: int | None = None,
+                  thickness: float | None = None, case_id: str = "phantom", workers: int | None = None) -> Case:
+    """One synthetic abdominal CT case, deterministic per seed.
+
+    task: "kidney" (labels 0 background, 1 kidney, 2 tumour; KiTS19) or "liver" (0/1; CHAOS).
+    size: "full" (512 x 512, ~20..600 slices) or "small" (128 x 128: the same case coarsened, about x4 in
+    every axis, >= 16 slices). Overrides: in_plane (pixels, same field of view), num_slices (same slice
+    spacing, centred on the drawn region), thickness (mm; slice spacing = thickness). Image: HU (int16 or
+    float32 as drawn), canonical (z, y, x), direction identity; label uint8 on the same grid. metadata:
+    num_slices, spacing, slice_thickness, task, size, acquisition (see `Acquisition`), tumours,
+    label_volumes_ml. workers: threads over slice blocks (default min(2, cores)); the result does not depend on it.
+    """
+    _check_args(task, size, in_plane, num_slices, thickness)
+    rng = np.random.default_rng(seed)
+    acq, grid, anatomy = _draw_case(rng, task, size, in_plane, num_slices, thickness)
     noise_seed = int(rng.integers(2 ** 63))
     streaks = _streak_pattern(rng, grid, anatomy.spine_xy) if acq.streaks else None
     streak_curve = _Curve.draw(rng, -700, 700, 40, 1, 1.0) if acq.streaks else None
     z_table = _u(rng, -600, 0)
     workers = workers or min(2, os.cpu_count() or 1)
-    image, label = _render(anatomy, acq, grid, noise_seed, streaks, streak_curve, workers)
+    with threadpool_limits(1, user_api="blas"):     # the blocks run in parallel; BLAS threads would oversubscribe
+        image, label = _render(anatomy, acq, grid, noise_seed, streaks, streak_curve, workers)
     if acq.storage == "int16":
         image = np.round(image).astype(np.int16)
     spacing = (acq.slice_spacing, acq.pixel_spacing, acq.pixel_spacing)

@@ -108,7 +108,8 @@ def _model_sort_key(r: VolumeResult) -> tuple:
 
 
 def _json_float(v) -> float | None:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    """NaN and ±inf (e.g. HD95 against an empty mask) -> None: strict JSON has no such numbers."""
+    return None if v is None or not math.isfinite(v) else float(v)
 
 
 # ----------------------------------------------------------------------------------------- statistics

@@ -196,9 +196,6 @@ class BuildReport:
     repaired: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
-    def open(self) -> CaseCache:
-        return CaseCache(self.root)
-
 
 def _case_state(cases_dir: Path, case_id: str, fingerprint: str) -> str:
     """'ok', 'missing', 'stale' (other settings) or 'corrupt' (a file does not match its record)."""

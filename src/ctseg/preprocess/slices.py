@@ -3,7 +3,8 @@
 - `sample_slices`: the paper's slice reduction, n random slices (sorted, no repeats, never
   upsampled in z), background-only slices excluded for training.
 - `resize_in_plane`: (z, H, W) -> (z, S, S); images by area averaging (linear when enlarging),
-  labels by majority vote (per-class area pooling, argmax), chunked along z to bound memory.
+  labels by majority vote (per-class counts over each output pixel's footprint), chunked
+  along z to bound memory.
 - `preprocess_volume` / `preprocess_label`: the single definition of "network input" used by
   `ctseg.preprocess.cache` and by `ctseg.predict`.
 - `restore_in_plane` / `InPlaneResize`: back from (C, z, S, S) probabilities to (C, z, H, W).

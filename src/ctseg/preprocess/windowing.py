@@ -188,7 +188,8 @@ def compute_intensity_plan(cases: Iterable[Case], cfg: PreprocessConfig, rng: np
     clipped = np.clip(values, lower, upper).astype(np.float64)
     std = float(clipped.std())
     if std < _MIN_STD:
-        log.warning("foreground intensity std is %.3g after clipping to [%g, %g] HU; using %g", std, lower, upper, _MIN_STD)
+        log.warning("foreground intensity std is %.3g after clipping to [%g, %g] HU; using %g",
+                    std, lower, upper, _MIN_STD)
         std = _MIN_STD
     return IntensityPlan(mode=mode, lower=lower, upper=upper, mean=float(clipped.mean()), std=std,
                          percentiles=percentiles, subset_ids=tuple(ids), n_voxels=int(values.size))

@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 
 IN_CHANNELS = 1
 RUN_FORMAT = "ctseg.run"
-#: Config fields that may change when resuming: they do not change the result of the steps already run.
-RESUME_MAY_DIFFER = ("train.epochs", "train.num_workers", "train.tensorboard")
+#: Config fields that may change when resuming: they do not change the result of the steps already run
+#: (the data themselves are checked by the dataset fingerprint, wherever they live).
+RESUME_MAY_DIFFER = ("train.epochs", "train.num_workers", "train.tensorboard", "data.path")
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -1,0 +1,39 @@
+"""`ctseg experiment --config CFG [--profile P] --data DIR --out DIR`: the paper's whole experiment."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from ctseg.errors import CtsegError
+
+HELP = "run the paper's matrix {U-Net, MS-D} x {2D, 3D} x {MIA, CTIA} x folds + stacking, and write the report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="experiment config, e.g. configs/paper-kits19.yaml")
+    parser.add_argument("--profile", help="named profile of the config to merge over it (e.g. small)")
+    parser.add_argument("--data", type=Path, help="dataset folder (default: the config's data.path)")
+    parser.add_argument("--out", type=Path, required=True, help="experiment folder (an existing one is continued)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's train.device)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctseg.commands.report import summary_table
+    from ctseg.config import load_config
+    from ctseg.evaluate.report import load_results
+    from ctseg.experiment import apply_profile, run_experiment
+
+    cfg = apply_profile(load_config(args.config), args.profile)
+    data = args.data or (Path(cfg.data.path) if cfg.data.path else None)
+    if data is None:
+        raise CtsegError("no dataset: pass --data DIR or set data.path in the config", args.config)
+    console = Console()
+    t0 = time.perf_counter()
+    html = run_experiment(cfg, data, args.out, device=args.device, progress=not args.no_progress)
+    console.print(summary_table(load_results(args.out / "results.json")))
+    console.print(f"finished in {time.perf_counter() - t0:.0f} s; report: [bold]{html}[/]")
+    return 0

@@ -1,0 +1,126 @@
+"""The paper's experiment: {U-Net, MS-D Net} x {2D, 3D} x {MIA, CTIA} cross-validated, plus stacking, one report.
+
+`run_experiment(cfg, data_dir, out_dir)` expands `cfg.experiment` into one configuration per combination
+(and per seed), cross-validates each on the shared cache and folds (`ctseg.cv.run_cv`), adds the runs the
+stack needs that the matrix lacks (e.g. the paper's 3D MS-D Nets on foreground), stacks per augmentation
+(`ctseg.cv.run_stack`) and writes the results and the report. Finished parts are skipped, so a killed
+experiment continues where it stopped. Output folder::
+
+    config.yaml  cache/  folds.json  runs/<run>/  stack/<aug>/
+    results.csv  results.json  results.md  plots/  report/index.html
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from ctseg.config import ExperimentConfig, config_to_dict, parse_config, save_config
+from ctseg.errors import CtsegError
+
+log = logging.getLogger(__name__)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def apply_profile(cfg: ExperimentConfig, profile: str | None) -> ExperimentConfig:
+    """The config with `cfg.experiment.profiles[profile]` merged over it (nested dicts merge, values replace).
+
+    The result no longer lists the profiles: it is the exact configuration that runs.
+    """
+    if not profile:
+        return cfg
+    profiles = cfg.experiment.profiles
+    if profile not in profiles:
+        raise CtsegError(f"unknown profile {profile!r}; this config defines: {', '.join(profiles) or 'none'}")
+    merged = _merge(config_to_dict(cfg), profiles[profile])
+    merged["experiment"]["profiles"] = {}
+    return parse_config(merged, f"profile {profile!r}")
+
+
+def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[ExperimentConfig]]:
+    """(table runs, extra runs only the stack needs): one config per arch x dim x aug x seed."""
+    e = cfg.experiment
+    table, keys = [], set()
+
+    def variant(arch: str, dim: str, aug: str, seed: int, target: str) -> ExperimentConfig:
+        d = config_to_dict(cfg)
+        d["model"].update(arch=arch, dim=dim, target=target)
+        d["augment"]["name"] = aug
+        d["seed"] = seed
+        return parse_config(d)
+
+    for arch in e.archs:
+        for dim in e.dims:
+            if f"{arch}-{dim}" in e.exclude:
+                continue
+            for aug in e.augs:
+                for seed in e.seeds:
+                    table.append(variant(arch, dim, aug, seed, cfg.model.target))
+                    keys.add((arch, dim, cfg.model.target, aug, seed))
+    extra = []
+    if e.stack:
+        for s in cfg.stack.members:
+            for aug in e.augs:
+                for seed in e.seeds:
+                    if (s.arch, s.dim, s.target, aug, seed) not in keys:
+                        extra.append(variant(s.arch, s.dim, aug, seed, s.target))
+                        keys.add((s.arch, s.dim, s.target, aug, seed))
+    return table, extra
+
+
+def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, *, title: str | None = None,
+                   intro: str = "", device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """Run (or continue) the whole experiment; returns the path of `report/index.html`."""
+    from ctseg.cv import RunIdentity, cv_log_csvs, load_cv_records, progress_bar, run_cv, run_stack
+    from ctseg.evaluate.report import display_name, write_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    table, extra = run_configs(cfg)
+    runs = table + extra
+    stack_augs = cfg.experiment.augs if cfg.experiment.stack else []
+    cache_dir, folds_file = out / "cache", out / "folds.json"
+    log.info("experiment %s: %d cross-validations (%d for the table, %d for the stack), %d stacks",
+             cfg.name, len(runs), len(table), len(extra), len(stack_augs))
+    run_dirs: dict[str, Path] = {}
+    with progress_bar(progress) as bar:
+        task = bar.add_task("[bold magenta]experiment[/]", total=len(runs) + len(stack_augs)) if bar else None
+        for rc in runs:
+            ident = RunIdentity.of(rc)
+            run_dirs[ident.name] = out / "runs" / ident.name
+            if bar:
+                bar.update(task, description=f"[bold magenta]experiment[/] · {display_name(ident.arch, ident.dim, ident.aug, ident.variant)}")
+            run_cv(rc, data_dir, run_dirs[ident.name], cache_dir=cache_dir, folds_file=folds_file, device=device,
+                   progress=progress)
+            if bar:
+                bar.advance(task)
+        for aug in stack_augs:
+            members = [run_dirs[RunIdentity.of(rc).name] for rc in runs if rc.augment.name == aug]
+            if bar:
+                bar.update(task, description=f"[bold magenta]experiment[/] · stacked ensemble + {aug.upper()}")
+            run_stack(members, out / "stack" / aug, cfg.stack, seed=cfg.seed, distances=cfg.cv.distances,
+                      device=device, progress=progress)
+            if bar:
+                bar.advance(task)
+    records, curves = [], {}
+    for d in run_dirs.values():  # stack-only members are reported too: the stack is made of them
+        recs = load_cv_records(d, require_all=True)
+        records += recs
+        if recs:
+            curves[recs[0].display] = cv_log_csvs(d)
+    for aug in stack_augs:
+        records += load_cv_records(out / "stack" / aug, require_all=True)
+    if not records:
+        raise CtsegError("the experiment produced no results", out)
+    return write_report(records, out, config=config_to_dict(cfg), log_csvs=curves,
+                        title=title or f"{cfg.name}: CTIA vs MIA, slice-sorted {cfg.cv.n_folds}-fold cross-validation",
+                        thickness_edges_mm=cfg.experiment.thickness_groups_mm, intro=intro)
