@@ -5,8 +5,9 @@ Batches (z-scored float32 image, int64 label):
   2D  the same 28 slices as two 14-slice stacks (2, 1, 14, 128, 128) (z transforms act)
   3D  1 x 1 x 16 x 128 x 128
 Figures (ms per batch: median over rounds of the mean of 5 calls, all candidates interleaved):
-  CTIA forced: every CTIA transform on every image (batch p 1, noise/CWVRS/rotation/random window p 1,
-               each stack either slice skipping or slice interpolation), the honest cost figure;
+  CTIA forced: every CTIA transform of the paper's Table 1 on every image (batch p 1, noise/CWVRS/rotation
+               p 1, each stack either slice skipping or slice interpolation), the honest cost figure;
+  CTIA forced+rw: the same plus the extra random-window transform (off by default);
   CTIA default: the configured probabilities (what training pays on average);
   anchor 2D:   nnU-Net's 2D pipeline in batchgeneratorsv2, per sample: SpatialTransform (rotation p 0.2,
                +-180 deg; scaling p 0.2, 0.7..1.4) + noise p 0.1, brightness p 0.15, contrast p 0.15, gamma p 0.3;
@@ -95,8 +96,9 @@ def main() -> None:
     device = torch.device(args.device)
     cpu = torch.device("cpu")
 
-    forced = CTIAConfig(p_batch_2d=1, p_batch_3d=1, noise_p=1, cwvrs_p=1, rotation_p=1, random_window_p=1,
+    forced = CTIAConfig(p_batch_2d=1, p_batch_3d=1, noise_p=1, cwvrs_p=1, rotation_p=1,
                         slice_skip_p=0.5, slice_interp_p=0.5)
+    forced_extra = forced.model_copy(update={"random_window_p": 1.0})
     default = CTIAConfig()
     gen = torch.Generator(device=device).manual_seed(0)
     cpu_gen = torch.Generator().manual_seed(0)
@@ -121,7 +123,7 @@ def main() -> None:
              ("3D 1x16x128x128", (1, 1, 16, 128, 128), "3d", "anchor3d")]
     for name, shape, dim, _ in cases:
         batch = _batch(shape, device)
-        for label, cfg in (("forced", forced), ("default", default)):
+        for label, cfg in (("forced", forced), ("forced+rw", forced_extra), ("default", default)):
             fns[f"CTIA {label} {name}"] = ctia(cfg, dim, batch)
     if device.type == "cuda":  # anchors are CPU work: time them apart from the GPU figures
         ms = _time_interleaved({k: v for k, v in fns.items() if not k.startswith("CTIA")}, args.repeats, cpu)
@@ -130,7 +132,7 @@ def main() -> None:
         ms = _time_interleaved(fns, args.repeats, device)
     a2, mia, a3 = ms["anchor2d"], ms["mia2d"], ms["anchor3d"]
     rows = [(f"CTIA {label} {name}", ms[f"CTIA {label} {name}"], ms[anchor])
-            for name, _, _, anchor in cases for label in ("forced", "default")]
+            for name, _, _, anchor in cases for label in ("forced", "forced+rw", "default")]
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {args.threads} threads, CTIA on {device} ({where}); anchors on CPU; "

@@ -871,7 +871,7 @@ def _finish_z(acq: Acquisition, rng: np.random.Generator, task: str, size: str, 
         n = num_slices if num_slices is not None else int(round(extent / spacing)) + 1
         z_first = centre - (n - 1) * spacing / 2
     acq.region, acq.slice_thickness, acq.slice_spacing, acq.num_slices = region, thickness, spacing, n
-    acq.z_first = round(z_first, 3)
+    acq.z_first = round(float(z_first), 3)
     acq.subsamples = 1 if thickness < 1.5 else 3 if thickness < 4 else 5
 
 
