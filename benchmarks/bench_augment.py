@@ -16,11 +16,17 @@ Figures (ms per batch: median over rounds of the mean of 5 calls, all candidates
 Anchors run on the CPU always (batchgeneratorsv2 is CPU-only); with --device cuda CTIA runs on the GPU
 (synchronised, after warm-up).
 
-    python benchmarks/bench_augment.py [--threads 2] [--repeats 50] [--device cpu|cuda]
+    python benchmarks/bench_augment.py [--threads 2] [--repeats 20] [--device cpu|cuda] [--malloc-tuned]
+
+--malloc-tuned raises glibc's mmap/trim thresholds (mallopt) for the whole run, anchors included: batched CTIA
+allocates MB-sized tensors, which glibc by default maps and unmaps per call; on a VM every first touch of such
+memory page-faults (seen here: ~2 ms per fresh 2-4 MB tensor under load). bgv2's per-sample tensors (64 kB)
+stay below the threshold. PyTorch recommends jemalloc/tcmalloc for CPU work for the same reason.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import platform
@@ -91,7 +97,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20, help="rounds of 5 calls each")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--malloc-tuned", action="store_true", help="keep freed memory in the heap (glibc mallopt)")
     args = ap.parse_args()
+    if args.malloc_tuned:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cpu = torch.device("cpu")
@@ -136,7 +147,7 @@ def main() -> None:
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {args.threads} threads, CTIA on {device} ({where}); anchors on CPU; "
-          f"load average {os.getloadavg()[0]:.1f}; figures: wall ms / CPU ms per batch")
+          f"load average {os.getloadavg()[0]:.1f}; malloc tuned: {args.malloc_tuned}; figures: wall ms / CPU ms per batch")
     print(f"anchor nnU-Net 2D bgv2 (rot/scale + noise, brightness, contrast, gamma), 28 x 128 x 128: "
           f"{a2[0]:8.2f} / {a2[1]:8.2f}")
     print(f"MIA (full nnU-Net default) 2D, 28 x 128 x 128:                                 {mia[0]:8.2f} / {mia[1]:8.2f}")

@@ -105,6 +105,21 @@ def model_alone(cfg: ExperimentConfig, cache: CaseCache, device: torch.device, s
     return steps / (time.perf_counter() - t0)
 
 
+def loader_side_ms(cfg: ExperimentConfig, cache: CaseCache, device: torch.device, n: int) -> float:
+    """Mean ms per batch of what one loader worker does (load + sample, and CPU augmentation unless the
+    trainer augments on the device, as it does by default on CUDA)."""
+    from ctseg.augment import build_augmenter
+
+    on_device = cfg.train.augment_on == "device" or (cfg.train.augment_on == "auto" and device.type == "cuda")
+    aug = None if on_device else build_augmenter(cfg.augment, cfg.model.dim, intensity_plan=cache.plan)
+    stream = TrainStream(cache, cache.case_ids(), cfg, rank=0, start=0, stop=n, augment_here=not on_device,
+                         augmenter=aug)
+    t0 = time.perf_counter()
+    for _ in stream:
+        pass
+    return (time.perf_counter() - t0) / n * 1000
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny CPU setting: 3-stage U-Net, 8 features, 64 x 64")
@@ -146,6 +161,7 @@ def main() -> None:
             pipe_rates.append(args.steps / result.history[1]["seconds"])
             alone_rates.append(model_alone(cfg, cache, device, args.steps, warmup=max(3, args.steps // 10)))
         pipeline, alone = statistics.median(pipe_rates), statistics.median(alone_rates)
+        data_ms = loader_side_ms(cfg, cache, device, args.steps)
 
     ratio = pipeline / alone
     samples = pipeline * args.batch
@@ -155,12 +171,13 @@ def main() -> None:
           f"aug {args.aug}, amp {args.amp}, workers {args.workers}, {where}")
     print(f"cache: {args.cases} phantom cases in {prep:.1f} s")
     print(f"whole pipeline : {pipeline:8.2f} steps/s ({samples:.0f} slices/s)")
-    print(f"model alone    : {alone:8.2f} steps/s")
+    print(f"model alone    : {alone:8.2f} steps/s ({1000 / alone:.1f} ms/step)")
+    print(f"loader side    : {data_ms:8.1f} ms/batch in one process (what each of {args.workers} workers does)")
     print(f"ratio          : {ratio:8.3f}   (target on GPU >= 0.90; medians of {args.rounds} interleaved rounds)")
     if args.json:
         args.json.write_text(json.dumps({
             "benchmark": "train_pipeline", "pipeline_steps_per_s": pipeline, "model_alone_steps_per_s": alone,
-            "ratio": ratio, "slices_per_s": samples, "device": where, "settings": {
+            "ratio": ratio, "slices_per_s": samples, "loader_ms_per_batch": data_ms, "device": where, "settings": {
                 k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}, indent=1))
 
 

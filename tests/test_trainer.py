@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from ctseg.io import Volume
 from ctseg.preprocess.cache import CaseCache, build_cache
 from ctseg.train.checkpoint import capture_rng_state, load_resume_state, restore_rng_state
 from ctseg.train.data import BatchPlan, TrainStream, chunk_starts, dice_scores, predict_cached
-from ctseg.train.trainer import Trainer, load_trained, split_validation, train_model
+from ctseg.train.trainer import load_trained, split_validation, train_model
 
 SPACING = (2.0, 1.0, 1.0)
 
@@ -264,6 +263,17 @@ def test_resume_after_kill_matches_uninterrupted_run_bitwise(cache, tmp_path):
     assert timeless(a["history"]) == timeless(b["history"])
     rows = list(csv.DictReader((tmp_path / "resumed" / "log.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+
+
+def test_augmenting_in_the_training_loop_equals_augmenting_in_the_loader(cache, tmp_path):
+    """augment_on "device" (the GPU path: raw stacks to the device, augment there) draws the same stream."""
+    runs = {}
+    for where in ("cpu", "device"):
+        cfg = tiny_config(epochs=1, steps_per_epoch=3, augment_on=where)
+        cfg.augment.ctia.rotation_p = 1.0  # make sure the augmentation acts
+        train_model(cfg, cache, ["case00", "case02"], [], tmp_path / where, progress=False)
+        runs[where] = weights(tmp_path / where / "model_last.pt")
+    assert state_dicts_equal(runs["cpu"], runs["device"])
 
 
 def test_resume_refuses_another_config_and_corrupt_checkpoints(cache, tmp_path):

@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLORS = {"mia": "#e08a1e", "ctia": "#2f6fde", "ensemble": "#2e9e5b", "none": "#777777"}
-CLASS_COLORS = ["#00c853", "#ff1744", "#ffd600", "#00b0ff", "#d500f9"]
+CLASS_COLORS = ["#00c853", "#ff1744", "#ffd600", "#00b0ff", "#d500f9"]  # label 1, 2, ...
+CLASS_COLOR_NAMES = ["green", "red", "yellow", "blue", "magenta"]
 DISPLAY_WINDOW_HU = (-160.0, 240.0)
 
 
@@ -84,12 +85,10 @@ def dice_boxplot(records, metric: str, classes: Sequence[str], path: str | Path)
 
 def thickness_boxplot(records, metric: str, cls: str, edges_mm: Sequence[float], path: str | Path) -> Path:
     """Boxes per slice-thickness group (x) and model (colour/offset)."""
-    from ctseg.evaluate.report import models_in_order, thickness_group_of, thickness_labels
+    from ctseg.evaluate.report import models_in_order, present_thickness_groups, thickness_group_of
 
     models = models_in_order(records)
-    groups = thickness_labels(edges_mm)
-    if any(thickness_group_of(r.slice_thickness, edges_mm) == "unknown" for r in records):
-        groups.append("unknown")
+    groups = present_thickness_groups(records, edges_mm)
     n = len(models)
     step = 0.8 / max(n, 1)
     rng = np.random.default_rng(0)

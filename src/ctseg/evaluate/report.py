@@ -207,11 +207,15 @@ def thickness_group_of(thickness: float | None, edges_mm: Sequence[float]) -> st
     return thickness_group(thickness, tuple(sorted(edges_mm)))
 
 
+def present_thickness_groups(records: Sequence[VolumeResult], edges_mm: Sequence[float]) -> list[str]:
+    """Thickness groups holding at least one volume, thinnest first ('unknown' last)."""
+    present = {thickness_group_of(r.slice_thickness, edges_mm) for r in records}
+    return [g for g in [*thickness_labels(edges_mm), "unknown"] if g in present]
+
+
 def thickness_table(records: Sequence[VolumeResult], metric: str, cls: str, edges_mm: Sequence[float]
                     ) -> tuple[list[str], dict[str, dict[str, Stat]]]:
-    labels = thickness_labels(edges_mm)
-    if any(thickness_group_of(r.slice_thickness, edges_mm) == "unknown" for r in records):
-        labels.append("unknown")
+    labels = present_thickness_groups(records, edges_mm)
     groups = _by_model(records)
     table = {m.model: {g: stat(getattr(r, metric).get(cls, math.nan) for r in groups[m.model]
                                if thickness_group_of(r.slice_thickness, edges_mm) == g) for g in labels}
@@ -379,9 +383,10 @@ def build_tables(records: Sequence[VolumeResult], classes: Sequence[str], thickn
                         [[names[m], *(t[m][c].fmt() for c in classes), str(max(s.n for s in t[m].values()))]
                          for m in t]))
     t = summary_table(records, "hd95", classes)
-    secs.append(Section("HD95 (mm), full volume", "95th percentile Hausdorff distance in mm; mean ± std over volumes "
-                        "where both structures are present", ["model", *classes],
-                        [[names[m], *(t[m][c].fmt(2) for c in classes)] for m in t], "min"))
+    if any(st.n for row in t.values() for st in row.values()):
+        secs.append(Section("HD95 (mm), full volume", "95th percentile Hausdorff distance in mm; mean ± std over "
+                            "volumes where both structures are present", ["model", *classes],
+                            [[names[m], *(t[m][c].fmt(2) for c in classes)] for m in t], "min"))
     ratios = std_ratios(records, "dice_paper", classes)
     if ratios:
         secs.append(Section(
@@ -584,8 +589,8 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
             continue
         p = plots.overlay_figure(recs, cls, out, plot_dir / f"overlay_{_safe(model.model)}.png")
         figures.append(("Best, median and worst volume per model",
-                        f"{model.display} — ground truth solid, prediction dashed; axial slice with the most "
-                        "ground-truth foreground", p))
+                        f"{model.display} — ground truth solid, prediction dashed ({_class_colours(classes)}); "
+                        "axial slice with the most ground-truth foreground", p))
     for name, paths in (log_csvs or {}).items():
         existing = [Path(x) for x in paths if Path(x).is_file()]
         if existing:
@@ -598,6 +603,13 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
     atomic_write_text(html_path, page)
     log.info("report written to %s", html_path)
     return html_path
+
+
+def _class_colours(classes: Sequence[str]) -> str:
+    from ctseg.evaluate.plots import CLASS_COLOR_NAMES
+
+    fg = [c for c in classes if c != "total"]
+    return ", ".join(f"{CLASS_COLOR_NAMES[i % len(CLASS_COLOR_NAMES)]}: {c}" for i, c in enumerate(fg))
 
 
 def _safe(name: str) -> str:

@@ -192,8 +192,6 @@ class Trainer:
         self.amp_dtype = _AMP[tc.amp]
         if tc.amp == "fp16" and self.device.type != "cuda":
             raise CtsegError("amp fp16 needs a CUDA device; use bf16 or none on CPU")
-        self._deterministic_before = (torch.are_deterministic_algorithms_enabled(),
-                                      torch.is_deterministic_algorithms_warn_only_enabled())
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         else:
@@ -218,8 +216,8 @@ class Trainer:
         self.best_epoch: int | None = None
         ckpt = self.out_dir / "checkpoint.pt"
         if ckpt.exists() and not self.resume:
-            raise CtsegError("this folder already holds a training run; pass resume to continue it, or choose "
-                             "another output folder", self.out_dir)
+            raise CtsegError("this folder already holds a training run; resume it (--resume) or choose another "
+                             "output folder", self.out_dir)
         if self.resume and ckpt.exists():
             self._load_resume_state(ckpt)
         elif self.resume:
@@ -419,6 +417,8 @@ class Trainer:
                 tb.close()
 
     def fit(self) -> TrainResult:
+        deterministic_before = (torch.are_deterministic_algorithms_enabled(),
+                                torch.is_deterministic_algorithms_warn_only_enabled())
         try:
             self._setup()
             if self.ctx.is_main:
@@ -441,9 +441,8 @@ class Trainer:
                 self._write_run_json("completed")
             self._check_ranks_agree()
         finally:
+            torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
             if hasattr(self, "ctx"):
-                torch.use_deterministic_algorithms(self._deterministic_before[0],
-                                                   warn_only=self._deterministic_before[1])
                 D.shutdown(self.ctx)
         best = math.nan if self.best_metric is None else float(self.best_metric)
         return TrainResult(self.out_dir, best, len(self.history), list(self.history))
