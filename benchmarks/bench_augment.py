@@ -26,7 +26,6 @@ stay below the threshold. PyTorch recommends jemalloc/tcmalloc for CPU work for 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import platform
@@ -44,6 +43,7 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
 from ctseg.augment import CTIAugmenter, MIAugmenter
 from ctseg.config import CTIAConfig, MIAConfig
+from ctseg.runtime import tune_malloc
 
 
 class _Plan:
@@ -100,9 +100,7 @@ def main() -> None:
     ap.add_argument("--malloc-tuned", action="store_true", help="keep freed memory in the heap (glibc mallopt)")
     args = ap.parse_args()
     if args.malloc_tuned:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+        tune_malloc()  # what the ctseg CLI does at start
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cpu = torch.device("cpu")

@@ -172,7 +172,8 @@ def main() -> None:
     print(f"cache: {args.cases} phantom cases in {prep:.1f} s")
     print(f"whole pipeline : {pipeline:8.2f} steps/s ({samples:.0f} slices/s)")
     print(f"model alone    : {alone:8.2f} steps/s ({1000 / alone:.1f} ms/step)")
-    print(f"loader side    : {data_ms:8.1f} ms/batch in one process (what each of {args.workers} workers does)")
+    who = f"each of {args.workers} loader workers" if args.workers else "the main process, serially"
+    print(f"loader side    : {data_ms:8.1f} ms/batch (load + sample + CPU augmentation; done by {who})")
     print(f"ratio          : {ratio:8.3f}   (target on GPU >= 0.90; medians of {args.rounds} interleaved rounds)")
     if args.json:
         args.json.write_text(json.dumps({

@@ -184,6 +184,7 @@ class PhantomDataset(SyntheticDataset):
 def test_tiny_unet_overfits_one_phantom_case(tmp_path):
     cfg = tiny_config(epochs=3, steps_per_epoch=50, lr=5e-3)
     cfg.preprocess.in_plane_size, cfg.preprocess.subset_size = 64, 1
+    cfg.preprocess.exclude_background_slices = False  # see every slice: Dice is scored on all of them
     cfg.augment.name, cfg.model.target = "none", "foreground"
     build_cache(PhantomDataset(), tmp_path / "cache", cfg, np.random.default_rng(0), progress=False)
     cache = CaseCache(tmp_path / "cache")
@@ -195,7 +196,7 @@ def test_tiny_unet_overfits_one_phantom_case(tmp_path):
     case = cache.load("phantom0")
     pred = predict_cached(trained.module, case.image, "2d", torch.device("cpu"), 2)
     truth = (np.asarray(case.label) > 0).astype(np.uint8)
-    assert truth.sum() > 500  # kidney + tumour voxels at 64 x 64
+    assert truth.sum() > 300  # kidney + tumour voxels at 64 x 64
     assert dice_scores(pred, truth, [1])[1] > 0.9
 
 

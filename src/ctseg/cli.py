@@ -21,6 +21,7 @@ from rich.logging import RichHandler
 
 from ctseg import __version__
 from ctseg.errors import CtsegError
+from ctseg.runtime import tune_malloc
 
 console = Console(stderr=True)
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     logging.captureWarnings(True)
+    tune_malloc()
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -84,10 +84,14 @@ def _fold_dir(run_dir: Path, k: int) -> Path:
 
 
 def _comparable(cfg_dict: dict) -> dict:
-    """Config without the parts that do not change a CV run's results (experiment matrix, data path)."""
+    """Config without what does not change a CV run's results: name, experiment matrix, stack, data path,
+    device and logging settings."""
     d = json.loads(json.dumps(cfg_dict))
-    d.pop("experiment", None)
+    for key in ("name", "experiment", "stack"):
+        d.pop(key, None)
     d.get("data", {}).pop("path", None)
+    for key in ("device", "num_workers", "tensorboard"):
+        d.get("train", {}).pop(key, None)
     return d
 
 
@@ -366,8 +370,11 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
     scored on fold k (`fold_<k>/meta_training.json` records exactly which maps it was trained on).
     Writes `stack.json`, per-fold `results.json`, `meta.pt` and overlays into `out_dir`; skips done folds.
     """
+    from ctseg.datasets import open_dataset
+    from ctseg.evaluate.folds import load_folds
     from ctseg.models.stacking import (MemberPrediction, average_members, meta_training_cases, predict_meta,
                                        save_meta_model, select_members, stack_inputs, train_meta_model)
+    from ctseg.preprocess.cache import CaseCache
     from ctseg.train.distributed import resolve_device
     from ctseg.train.losses import TanimotoCELoss
 
@@ -385,10 +392,6 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
     augs = sorted({m.aug for m in members})
     aug = augs[0] if len(augs) == 1 else "+".join(augs)
     base = manifests[0]
-    from ctseg.datasets import open_dataset
-    from ctseg.evaluate.folds import load_folds
-    from ctseg.preprocess.cache import CaseCache
-
     dataset = open_dataset(base["data"], base["layout"])
     cache = CaseCache(base["cache"])
     fold_set = load_folds(base["folds_file"])

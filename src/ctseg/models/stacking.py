@@ -201,7 +201,8 @@ def average_members(maps: Sequence[np.ndarray], targets: Sequence[str], num_clas
     maps: per member (C_m, Z, S, S); targets: 'multiclass' (C_m = K) or 'foreground' (C_m = 2: background,
     foreground). Background probability is the mean over all members; the foreground share is split between
     classes by the mean of the multiclass members (foreground-only members vote on background vs
-    foreground only). With K = 2 every member votes on both classes.
+    foreground only). With K = 2 every member votes on both classes. This is the rule `ctseg.predict` applies
+    to ensembles of models, here on stored out-of-fold maps.
     """
     if not maps:
         raise ValueError("no member maps to average")
