@@ -12,8 +12,8 @@
 Nothing here looks at the reference before the prediction is written: the model and its settings are
 fixed in advance (phantom data only).
 
-Usage: .venv/bin/python scripts/real_ct_liver.py [--out results/real_ct_liver] [--cases 14] [--epochs 6]
-       [--steps 50] [--figure docs/real_ct_liver.png]
+Usage: .venv/bin/python scripts/real_ct_liver.py [--out results/real_ct_liver] [--cases 14] [--epochs 8]
+       [--steps 40] [--figure docs/real_ct_liver.png]
 """
 from __future__ import annotations
 
@@ -58,12 +58,13 @@ CONFIG = {
 def _cli(argv: list[str], check: bool = True) -> tuple[float, int, str]:
     """Run `ctseg argv...` as a subprocess; returns (seconds, exit status, stderr).
 
-    stdout streams through; stderr is echoed and kept (the CLI's error messages go there).
+    stdout streams through; stderr is echoed and kept (the CLI's error messages go there). One torch
+    thread: on a shared 2-core machine two threads were ~5x slower per training step (measured).
     """
     print("$ ctseg " + " ".join(argv), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "ctseg", *argv], stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "COLUMNS": "120"})
+                          env={**os.environ, "COLUMNS": "120", "OMP_NUM_THREADS": "1"})
     seconds = time.perf_counter() - t0
     sys.stderr.write(proc.stderr)
     if check and proc.returncode != 0:
@@ -87,8 +88,8 @@ def geometry_report(pred, image) -> dict:
 def dicom_seg_report(path: Path, n_source: int) -> dict:
     """What the DICOM-SEG says about itself: frames, segments, and whether it references the source series."""
     ds = pydicom.dcmread(path)
-    refs = [item.ReferencedSOPInstanceUID for item in getattr(ds, "ReferencedSeriesSequence", [{}])[0]
-            .get("ReferencedInstanceSequence", [])] if "ReferencedSeriesSequence" in ds else []
+    refs = [item for series in ds.get("ReferencedSeriesSequence", [])
+            for item in series.get("ReferencedInstanceSequence", [])]
     return {"sop_class": str(ds.SOPClassUID.name), "frames": int(ds.NumberOfFrames),
             "segments": [str(s.SegmentLabel) for s in ds.SegmentSequence],
             "rows_cols": [int(ds.Rows), int(ds.Columns)], "referenced_instances": len(refs),
@@ -134,8 +135,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "real_ct_liver")
     parser.add_argument("--cases", type=int, default=14, help="phantom CHAOS cases")
     parser.add_argument("--seed", type=int, default=0, help="phantom dataset seed")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=40, help="steps per epoch")
     parser.add_argument("--figure", type=Path, default=REPO / "docs" / "real_ct_liver.png")
     parser.add_argument("--fresh", action="store_true", help="delete --out first (else reuse data and run)")
     args = parser.parse_args()

@@ -10,7 +10,8 @@ from ctseg.errors import CtsegError
 from ctseg.evaluate.metrics import dice_per_class
 from ctseg.models.stacking import (MemberPrediction, MemberRun, StackingMetaModel, average_members,
                                    check_out_of_fold, load_meta_model, meta_training_cases, predict_meta,
-                                   save_meta_model, select_members, stack_inputs, train_meta_model)
+                                   save_meta_model, select_members, stack_inputs, train_meta_model,
+                                   vote_matrix)
 from ctseg.train.losses import TanimotoCELoss
 
 CLASSES = {0: "background", 1: "kidney", 2: "tumour"}
@@ -118,3 +119,20 @@ def test_meta_model_learns_what_averaging_cannot(tmp_path):
         averaged.append(dice_per_class(a.argmax(0), y, CLASSES)["tumour"])
     assert np.mean(stacked) > 0.9
     assert np.mean(stacked) > np.mean(averaged) + 0.2
+
+
+def test_vote_matrix_starts_the_meta_model_at_the_members_geometric_mean():
+    rng = np.random.default_rng(2)
+    y = _label(rng)
+    multi = _soft(y, 3, rng, noise=0.4).astype(np.float32)
+    fg = np.stack([multi[0], 1 - multi[0]]).astype(np.float16).astype(np.float32)  # as stored
+    w = vote_matrix(["multiclass", "foreground"], 3)
+    assert w.shape == (3, 5)
+    np.testing.assert_allclose(w.sum(1), [1.0, 1.0, 1.0])  # every class hears every member once
+    model = StackingMetaModel(5, 3, hidden=4, init_weight=w)
+    p = predict_meta(model, np.concatenate([multi, fg]).astype(np.float16))
+    log_multi, log_fg = np.log(np.clip(multi, 1e-4, None)), np.log(np.clip(fg, 1e-4, None))
+    geo = (log_multi + np.stack([log_fg[0], log_fg[1], log_fg[1]])) / 2
+    np.testing.assert_array_equal(p.argmax(0), geo.argmax(0))
+    with pytest.raises(ValueError, match="init_weight"):
+        StackingMetaModel(4, 3, init_weight=w)

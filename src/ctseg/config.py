@@ -215,6 +215,8 @@ class ExperimentMatrixConfig(_Section):
                              description="one run per seed and combination; more seeds give top_k more candidates")
     exclude: list[str] = Field(default_factory=list, description="combinations to leave out, as 'arch-dim', "
                                "e.g. ['unet-3d']")
+    overrides: dict[str, dict] = Field(default_factory=dict, description="partial configs merged into the runs of "
+                                       "one 'arch-dim', e.g. {'msd-3d': {'train': {'epochs': 2}}}")
     stack: bool = True
     thickness_groups_mm: list[float] = Field(default_factory=lambda: [1.5, 3.0], min_length=1,
                                              description="upper edges of the slice-thickness groups in the report")

@@ -373,7 +373,8 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
     from ctseg.datasets import open_dataset
     from ctseg.evaluate.folds import load_folds
     from ctseg.models.stacking import (MemberPrediction, average_members, meta_training_cases, predict_meta,
-                                       save_meta_model, select_members, stack_inputs, train_meta_model)
+                                       save_meta_model, select_members, stack_inputs, train_meta_model,
+                                       vote_matrix)
     from ctseg.preprocess.cache import CaseCache
     from ctseg.train.distributed import resolve_device
     from ctseg.train.losses import TanimotoCELoss
@@ -442,7 +443,8 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
             gen = torch.Generator().manual_seed(int(seed) * 1000 + k)
             meta = train_meta_model(inputs, labels, n_classes, loss=loss, steps=steps, batch_size=stack_cfg.batch_size,
                                     lr=stack_cfg.lr, hidden=stack_cfg.hidden,
-                                    foreground_fraction=stack_cfg.foreground_fraction, generator=gen, device=dev,
+                                    foreground_fraction=stack_cfg.foreground_fraction, generator=gen,
+                                    init_weight=vote_matrix([m.target for m in members], n_classes), device=dev,
                                     on_step=(lambda s, v: bar.update(task, advance=1)) if bar else None)
             save_meta_model(meta, fdir / "meta.pt")
             if bar:

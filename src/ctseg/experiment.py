@@ -46,12 +46,17 @@ def apply_profile(cfg: ExperimentConfig, profile: str | None) -> ExperimentConfi
 
 
 def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[ExperimentConfig]]:
-    """(table runs, extra runs only the stack needs): one config per arch x dim x aug x seed."""
+    """(table runs, extra runs only the stack needs): one config per arch x dim x aug x seed, with the
+    matrix's per-'arch-dim' overrides merged in."""
     e = cfg.experiment
     table, keys = [], set()
 
+    unknown = sorted(set(e.overrides) - {f"{a}-{d}" for a in ("unet", "msd") for d in ("2d", "3d")})
+    if unknown:
+        raise CtsegError(f"experiment.overrides keys must be 'arch-dim' (e.g. 'msd-3d'), got {unknown}")
+
     def variant(arch: str, dim: str, aug: str, seed: int, target: str) -> ExperimentConfig:
-        d = config_to_dict(cfg)
+        d = _merge(config_to_dict(cfg), e.overrides.get(f"{arch}-{dim}", {}))
         d["model"].update(arch=arch, dim=dim, target=target)
         d["augment"]["name"] = aug
         d["seed"] = seed

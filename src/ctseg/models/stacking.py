@@ -34,9 +34,11 @@ class StackingMetaModel(nn.Module):
     A 1x1 convolution over the members' log-probabilities (a learned per-voxel weighting, i.e. a weighted
     product of experts) plus a small 3x3 context branch (conv, instance norm, LeakyReLU 1e-2, twice) whose
     last layer starts at zero, so training starts from the pure weighting and adds local context as it helps.
+    init_weight: (K, C_total) starting weights of the 1x1 weighting (see `vote_matrix`); default random.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, hidden: int = 16, eps: float = 1e-4):
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 16, eps: float = 1e-4,
+                 init_weight: np.ndarray | None = None):
         super().__init__()
         if in_channels < 1 or num_classes < 2:
             raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}")
@@ -48,6 +50,12 @@ class StackingMetaModel(nn.Module):
             nn.Conv2d(hidden, num_classes, 1))
         nn.init.zeros_(self.context[-1].weight)
         nn.init.zeros_(self.context[-1].bias)
+        if init_weight is not None:
+            if init_weight.shape != (num_classes, in_channels):
+                raise ValueError(f"init_weight must be ({num_classes}, {in_channels}), got {init_weight.shape}")
+            with torch.no_grad():
+                self.weighting.weight.copy_(torch.as_tensor(init_weight, dtype=torch.float32)[:, :, None, None])
+                self.weighting.bias.zero_()
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         x = torch.log(probs.float().clamp_min(self.eps))
@@ -141,16 +149,38 @@ def stack_inputs(case_id: str, predictions: Mapping[str, Sequence[MemberPredicti
     return np.concatenate([np.asarray(m, dtype=np.float16) for m in maps], axis=0), used
 
 
+def vote_matrix(targets: Sequence[str], num_classes: int) -> np.ndarray:
+    """(K, C_total) weights that make the 1x1 weighting the members' geometric mean (product of experts).
+
+    Members in concatenation order; a 'multiclass' member (K channels) votes on each class with its own
+    channel, a 'foreground' member (2 channels) with channel 0 on background and channel 1 on every
+    foreground class. Each member has weight 1 / number of members.
+    """
+    cols = []
+    for t in targets:
+        if t == "multiclass":
+            cols.append(np.eye(num_classes, dtype=np.float32))
+        elif t == "foreground":
+            block = np.zeros((num_classes, 2), dtype=np.float32)
+            block[0, 0] = 1.0
+            block[1:, 1] = 1.0
+            cols.append(block)
+        else:
+            raise ValueError(f"unknown member target {t!r}")
+    return np.concatenate(cols, axis=1) / len(targets)
+
+
 # ------------------------------------------------------------------------------------------ training
 def train_meta_model(inputs: Sequence[np.ndarray], labels: Sequence[np.ndarray], num_classes: int, *,
                      loss: nn.Module, steps: int, batch_size: int = 16, lr: float = 1e-3, hidden: int = 16,
                      foreground_fraction: float = 0.5, generator: torch.Generator,
-                     device: str | torch.device = "cpu",
+                     init_weight: np.ndarray | None = None, device: str | torch.device = "cpu",
                      on_step: Callable[[int, float], None] | None = None) -> StackingMetaModel:
     """Fit a `StackingMetaModel` on axial slices of the given cases (Adam, `steps` steps).
 
     inputs: per case (C_total, Z, S, S) member probabilities; labels: per case (Z, S, S) integer classes.
     Each batch draws `batch_size` slices; a `foreground_fraction` of them from slices with foreground.
+    init_weight: starting 1x1 weighting (`vote_matrix`: start from the members' geometric mean).
     on_step(step, loss) is called after every step (progress display).
     """
     if len(inputs) != len(labels) or not inputs:
@@ -164,7 +194,7 @@ def train_meta_model(inputs: Sequence[np.ndarray], labels: Sequence[np.ndarray],
     slices = np.array([(i, z) for i, y in enumerate(labels) for z in range(y.shape[0])], dtype=np.int64)
     fg = np.array([(i, z) for i, y in enumerate(labels) for z in np.flatnonzero(y.reshape(y.shape[0], -1).any(1))],
                   dtype=np.int64).reshape(-1, 2)
-    model = StackingMetaModel(channels.pop(), num_classes, hidden=hidden).to(device)
+    model = StackingMetaModel(channels.pop(), num_classes, hidden=hidden, init_weight=init_weight).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for step in range(steps):
