@@ -5,7 +5,8 @@ ImagePositionPatient projected on the slice normal, and the slice spacing comes 
 positions (never from SliceThickness, kept as `Volume.slice_thickness`). Missing slices are
 detected (warning with their positions; filled by linear interpolation so the grid stays
 regular, see `meta["interpolated_slices"]`), gantry tilt is refused, RescaleSlope/Intercept are
-applied per slice, compressed transfer syntaxes are decoded by pydicom's pylibjpeg plugins.
+applied per slice, compressed transfer syntaxes are decoded by pydicom's plugins
+(pylibjpeg-openjpeg for JPEG 2000, GDCM for JPEG lossless / JPEG-LS).
 
 Volume geometry: direction columns are (row direction, column direction, slice normal) from
 ImageOrientationPatient, origin = position of the first slice along the normal.
@@ -97,8 +98,8 @@ def list_dicom_series(folder: str | Path) -> list[SeriesInfo]:
     return sorted(groups.values(), key=lambda s: (s.series_number is None, s.series_number or 0, s.series_uid))
 
 
-def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
-    """Read one series from a folder; with several series, `series_uid` must say which."""
+def choose_dicom_series(folder: str | Path, series_uid: str | None = None) -> SeriesInfo:
+    """The one series of a folder, or the one `series_uid` names; the error lists the candidates."""
     folder = Path(folder)
     series = list_dicom_series(folder)
     if not series:
@@ -106,13 +107,19 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
     listing = "\n".join(f"  {s}" for s in series)
     if series_uid is None:
         if len(series) > 1:
-            raise CtsegError(f"{len(series)} DICOM series found; choose one by SeriesInstanceUID:\n{listing}", folder)
-        chosen = series[0]
-    else:
-        matches = [s for s in series if s.series_uid == series_uid]
-        if not matches:
-            raise CtsegError(f"no series with SeriesInstanceUID {series_uid!r}; found:\n{listing}", folder)
-        chosen = matches[0]
+            raise CtsegError(f"{len(series)} DICOM series found; choose one by SeriesInstanceUID "
+                             f"(ctseg predict: --series UID):\n{listing}", folder)
+        return series[0]
+    matches = [s for s in series if s.series_uid == series_uid]
+    if not matches:
+        raise CtsegError(f"no series with SeriesInstanceUID {series_uid!r}; found:\n{listing}", folder)
+    return matches[0]
+
+
+def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
+    """Read one series from a folder; with several series, `series_uid` must say which."""
+    folder = Path(folder)
+    chosen = choose_dicom_series(folder, series_uid)
     volume = read_dicom_files(chosen.files)
     volume.meta.update(path=str(folder), series_uid=chosen.series_uid)
     return volume
@@ -281,7 +288,7 @@ def write_dicom_series(volume: Volume, folder: str | Path, *, file_names: Sequen
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
         ds.StudyInstanceUID, ds.FrameOfReferenceUID = study, frame
         ds.SeriesInstanceUID = generate_uid() if uid_per_file else series
-        ds.Modality, ds.PatientID, ds.PatientName = "CT", patient_id, patient_id
+        ds.Modality, ds.PatientID, ds.PatientName = "CT", patient_id, f"{patient_id}^"
         ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = series_description, 1, k + 1
         ds.ImageOrientationPatient = [DSfloat(v, auto_format=True) for v in (*d[:, 0], *d[:, 1])]
         position = origin + k * volume.spacing[0] * d[:, 2]

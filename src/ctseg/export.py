@@ -48,24 +48,12 @@ _COLOURS = [(220, 60, 60), (60, 160, 230), (250, 200, 40), (90, 200, 90), (180, 
 
 def source_series(folder: str | Path, series_uid: str | None = None) -> list[Dataset]:
     """The headers of the chosen series' instances (CtsegError for none / several without a choice)."""
-    from ctseg.io import list_dicom_series
+    from ctseg.dicom import choose_dicom_series
 
     folder = Path(folder)
     if not folder.is_dir():
         raise CtsegError("DICOM-SEG / RTSTRUCT output needs the input DICOM series folder", folder)
-    series = list_dicom_series(folder)
-    if not series:
-        raise CtsegError("no DICOM image files found", folder)
-    if series_uid is None:
-        if len(series) > 1:
-            listing = "\n".join(f"  {s}" for s in series)
-            raise CtsegError(f"{len(series)} DICOM series found; choose one with --series:\n{listing}", folder)
-        chosen = series[0]
-    else:
-        matches = [s for s in series if s.series_uid == series_uid]
-        if not matches:
-            raise CtsegError(f"no series with SeriesInstanceUID {series_uid!r}", folder)
-        chosen = matches[0]
+    chosen = choose_dicom_series(folder, series_uid)
     datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in chosen.files]
     for ds, path in zip(datasets, chosen.files):
         for tag in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):

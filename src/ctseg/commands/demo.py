@@ -21,7 +21,7 @@ from ctseg.errors import CtsegError
 HELP = "phantom data -> CTIA vs MIA cross-validation -> stacked ensemble -> report (the README's first command)"
 
 #: profile -> (phantom cases, phantom size)
-PHANTOM = {"ci": (6, "small"), "small": (12, "small"), "full": (60, "full")}
+PHANTOM = {"ci": (6, "small"), "small": (18, "small"), "full": (60, "full")}
 
 
 def default_config_path() -> Path:
