@@ -63,6 +63,13 @@ def test_small_experiment_table_has_every_row(experiment):
     fg = [r for r in records if r.model == "msd-3d-ctia-fg"]
     assert all(set(r.dice) == {"total"} for r in fg)
     assert html.is_file() and html.read_text().count("data:image/png;base64,") >= 3
+    # ensembles carry their members' agreement per volume (the quality flag), single models do not
+    for r in records:
+        if r.arch in ("stacked", "average"):
+            assert r.agreement is not None and 0.0 <= r.agreement <= 1.0, r
+        else:
+            assert r.agreement is None, r
+    assert "## Quality flag: ensemble disagreement" in md and "### Stacked CNN + CTIA" in md
     assert (out / "config.yaml").is_file() and (out / "results.csv").is_file()
 
 

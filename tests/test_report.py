@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from ctseg.evaluate.plots import overlay_slice_index, save_overlay_slice
-from ctseg.evaluate.report import (VolumeResult, display_name, headline, load_results, std_ratios, stat,
-                                   thickness_group_of, thickness_labels, write_report)
+from ctseg.evaluate.report import (QUALITY_TITLE, VolumeResult, display_name, headline, load_results, quality_flags,
+                                   std_ratios, stat, thickness_group_of, thickness_labels, write_report)
 
 PAPER_ROWS = ["nnU-Net + MIA 2D", "nnU-Net + CTIA 2D", "nnU-Net + MIA 3D", "nnU-Net + CTIA 3D",
               "MS-D Net + MIA 2D", "MS-D Net + CTIA 2D", "MS-D Net + MIA 3D", "MS-D Net + CTIA 3D",
@@ -121,6 +121,7 @@ def test_report_files_tables_and_rendering(tmp_path):
     for title in ("Table 2, read across folds", "Spread: MIA vs CTIA", "Per fold", "By slice thickness", "HD95"):
         assert f"## {title}" in md
     assert "fold 2" in md and ">3mm (n=3)" in md
+    assert QUALITY_TITLE not in md and payload["quality_flags"] == []  # no ensemble agreement recorded
     assert (tmp_path / "config.yaml").read_text().startswith("name: unit-test")
 
     # index.html: self-contained (no external resources), every row present, images embedded
@@ -133,6 +134,49 @@ def test_report_files_tables_and_rendering(tmp_path):
     assert page.index('class="headline"') < page.index("Table 2")
 
     _render_in_chromium(html_path, tmp_path, n_images)
+
+
+def test_report_quality_flag_section(tmp_path):
+    """Stacked records with member agreement: flagged volumes listed with their Dice, Spearman stated, plot embedded."""
+    from scipy.stats import spearmanr
+
+    records = []
+    for aug in ("mia", "ctia"):
+        for i in range(20):
+            agreement = 0.98 - 0.004 * i if i < 18 else (0.62 if i == 18 else 0.41)
+            d = 0.55 + 0.4 * agreement + (0.01 if i % 2 else -0.01)
+            records.append(VolumeResult(
+                case_id=f"case_{i:05d}", fold=i % 3, model=f"stacked-{aug}", arch="stacked", dim="", aug=aug,
+                dice={"kidney": d, "total": d}, dice_paper={"kidney": d, "total": d + 0.002},
+                slice_thickness=1.0 + i % 3, num_slices=30, agreement=agreement))
+        records += [VolumeResult(case_id=f"case_{i:05d}", fold=i % 3, model=f"unet-2d-{aug}", arch="unet", dim="2d",
+                                 aug=aug, dice={"kidney": 0.9, "total": 0.9}, dice_paper={"kidney": 0.9, "total": 0.9},
+                                 slice_thickness=1.0, num_slices=30) for i in range(20)]
+    html_path = write_report(records, tmp_path, title="quality")
+    md = (tmp_path / "results.md").read_text()
+    section = md.split(f"## {QUALITY_TITLE}")[1].split("\n## ")[0]
+    stacked = [r for r in records if r.model == "stacked-ctia"]
+    rho = spearmanr([r.agreement for r in stacked], [r.dice_paper["total"] for r in stacked]).statistic
+    ctia = section.split("### Stacked CNN + CTIA")[1]
+    assert "2 of 20 volumes flagged" in ctia and f"ρ = {rho:.2f}" in ctia and "lower Dice" in ctia
+    for r in stacked[18:]:
+        assert f"| {r.case_id} | {r.fold} | {r.agreement:.3f} | {r.dice_paper['total']:.3f} |" in ctia
+    assert ctia.index("case_00019") < ctia.index("case_00018")  # lowest agreement first
+    assert "case_00017" not in ctia and "nnU-Net" not in section  # single models carry no agreement
+    assert "### Stacked CNN + MIA" in section
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert [q["model"] for q in payload["quality_flags"]] == ["stacked-mia", "stacked-ctia"]
+    assert [f["case_id"] for f in payload["quality_flags"][1]["flagged"]] == ["case_00019", "case_00018"]
+    assert {r["model"]: r["agreement"] for r in csv.DictReader(open(tmp_path / "results.csv"))
+            if r["case_id"] == "case_00019"} == {"stacked-mia": "0.41", "stacked-ctia": "0.41",
+                                                 "unet-2d-mia": "", "unet-2d-ctia": ""}
+    page = html_path.read_text()
+    quality = page.split(f">{QUALITY_TITLE}</h2>")[1].split("<h2>")[0]
+    assert quality.count('<img src="data:image/png;base64,') == 2
+    assert "<td>case_00019</td>" in quality and f"ρ = {rho:.2f}" in quality
+    assert (tmp_path / "plots" / "agreement_stacked-ctia.png").stat().st_size > 5000
+    few = quality_flags(stacked[:2], "total")[0]  # two volumes: no rank correlation to state
+    assert few.n == few.n_corr == 2 and math.isnan(few.spearman) and "not computable" in few.finding()
 
 
 def _chromium() -> str:

@@ -23,7 +23,9 @@ Scores: Dice per structure on the full volume and HD95 (`evaluate_volume`), and 
 estimated once on a random subset of all cases, not per fold.
 
 `run_stack(cv_dirs, out_dir)` builds the stacked CNN from finished CV runs (see `ctseg.models.stacking`)
-and scores it, and the plain average of the same members, on the same folds.
+and scores it, and the plain average of the same members, on the same folds. Both records of a test volume
+carry the members' agreement on it (`ctseg.evaluate.quality.member_agreement` of their out-of-fold maps),
+the report's quality flag.
 """
 from __future__ import annotations
 
@@ -372,6 +374,7 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
     """
     from ctseg.datasets import open_dataset
     from ctseg.evaluate.folds import load_folds
+    from ctseg.evaluate.quality import member_agreement
     from ctseg.models.stacking import (MemberPrediction, average_members, meta_training_cases, predict_meta,
                                        save_meta_model, select_members, stack_inputs, train_meta_model,
                                        vote_matrix)
@@ -455,12 +458,15 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
                 x, used = stack_inputs(cid, oof, names)
                 case, cached = dataset.load(cid), cache.load(cid)
                 p_meta = predict_meta(meta, x, dev)
-                p_avg = average_members([np.asarray(p.load(), dtype=np.float32) for p in used],
-                                        [m.target for m in members], n_classes)
+                maps = [np.asarray(p.load(), dtype=np.float32) for p in used]
+                agreement = member_agreement(maps) if len(maps) > 1 else None
+                p_avg = average_members(maps, [m.target for m in members], n_classes)
+                del maps
                 for ident, p in ((stacked, p_meta), (averaged, p_avg)):
                     rec = score_volume(ident, case, cached, p, k, cache.classes, "multiclass",
                                        fdir / "overlays" / ident["name"] / f"{cid}.npz", distances)
                     rec.overlay = os.path.relpath(rec.overlay, out)
+                    rec.agreement = agreement
                     fold_records.append(rec)
                 if bar:
                     bar.advance(task)

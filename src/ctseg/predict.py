@@ -33,11 +33,10 @@ among the classes. With only multiclass members this is exactly the mean of thei
 With only foreground members the output has two classes, background and foreground (the dataset's
 single foreground class when it has one). Disagreement: each member's foreground mask (argmax != 0
 at network resolution); `agreement` is the mean pairwise Dice between members (1.0 = identical),
-a per-volume quality flag (low values deserve a human look).
+a per-volume quality flag (low values deserve a human look; `ctseg.evaluate.quality`).
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -248,12 +247,9 @@ def predict_network(image: np.ndarray | torch.Tensor, models, device: str | torc
         fg /= fg.sum(dim=0, keepdim=True)
         fg *= (1.0 - bg)[None]
         probs = torch.cat([bg[None], fg])
-    from ctseg.evaluate.metrics import dice
+    from ctseg.evaluate.quality import member_dice_matrix
 
-    member_dice = np.ones((len(models), len(models)))
-    for i, j in itertools.combinations(range(len(models)), 2):
-        member_dice[i, j] = member_dice[j, i] = dice(fg_masks[i], fg_masks[j])
-    return probs, out_classes, member_dice
+    return probs, out_classes, member_dice_matrix(fg_masks)
 
 
 class _Progress:
@@ -341,8 +337,9 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     seconds["restore"] = time.perf_counter() - t0
     agreement = None
     if member_dice is not None:
-        iu = np.triu_indices(len(models), k=1)
-        agreement = float(member_dice[iu].mean())
+        from ctseg.evaluate.quality import mean_pairwise
+
+        agreement = mean_pairwise(member_dice)
     return PredictionResult(label=out_label, classes=classes, probabilities=full, agreement=agreement,
                             member_dice=member_dice, seconds=seconds)
 

@@ -1,4 +1,5 @@
-"""Figures of the report (matplotlib, Agg backend, PNG): Dice box plots, overlays, training curves.
+"""Figures of the report (matplotlib, Agg backend, PNG): Dice box plots, overlays, training curves,
+ensemble agreement vs Dice.
 
 Every function writes one PNG and returns its path. Inputs are `ctseg.evaluate.report.VolumeResult`
 records; overlays read the small `.npz` written by `save_overlay_slice` during cross-validation.
@@ -108,6 +109,33 @@ def thickness_boxplot(records, metric: str, cls: str, edges_mm: Sequence[float],
     ax.grid(axis="y", alpha=0.3)
     legend = "\n".join(f"{j + 1}: {m.display}" for j, m in enumerate(models))
     ax.text(1.01, 0.5, legend, transform=ax.transAxes, va="center", fontsize=7.5, family="monospace")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def agreement_scatter(records, flagged: set[str], threshold: float, cls: str, metric: str, title: str,
+                      path: str | Path) -> Path:
+    """Ensemble member agreement (x) vs Dice (y, `metric` of `cls`), one point per volume (records with
+    `agreement`); flagged case ids in red and labelled, the flag threshold as a dashed vertical line."""
+    pts = [(r.agreement, getattr(r, metric).get(cls, math.nan), r.case_id) for r in records
+           if r.agreement is not None and math.isfinite(r.agreement)]
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    for is_flagged, color, marker, label in ((False, COLORS["ensemble"], "o", "not flagged"),
+                                             (True, "#d62728", "X", "flagged")):
+        sel = [(a, d, c) for a, d, c in pts if (c in flagged) == is_flagged and math.isfinite(d)]
+        if sel:
+            ax.scatter([a for a, _, _ in sel], [d for _, d, _ in sel], s=36 if is_flagged else 18, color=color,
+                       marker=marker, alpha=0.9, linewidths=0, label=label, zorder=3)
+        if is_flagged:
+            for a, d, c in sel:
+                ax.annotate(c, (a, d), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
+    if math.isfinite(threshold):
+        ax.axvline(threshold, color="#d62728", linestyle="--", linewidth=1, label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("agreement between members (mean pairwise Dice)")
+    ax.set_ylabel(f"Dice ({cls})")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -5,8 +5,13 @@ Input is a list of `VolumeResult` (one per test volume x model). Outputs, all wr
     results.csv     one row per volume x model (Dice per class, both protocols, HD95, slice geometry)
     results.json    the same records plus every summary table and the headline finding
     results.md      Table 2 layout (mean ± std over volumes, pooled across folds), the MIA/CTIA std ratio,
-                    per-fold and per-slice-thickness tables
+                    per-fold and per-slice-thickness tables, and (ensembles) the quality flag
     report/index.html   self-contained page (inline CSS, images embedded as base64 PNG)
+
+Quality flag (only when records carry `agreement`, i.e. ensembles): per model, the volumes whose members
+disagree unusually (`ctseg.evaluate.quality.flag_unusual` over that model's volumes), their Dice, and the
+Spearman rank correlation of agreement with Dice (headline class, paper protocol): does low agreement
+predict a poor segmentation?
 
 Statistics: mean and standard deviation (numpy, ddof=0, as `ctseg.evaluate.metrics.mean_std`) over volumes,
 pooled across folds; non-finite values (HD95 of a structure missing from prediction or reference) are
@@ -36,6 +41,7 @@ import yaml
 from ctseg.config import atomic_write_text
 from ctseg.evaluate.folds import THICKNESS_BINS, thickness_group
 from ctseg.evaluate.metrics import mean_std
+from ctseg.evaluate.quality import FlagRule, flag_unusual
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,8 @@ class VolumeResult:
     volume in its original geometry; `dice_paper` follows the paper's protocol (see `ctseg.evaluate.metrics`).
     overlay: optional path (relative to the results folder or absolute) of an `.npz` written by
     `ctseg.evaluate.plots.save_overlay_slice`, used for the best/median/worst figures.
+    agreement: ensembles only, mean pairwise Dice of the members' foreground masks on this volume
+    (`ctseg.evaluate.quality.member_agreement`); None for single models.
     """
 
     case_id: str
@@ -72,6 +80,7 @@ class VolumeResult:
     num_slices: int = 0
     variant: str = ""
     overlay: str | None = None
+    agreement: float | None = None
 
     @property
     def display(self) -> str:
@@ -81,6 +90,7 @@ class VolumeResult:
         d = asdict(self)
         for key in ("dice", "dice_paper", "hd95"):
             d[key] = {c: _json_float(v) for c, v in d[key].items()}
+        d["agreement"] = _json_float(self.agreement)
         return d
 
     @classmethod
@@ -88,6 +98,8 @@ class VolumeResult:
         d = dict(d)
         for key in ("dice", "dice_paper", "hd95"):
             d[key] = {c: (math.nan if v is None else float(v)) for c, v in d.get(key, {}).items()}
+        if d.get("agreement") is not None:
+            d["agreement"] = float(d["agreement"])
         return cls(**d)
 
 
@@ -324,8 +336,95 @@ def headline(records: Sequence[VolumeResult], metric: str, classes: Sequence[str
     return Headline(text, details)
 
 
+# ------------------------------------------------------------------------------------- quality flag
+QUALITY_TITLE = "Quality flag: ensemble disagreement"
+
+
+@dataclass
+class QualityFlags:
+    """One ensemble's quality flag: flagged volumes (lowest agreement first) and how agreement tracks Dice.
+
+    n: volumes with an agreement; threshold: agreement below which volumes are flagged; spearman /
+    spearman_p: rank correlation of agreement with Dice (`metric`, class `cls`) over the `n_corr` volumes
+    with both finite (NaN when not computable).
+    """
+
+    model: str
+    display: str
+    cls: str
+    metric: str
+    n: int
+    threshold: float
+    flagged: list[VolumeResult]
+    spearman: float
+    spearman_p: float
+    n_corr: int
+
+    def finding(self) -> str:
+        dice_name = f"Dice ({self.cls}, {METRICS[self.metric].split(', ', 1)[-1]})"
+        text = f"{len(self.flagged)} of {self.n} volumes flagged (agreement below {self.threshold:.3f}). "
+        text += f"Spearman correlation of agreement with {dice_name}: "
+        if not math.isfinite(self.spearman):
+            return text + "not computable (too few or constant values)."
+        text += f"ρ = {self.spearman:.2f} (p = {self.spearman_p:.2g}, n = {self.n_corr}): "
+        if self.spearman_p >= 0.05:
+            return text + "no significant association, so agreement does not reliably predict Dice here."
+        if self.spearman > 0:
+            return text + "lower member agreement goes with lower Dice, so the flag points at volumes worth checking."
+        return text + "lower member agreement goes with higher Dice, so the flag does not point at poor segmentations."
+
+    def rows(self) -> list[list[str]]:
+        return [[r.case_id, str(r.fold), _fmt(r.agreement), _fmt(getattr(r, self.metric).get(self.cls, math.nan))]
+                for r in self.flagged]
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "display": self.display, "class": self.cls, "metric": self.metric, "n": self.n,
+                "threshold": _json_float(self.threshold), "spearman": _json_float(self.spearman),
+                "spearman_p": _json_float(self.spearman_p), "n_corr": self.n_corr,
+                "flagged": [{"case_id": r.case_id, "fold": r.fold, "agreement": _json_float(r.agreement),
+                             "dice": _json_float(getattr(r, self.metric).get(self.cls, math.nan))}
+                            for r in self.flagged]}
+
+
+def _fmt(v: float, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if math.isfinite(v) else "–"
+
+
+def quality_flags(records: Sequence[VolumeResult], cls: str, metric: str = "dice_paper",
+                  rule: FlagRule = FlagRule()) -> list[QualityFlags]:
+    """Per model whose records carry `agreement` (paper row order): flagged volumes and the Spearman
+    correlation of agreement with `metric` of class `cls`."""
+    from scipy.stats import spearmanr
+
+    groups = _by_model(records)
+    out = []
+    for m in models_in_order(records):
+        recs = [r for r in groups[m.model] if r.agreement is not None]
+        if not recs:
+            continue
+        flagged_ids = flag_unusual({r.case_id: r.agreement for r in recs}, rule)
+        flagged = sorted((r for r in recs if r.case_id in flagged_ids),
+                         key=lambda r: (r.agreement if math.isfinite(r.agreement) else -math.inf, r.case_id))
+        pairs = np.array([(r.agreement, getattr(r, metric).get(cls, math.nan)) for r in recs], dtype=float)
+        pairs = pairs[np.isfinite(pairs).all(axis=1)]
+        rho = p = math.nan
+        if len(pairs) >= 3 and np.ptp(pairs[:, 0]) > 0 and np.ptp(pairs[:, 1]) > 0:
+            res = spearmanr(pairs[:, 0], pairs[:, 1])
+            rho, p = float(res.statistic), float(res.pvalue)
+        out.append(QualityFlags(m.model, m.display, cls, metric, len(recs), rule.threshold([r.agreement for r in recs]),
+                                flagged, rho, p, len(pairs)))
+    return out
+
+
+def quality_note(rule: FlagRule) -> str:
+    return ("agreement: mean pairwise Dice between the ensemble members' foreground masks on a volume (1 = the members "
+            f"agree exactly). Flagged: {rule.describe()} (MAD: median absolute deviation over the model's volumes). "
+            "Flagged volumes deserve a check by hand.")
+
+
 # ------------------------------------------------------------------------------------------- writers
-_CSV_FIXED = ["case_id", "fold", "model", "display", "arch", "dim", "aug", "variant", "slice_thickness", "num_slices"]
+_CSV_FIXED = ["case_id", "fold", "model", "display", "arch", "dim", "aug", "variant", "slice_thickness", "num_slices",
+              "agreement"]
 
 
 def write_results_csv(records: Sequence[VolumeResult], path: Path, classes: Sequence[str]) -> None:
@@ -334,8 +433,9 @@ def write_results_csv(records: Sequence[VolumeResult], path: Path, classes: Sequ
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for r in sorted(records, key=lambda r: (_model_sort_key(r), r.fold, r.case_id)):
-        row = {k: getattr(r, k) for k in _CSV_FIXED if k != "display"}
+        row = {k: getattr(r, k) for k in _CSV_FIXED if k not in ("display", "agreement")}
         row["display"] = r.display
+        row["agreement"] = "" if r.agreement is None or not math.isfinite(r.agreement) else f"{r.agreement:.6g}"
         for m in ("dice", "dice_paper", "hd95"):
             for c in classes:
                 v = getattr(r, m).get(c, math.nan)
@@ -427,8 +527,11 @@ def software_versions() -> dict[str, str]:
 
 def write_results(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
                   thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, title: str = "ctseg results",
-                  versions: dict | None = None) -> dict[str, Path]:
-    """Write results.csv / results.json / results.md (+ config.yaml, versions.json) into `out_dir`."""
+                  versions: dict | None = None, flag_rule: FlagRule = FlagRule()) -> dict[str, Path]:
+    """Write results.csv / results.json / results.md (+ config.yaml, versions.json) into `out_dir`.
+
+    flag_rule: thresholds of the ensemble quality flag (section only when records carry `agreement`).
+    """
     if not records:
         raise ValueError("no results to report")
     out = Path(out_dir)
@@ -437,17 +540,24 @@ def write_results(records: Sequence[VolumeResult], out_dir: str | Path, *, confi
     versions = versions or software_versions()
     head = headline(records, "dice_paper", classes)
     tables = build_tables(records, classes, thickness_edges_mm)
+    flags = quality_flags(records, headline_class(classes), rule=flag_rule)
     write_results_csv(records, out / "results.csv", classes)
     summary = {metric: {m: {c: s.to_json() for c, s in row.items()} for m, row in summary_table(records, metric, classes).items()}
                for metric in METRICS}
     payload = {"title": title, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "classes": classes, "headline": head.to_json(), "summary": summary,
                "std_ratios": [r.to_json() for r in std_ratios(records, "dice_paper", classes)],
+               "quality_flags": [q.to_json() for q in flags],
                "versions": versions, "config": config, "records": [_portable(r, out) for r in records]}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=1, allow_nan=False))
     md = [f"# {title}", "", f"**{head.text}**", "", *(f"- {d}" for d in head.details), ""]
     for sec in tables.sections:
         md += [f"## {sec.title}", "", f"_{sec.note}_", "", _md_table(sec.header, sec.rows), ""]
+    if flags:
+        md += [f"## {QUALITY_TITLE}", "", f"_{quality_note(flag_rule)}_", ""]
+        for q in flags:
+            md += [f"### {q.display}", "", q.finding(), ""]
+            md += [_md_table(_quality_header(q), q.rows()) if q.flagged else "_No volume flagged._", ""]
     md += ["## Software", "", _md_table(["package", "version"], [[k, v] for k, v in versions.items()]), ""]
     atomic_write_text(out / "results.md", "\n".join(md))
     paths = {"csv": out / "results.csv", "json": out / "results.json", "md": out / "results.md"}
@@ -528,8 +638,10 @@ def _html_table(header: list[str], rows: list[list[str]], row_classes: list[str]
 
 
 def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tuple[str, str, Path]],
-                config: dict | None, versions: dict, thickness_edges_mm: Sequence[float], intro: str = "") -> str:
-    """The report page. figures: (section, caption, png path) in display order; images are embedded."""
+                config: dict | None, versions: dict, thickness_edges_mm: Sequence[float], intro: str = "",
+                quality_figures: dict[str, Path] | None = None, flag_rule: FlagRule = FlagRule()) -> str:
+    """The report page. figures: (section, caption, png path) in display order; images are embedded.
+    quality_figures: model -> agreement vs Dice scatter plot, shown in the quality-flag section."""
     classes = class_names(records)
     head = headline(records, "dice_paper", classes)
     tables = build_tables(records, classes, thickness_edges_mm)
@@ -553,6 +665,20 @@ def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tu
         items = "".join(f'<figure><img src="{png_data_uri(path)}" alt="{html.escape(caption)}">'
                         f"<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, path in figs)
         parts.append(f"<h2>{html.escape(section)}</h2>" + (f'<div class="grid">{items}</div>' if len(figs) > 1 else items))
+    flags = quality_flags(records, headline_class(classes), rule=flag_rule)
+    if flags:
+        parts.append(f'<h2 id="quality-flag">{html.escape(QUALITY_TITLE)}</h2>'
+                     f"<p class=note>{html.escape(quality_note(flag_rule))}</p>")
+        for q in flags:
+            parts.append(f"<h3>{html.escape(q.display)}</h3><p>{html.escape(q.finding())}</p>"
+                         + (_html_table(_quality_header(q), q.rows(), highlight=None) if q.flagged
+                            else "<p class=note>No volume flagged.</p>"))
+            fig = (quality_figures or {}).get(q.model)
+            if fig is not None:
+                caption = (f"{q.display}: agreement between members vs Dice ({q.cls}, paper protocol), one point per "
+                           "volume; flagged volumes in red, dashed line: flag threshold")
+                parts.append(f'<figure><img src="{png_data_uri(fig)}" alt="{html.escape(caption)}">'
+                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     parts.append("<h2>Software</h2>" + _html_table(["package", "version"], [[k, str(v)] for k, v in versions.items()]))
     if config is not None:
         parts.append("<h2>Configuration</h2><pre>" + html.escape(yaml.safe_dump(config, sort_keys=False)) + "</pre>")
@@ -562,17 +688,20 @@ def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tu
 
 def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
                  log_csvs: dict[str, list[Path]] | None = None, title: str = "ctseg results",
-                 thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, intro: str = "") -> Path:
+                 thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, intro: str = "",
+                 flag_rule: FlagRule = FlagRule()) -> Path:
     """Results files + plots + `report/index.html` into `out_dir`; returns the HTML path.
 
     log_csvs: display name -> training logs (`log.csv` of each fold's run) for the training curves.
+    flag_rule: thresholds of the ensemble quality flag.
     Overlay images come from each record's `overlay` file (relative paths resolve against `out_dir`).
     """
     from ctseg.evaluate import plots
 
     out = Path(out_dir)
     versions = software_versions()
-    write_results(records, out, config=config, thickness_edges_mm=thickness_edges_mm, title=title, versions=versions)
+    write_results(records, out, config=config, thickness_edges_mm=thickness_edges_mm, title=title, versions=versions,
+                  flag_rule=flag_rule)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     classes = class_names(records)
@@ -597,12 +726,23 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
             p = plots.training_curves(existing, name, plot_dir / f"curves_{_safe(name)}.png")
             if p is not None:
                 figures.append(("Training curves", f"{name}: one line per fold", p))
+    quality_figures = {}
+    for q in quality_flags(records, cls, rule=flag_rule):
+        recs = [r for r in records if r.model == q.model and r.agreement is not None]
+        quality_figures[q.model] = plots.agreement_scatter(
+            recs, {r.case_id for r in q.flagged}, q.threshold, q.cls, q.metric,
+            f"{q.display}: Spearman ρ = {_fmt(q.spearman, 2)}", plot_dir / f"agreement_{_safe(q.model)}.png")
     page = render_html(records, title=title, figures=figures, config=config, versions=versions,
-                       thickness_edges_mm=thickness_edges_mm, intro=intro)
+                       thickness_edges_mm=thickness_edges_mm, intro=intro, quality_figures=quality_figures,
+                       flag_rule=flag_rule)
     html_path = out / "report" / "index.html"
     atomic_write_text(html_path, page)
     log.info("report written to %s", html_path)
     return html_path
+
+
+def _quality_header(q: QualityFlags) -> list[str]:
+    return ["case", "fold", "agreement", f"Dice ({q.cls})"]
 
 
 def _class_colours(classes: Sequence[str]) -> str:
