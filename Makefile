@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	bash benchmarks/run_cpu.sh $(PY)
 
 clean:
 	rm -rf demo-output .pytest_cache

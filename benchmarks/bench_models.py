@@ -9,6 +9,8 @@ its memory. steps/s is 1 / median step time. One failing case is reported, the o
 
     python benchmarks/bench_models.py --device cuda [--compile] [--json out.json]
     python benchmarks/bench_models.py --device cpu --quick
+    python benchmarks/bench_models.py --device cpu --quick --msd-depth 12 --msd-max-dilation 6 --z3d 16 \
+        --only "msd-3d efficient"  # 3D on CPU: slice_major (auto) vs sample_major (native conv3d)
 """
 from __future__ import annotations
 
@@ -39,22 +41,24 @@ class Case:
     layout: str = "auto"
 
 
-def make_cases(quick: bool, device: str, msd_depth: int | None) -> list[Case]:
+def make_cases(quick: bool, device: str, msd_depth: int | None, max_dilation: int | None = None,
+               z3d: int | None = None) -> list[Case]:
     if quick:
-        s2, s3 = (4, 1, 64, 64), (1, 1, 8, 64, 64)
+        s2, s3 = (4, 1, 64, 64), (1, 1, z3d or 8, 64, 64)
         unet = {"n_stages": 4, "base_features": 8}
         depth = msd_depth or 30
     else:
-        s2, s3 = (28, 1, 128, 128), (1, 1, 16, 128, 128)
+        s2, s3 = (28, 1, 128, 128), (1, 1, z3d or 16, 128, 128)
         unet = {}
         depth = msd_depth or 100
     cases = [Case("unet-2d", "unet", "2d", s2, 3, unet=unet), Case("unet-3d", "unet", "3d", s3, 2, unet=unet)]
+    msd = {"depth": depth, **({"max_dilation": max_dilation} if max_dilation else {})}
     for dim, shape, k in (("2d", s2, 3), ("3d", s3, 2)):
-        cases.append(Case(f"msd-{dim} efficient", "msd", dim, shape, k, msd={"depth": depth}))
-        if dim == "2d" and device == "cuda":  # the layout the CPU uses, for comparison
-            cases.append(Case(f"msd-{dim} efficient sample_major", "msd", dim, shape, k, msd={"depth": depth},
+        cases.append(Case(f"msd-{dim} efficient", "msd", dim, shape, k, msd=msd))
+        if (dim == "2d" and device == "cuda") or (dim == "3d" and device == "cpu"):  # the other layout
+            cases.append(Case(f"msd-{dim} efficient sample_major", "msd", dim, shape, k, msd=msd,
                               layout="sample_major"))
-        cases.append(Case(f"msd-{dim} naive", "msd", dim, shape, k, msd={"depth": depth, "implementation": "naive"}))
+        cases.append(Case(f"msd-{dim} naive", "msd", dim, shape, k, msd={**msd, "implementation": "naive"}))
     return cases
 
 
@@ -130,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default 20; quick: 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; quick: 1)")
     ap.add_argument("--msd-depth", type=int, default=None)
+    ap.add_argument("--msd-max-dilation", type=int, default=None, help="default: the config's (10)")
+    ap.add_argument("--z3d", type=int, default=None, help="slices of the 3D input (default 16; quick: 8)")
     ap.add_argument("--only", nargs="*", default=None, help="run only cases whose name starts with one of these")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     args = ap.parse_args(argv)
@@ -141,7 +147,7 @@ def main(argv=None) -> int:
             None: ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]}[args.amp]
     steps = args.steps or (3 if args.quick else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
-    cases = make_cases(args.quick, device.type, args.msd_depth)
+    cases = make_cases(args.quick, device.type, args.msd_depth, args.msd_max_dilation, args.z3d)
     if args.only:
         cases = [c for c in cases if any(c.name.startswith(o) for o in args.only)]
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -177,6 +183,12 @@ def main(argv=None) -> int:
             print(f"ANCHOR msd-{dim} {amp}: efficient {eff['steps_per_s']:.2f} vs naive {naive['steps_per_s']:.2f} "
                   f"steps/s = {rr['speed_ratio']:.2f}x (target >= 3); memory ({mem_key}) "
                   f"{rr['memory_ratio']:.3f} of naive (target <= 0.33)")
+    if device.type == "cpu":  # 3D on CPU: slices folded into conv2d (auto) vs native dilated conv3d
+        for amp in amps:
+            new, old = by.get(("msd-3d efficient", amp)), by.get(("msd-3d efficient sample_major", amp))
+            if new and old:
+                print(f"CPU msd-3d {amp}: slice_major {new['steps_per_s']:.2f} vs sample_major (conv3d) "
+                      f"{old['steps_per_s']:.2f} steps/s = {new['steps_per_s'] / old['steps_per_s']:.2f}x")
     if args.json:
         out = {"machine": machine, "torch": torch.__version__, "device": device.type, "compile": args.compile,
                "quick": args.quick, "results": results, "msd_ratios": ratios}

@@ -104,6 +104,8 @@ def _grads(net, x, impl, layout="auto"):
     (3, (2, 2, 7, 9, 8), "sample_major", torch.float64, 1e-10),
     (2, (2, 2, 16, 16), "sample_major", torch.float32, 1e-4),
     (3, (1, 2, 6, 8, 8), "sample_major", torch.float32, 1e-4),
+    (3, (2, 2, 7, 9, 8), "slice_major", torch.float64, 1e-10),  # dilations 7..10 >= Z: z taps skipped
+    (3, (1, 2, 6, 8, 8), "slice_major", torch.float32, 1e-4),
 ])
 def test_efficient_msd_equals_naive(dim, shape, layout, dtype, atol):
     torch.manual_seed(0)
@@ -123,10 +125,43 @@ def test_efficient_msd_equals_naive(dim, shape, layout, dtype, atol):
         torch.testing.assert_close(net(x), y0, atol=atol, rtol=0)
 
 
-def test_efficient_msd_under_cpu_autocast():
+def test_msd_layout_auto_and_invalid():
+    net3, net2 = MSDNet(1, 2, depth=3, dim=3), MSDNet(1, 2, depth=3, dim=2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert net3._geometry(cpu).layout == "slice_major"  # CPU: dilated conv3d is slow, fold z into conv2d
+    assert net3._geometry(cuda).layout == "sample_major"  # cuDNN conv3d unchanged
+    assert net2._geometry(cpu).layout == "sample_major" and net2._geometry(cuda).layout == "channel_major"
+    net2.layout = "slice_major"
+    with pytest.raises(ValueError, match="3D only"):
+        net2(torch.randn(1, 1, 8, 8))
+
+
+def test_slice_major_conv_equals_conv3d():
+    # one layer in isolation, Z = 5 with dilations below, at and above Z (taps shifted out of the volume)
+    from ctseg.models.msdnet import _BlockGeometry
+    geo = _BlockGeometry(3, "slice_major")
+    x = torch.randn(2, 3, 5, 7, 6, dtype=torch.float64)
+    w = torch.randn(2, 3, 3, 3, 3, dtype=torch.float64)
+    gz = torch.randn(2, 2, 5, 7, 6, dtype=torch.float64)
+    for d in (1, 2, 4, 5, 7):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        ref = torch.nn.functional.conv3d(xr, wr, None, 1, d, d)
+        ref.backward(gz)
+        xb = geo.to_block(x).contiguous()
+        out = geo.from_block(geo.conv(xb, w, d))
+        torch.testing.assert_close(out, ref.detach(), atol=1e-12, rtol=0)
+        gin = torch.zeros_like(xb)
+        gw = geo.conv_backward(geo.to_block(gz).contiguous(), xb, w, d, gin, need_w=True)
+        torch.testing.assert_close(geo.from_block(gin), xr.grad, atol=1e-12, rtol=0)
+        torch.testing.assert_close(gw, wr.grad, atol=1e-11, rtol=0)
+        assert geo.conv_backward(geo.to_block(gz).contiguous(), xb, w, d, gin, need_w=False) is None
+
+
+@pytest.mark.parametrize("dim,shape", [(2, (2, 1, 16, 16)), (3, (1, 1, 6, 16, 16))])
+def test_efficient_msd_under_cpu_autocast(dim, shape):
     torch.manual_seed(0)
-    net = MSDNet(1, 2, depth=8, dim=2)
-    x = torch.randn(2, 1, 16, 16)
+    net = MSDNet(1, 2, depth=8, dim=dim)
+    x = torch.randn(*shape)
     ref = net(x).detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = net(x)

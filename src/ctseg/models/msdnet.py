@@ -23,9 +23,15 @@ buffer. With the usual (B, C, *S) layout that prefix is contiguous only for batc
 cuDNN path copies non-contiguous inputs. Layout ``channel_major`` (2D, default on CUDA) keeps the
 buffer as (C, B, Y, X), seen as one 5-D sample (1, C, B, Y, X), and runs each 3x3 layer as a 1x3x3
 conv3d that never mixes batch entries, so every prefix is contiguous. Layout ``sample_major``
-(default on CPU, where conv3d is slow and strided inputs are cheap, and for 3D, where the paper's
-batch is 1) uses (B, C, *S) and native conv2d / conv3d. Under ``torch.autocast`` the block runs in
-the autocast dtype with normalisation statistics and the gradient buffer in float32.
+(default for 2D on CPU, where conv3d is slow and strided inputs are cheap, and for 3D on CUDA, where
+the paper's batch is 1) uses (B, C, *S) and native conv2d / conv3d. Layout ``slice_major`` (default
+for 3D on CPU) keeps the buffer as (Z, B, C, Y, X) and runs each dilated 3x3x3 layer as three dilated
+3x3 conv2d (one per z tap, slices folded into the batch, each tap on the slices shifted by
+(kz - 1) * d): PyTorch's CPU conv3d takes the im2col path (slow_conv_dilated3d) for a batch-1 input
+with few channels, the folded conv2d takes oneDNN; the input gradient is a forward conv2d with the
+flipped kernel. A depth-12 3D training step at 1x1x16x64x64 is ~4-5x faster (BENCHMARKS.md).
+Under ``torch.autocast`` the block runs in the autocast dtype with normalisation statistics and the
+gradient buffer in float32.
 
 Parameter count at depth 100, width 1, one input and one output channel: the reference
 (msd_pytorch) has 45,652 (2D) / 136,552 (3D): conv weights + a bias per layer + final 1x1 conv.
@@ -46,7 +52,7 @@ NEG_SLOPE = 0.01
 NORM_EPS = 1e-5
 
 Implementation = Literal["efficient", "naive"]
-Layout = Literal["auto", "sample_major", "channel_major"]
+Layout = Literal["auto", "sample_major", "channel_major", "slice_major"]
 
 
 def dilation_schedule(depth: int, max_dilation: int = 10) -> list[int]:
@@ -58,42 +64,110 @@ class _BlockGeometry:
     """How the efficient block lays out its buffers and calls the convolutions.
 
     layout 'sample_major': buffers (B, C, *S), native conv2d/conv3d on channel-prefix slices
-    (contiguous only for B == 1; fastest on CPU). layout 'channel_major' (2D only): buffers seen as
-    (1, C, B, Y, X), every layer a 1x3x3 conv3d on a contiguous channel prefix (no copies in cuDNN).
+    (contiguous only for B == 1; fastest on CPU for 2D). layout 'channel_major' (2D only): buffers seen
+    as (1, C, B, Y, X), every layer a 1x3x3 conv3d on a contiguous channel prefix (no copies in cuDNN).
+    layout 'slice_major' (3D only): buffers (Z, B, C, Y, X); a dilated 3x3x3 layer is the sum of three
+    dilated 3x3 conv2d over the slices folded into the batch ((Z - |s|) * B, c, Y, X), tap kz reading
+    the slices shifted by s = (kz - 1) * d (slices shifted out of the volume are the zero padding).
+    On CPU, PyTorch runs a batch-1 dilated conv3d with few channels through slow_conv_dilated3d (im2col)
+    forward and backward; the folded conv2d takes the oneDNN path.
     """
 
-    def __init__(self, ndim: int, layout: Literal["sample_major", "channel_major"]):
+    def __init__(self, ndim: int, layout: Literal["sample_major", "channel_major", "slice_major"]):
         if layout == "channel_major" and ndim != 2:
             raise ValueError("channel_major layout is 2D only")
+        if layout == "slice_major" and ndim != 3:
+            raise ValueError("slice_major layout is 3D only")
         self.ndim, self.layout = ndim, layout
-        self.cm = layout == "channel_major"
+        self.cm, self.sm = layout == "channel_major", layout == "slice_major"
         self.block_ndim = 5 if self.cm else ndim + 2
-        self.norm_dims = tuple(range(-ndim, 0))
-        self.red_dims = (0,) + tuple(range(2, self.block_ndim))  # all but the channel dim
-        self.conv = F.conv3d if self.block_ndim == 5 else F.conv2d
+        self.cdim = 2 if self.sm else 1  # channel dim of the block layout
+        self.norm_dims = (0, 3, 4) if self.sm else tuple(range(-ndim, 0))
+        self.red_dims = tuple(i for i in range(self.block_ndim) if i != self.cdim)  # all but the channel dim
+        self._conv = F.conv3d if self.block_ndim == 5 and not self.sm else F.conv2d
 
     def alloc(self, batch: int, channels: int, spatial: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """Empty buffer in the block layout: (1, C, B, Y, X) or (B, C, *S)."""
-        shape = (1, channels, batch, *spatial) if self.cm else (batch, channels, *spatial)
+        """Empty buffer in the block layout: (1, C, B, Y, X), (Z, B, C, Y, X) or (B, C, *S)."""
+        if self.cm:
+            shape = (1, channels, batch, *spatial)
+        elif self.sm:
+            shape = (spatial[0], batch, channels, *spatial[1:])
+        else:
+            shape = (batch, channels, *spatial)
         return like.new_empty(shape)
+
+    def channels(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Channels [start, stop) of a block-layout tensor (a view)."""
+        return t.narrow(self.cdim, start, stop - start)
+
+    def stat_shape(self, width: int) -> tuple[int, ...]:
+        """Shape that broadcasts a per-channel vector of one layer over the block layout."""
+        return tuple(width if i == self.cdim else 1 for i in range(self.block_ndim))
 
     def to_block(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, *S) -> block layout (a view; may be non-contiguous)."""
-        return x.transpose(0, 1).unsqueeze(0) if self.cm else x
+        if self.cm:
+            return x.transpose(0, 1).unsqueeze(0)
+        return x.permute(2, 0, 1, 3, 4) if self.sm else x
 
     def from_block(self, y: torch.Tensor) -> torch.Tensor:
         """Block layout -> (B, C, *S) (a view)."""
-        return y.squeeze(0).transpose(0, 1) if self.cm else y
-
-    def weight(self, w: torch.Tensor) -> torch.Tensor:
-        """Conv weight (O, I, *k) -> the weight of the block's conv call."""
-        return w.unsqueeze(2) if self.cm else w
-
-    def conv_args(self, dilation: int) -> tuple[list[int], list[int]]:
-        """(padding, dilation) of a 'same' dilated 3x3(x3) layer."""
         if self.cm:
-            return [0, dilation, dilation], [1, dilation, dilation]
-        return [dilation] * self.ndim, [dilation] * self.ndim
+            return y.squeeze(0).transpose(0, 1)
+        return y.permute(1, 2, 0, 3, 4) if self.sm else y
+
+    def _taps(self, z: int, d: int):
+        """slice_major: (kz, output slices, input slices) of the z taps of a dilation-d layer."""
+        taps = [(1, slice(0, z), slice(0, z))]
+        if d < z:
+            taps += [(2, slice(0, z - d), slice(d, z)), (0, slice(d, z), slice(0, z - d))]
+        return taps
+
+    def conv(self, inp: torch.Tensor, w: torch.Tensor, d: int) -> torch.Tensor:
+        """'Same' dilated 3x3(x3) conv of a block-layout input with weight (O, I, *k); no bias."""
+        if not self.sm:
+            if self.cm:
+                return self._conv(inp, w.unsqueeze(2), None, 1, [0, d, d], [1, d, d])
+            return self._conv(inp, w, None, 1, d, d)
+        out = None
+        for kz, o, i in self._taps(inp.shape[0], d):
+            y = F.conv2d(inp[i].flatten(0, 1), w[:, :, kz], None, 1, d, d).unflatten(0, (-1, inp.shape[1]))
+            if out is None:
+                out = y
+            else:
+                out[o] += y
+        return out
+
+    def conv_backward(self, gz: torch.Tensor, inp: torch.Tensor, w: torch.Tensor, d: int,
+                      gin: torch.Tensor, need_w: bool) -> torch.Tensor | None:
+        """Backward of :meth:`conv`: adds the input gradient into `gin` (shape of `inp`); returns the
+        weight gradient (shape of `w`) if `need_w`, else None."""
+        cb = torch.ops.aten.convolution_backward
+        if not self.sm:
+            wb = w.unsqueeze(2) if self.cm else w
+            pad, dil = ([0, d, d], [1, d, d]) if self.cm else ([d] * self.ndim, [d] * self.ndim)
+            nd = self.block_ndim - 2
+            g_in, g_w, _ = cb(gz, inp, wb, None, [1] * nd, pad, dil, False, [0] * nd, 1, [True, need_w, False])
+            gin += g_in
+            return g_w.view_as(w) if need_w else None
+        # input gradient of a stride-1 'same' conv = 'same' conv with the flipped, transposed kernel: a forward
+        # conv2d is ~10x faster on CPU than convolution_backward's input gradient at these channel counts
+        g_w = torch.zeros_like(w) if need_w else None
+        batch = inp.shape[1]
+        for kz, o, i in self._taps(inp.shape[0], d):
+            g_o = gz[o].flatten(0, 1)
+            w_t = w[:, :, kz].flip(2, 3).transpose(0, 1)
+            gin[i] += F.conv2d(g_o, w_t, None, 1, d, d).unflatten(0, (-1, batch))
+            if need_w:
+                g_w[:, :, kz] = cb(g_o, inp[i].flatten(0, 1), w[:, :, kz], None, [1, 1], [d, d], [d, d], False,
+                                   [0, 0], 1, [False, True, False])[1]
+        return g_w
+
+    def final(self, buf: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """1x1(x1) conv with bias (O, C, *1), (O,) of the whole buffer, in block layout."""
+        if self.sm:
+            return F.conv2d(buf.flatten(0, 1), w.flatten(2, 3), b).unflatten(0, buf.shape[:2])
+        return self._conv(buf, w.unsqueeze(2) if self.cm else w, b)
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -111,22 +185,21 @@ def _block_forward(geo: _BlockGeometry, x: torch.Tensor, weights: list[torch.Ten
     width, depth = weights[0].shape[0], len(weights)
     sdt = _stat_dtype(x.dtype)
     buf = geo.alloc(batch, c0 + depth * width, tuple(spatial), x)
-    buf[:, :c0].copy_(geo.to_block(x))
+    geo.channels(buf, 0, c0).copy_(geo.to_block(x))
     xbuf = geo.alloc(batch, depth * width, tuple(spatial), x) if store_xhat else None
     rstds: list[torch.Tensor] = []
-    bshape = (1, width) + (1,) * (geo.block_ndim - 2)
+    bshape = geo.stat_shape(width)
     for i, (w, d) in enumerate(zip(weights, dilations)):
         c_in, sl = c0 + i * width, slice(i * width, (i + 1) * width)
-        pad, dil = geo.conv_args(d)
-        z = geo.conv(buf[:, :c_in], geo.weight(w), None, 1, pad, dil).to(sdt)
+        z = geo.conv(geo.channels(buf, 0, c_in), w, d).to(sdt)
         var, mean = torch.var_mean(z, dim=geo.norm_dims, keepdim=True, correction=0)
         rstd = torch.rsqrt(var + NORM_EPS)
         xh = (z - mean).mul_(rstd)
         if store_xhat:
-            xbuf[:, sl].copy_(xh)
+            geo.channels(xbuf, sl.start, sl.stop).copy_(xh)
             rstds.append(rstd)
         n = torch.addcmul(beta[sl].view(bshape), xh, gamma[sl].view(bshape))
-        buf[:, c_in:c_in + width].copy_(F.leaky_relu(n, NEG_SLOPE))
+        geo.channels(buf, c_in, c_in + width).copy_(F.leaky_relu(n, NEG_SLOPE))
     return buf, xbuf, (rstds if store_xhat else None)
 
 
@@ -151,27 +224,20 @@ class _MSDBlockFunction(torch.autograd.Function):
         grad_w: list[torch.Tensor | None] = [None] * len(weights)
         grad_gamma = torch.empty(gamma.shape, dtype=sdt, device=gamma.device)
         grad_beta = torch.empty_like(grad_gamma)
-        bshape = (1, width) + (1,) * (geo.block_ndim - 2)
-        nd = geo.block_ndim
-        stride, out_pad = [1] * (nd - 2), [0] * (nd - 2)
+        bshape = geo.stat_shape(width)
         for i in reversed(range(len(weights))):
             c_in, sl = c0 + i * width, slice(i * width, (i + 1) * width)
-            pad, dil = geo.conv_args(ctx.dilations[i])
-            ga = gbuf[:, c_in:c_in + width]
-            gn = torch.where(buf[:, c_in:c_in + width] > 0, ga, ga * NEG_SLOPE)
-            xh = xbuf[:, sl].to(sdt)
+            ga = geo.channels(gbuf, c_in, c_in + width)
+            gn = torch.where(geo.channels(buf, c_in, c_in + width) > 0, ga, ga * NEG_SLOPE)
+            xh = geo.channels(xbuf, sl.start, sl.stop).to(sdt)
             grad_gamma[sl] = (gn * xh).sum(geo.red_dims)
             grad_beta[sl] = gn.sum(geo.red_dims)
             gx = gn * gamma[sl].to(sdt).view(bshape)
             gz = gx - gx.mean(geo.norm_dims, keepdim=True)
             gz = gz.sub_(xh * (gx * xh).mean(geo.norm_dims, keepdim=True)).mul_(rstds[i])
-            gin, gw, _ = torch.ops.aten.convolution_backward(
-                gz.to(dt), buf[:, :c_in], geo.weight(weights[i]), None, stride, pad, dil, False, out_pad, 1,
-                [True, need_w, False])
-            gbuf[:, :c_in] += gin
-            if need_w:
-                grad_w[i] = gw.view_as(weights[i])
-        grad_x = geo.from_block(gbuf[:, :c0]).to(dt) if ctx.needs_input_grad[0] else None
+            grad_w[i] = geo.conv_backward(gz.to(dt), geo.channels(buf, 0, c_in), weights[i], ctx.dilations[i],
+                                          geo.channels(gbuf, 0, c_in), need_w)
+        grad_x = geo.from_block(geo.channels(gbuf, 0, c0)).to(dt) if ctx.needs_input_grad[0] else None
         return (grad_x, grad_gamma.to(gamma.dtype), grad_beta.to(gamma.dtype), None, None, *grad_w)
 
 
@@ -180,7 +246,8 @@ class MSDNet(nn.Module):
 
     Args: in_channels, num_classes; depth (layers), width (channels per layer), max_dilation
     (dilations cycle 1..max_dilation), dim (2 or 3), implementation ('efficient' | 'naive'),
-    layout of the efficient block ('auto': channel_major for 2D on CUDA, else sample_major).
+    layout of the efficient block ('auto': CPU 2D sample_major, 3D slice_major; CUDA 2D channel_major,
+    3D sample_major). The attribute ``layout`` may be changed after construction.
     """
 
     def __init__(self, in_channels: int, num_classes: int, depth: int = 100, width: int = 1,
@@ -233,7 +300,10 @@ class MSDNet(nn.Module):
     def _geometry(self, device: torch.device) -> _BlockGeometry:
         layout = self.layout
         if layout == "auto":
-            layout = "channel_major" if self.dim == 2 and device.type == "cuda" else "sample_major"
+            if device.type == "cpu":
+                layout = "slice_major" if self.dim == 3 else "sample_major"
+            else:
+                layout = "channel_major" if self.dim == 2 else "sample_major"
         return _BlockGeometry(self.dim, layout)
 
     def _forward_efficient(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,5 +321,5 @@ class MSDNet(nn.Module):
             else:
                 buf, _, _ = _block_forward(geo, xc, weights, self.norm_weight, self.norm_bias,
                                            self.dilations, store_xhat=False)
-            out = geo.conv(buf, geo.weight(self.final.weight.to(dt)), self.final.bias.to(dt))
+            out = geo.final(buf, self.final.weight.to(dt), self.final.bias.to(dt))
         return geo.from_block(out).contiguous()
