@@ -236,8 +236,9 @@ def training_curves(log_csvs: Sequence[str | Path], name: str, path: str | Path)
     for i, cols in enumerate(logs):
         x_name = next((k for k in ("epoch", "step") if k in cols), None)
         x = cols[x_name] if x_name else np.arange(len(next(iter(cols.values()))))
+        scores = ["val_dice_mean"] if "val_dice_mean" in cols else [k for k in cols if k.startswith("val_")]
         for k, v in cols.items():
-            if k in ("epoch", "step") or not np.isfinite(v).any() or "time" in k or k == "lr":
+            if not ("loss" in k or k in scores) or not np.isfinite(v).any():
                 continue
             ax = ax_l if "loss" in k else ax_r
             ok = np.isfinite(v)
