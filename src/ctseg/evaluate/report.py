@@ -317,7 +317,9 @@ def headline(records: Sequence[VolumeResult], metric: str, classes: Sequence[str
         gm = float(np.exp(np.mean(np.log([r.ratio for r in ratios]))))
         diff = float(np.mean([r.mean_diff for r in ratios]))
         n_lower = sum(r.ratio > 1 for r in ratios)
-        if gm >= 1:
+        if round(gm, 1) == 1.0 or round(1 / gm, 1) == 1.0:
+            text = f"CTIA's Dice standard deviation ({cls}) is about the same as MIA's (ratio {gm:.2f})"
+        elif gm > 1:
             text = f"CTIA's Dice standard deviation ({cls}) is {gm:.1f}x lower than MIA's"
         else:
             text = f"CTIA's Dice standard deviation ({cls}) is {1 / gm:.1f}x higher than MIA's"
