@@ -1,5 +1,6 @@
 """Report: tables laid out like the paper's Table 2, a computed headline, and an HTML page that renders."""
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -84,6 +85,9 @@ def test_headline_follows_the_data(tmp_path):
     assert f"{gm:.1f}x lower" in h.text
     unstable_ctia = _records(tmp_path / "b", spread_mia=0.004, spread_ctia=0.04)
     assert "higher than MIA" in headline(unstable_ctia, "dice_paper", ["kidney", "tumour", "total"]).text
+    mia = [r for r in stable_ctia if r.aug == "mia"]
+    same = mia + [dataclasses.replace(r, aug="ctia", model=r.model.replace("mia", "ctia")) for r in mia]
+    assert "about the same as MIA's (ratio 1.00)" in headline(same, "dice_paper", ["kidney", "tumour", "total"]).text
 
 
 def test_overlay_slice_is_the_one_with_most_foreground():
