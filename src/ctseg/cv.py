@@ -255,12 +255,17 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
                 fold_records.append(rec)
                 if bar:
                     bar.advance(task)
-            _write_records(done, fold_records)
-            records += fold_records
-            if bar:
-                bar.remove_task(task)
-                bar.advance(overall)
+            records += _close_fold(done, fold_records, bar, task, overall)
     return records
+
+
+def _close_fold(done: Path, fold_records: list[VolumeResult], bar, task, overall) -> list[VolumeResult]:
+    """Write a fold's records (marking it done) and retire its progress task; returns the records."""
+    _write_records(done, fold_records)
+    if bar:
+        bar.remove_task(task)
+        bar.advance(overall)
+    return fold_records
 
 
 def _training_completed(model_dir: Path) -> bool:
@@ -470,9 +475,5 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
                     fold_records.append(rec)
                 if bar:
                     bar.advance(task)
-            _write_records(done, fold_records)
-            records += fold_records
-            if bar:
-                bar.remove_task(task)
-                bar.advance(overall)
+            records += _close_fold(done, fold_records, bar, task, overall)
     return records
