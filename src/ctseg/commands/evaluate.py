@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ctseg.commands._types import positive_float
 from ctseg.errors import CtsegError
 
 HELP = "compare predicted label maps with references: Dice, HD95, surface Dice; per fold and slice thickness"
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=Path, help="folds.json (from cross-validation) to group by fold")
     parser.add_argument("--out", type=Path, help="write records and summaries as JSON")
     parser.add_argument("--no-distances", action="store_true", help="Dice only (skip HD95 and surface Dice)")
-    parser.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm")
+    parser.add_argument("--tolerance", type=positive_float, default=2.0, help="surface Dice tolerance in mm")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 

@@ -14,8 +14,10 @@ import os
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._types import overlap_fraction, positive_int
 from ctseg.errors import CtsegError
 
 HELP = "segment a CT volume (NIfTI / NRRD / MHA file or DICOM folder) with trained model(s)"
@@ -38,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-type", choices=["nifti", "dicom-seg", "rtstruct"], default="nifti",
                         help="nifti (default; also .nrrd/.mha by suffix), dicom-seg or rtstruct (DICOM input only)")
     parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID when the DICOM folder holds several")
-    parser.add_argument("--batch-size", type=int, help="slices (2D) or windows (3D) per forward pass")
-    parser.add_argument("--overlap", type=float, default=0.5, help="3D sliding-window overlap along z (0..1)")
+    parser.add_argument("--batch-size", type=positive_int, help="slices (2D) or windows (3D) per forward pass")
+    parser.add_argument("--overlap", type=overlap_fraction, default=0.5, help="3D sliding-window overlap along z (0..1)")
     parser.add_argument("--force", action="store_true", help="predict even if the input does not look like CT")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -107,8 +109,6 @@ def run(args: argparse.Namespace) -> int:
                              "a DICOM folder", args.input)
         if not name.endswith(".dcm"):
             raise CtsegError(f"--output-type {out_type} writes a DICOM file: use a .dcm name", args.output)
-    if not 0.0 <= args.overlap < 1.0:
-        raise CtsegError(f"--overlap must be in [0, 1), got {args.overlap}")
     outputs = [args.output] + [p for p in (args.probabilities, args.stats) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise CtsegError("output, --probabilities and --stats must be different files")
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     models = [load_trained(run_dir, device) for run_dir in args.model]
     volume = _read_input(args)
     for warning in check_hu_plausibility(volume):
-        console.print(f"[yellow]warning:[/] {args.input}: {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(str(args.input))}: {escape(str(warning))}", highlight=False)
     reason = _looks_like_mr(volume)
     if reason and not args.force:
         raise CtsegError(f"does not look like CT in Hounsfield units: {reason}. Pass --force to segment anyway",
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                   "ensemble_agreement": result.agreement, "structures": stats}
         atomic_write_text(args.stats, json.dumps(report, indent=1))
 
-    table = Table(title=f"{args.output} ({out_type})")
+    table = Table(title=f"{escape(str(args.output))} ({out_type})")
     for col in ("structure", "volume mL", "axial diameter mm", "components", "mean HU", "cut off"):
         table.add_column(col, justify="left" if col == "structure" else "right")
     for struct, m in stats.items():

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._types import seed_int
 from ctseg.config import ExperimentConfig, load_config, save_config
 from ctseg.errors import CtsegError
 
@@ -18,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="dataset folder (KiTS19, CHAOS CT or nnU-Net raw layout)")
     parser.add_argument("--out", type=Path, required=True, help="cache folder to create or update")
     parser.add_argument("--config", type=Path, help="experiment config YAML (default: built-in defaults)")
-    parser.add_argument("--seed", type=int, help="seed for the random subset (default: the config's seed)")
+    parser.add_argument("--seed", type=seed_int, help="seed for the random subset (default: the config's seed)")
     parser.add_argument("--layout", choices=["auto", "kits19", "chaos", "nnunet"],
                         help="dataset layout (default: the config's data.layout)")
     parser.add_argument("--train-ids", type=Path, metavar="FILE",
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     save_config(cfg, args.out / "config.yaml")
 
     plan = report.plan
-    table = Table(title=f"preprocessed cache {args.out}", show_header=False)
+    table = Table(title=f"preprocessed cache {escape(str(args.out))}", show_header=False)
     table.add_row("cases", f"{len(report.built)} built, {len(report.skipped)} up to date"
                   + (f", {len(report.repaired)} corrupted and rebuilt" if report.repaired else ""))
     window = f"{plan.mode} [{plan.lower:.1f}, {plan.upper:.1f}] HU"

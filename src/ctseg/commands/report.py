@@ -5,8 +5,10 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._types import positive_float
 from ctseg.errors import CtsegError
 
 HELP = "write results tables, plots and report/index.html from finished cross-validation / stack / experiment folders"
@@ -17,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folders of `ctseg cv`, `ctseg stack` or `ctseg experiment`, or results.json files")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.* , plots/ and report/")
     parser.add_argument("--title", default="ctseg results")
-    parser.add_argument("--thickness-groups", type=float, nargs="+", metavar="MM",
+    parser.add_argument("--thickness-groups", type=positive_float, nargs="+", metavar="MM",
                         help="upper edges of the slice-thickness groups in mm (default 1.5 3)")
 
 
@@ -72,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
     html = write_report(records, args.out, log_csvs=curves, title=args.title,
                         thickness_edges_mm=args.thickness_groups or DEFAULT_THICKNESS_EDGES_MM)
     console.print(summary_table(records))
-    console.print(f"report: [bold]{html}[/]")
+    console.print(f"report: [bold]{escape(str(html))}[/]")
     return 0

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ctseg.augment import build_augmenter
+from ctseg.commands._types import positive_int, seed_int
 from ctseg.augment.ctia import (
     add_noise,
     cwvrs_map,
@@ -43,10 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS])
     parser.add_argument("--aug", default="ctia", choices=["ctia", "mia"], help="pipeline to show (default ctia)")
     parser.add_argument("--out", required=True, help="output PNG file")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the case choice and the augmentation")
-    parser.add_argument("--n", type=int, default=4, help="number of slices in the original/augmented grid")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed for the case choice and the augmentation")
+    parser.add_argument("--n", type=positive_int, default=4, help="number of slices in the original/augmented grid")
     parser.add_argument("--case", default=None, help="case id (default: one drawn with --seed)")
-    parser.add_argument("--slices", type=int, default=16, help="contiguous slices in the stack (default 16)")
+    parser.add_argument("--slices", type=positive_int, default=16, help="contiguous slices in the stack (default 16)")
     parser.add_argument("--config", default=None, help="experiment YAML (preprocess and augment sections are used)")
 
 
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
-    console.print(f"wrote {out}")
+    console.print(f"wrote {escape(str(out))}")
     return 0
 
 
