@@ -141,6 +141,8 @@ def choose_dicom_series(folder: str | Path, series_uid: str | None = None) -> Se
         raise CtsegError("no DICOM image files found", folder)
     listing = "\n".join(f"  {s}" for s in series)
     if series_uid is None:
+        if len(series) > 1 and all(len(s.files) == 1 for s in series):
+            return _one_slice_series_as_one(series, folder)
         if len(series) > 1:
             raise CtsegError(f"{len(series)} DICOM series found; choose one by SeriesInstanceUID "
                              f"(ctseg predict: --series UID):\n{listing}", folder)
@@ -149,6 +151,16 @@ def choose_dicom_series(folder: str | Path, series_uid: str | None = None) -> Se
     if not matches:
         raise CtsegError(f"no series with SeriesInstanceUID {series_uid!r}; found:\n{listing}", folder)
     return matches[0]
+
+
+def _one_slice_series_as_one(series: list[SeriesInfo], folder: Path) -> SeriesInfo:
+    """Single-slice "series" (CHAOS gives every file its own SeriesInstanceUID) read as one volume, as the
+    CHAOS dataset reader does; `read_dicom_files` then checks that they share orientation, size and pixel
+    spacing and stack at regular positions, and refuses them (naming the file) otherwise."""
+    log.warning("%s: %d single-slice series (one SeriesInstanceUID per file, as in CHAOS) are read as one "
+                "volume", folder, len(series))
+    files = sorted(f for s in series for f in s.files)
+    return SeriesInfo("", files, f"{len(series)} single-slice series stacked", series[0].modality, None)
 
 
 def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:

@@ -49,7 +49,28 @@ def parse_classes(text: str) -> dict[int, str]:
             classes[int(value)] = name.strip()
     except ValueError:
         raise CtsegError(f"--classes: expected kits, chaos or 'VALUE=NAME,...', got {text!r}") from None
+    if len(classes) < 2 or any(v < 0 or v > 255 for v in classes):
+        raise CtsegError(f"--classes: give at least one foreground class with a value in 1..255, got {text!r}")
     return classes
+
+
+def check_label_values(array, classes: dict[int, str], path: Path, role: str) -> None:
+    """Refuse a label map whose values are not whole numbers among `classes` (a CT image, probabilities,
+    or another dataset's labels would otherwise score Dice 0 without a word)."""
+    import numpy as np
+
+    lo, hi = float(array.min()), float(array.max())
+    if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        raise CtsegError(f"{role} holds non-integer values ({lo:g}..{hi:g}): a label map has whole class values "
+                         "(is this an image or a probability map?)", path)
+    if lo < 0 or hi > max(classes):
+        raise CtsegError(f"{role} holds values {lo:g}..{hi:g} outside the classes {sorted(classes)} (a CT image, "
+                         "or another dataset's labels? see --classes)", path)
+    present = np.flatnonzero(np.bincount(array.astype(np.int64, copy=False).ravel(), minlength=1))
+    unknown = sorted(set(present.tolist()) - set(classes))
+    if unknown:
+        raise CtsegError(f"{role} holds values {unknown} that are not among the classes {sorted(classes)} "
+                         "(see --classes)", path)
 
 
 def _case_id(path: Path) -> str:
@@ -97,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     records = []
     for case_id, pred_path, ref_path in _pairs(args.pred, args.ref):
         ref, pred = read_volume(ref_path), read_volume(pred_path)
+        check_label_values(ref.array, classes, ref_path, "reference")
+        check_label_values(pred.array, classes, pred_path, "prediction")
         if not pred.same_geometry(ref):
             log.warning("%s: prediction is not on the reference grid; resampled by nearest neighbour", pred_path)
             pred = resample_to(pred, ref, order=0)

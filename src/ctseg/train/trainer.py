@@ -78,6 +78,25 @@ class TrainedModel:
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
+class TrainingDiverged(CtsegError):
+    """The training loss became NaN or infinite; run.json gets status "diverged"."""
+
+
+def _check_loss_finite(mean_loss: float, epoch: int, lr: float) -> None:
+    if not math.isfinite(mean_loss):
+        raise TrainingDiverged(f"training diverged: the mean loss of epoch {epoch + 1} is {mean_loss}; the weights "
+                               f"of that epoch were not saved. Lower train.lr (now {lr:g}) or check the data")
+
+
+def _final_status(err: BaseException) -> str:
+    """run.json status for a training that ended with `err`."""
+    if isinstance(err, TrainingDiverged):
+        return "diverged"
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    return "failed"
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for k, v in d.items():
@@ -411,6 +430,7 @@ class Trainer:
                         bar.update(task, advance=1, **({"info": info} if info else {}))
                     if step + 1 == spe:
                         mean_loss = D.mean_over_ranks(float(loss_sum.item()) / spe, self.ctx)
+                        _check_loss_finite(mean_loss, epoch, self.cfg.train.lr)
                         self._end_epoch(epoch, mean_loss, time.perf_counter() - t0, tb)
         finally:
             if tb is not None:
@@ -434,8 +454,7 @@ class Trainer:
                                      f"train.batch_size_{dim}, or use --amp bf16") from None
             except BaseException as err:
                 if self.ctx.is_main:
-                    self._write_run_json("interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                                         f"{type(err).__name__}: {err}")
+                    self._write_run_json(_final_status(err), f"{type(err).__name__}: {err}")
                 raise
             if self.ctx.is_main:
                 self._write_run_json("completed")
@@ -495,7 +514,21 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> Tra
     weights_path = run_dir / "model_best.pt"
     if not weights_path.is_file():
         raise CtsegError("model_best.pt is missing (training stopped before its first epoch ended?)", run_dir)
+    if num_classes != len(classes) or num_classes < 2:
+        raise CtsegError(f"run.json declares num_classes {num_classes} but {len(classes)} classes {classes}",
+                         info_path)
+    if dataset_classes and info["target"] == "multiclass" and dataset_classes != classes:
+        raise CtsegError(f"run.json: a multiclass model's classes {classes} differ from its dataset classes "
+                         f"{dataset_classes}", info_path)
+    status = info.get("status")
+    if status not in ("completed", "finished"):
+        log.warning("%s: the training run's status is %r, not 'completed': its weights may be unfinished",
+                    run_dir, status)
     weights = load_state_dict_file(weights_path)
+    bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise CtsegError(f"weights contain NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}): the training "
+                         "diverged", weights_path)
     module = build_model(cfg.model, in_channels, num_classes)
     try:
         module.load_state_dict(weights)
