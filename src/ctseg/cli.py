@@ -87,7 +87,7 @@ def _os_error_message(exc: OSError) -> str:
 
 def print_error(message: object) -> None:
     """One line on stderr: 'error: MESSAGE', with rich markup in the message escaped."""
-    console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

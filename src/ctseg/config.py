@@ -257,7 +257,9 @@ def load_config(path: str | Path) -> ExperimentConfig:
     if not path.is_file():
         raise CtsegError("config file not found", path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CtsegError("not a text (UTF-8 YAML) file", path) from None
     except yaml.YAMLError as err:
         raise CtsegError(f"not valid YAML: {err}", path) from None
     if data is not None and not isinstance(data, dict):

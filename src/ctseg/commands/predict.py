@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from ctseg.errors import CtsegError
 from ctseg.staging import StagedOutputs, sweep_stale_temporaries
 
 HELP = "segment a CT volume (NIfTI / NRRD / MHA file or DICOM folder) with trained model(s)"
+
+log = logging.getLogger(__name__)
 
 _NIFTI_LIKE = (".nii.gz", ".nii", ".nrrd", ".mha")
 _IMAGE_INPUTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -146,7 +149,7 @@ def _check_ct(volume, path: Path, force: bool, console: Console) -> None:
     from ctseg.io import check_hu_plausibility
 
     for warning in check_hu_plausibility(volume):
-        console.print(f"[yellow]warning:[/] {escape(str(path))}: {escape(str(warning))}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(str(path))}: {escape(str(warning))}", highlight=False, soft_wrap=True)
     reason = _looks_like_mr(volume)
     if reason and not force:
         raise CtsegError(f"does not look like CT in Hounsfield units: {reason}. Pass --force to segment anyway",
@@ -160,6 +163,7 @@ def _predict_case(volume, input_path: Path, output: Path, models, device, args, 
     from ctseg.io import write_volume
     from ctseg.predict import predict_volume, write_probabilities
 
+    log.info("segmenting %s (%s voxels) with %d model(s)", input_path, "x".join(map(str, volume.shape)), len(models))
     result = predict_volume(volume, models, device=device, return_probabilities=probabilities is not None,
                             batch_size=args.batch_size, overlap=args.overlap, progress=progress)
     stats = measure_structures(result.label, volume, result.classes) if measure else None
@@ -299,7 +303,8 @@ def _run_folder(args: argparse.Namespace) -> int:
     cases, others = find_cases(args.input)
     _check_folder_options(args, cases, others)
     for path in others:
-        console.print(f"skipped {escape(str(path))}: not a NIfTI / NRRD / MHA file or a folder", highlight=False)
+        console.print(f"skipped {escape(str(path))}: not a NIfTI / NRRD / MHA file or a folder", highlight=False,
+                      soft_wrap=True)
     outputs = {case: args.output / _output_name(case) for case in cases}
     for out in outputs.values():
         sweep_stale_temporaries(out)
@@ -327,7 +332,7 @@ def _run_folder(args: argparse.Namespace) -> int:
                 except (CtsegError, OSError) as exc:
                     message = str(exc) if isinstance(exc, CtsegError) else f"{exc.filename}: {exc.strerror}"
                     status[case] = ("failed", message)
-                    console.print(f"[bold red]failed:[/] {escape(case.name)}: {escape(message)}", highlight=False)
+                    console.print(f"[bold red]failed:[/] {escape(case.name)}: {escape(message)}", highlight=False, soft_wrap=True)
                 else:
                     status[case] = ("done", f"{outputs[case].name} ({sum(result.seconds.values()):.1f} s)")
                     rows += _csv_rows(case, stats) if stats is not None else []
