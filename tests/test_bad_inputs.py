@@ -315,33 +315,45 @@ def test_unfinished_run_is_used_with_a_warning(tmp_path, caplog):
     assert "'running', not 'completed'" in caplog.text and str(run) in caplog.text
 
 
-def test_diverging_training_stops_with_status_diverged(tmp_path, capsys):
-    from ctseg.datasets.base import Case
+class TinyDataset:
+    """Two labelled 6 x 32 x 32 cases (`labelled=False`: test cases without labels)."""
+
+    classes = KITS
+    root = None
+
+    def __init__(self, ids=("a", "b"), labelled=True):
+        self.ids, self.labelled = list(ids), labelled
+
+    def case_ids(self):
+        return list(self.ids)
+
+    def load(self, case_id):
+        from ctseg.datasets.base import Case
+
+        hu = ct_array((6, 32, 32), seed=len(case_id)).astype(np.float32)
+        label = np.where(hu > 400, 2, np.where(hu > 100, 1, 0)).astype(np.uint8)
+        return Case(case_id, Volume(hu, (2.0, 1.0, 1.0), slice_thickness=2.0),
+                    Volume(label, (2.0, 1.0, 1.0)) if self.labelled else None,
+                    {"num_slices": 6, "spacing": (2.0, 1.0, 1.0), "slice_thickness": 2.0})
+
+    def __iter__(self):
+        return (self.load(c) for c in self.ids)
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def tiny_cache(root: Path, **kwargs) -> Path:
     from ctseg.preprocess.cache import build_cache
-
-    class Tiny:
-        classes = KITS
-        root = None
-        ids = ["a", "b"]
-
-        def case_ids(self):
-            return list(self.ids)
-
-        def load(self, case_id):
-            hu = ct_array((6, 32, 32), seed=len(case_id)).astype(np.float32)
-            return Case(case_id, Volume(hu, (2.0, 1.0, 1.0), slice_thickness=2.0),
-                        Volume(np.where(hu > 400, 2, np.where(hu > 100, 1, 0)).astype(np.uint8), (2.0, 1.0, 1.0)),
-                        {"num_slices": 6, "spacing": (2.0, 1.0, 1.0), "slice_thickness": 2.0})
-
-        def __iter__(self):
-            return (self.load(c) for c in self.ids)
-
-        def __len__(self):
-            return 2
 
     cfg = ExperimentConfig()
     cfg.preprocess.in_plane_size, cfg.preprocess.subset_size = 32, 2
-    build_cache(Tiny(), tmp_path / "cache", cfg, np.random.default_rng(0), progress=False)
+    build_cache(TinyDataset(**kwargs), root, cfg, np.random.default_rng(0), progress=False)
+    return root
+
+
+def test_diverging_training_stops_with_status_diverged(tmp_path, capsys):
+    tiny_cache(tmp_path / "cache")
     config = tmp_path / "diverge.yaml"
     config.write_text("preprocess: {in_plane_size: 32, subset_size: 2}\n"
                       "model: {arch: msd, msd: {depth: 2, max_dilation: 2}}\n"
@@ -501,3 +513,124 @@ def test_folder_predict_with_nothing_to_segment(content, message, tmp_path, mode
     err = one_line_error(capsys.readouterr().err)
     assert message in err and str(cases) in err
     assert not (tmp_path / "segs").exists()
+
+
+# --- 12.2 tracebacks become one line; 12.5 never overwrite or mix; 12.6 say what was skipped ---------------
+
+def _nnunet(root: Path, meta_bytes: bytes) -> Path:
+    write_volume(Volume(ct_array(), (2.0, 0.8, 0.8)), root / "imagesTr" / "c1_0000.nii.gz")
+    write_volume(Volume((ct_array() > 100).astype(np.uint8), (2.0, 0.8, 0.8)), root / "labelsTr" / "c1.nii.gz")
+    (root / "dataset.json").write_bytes(meta_bytes)
+    return root / "dataset.json"
+
+
+@pytest.mark.parametrize("meta, message", [
+    (b'[{"labels": {"background": 0}}]', "must hold a JSON object"),
+    (b'{"labels": {"background": 0, "kidney": 1}, "channel_names": 5, "file_ending": ".nii.gz"}',
+     '"channel_names" must map'),
+    ('{"name": "r\u00e9nal", "labels": {"background": 0, "kidney": 1}}'.encode("latin-1").replace(
+        b"\\u00e9", "\u00e9".encode("latin-1")), "not UTF-8"),
+])
+def test_nnunet_dataset_json_variants(meta, message, tmp_path, capsys):
+    path = _nnunet(tmp_path / "ds", meta)
+    assert cli_main(["inspect", str(tmp_path / "ds")]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert message in err and str(path) in err
+
+
+def test_nnunet_segmentation_without_image_is_named(tmp_path, caplog):
+    from ctseg.datasets.nnunet_raw import NnUNetRawDataset
+
+    _nnunet(tmp_path / "ds", b'{"labels": {"background": 0, "kidney": 1}, "file_ending": ".nii.gz"}')
+    orphan = tmp_path / "ds" / "labelsTr" / "c2.nii.gz"
+    orphan.write_bytes((tmp_path / "ds" / "labelsTr" / "c1.nii.gz").read_bytes())
+    assert NnUNetRawDataset(tmp_path / "ds").case_ids() == ["c1"]
+    assert str(orphan) in caplog.text and "without its image" in caplog.text
+
+
+def test_kits_folders_with_unusable_names_are_named(tmp_path, caplog):
+    from ctseg.datasets.kits19 import KiTS19Dataset
+
+    for name in ("case_00000", "case 1", "case_0000é"):
+        write_volume(Volume(ct_array(), (2.0, 0.8, 0.8)), tmp_path / name / "imaging.nii.gz")
+    assert KiTS19Dataset(tmp_path).case_ids() == ["case_00000"]
+    assert "case 1: skipped" in caplog.text and "case_0000é: skipped" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["json", "nifti"])
+def test_report_on_a_file_that_is_not_results(kind, tmp_path, capsys):
+    path = tmp_path / ("other.json" if kind == "json" else "ct.nii.gz")
+    if kind == "json":
+        path.write_text('{"a": 1}')
+    else:
+        nifti(path)
+    assert cli_main(["report", str(path), "--out", str(tmp_path / "report")]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "not a ctseg results file" in err and str(path) in err
+    assert leftovers(tmp_path / "report") == []
+
+
+def test_damaged_cache_plan_is_one_line(tmp_path, capsys):
+    root = tiny_cache(tmp_path / "cache")
+    plan = json.loads((root / "plan.json").read_text())
+    del plan["intensity_plan"]
+    (root / "plan.json").write_text(json.dumps(plan))
+    assert cli_main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "damaged" in err and str(root / "plan.json") in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cache_without_labelled_cases_says_why(tmp_path, capsys):
+    root = tiny_cache(tmp_path / "cache", labelled=False)
+    config = tmp_path / "c.yaml"
+    config.write_text("preprocess: {in_plane_size: 32, subset_size: 2}\n")
+    assert cli_main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--config", str(config),
+                     "--no-progress"]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "no training cases" in err and "2 have no label" in err and str(root) in err
+
+
+def test_killed_preprocess_temporaries_are_swept(tmp_path):
+    from ctseg.preprocess.cache import CASES_DIR
+
+    root = tiny_cache(tmp_path / "cache")
+    stale = root / CASES_DIR / ".a_image.npy.k1ll3d.tmp"
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    tiny_cache(root)
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("layout", ["bad_npy", "pickled_npy"])
+def test_broken_out_of_fold_maps_are_named(layout, tmp_path):
+    from ctseg.errors import CtsegError
+    from ctseg.models.stacking import MemberPrediction
+
+    path = tmp_path / "oof.npy"
+    if layout == "bad_npy":
+        np.save(path, np.zeros((2, 4, 8, 8), np.float16))
+        path.write_bytes(path.read_bytes()[:200])  # truncated
+    else:
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CtsegError, match="cannot read out-of-fold member map") as exc:
+        MemberPrediction("c1", "unet-2d", 0, path, frozenset()).load()
+    assert str(path) in str(exc.value)
+
+
+def test_phantom_and_preprocess_never_write_into_what_exists(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "case_00000").mkdir()
+    assert cli_main(["phantom", "--out", str(data), "--cases", "1", "--no-progress"]) == 2
+    assert "not empty" in one_line_error(capsys.readouterr().err)
+    assert sorted(p.name for p in data.iterdir()) == ["case_00000"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli_main(["phantom", "--out", str(afile), "--cases", "1", "--no-progress"]) == 2
+    assert str(afile) in one_line_error(capsys.readouterr().err)
+    assert cli_main(["preprocess", str(data), "--out", str(data), "--no-progress"]) == 2
+    assert "dataset folder" in one_line_error(capsys.readouterr().err)
+    assert cli_main(["preprocess", str(data), "--out", str(afile), "--no-progress"]) == 2
+    assert "is a file" in one_line_error(capsys.readouterr().err)
+    assert sorted(p.name for p in data.iterdir()) == ["case_00000"]

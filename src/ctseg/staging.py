@@ -45,6 +45,26 @@ def sweep_stale_temporaries(path: str | Path, min_age_s: float = 60.0) -> list[P
     return removed
 
 
+def sweep_stale_in_folder(folder: str | Path, min_age_s: float = 600.0) -> list[Path]:
+    """Remove every hidden temporary (`.tmp-*`, `.*.tmp`) directly in `folder` older than `min_age_s`
+    (a killed preprocess leaves its `.case.npy.XXXX.tmp` behind; a live one touches its file constantly)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for tmp in {*folder.glob(".tmp-*"), *folder.glob(".*.tmp")}:
+        try:
+            if tmp.is_file() and now - tmp.stat().st_mtime >= min_age_s:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue
+    for tmp in sorted(removed):
+        log.warning("removed %s, a temporary left by an earlier run that was killed", tmp)
+    return sorted(removed)
+
+
 class StagedOutputs:
     """Context manager: `tmp = staged.path_for(final)`, write `tmp`, then `staged.commit()` (see module doc)."""
 

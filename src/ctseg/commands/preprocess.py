@@ -42,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from ctseg.datasets import open_dataset
     from ctseg.preprocess.cache import build_cache
 
+    if args.out.exists() and not args.out.is_dir():
+        raise CtsegError("--out is a file; give a folder for the cache", args.out)
+    if args.dataset.exists() and args.out.resolve() == args.dataset.resolve():
+        raise CtsegError("--out is the dataset folder: the cache would be written into the dataset; give another "
+                         "folder", args.out)
     cfg = load_config(args.config) if args.config else ExperimentConfig()
     if args.seed is not None:
         cfg.seed = args.seed

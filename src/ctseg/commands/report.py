@@ -26,24 +26,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def collect(paths: list[Path]):
     """Records and training-log paths from run folders or results files."""
     from ctseg.cv import cv_log_csvs, load_cv_records
-    from ctseg.evaluate.report import load_results
 
     records, curves = [], {}
     for p in paths:
         if p.is_file():
-            records += load_results(p)
+            records += _load_results_file(p)
         elif (p / "cv.json").is_file() or (p / "stack.json").is_file():
             recs = load_cv_records(p)
             records += recs
             if recs and (p / "cv.json").is_file():
                 curves[recs[0].display] = cv_log_csvs(p)
         elif (p / "results.json").is_file():
-            records += load_results(p / "results.json")
+            records += _load_results_file(p / "results.json")
         else:
             raise CtsegError("neither a run folder (cv.json / stack.json) nor a results folder (results.json)", p)
     if not records:
         raise CtsegError("no finished folds in " + ", ".join(str(p) for p in paths))
     return records, curves
+
+
+def _load_results_file(path: Path) -> list:
+    """Records of a results JSON file; CtsegError naming it when it is not one (a NIfTI, another JSON)."""
+    from ctseg.evaluate.report import load_results
+
+    try:
+        return load_results(path)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CtsegError(f"not a ctseg results file (results.json or a per-fold results list): "
+                         f"{type(exc).__name__}: {str(exc)[:200]}", path) from None
 
 
 def summary_table(records, title: str = "Dice, paper protocol (mean ± std over volumes)") -> Table:

@@ -103,6 +103,10 @@ def _split(args, cfg: ExperimentConfig, cache, ctx) -> tuple[list[str], list[str
             folds = load_folds(path)
         test = folds.test_ids(args.fold)
     train = [cid for cid in ids if cid not in set(test) and cache.meta(cid).get("has_label", True)]
+    if not train:
+        unlabelled = sum(1 for cid in ids if not cache.meta(cid).get("has_label", True))
+        raise CtsegError(f"no training cases: of the cache's {len(ids)} case(s), {unlabelled} have no label "
+                         f"(test cases) and {len(test)} are held out by --fold", cache.root)
     return train, test
 
 

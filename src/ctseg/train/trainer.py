@@ -171,7 +171,9 @@ class Trainer:
                 raise CtsegError(f"cases both in training and validation: {', '.join(overlap[:10])}")
             self.train_ids, self.val_ids = sorted(train_ids), sorted(val_ids)
         if not self.train_ids:
-            raise CtsegError("no training cases")
+            raise CtsegError(f"no training cases: {len(train_ids)} case id(s) given for training "
+                             f"({len(self.val_ids)} held out for validation) out of the {len(known)} case(s) of the "
+                             "cache; a cache of unlabelled (test) cases cannot train", getattr(cache, "root", None))
         self.dataset_classes = {int(k): str(v) for k, v in cache.classes.items()}
         self.classes = output_classes(self.dataset_classes, cfg.model.target)
         self.num_classes = len(self.classes)
