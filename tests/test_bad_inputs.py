@@ -634,3 +634,32 @@ def test_phantom_and_preprocess_never_write_into_what_exists(tmp_path, capsys):
     assert cli_main(["preprocess", str(data), "--out", str(afile), "--no-progress"]) == 2
     assert "is a file" in one_line_error(capsys.readouterr().err)
     assert sorted(p.name for p in data.iterdir()) == ["case_00000"]
+
+
+# --- 12.4 resource guards ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting, lower", [
+    ("train: {batch_size_2d: 100000, device: cpu}", "train.batch_size_2d"),
+    ("model: {arch: msd, msd: {depth: 100000000}}\ntrain: {device: cpu}", "model.msd.depth"),
+])
+def test_training_that_cannot_fit_in_memory_is_refused(setting, lower, tmp_path, capsys):
+    root = tiny_cache(tmp_path / "cache")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"preprocess: {{in_plane_size: 32, subset_size: 2}}\n{setting}\n")
+    t0 = time.perf_counter()
+    assert cli_main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--config", str(config),
+                     "--no-progress"]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "GiB but" in err and "available" in err and lower in err
+    assert time.perf_counter() - t0 < 10
+    run_json = tmp_path / "run" / "run.json"
+    assert not run_json.exists() or json.loads(run_json.read_text())["status"] != "running"
+
+
+def test_inference_that_cannot_fit_in_memory_is_refused(tmp_path, capsys):
+    run = write_run(tmp_path / "huge", size=200_000)
+    src = nifti(tmp_path / "ct.nii.gz")
+    assert predict(src, tmp_path / "out" / "seg.nii.gz", run) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "GiB but" in err and "--batch-size" in err and str(src) in err
+    assert leftovers(tmp_path / "out") == []

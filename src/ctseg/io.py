@@ -198,7 +198,8 @@ def _read_nifti(path: Path) -> Volume:
         raise CtsegError(f"cannot read NIfTI ({type(exc).__name__}: {exc})", path) from exc
     data = _check_volume(data, path)
     warnings = _nifti_form_warnings(img, path)
-    affine_lps = _LPS_FROM_RAS @ img.affine
+    with np.errstate(invalid="ignore", over="ignore"):
+        affine_lps = _LPS_FROM_RAS @ img.affine
     if not np.isfinite(affine_lps[:3, 3]).all():
         raise CtsegError(f"the affine's origin contains NaN or infinite values: {img.affine.tolist()}", path)
     spacing_xyz, direction = usable_grid(affine_lps[:3, :3], path, "NIfTI affine")

@@ -163,6 +163,7 @@ def _predict_case(volume, input_path: Path, output: Path, models, device, args, 
     from ctseg.io import write_volume
     from ctseg.predict import predict_volume, write_probabilities
 
+    _check_inference_memory(volume, models, device, args, input_path, probabilities is not None)
     log.info("segmenting %s (%s voxels) with %d model(s)", input_path, "x".join(map(str, volume.shape)), len(models))
     result = predict_volume(volume, models, device=device, return_probabilities=probabilities is not None,
                             batch_size=args.batch_size, overlap=args.overlap, progress=progress)
@@ -188,6 +189,17 @@ def _predict_case(volume, input_path: Path, output: Path, models, device, args, 
             staged.path_for(stats_json).write_text(json.dumps(report, indent=1))
         staged.commit()
     return result, stats
+
+
+def _check_inference_memory(volume, models, device, args, input_path: Path, probabilities: bool) -> None:
+    from ctseg.resources import check_memory, inference_bytes
+
+    cfg = models[0].cfg
+    needed = inference_bytes(cfg, max(len(m.classes) for m in models), len(models), volume.shape, args.batch_size,
+                             probabilities)
+    check_memory(needed, device, f"segmenting this {'x'.join(map(str, volume.shape))} volume",
+                 "--batch-size, or use fewer --model folders" + (" or drop --probabilities" if probabilities else ""),
+                 input_path)
 
 
 def _load_models(args: argparse.Namespace):

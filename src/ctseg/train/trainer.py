@@ -88,6 +88,18 @@ def _check_loss_finite(mean_loss: float, epoch: int, lr: float) -> None:
                                f"of that epoch were not saved. Lower train.lr (now {lr:g}) or check the data")
 
 
+def _check_training_memory(cfg: ExperimentConfig, num_classes: int, device: torch.device) -> None:
+    """Refuse a configuration whose training step cannot fit in memory (`ctseg.resources`)."""
+    from ctseg.resources import check_memory, training_step_bytes
+
+    dim = cfg.model.dim
+    batch = cfg.train.batch_size_2d if dim == "2d" else cfg.train.batch_size_3d
+    size = "model.msd.depth" if cfg.model.arch == "msd" else "model.unet.base_features / n_stages"
+    check_memory(training_step_bytes(cfg, num_classes), device, f"a training step ({cfg.model.arch}-{dim}, batch {batch}, "
+                 f"{cfg.preprocess.in_plane_size} px)",
+                 f"train.batch_size_{dim}, preprocess.in_plane_size or {size}")
+
+
 def _final_status(err: BaseException) -> str:
     """run.json status for a training that ended with `err`."""
     if isinstance(err, TrainingDiverged):
@@ -220,6 +232,7 @@ class Trainer:
         self._check_labels()
 
         torch.manual_seed(cfg.seed)
+        _check_training_memory(cfg, self.num_classes, self.device)
         self.model = build_model(cfg.model, IN_CHANNELS, self.num_classes).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp == "fp16")
@@ -526,6 +539,10 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> Tra
     if status not in ("completed", "finished"):
         log.warning("%s: the training run's status is %r, not 'completed': its weights may be unfinished",
                     run_dir, status)
+    from ctseg.resources import check_memory, parameter_count
+
+    check_memory(4 * parameter_count(cfg.model, num_classes, in_channels), D.resolve_device(device),
+                 "the model described in run.json", "nothing: run.json is not a plausible model", info_path)
     weights = load_state_dict_file(weights_path)
     bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if bad:
