@@ -663,3 +663,19 @@ def test_inference_that_cannot_fit_in_memory_is_refused(tmp_path, capsys):
     err = one_line_error(capsys.readouterr().err)
     assert "GiB but" in err and "--batch-size" in err and str(src) in err
     assert leftovers(tmp_path / "out") == []
+
+
+def test_outputs_follow_the_umask(tmp_path, model):
+    from ctseg.config import save_config
+    from ctseg.train.checkpoint import atomic_torch_save
+
+    previous = os.umask(0o027)
+    try:
+        save_config(ExperimentConfig(), tmp_path / "config.yaml")
+        atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "model.pt")
+        assert predict(nifti(tmp_path / "ct.nii.gz"), tmp_path / "seg.nii.gz", model,
+                       "--stats", str(tmp_path / "stats.json")) == 0
+    finally:
+        os.umask(previous)
+    for name in ("config.yaml", "model.pt", "seg.nii.gz", "stats.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name

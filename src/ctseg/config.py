@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ctseg.errors import CtsegError
+from ctseg.staging import follow_umask
 
 
 class _Section(BaseModel):
@@ -276,6 +277,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    follow_umask(fd)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

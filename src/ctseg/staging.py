@@ -9,7 +9,8 @@ failed step never leaves a half-done set (e.g. a label map without its statistic
 A run killed with SIGKILL cannot clean up; `sweep_stale_temporaries(path)` removes the temporaries
 of `path` that such runs left (both the `.tmp-<hex>-<name>` and the `.<name>.<random>.tmp` pattern)
 once they are older than `min_age_s`, so that a concurrent writer's fresh temporary is never touched.
-Temporary files are created with plain `open`, so they (and the outputs) follow the user's umask.
+Temporary files are created with plain `open`, so they (and the outputs) follow the user's umask;
+`follow_umask` gives files made by `tempfile.mkstemp` (mode 0600) the same mode.
 """
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _STALE_PATTERNS = (".tmp-*-{name}", ".{name}.*.tmp")
+
+
+def follow_umask(fd: int) -> None:
+    """Give a file made by `tempfile.mkstemp` (always mode 0600) the mode a plain `open` would give it
+    under the user's umask, so that renamed outputs (runs, caches, PNGs, JSON) are as readable as the rest."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
 
 
 def sweep_stale_temporaries(path: str | Path, min_age_s: float = 60.0) -> list[Path]:

@@ -19,7 +19,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from ctseg.augment import build_augmenter
-from ctseg.commands._types import positive_int, seed_int
 from ctseg.augment.ctia import (
     add_noise,
     cwvrs_map,
@@ -31,9 +30,11 @@ from ctseg.augment.ctia import (
     sample_random_window,
     sample_rotation,
 )
+from ctseg.commands._types import positive_int, seed_int
 from ctseg.config import AugmentConfig, ExperimentConfig, load_config
 from ctseg.datasets import LAYOUTS, open_dataset
 from ctseg.errors import CtsegError
+from ctseg.staging import follow_umask
 
 HELP = "PNG grid of original vs augmented slices (CTIA or MIA) with label contours, one panel per CTIA transform"
 
@@ -140,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    follow_umask(fd)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)

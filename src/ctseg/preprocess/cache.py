@@ -38,7 +38,7 @@ from ctseg.datasets.base import Case
 from ctseg.errors import CtsegError
 from ctseg.preprocess.slices import InPlaneResize, foreground_slices, preprocess_label, preprocess_volume
 from ctseg.preprocess.windowing import IntensityPlan, compute_intensity_plan, draw_subset
-from ctseg.staging import sweep_stale_in_folder
+from ctseg.staging import follow_umask, sweep_stale_in_folder
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,7 @@ def _case_state(cases_dir: Path, case_id: str, fingerprint: str) -> str:
 
 def _tmp_name(final: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    follow_umask(fd)
     os.close(fd)
     return Path(tmp)
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ctseg.errors import CtsegError
+from ctseg.staging import follow_umask
 
 CHECKPOINT_FORMAT = "ctseg.train.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -30,6 +31,7 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    follow_umask(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
