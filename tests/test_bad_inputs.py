@@ -33,19 +33,22 @@ PLAN = IntensityPlan(mode="custom", lower=-1000.0, upper=1000.0, mean=0.0, std=1
 # --- builders ---------------------------------------------------------------------------------------------
 
 def write_run(path: Path, classes=KITS, size: int = 32, status: str = "completed", weights_fn=None,
-              num_classes: int | None = None) -> Path:
+              num_classes: int | None = None, config_fn=None) -> Path:
     """A model folder as `ctseg train` writes it: a 2D MS-D Net (depth 2) whose 1x1 output convolution
     thresholds the input at 100 and 400 HU (z-scored: 1 and 4)."""
     cfg = ExperimentConfig()
     cfg.model.arch, cfg.model.dim = "msd", "2d"
     cfg.model.msd.depth = 2
     cfg.preprocess.in_plane_size = size
+    if config_fn is not None:
+        config_fn(cfg)
     n_out = num_classes or len(classes)
     net = build_model(cfg.model, 1, n_out)
-    with torch.no_grad():
-        net.final.weight.zero_()
-        net.final.weight[:3, :1] = torch.tensor([0.0, 20.0, 40.0]).view(-1, 1, 1, 1)[:n_out]
-        net.final.bias[:3].copy_(torch.tensor([0.0, -20.0, -100.0])[:n_out])
+    if cfg.model.arch == "msd":
+        with torch.no_grad():
+            net.final.weight.zero_()
+            net.final.weight[:3, :1] = torch.tensor([0.0, 20.0, 40.0]).view(-1, 1, 1, 1)[:n_out]
+            net.final.bias[:3].copy_(torch.tensor([0.0, -20.0, -100.0])[:n_out])
     state = net.state_dict()
     if weights_fn is not None:
         weights_fn(state)
@@ -291,6 +294,10 @@ def test_chaos_mask_out_of_pattern_or_duplicate_is_refused(tmp_path):
 
 # --- 12.1 models that contradict their weights or diverged --------------------------------------------------
 
+def _small_unet(cfg):
+    cfg.model.arch, cfg.model.unet.n_stages, cfg.model.unet.base_features = "unet", 3, 2
+
+
 def _nan_weights(state):
     next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
 
@@ -299,6 +306,9 @@ def _nan_weights(state):
     ({"weights_fn": _nan_weights}, "NaN or infinite", "model_best.pt"),
     ({"num_classes": 7}, "num_classes 7", "run.json"),
     ({"classes": {**KITS, 3: "cyst", 299: "x"}, "num_classes": 3}, "num_classes 3", "run.json"),
+    ({"config_fn": _small_unet, "size": 30}, "not divisible by the U-Net's stride 4", "run.json"),
+    ({"config_fn": lambda cfg: setattr(cfg.data, "task", "liver")}, "a liver config trained on other labels",
+     "run.json"),
 ])
 def test_models_contradicting_their_weights_are_refused(kwargs, message, where, tmp_path, capsys):
     run = write_run(tmp_path / "bad", **kwargs)

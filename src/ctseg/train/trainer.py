@@ -100,6 +100,32 @@ def _check_training_memory(cfg: ExperimentConfig, num_classes: int, device: torc
                  f"train.batch_size_{dim}, preprocess.in_plane_size or {size}")
 
 
+_TASK_ORGANS = {"kidney": "kidney", "liver": "liver"}
+
+
+def _check_model_metadata(cfg: ExperimentConfig, classes: dict[int, str], info_path: Path) -> None:
+    """Refuse run.json settings that contradict the network or the data: a U-Net whose in-plane size (or 3D
+    stack) is not divisible by its total stride, or a config whose task names an organ that its classes lack
+    while they hold the other task's organ (a liver config trained on kidney labels)."""
+    m = cfg.model
+    if m.arch == "unet":
+        stride = 2 ** (m.unet.n_stages - 1)
+        if cfg.preprocess.in_plane_size % stride:
+            raise CtsegError(f"in_plane_size {cfg.preprocess.in_plane_size} is not divisible by the U-Net's stride "
+                             f"{stride} ({m.unet.n_stages} stages): these weights were not trained at this size",
+                             info_path)
+        z_stride = 2 ** min(m.unet.z_pool_stages, m.unet.n_stages - 1)
+        if m.dim == "3d" and cfg.preprocess.num_slices % z_stride:
+            raise CtsegError(f"num_slices {cfg.preprocess.num_slices} is not divisible by the 3D U-Net's z stride "
+                             f"{z_stride}", info_path)
+    names = {str(v).lower() for v in classes.values()}
+    own = _TASK_ORGANS[cfg.data.task]
+    others = {o for t, o in _TASK_ORGANS.items() if t != cfg.data.task}
+    if own not in names and names & others:
+        raise CtsegError(f"config says data.task {cfg.data.task!r} but the classes are {sorted(names)}: a "
+                         f"{cfg.data.task} config trained on other labels", info_path)
+
+
 def _final_status(err: BaseException) -> str:
     """run.json status for a training that ended with `err`."""
     if isinstance(err, TrainingDiverged):
@@ -535,6 +561,7 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> Tra
     if dataset_classes and info["target"] == "multiclass" and dataset_classes != classes:
         raise CtsegError(f"run.json: a multiclass model's classes {classes} differ from its dataset classes "
                          f"{dataset_classes}", info_path)
+    _check_model_metadata(cfg, dataset_classes or classes, info_path)
     status = info.get("status")
     if status not in ("completed", "finished"):
         log.warning("%s: the training run's status is %r, not 'completed': its weights may be unfinished",
