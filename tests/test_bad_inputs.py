@@ -689,3 +689,27 @@ def test_outputs_follow_the_umask(tmp_path, model):
         os.umask(previous)
     for name in ("config.yaml", "model.pt", "seg.nii.gz", "stats.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+_FULL_DISK_SCRIPT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+from ctseg.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_full_disk_during_predict_is_one_line_and_leaves_nothing(tmp_path, model):
+    """A file-size limit makes every write past 1500 bytes fail, as a full disk (ENOSPC) would."""
+    src = nifti(tmp_path / "ct.nii.gz")
+    out_dir = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, "1500", "predict", "-i", str(src), "-o",
+                           str(out_dir / "seg.nii.gz"), "--probabilities", str(out_dir / "p.nii.gz"), "--stats",
+                           str(out_dir / "stats.json"), "--model", str(model), "--device", "cpu", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = one_line_error(proc.stderr)
+    assert "File too large" in err and str(out_dir) in err
+    assert leftovers(out_dir) == []

@@ -20,6 +20,9 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
+
+from ctseg.errors import CtsegError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,8 @@ def sweep_stale_in_folder(folder: str | Path, min_age_s: float = 600.0) -> list[
 
 
 class StagedOutputs:
-    """Context manager: `tmp = staged.path_for(final)`, write `tmp`, then `staged.commit()` (see module doc)."""
+    """Context manager: `staged.write(final, writer)` (or `tmp = staged.path_for(final)` and write `tmp`)
+    for every output, then `staged.commit()` (see module doc)."""
 
     def __init__(self) -> None:
         self._pending: dict[Path, Path] = {}
@@ -85,6 +89,14 @@ class StagedOutputs:
         tmp = final.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{final.name}")
         self._pending[final] = tmp
         return tmp
+
+    def write(self, final: str | Path, writer: Callable[[Path], object]) -> None:
+        """`writer(tmp)` for the temporary of `final`; an OSError (disk full, ...) becomes a CtsegError naming
+        `final`."""
+        try:
+            writer(self.path_for(final))
+        except OSError as exc:
+            raise CtsegError(f"cannot write ({exc.strerror or exc})", final) from exc
 
     def commit(self) -> None:
         """Rename every written temporary to its final path."""

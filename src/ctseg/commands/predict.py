@@ -170,23 +170,25 @@ def _predict_case(volume, input_path: Path, output: Path, models, device, args, 
     stats = measure_structures(result.label, volume, result.classes) if measure else None
     with StagedOutputs() as staged:
         if args.output_type == "nifti":
-            write_volume(result.label, staged.path_for(output))
+            staged.write(output, lambda tmp: write_volume(result.label, tmp))
         elif args.output_type == "dicom-seg":
             from ctseg.export import write_dicom_seg
 
-            write_dicom_seg(result.label, input_path, staged.path_for(output), result.classes, args.series)
+            staged.write(output, lambda tmp: write_dicom_seg(result.label, input_path, tmp, result.classes,
+                                                             args.series))
         else:
             from ctseg.export import write_rtstruct
 
-            write_rtstruct(result.label, input_path, staged.path_for(output), result.classes, args.series)
+            staged.write(output, lambda tmp: write_rtstruct(result.label, input_path, tmp, result.classes,
+                                                            args.series))
         if probabilities is not None:
-            write_probabilities(result, staged.path_for(probabilities))
+            staged.write(probabilities, lambda tmp: write_probabilities(result, tmp))
         if stats_json is not None:
             report = {"input": str(input_path), "models": [str(m) for m in args.model],
                       "shape_zyx": list(volume.shape), "spacing_zyx_mm": list(volume.spacing),
                       "classes": {str(k): v for k, v in result.classes.items()},
                       "ensemble_agreement": result.agreement, "structures": stats}
-            staged.path_for(stats_json).write_text(json.dumps(report, indent=1))
+            staged.write(stats_json, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
         staged.commit()
     return result, stats
 
@@ -362,11 +364,14 @@ def _csv_rows(case: Path, stats: dict) -> list[dict]:
 def _write_csv(path: Path, rows: list[dict]) -> None:
     import csv
 
-    with StagedOutputs() as staged:
-        with open(staged.path_for(path), "w", newline="") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=_CSV_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+
+    with StagedOutputs() as staged:
+        staged.write(path, write)
         staged.commit()
 
 

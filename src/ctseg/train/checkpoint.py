@@ -38,6 +38,10 @@ def atomic_torch_save(obj, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        raise CtsegError(f"cannot write ({getattr(exc, 'strerror', None) or str(exc).splitlines()[0]})",
+                         path) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
