@@ -713,3 +713,28 @@ def test_full_disk_during_predict_is_one_line_and_leaves_nothing(tmp_path, model
     err = one_line_error(proc.stderr)
     assert "File too large" in err and str(out_dir) in err
     assert leftovers(out_dir) == []
+
+
+def test_sigterm_during_training_leaves_a_final_status(tmp_path):
+    root = tiny_cache(tmp_path / "cache")
+    config = tmp_path / "c.yaml"
+    config.write_text("preprocess: {in_plane_size: 32, subset_size: 2}\n"
+                      "model: {arch: msd, msd: {depth: 2, max_dilation: 2}}\n"
+                      "train: {epochs: 1000, steps_per_epoch: 2, batch_size_2d: 2, val_fraction: 0.0, device: cpu}\n")
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _SIGNAL_SCRIPT, "-v", "train", "--data", str(root), "--out",
+                             str(run), "--config", str(config), "--no-progress"], stderr=subprocess.PIPE, text=True,
+                            env=env)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "epoch 2:" in line:
+            break
+    assert proc.poll() is None, "".join(seen)
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 143, "".join(seen) + rest
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
