@@ -738,3 +738,15 @@ def test_sigterm_during_training_leaves_a_final_status(tmp_path):
     assert proc.wait(timeout=60) == 143, "".join(seen) + rest
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_folder_and_file_modes_point_to_each_other(tmp_path, model, capsys):
+    series = dicom(tmp_path / "series")
+    assert predict(series, tmp_path / "segs", model) == 2
+    assert "one DICOM series" in one_line_error(capsys.readouterr().err)
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    nifti(cases / "a.nii.gz")
+    assert predict(cases, tmp_path / "seg.nii.gz", model) == 2
+    assert "give -o a folder" in one_line_error(capsys.readouterr().err)
+    assert predict(series, tmp_path / "seg.nii.gz", model) == 0

@@ -122,9 +122,12 @@ def _check_single_options(args: argparse.Namespace) -> None:
 
 
 def _read_input(path: Path, series: str | None):
-    from ctseg.io import read_dicom_series, read_volume
+    from ctseg.io import list_dicom_series, read_dicom_series, read_volume
 
     if path.is_dir():
+        if any(p.name.lower().endswith(_IMAGE_INPUTS) for p in path.iterdir()) and not list_dicom_series(path):
+            raise CtsegError("no DICOM series here, but image files: to segment a folder of cases give -o a "
+                             "folder", path)
         return read_dicom_series(path, series)
     if series is not None:
         raise CtsegError("--series applies to a DICOM folder only", path)
@@ -297,6 +300,12 @@ def _check_folder_options(args: argparse.Namespace, cases: list[Path], others: l
         raise CtsegError("output is a file; for a folder of cases give a folder", args.output)
     if args.output.resolve() == args.input.resolve():
         raise CtsegError("output folder is the input folder; give another folder", args.output)
+    if not cases and others:
+        from ctseg.io import list_dicom_series
+
+        if list_dicom_series(args.input):
+            raise CtsegError("this folder is one DICOM series, not a folder of cases: give -o a file name "
+                             "(e.g. seg.nii.gz)", args.input)
     if not cases:
         listing = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
         found = f"; found only {len(others)} other file(s): {listing}" if others else " (the folder is empty)"
