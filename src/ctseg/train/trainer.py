@@ -105,8 +105,8 @@ _TASK_ORGANS = {"kidney": "kidney", "liver": "liver"}
 
 def _check_model_metadata(cfg: ExperimentConfig, classes: dict[int, str], info_path: Path) -> None:
     """Refuse run.json settings that contradict the network or the data: a U-Net whose in-plane size (or 3D
-    stack) is not divisible by its total stride, or a config whose task names an organ that its classes lack
-    while they hold the other task's organ (a liver config trained on kidney labels)."""
+    stack) is not divisible by its total stride, or a liver config (data.task) whose classes hold the kidney
+    but no liver (a liver config trained on kidney labels)."""
     m = cfg.model
     if m.arch == "unet":
         stride = 2 ** (m.unet.n_stages - 1)
@@ -121,7 +121,8 @@ def _check_model_metadata(cfg: ExperimentConfig, classes: dict[int, str], info_p
     names = {str(v).lower() for v in classes.values()}
     own = _TASK_ORGANS[cfg.data.task]
     others = {o for t, o in _TASK_ORGANS.items() if t != cfg.data.task}
-    if own not in names and names & others:
+    # only the non-default task is checked: "kidney" is the default, also left in configs of other datasets
+    if cfg.data.task != "kidney" and own not in names and names & others:
         raise CtsegError(f"config says data.task {cfg.data.task!r} but the classes are {sorted(names)}: a "
                          f"{cfg.data.task} config trained on other labels", info_path)
 
