@@ -215,8 +215,8 @@ def _read_nifti(path: Path) -> Volume:
 def _nifti_form_warnings(img: nib.Nifti1Image | nib.Nifti2Image, path: Path) -> list[str]:
     """A warning (logged and returned) when qform and sform are both set and place voxels differently.
 
-    The affine used is nibabel's (and ITK's, for orthogonal forms): the sform when its code is > 0,
-    else the qform; the warning says which, so that a user can fix the other.
+    The affine used is nibabel's: the sform when its code is > 0, else the qform; the warning says
+    which, and by how much the two place the volume's corners apart, so that a user can fix the other.
     """
     header = img.header
     qcode, scode = int(header["qform_code"]), int(header["sform_code"])
@@ -226,10 +226,11 @@ def _nifti_form_warnings(img: nib.Nifti1Image | nib.Nifti2Image, path: Path) -> 
         qform, sform = header.get_qform(), header.get_sform()
     if np.isfinite(qform).all() and np.isfinite(sform).all() and np.allclose(qform, sform, atol=1e-3):
         return []
-    corners = np.array([[0, 0, 0, 1], [*np.array(img.shape[:3]) - 1, 1]], dtype=np.float64).T
+    corners = np.array([[*c, 1] for c in itertools.product(*[(0, n - 1) for n in img.shape[:3]])],
+                       dtype=np.float64).T
     shift = float(np.abs(qform @ corners - sform @ corners).max()) if np.isfinite(qform).all() else float("nan")
     message = (f"qform (code {qcode}) and sform (code {scode}) disagree (voxel positions differ by up to "
-               f"{shift:.2f} mm); using the sform, as nibabel and ITK do")
+               f"{shift:.2f} mm); using the sform, as nibabel does; fix the qform or set its code to 0")
     log.warning("%s: %s", path, message)
     return [message]
 
