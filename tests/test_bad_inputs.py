@@ -750,3 +750,22 @@ def test_folder_and_file_modes_point_to_each_other(tmp_path, model, capsys):
     assert predict(cases, tmp_path / "seg.nii.gz", model) == 2
     assert "give -o a folder" in one_line_error(capsys.readouterr().err)
     assert predict(series, tmp_path / "seg.nii.gz", model) == 0
+
+
+def test_full_disk_during_training_names_the_file_and_records_failed(tmp_path):
+    """Under a 10 kB file-size limit run.json (4 kB) and the weights (3 kB) fit, checkpoint.pt (24 kB) does not."""
+    root = tiny_cache(tmp_path / "cache")
+    config = tmp_path / "c.yaml"
+    config.write_text("preprocess: {in_plane_size: 32, subset_size: 2}\n"
+                      "model: {arch: msd, msd: {depth: 2, max_dilation: 2}}\n"
+                      "train: {epochs: 1, steps_per_epoch: 1, batch_size_2d: 2, device: cpu}\n")
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, "10000", "train", "--data", str(root), "--out",
+                           str(run), "--config", str(config), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = one_line_error(proc.stderr)
+    assert str(run / "checkpoint.pt") in err and "cannot write" in err
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]

@@ -496,7 +496,11 @@ class Trainer:
                                      f"train.batch_size_{dim}, or use --amp bf16") from None
             except BaseException as err:
                 if self.ctx.is_main:
-                    self._write_run_json(_final_status(err), f"{type(err).__name__}: {err}")
+                    try:
+                        self._write_run_json(_final_status(err), f"{type(err).__name__}: {err}")
+                    except OSError as write_err:  # e.g. the disk that stopped training is still full
+                        log.error("%s: could not record the final status %r (%s)", self.out_dir / "run.json",
+                                  _final_status(err), write_err)
                 raise
             if self.ctx.is_main:
                 self._write_run_json("completed")
