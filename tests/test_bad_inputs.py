@@ -563,8 +563,11 @@ def test_kits_folders_with_unusable_names_are_named(tmp_path, caplog):
 
     for name in ("case_00000", "case 1", "case_0000é"):
         write_volume(Volume(ct_array(), (2.0, 0.8, 0.8)), tmp_path / name / "imaging.nii.gz")
+    write_volume(Volume(np.zeros((8, 24, 24), np.uint8), (2.0, 0.8, 0.8)),
+                 tmp_path / "case_00002" / "segmentation.nii.gz")
     assert KiTS19Dataset(tmp_path).case_ids() == ["case_00000"]
     assert "case 1: skipped" in caplog.text and "case_0000é: skipped" in caplog.text
+    assert "case_00002/segmentation.nii.gz: skipped: a segmentation without imaging.nii.gz" in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["json", "nifti"])

@@ -29,6 +29,9 @@ def _case_dirs(root: Path) -> list[Path]:
         for p in with_image:
             if not _CASE.match(p.name):
                 log.warning("%s: skipped: KiTS19 case folders are named case_NNNNN (five digits, ASCII)", p)
+        for p in sorted(root.iterdir()):
+            if p.is_dir() and (p / "segmentation.nii.gz").is_file() and not (p / "imaging.nii.gz").is_file():
+                log.warning("%s: skipped: a segmentation without imaging.nii.gz", p / "segmentation.nii.gz")
     return cases
 
 
