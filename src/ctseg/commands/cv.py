@@ -37,5 +37,6 @@ def run(args: argparse.Namespace) -> int:
                      device=args.device, progress=not args.no_progress)
     folds = sorted({r.fold for r in records})
     console.print(summary_table(records, f"{ident.name}: folds {folds}, Dice (paper protocol)"))
-    console.print(f"per-fold results: {escape(str(args.out))}/fold_*/results.json; report: `ctseg report {escape(str(args.out))} --out DIR`")
+    out = escape(str(args.out))
+    console.print(f"per-fold results: {out}/fold_*/results.json; report: `ctseg report {out} --out DIR`")
     return 0

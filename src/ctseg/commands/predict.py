@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nifti (default; also .nrrd/.mha by suffix), dicom-seg or rtstruct (DICOM input only)")
     parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID when the DICOM folder holds several")
     parser.add_argument("--batch-size", type=positive_int, help="slices (2D) or windows (3D) per forward pass")
-    parser.add_argument("--overlap", type=overlap_fraction, default=0.5, help="3D sliding-window overlap along z (0..1)")
+    parser.add_argument("--overlap", type=overlap_fraction, default=0.5,
+                        help="3D sliding-window overlap along z (0..1)")
     parser.add_argument("--force", action="store_true", help="predict even if the input does not look like CT")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -152,7 +153,8 @@ def _check_ct(volume, path: Path, force: bool, console: Console) -> None:
     from ctseg.io import check_hu_plausibility
 
     for warning in check_hu_plausibility(volume):
-        console.print(f"[yellow]warning:[/] {escape(str(path))}: {escape(str(warning))}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(str(path))}: {escape(str(warning))}", highlight=False,
+                      soft_wrap=True)
     reason = _looks_like_mr(volume)
     if reason and not force:
         raise CtsegError(f"does not look like CT in Hounsfield units: {reason}. Pass --force to segment anyway",
@@ -337,8 +339,9 @@ def _run_folder(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     if todo:
         device, models = _load_models(args)
-        with ThreadPoolExecutor(max_workers=1) as reader,                 Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                         console=console, disable=args.no_progress, transient=True) as bar:
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console, disable=args.no_progress, transient=True)
+        with ThreadPoolExecutor(max_workers=1) as reader, progress as bar:
             task = bar.add_task("cases", total=len(todo))
             upcoming = reader.submit(_read_case, todo[0])
             for i, case in enumerate(todo):
@@ -355,7 +358,8 @@ def _run_folder(args: argparse.Namespace) -> int:
                 except (CtsegError, OSError) as exc:
                     message = str(exc) if isinstance(exc, CtsegError) else f"{exc.filename}: {exc.strerror}"
                     status[case] = ("failed", message)
-                    console.print(f"[bold red]failed:[/] {escape(case.name)}: {escape(message)}", highlight=False, soft_wrap=True)
+                    console.print(f"[bold red]failed:[/] {escape(case.name)}: {escape(message)}", highlight=False,
+                                  soft_wrap=True)
                 else:
                     status[case] = ("done", f"{outputs[case].name} ({sum(result.seconds.values()):.1f} s)")
                     rows += _csv_rows(case, stats) if stats is not None else []

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out after its last epoch")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (train.device)")
     parser.add_argument("--amp", choices=["bf16", "fp16", "none"], help="mixed precision on GPU (train.amp)")
-    parser.add_argument("--workers", type=nonnegative_int, metavar="N", help="data loader processes (train.num_workers)")
+    parser.add_argument("--workers", type=nonnegative_int, metavar="N",
+                        help="data loader processes (train.num_workers)")
     parser.add_argument("--seed", type=seed_int, help="seed (default: the config's seed)")
     parser.add_argument("--cache", type=Path, help="cache folder for a raw --data (default: <out>/../cache)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

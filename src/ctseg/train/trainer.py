@@ -95,8 +95,8 @@ def _check_training_memory(cfg: ExperimentConfig, num_classes: int, device: torc
     dim = cfg.model.dim
     batch = cfg.train.batch_size_2d if dim == "2d" else cfg.train.batch_size_3d
     size = "model.msd.depth" if cfg.model.arch == "msd" else "model.unet.base_features / n_stages"
-    check_memory(training_step_bytes(cfg, num_classes), device, f"a training step ({cfg.model.arch}-{dim}, batch {batch}, "
-                 f"{cfg.preprocess.in_plane_size} px)",
+    check_memory(training_step_bytes(cfg, num_classes), device,
+                 f"a training step ({cfg.model.arch}-{dim}, batch {batch}, {cfg.preprocess.in_plane_size} px)",
                  f"train.batch_size_{dim}, preprocess.in_plane_size or {size}")
 
 
