@@ -451,9 +451,9 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_predict_leaves_nothing(sig, code, tmp_path, model):
-    """A 64 x 256 x 256 volume and a 256-pixel model: inference takes ~2 s on one thread, the signal
+    """A 128 x 256 x 256 volume and a 256-pixel model: inference takes 2-4 s on one thread, the signal
     arrives 0.3 s into it (after the -v log line that announces it)."""
-    hu = np.tile(ct_array((8, 32, 32)), (8, 8, 8))  # 64 x 256 x 256
+    hu = np.tile(ct_array((8, 32, 32)), (16, 8, 8))  # 128 x 256 x 256
     src = tmp_path / "big.nii"
     write_volume(Volume(hu, (1.0, 0.8, 0.8)), src)
     run = write_run(tmp_path / "big_model", size=256)
