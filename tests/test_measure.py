@@ -79,3 +79,16 @@ def test_feret_single_pixel_and_empty():
     assert max_feret_2d(a, (1.0, 1.0)) == 0.0
     a[2, 2] = True
     assert max_feret_2d(a, (1.0, 2.0)) == pytest.approx(np.hypot(1.0, 2.0))
+
+
+def test_max_feret_equals_brute_force_over_all_pixel_corners():
+    from scipy.spatial.distance import pdist
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        mask = rng.random((int(rng.integers(1, 25)), int(rng.integers(1, 25)))) < rng.uniform(0.02, 0.8)
+        spacing = (float(rng.uniform(0.3, 3.0)), float(rng.uniform(0.3, 3.0)))
+        r, c = np.nonzero(mask)
+        corners = np.concatenate([np.stack([r + dr, c + dc], axis=1) for dr in (-0.5, 0.5) for dc in (-0.5, 0.5)])
+        expected = pdist(corners * np.array(spacing)).max() if r.size else 0.0
+        assert max_feret_2d(mask, spacing) == pytest.approx(expected, abs=1e-9)

@@ -6,7 +6,11 @@ Each verb lives in its own module under `ctseg.commands` and defines
     def add_arguments(parser) -> None           its options
     def run(args) -> int                        the work; returns the exit status
 
-The CLI prints; library code only logs. A `CtsegError` becomes a one-line message and exit status 2.
+The CLI prints; library code only logs. A `CtsegError` (bad input), an invalid option value
+(pydantic) or an operating-system error (disk full, permission denied: it names the file) becomes
+a one-line message and exit status 2. Ctrl-C exits with 130 and SIGTERM with 143, after the
+`finally` blocks of the work have removed their temporary files. Messages are printed with rich
+markup escaped, so bracketed text in paths ("CT [arterial].nii.gz") survives.
 """
 from __future__ import annotations
 
@@ -14,10 +18,13 @@ import argparse
 import importlib
 import logging
 import pkgutil
+import signal
 import sys
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from ctseg import __version__
 from ctseg.errors import CtsegError
@@ -49,6 +56,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_exception():
+    """While the verb runs, SIGTERM raises `Terminated` (only possible from the main thread)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _os_error_message(exc: OSError) -> str:
+    """'FILE: what went wrong' for an OSError (disk full, permission denied, ...)."""
+    where = exc.filename if exc.filename is not None else None
+    what = exc.strerror or str(exc)
+    return f"{where}: {what}" if where is not None else what
+
+
+def print_error(message: object) -> None:
+    """One line on stderr: 'error: MESSAGE', with rich markup in the message escaped."""
+    console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -59,11 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from pydantic import ValidationError
+
     try:
-        return int(args._run(args) or 0)
+        with _sigterm_as_exception():
+            return int(args._run(args) or 0)
     except CtsegError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        print_error(exc)
         return 2
+    except ValidationError as exc:
+        print_error("invalid option: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                  for e in exc.errors()))
+        return 2
+    except OSError as exc:
+        print_error(_os_error_message(exc))
+        return 2
+    except Terminated:
+        console.print("[yellow]terminated[/]")
+        return 143
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130

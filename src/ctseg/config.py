@@ -9,16 +9,17 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ctseg.errors import CtsegError
+from ctseg.staging import follow_umask
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -219,21 +220,22 @@ class ExperimentMatrixConfig(_Section):
     archs: list[Literal["unet", "msd"]] = Field(default_factory=lambda: ["unet", "msd"], min_length=1)
     dims: list[Literal["2d", "3d"]] = Field(default_factory=lambda: ["2d", "3d"], min_length=1)
     augs: list[Literal["mia", "ctia", "none"]] = Field(default_factory=lambda: ["mia", "ctia"], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=lambda: [0], min_length=1,
                              description="one run per seed and combination; more seeds give top_k more candidates")
     exclude: list[str] = Field(default_factory=list, description="combinations to leave out, as 'arch-dim', "
                                "e.g. ['unet-3d']")
     overrides: dict[str, dict] = Field(default_factory=dict, description="partial configs merged into the runs of "
                                        "one 'arch-dim', e.g. {'msd-3d': {'train': {'epochs': 2}}}")
     stack: bool = True
-    thickness_groups_mm: list[float] = Field(default_factory=lambda: [1.5, 3.0], min_length=1,
-                                             description="upper edges of the slice-thickness groups in the report")
+    thickness_groups_mm: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1.5, 3.0], min_length=1,
+        description="upper edges of the slice-thickness groups in the report")
     profiles: dict[str, dict] = Field(default_factory=dict)
 
 
 class ExperimentConfig(_Section):
     name: str = "ctseg"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy and torch seeds derive from it")
     data: DataConfig = Field(default_factory=DataConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -264,7 +266,9 @@ def load_config(path: str | Path) -> ExperimentConfig:
     if not path.is_file():
         raise CtsegError("config file not found", path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CtsegError("not a text (UTF-8 YAML) file", path) from None
     except yaml.YAMLError as err:
         raise CtsegError(f"not valid YAML: {err}", path) from None
     if data is not None and not isinstance(data, dict):
@@ -281,6 +285,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    follow_umask(fd)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -24,10 +24,12 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
 from ctseg.errors import CtsegError
+from ctseg.geometry import usable_grid
 from ctseg.io import Volume, _atomic_target
 
 log = logging.getLogger(__name__)
@@ -72,11 +74,44 @@ def _dcmread(path: Path, headers_only: bool) -> Dataset | None:
     if meta is not None and meta.get("MediaStorageSOPClassUID") == _MEDIA_DIRECTORY_STORAGE:
         return None
     try:
-        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "Rows" not in ds:
+        if "Rows" not in ds:
             return None
+        missing = [tag for tag in ("ImagePositionPatient", "ImageOrientationPatient") if tag not in ds]
     except Exception:  # noqa: BLE001 - force-parsed garbage
         return None
+    if missing:
+        if "PixelData" in ds or headers_only:
+            log.warning("%s: skipped: an image without %s cannot be placed in a volume", path, " or ".join(missing))
+        return None
     return ds
+
+
+def _floats(ds: Dataset, tag: str, count: int, path: Path) -> np.ndarray:
+    """The `count` numbers of a DS/IS attribute; CtsegError naming the file when missing or malformed."""
+    try:
+        values = ds[tag].value
+        values = list(values) if isinstance(values, (list, tuple, MultiValue)) else [values]
+        out = np.array([float(v) for v in values], dtype=np.float64)
+    except KeyError:
+        raise CtsegError(f"{tag} is missing", path) from None
+    except (TypeError, ValueError) as exc:
+        raise CtsegError(f"{tag} is malformed ({exc})", path) from None
+    if out.shape != (count,) or not np.isfinite(out).all():
+        raise CtsegError(f"{tag} must hold {count} finite numbers, got {ds[tag].value!r}", path)
+    return out
+
+
+def _orientation(iop: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Unit row and column directions of an ImageOrientationPatient; refuses zero and non-orthogonal ones."""
+    norms = np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])
+    if min(norms) < 1e-6:
+        raise CtsegError(f"ImageOrientationPatient {iop.tolist()} has a zero-length direction", path)
+    row, col = iop[:3] / norms[0], iop[3:] / norms[1]
+    cosine = abs(float(row @ col))
+    if cosine > 1e-3:
+        raise CtsegError(f"non-orthogonal orientation: ImageOrientationPatient row and column directions are "
+                         f"{90 - np.degrees(np.arccos(min(cosine, 1.0))):.2f} degrees from perpendicular", path)
+    return row, col
 
 
 def list_dicom_series(folder: str | Path) -> list[SeriesInfo]:
@@ -106,6 +141,8 @@ def choose_dicom_series(folder: str | Path, series_uid: str | None = None) -> Se
         raise CtsegError("no DICOM image files found", folder)
     listing = "\n".join(f"  {s}" for s in series)
     if series_uid is None:
+        if len(series) > 1 and all(len(s.files) == 1 for s in series):
+            return _one_slice_series_as_one(series, folder)
         if len(series) > 1:
             raise CtsegError(f"{len(series)} DICOM series found; choose one by SeriesInstanceUID "
                              f"(ctseg predict: --series UID):\n{listing}", folder)
@@ -114,6 +151,16 @@ def choose_dicom_series(folder: str | Path, series_uid: str | None = None) -> Se
     if not matches:
         raise CtsegError(f"no series with SeriesInstanceUID {series_uid!r}; found:\n{listing}", folder)
     return matches[0]
+
+
+def _one_slice_series_as_one(series: list[SeriesInfo], folder: Path) -> SeriesInfo:
+    """Single-slice "series" (CHAOS gives every file its own SeriesInstanceUID) read as one volume, as the
+    CHAOS dataset reader does; `read_dicom_files` then checks that they share orientation, size and pixel
+    spacing and stack at regular positions, and refuses them (naming the file) otherwise."""
+    log.warning("%s: %d single-slice series (one SeriesInstanceUID per file, as in CHAOS) are read as one "
+                "volume", folder, len(series))
+    files = sorted(f for s in series for f in s.files)
+    return SeriesInfo("", files, f"{len(series)} single-slice series stacked", series[0].modality, None)
 
 
 def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
@@ -149,19 +196,21 @@ def read_dicom_files(paths: Sequence[str | Path], spacing_tolerance: float = 0.0
     if len(slices) < 2:
         raise CtsegError("a single DICOM slice: a 2D image where a volume is expected", paths[0])
 
-    iop = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in slices])
+    iop = np.array([_floats(ds, "ImageOrientationPatient", 6, path) for ds, path in zip(slices, paths)])
     bad = np.flatnonzero(np.abs(iop - iop[0]).max(axis=1) > 1e-4)
     if bad.size:
         raise CtsegError(f"slice orientation differs from {paths[0].name} "
                          f"({iop[bad[0]].round(4).tolist()} vs {iop[0].round(4).tolist()})", paths[bad[0]])
-    row, col = iop[0, :3] / np.linalg.norm(iop[0, :3]), iop[0, 3:] / np.linalg.norm(iop[0, 3:])
+    row, col = _orientation(iop[0], paths[0])
     normal = np.cross(row, col)
-    for ds, path in zip(slices, paths):
+    normal /= np.linalg.norm(normal)
+    pixel_spacings = [_floats(ds, "PixelSpacing", 2, path) for ds, path in zip(slices, paths)]
+    for ds, path, ps in zip(slices, paths, pixel_spacings):
         if (int(ds.Rows), int(ds.Columns)) != (int(slices[0].Rows), int(slices[0].Columns)) or \
-                not np.allclose([float(v) for v in ds.PixelSpacing], [float(v) for v in slices[0].PixelSpacing]):
-            raise CtsegError(f"slice size {ds.Rows}x{ds.Columns} / pixel spacing {list(ds.PixelSpacing)} differs "
+                not np.allclose(ps, pixel_spacings[0]):
+            raise CtsegError(f"slice size {ds.Rows}x{ds.Columns} / pixel spacing {ps.tolist()} differs "
                              f"from {paths[0].name}", path)
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in slices])
+    positions = np.array([_floats(ds, "ImagePositionPatient", 3, path) for ds, path in zip(slices, paths)])
     order = np.argsort(positions @ normal, kind="stable")
     slices, paths, positions = [slices[i] for i in order], [paths[i] for i in order], positions[order]
     along = positions @ normal
@@ -174,7 +223,8 @@ def read_dicom_files(paths: Sequence[str | Path], spacing_tolerance: float = 0.0
     extent = positions[-1] - positions[0]
     tilt = np.degrees(np.arctan2(np.linalg.norm(extent - (extent @ normal) * normal), extent @ normal))
     if tilt > tilt_tolerance_deg:
-        raise CtsegError(f"gantry tilt: slices are stacked {tilt:.2f} degrees off their normal (sheared volume); "
+        raise CtsegError(f"gantry tilt: slices are stacked {tilt:.2f} degrees off their normal (sheared volume; "
+                         "ImageOrientationPatient is orthogonal, ImagePositionPatient moves sideways); "
                          "correct the tilt first (e.g. dcm2niix)", paths[0].parent)
 
     base = steps.min()
@@ -186,6 +236,9 @@ def read_dicom_files(paths: Sequence[str | Path], spacing_tolerance: float = 0.0
         raise CtsegError(f"non-uniform slice spacing: steps {np.unique(steps.round(3)).tolist()} mm "
                          f"(spacing {spacing:.3f} mm)", paths[0].parent)
 
+    pixel_spacing = pixel_spacings[0]
+    usable_grid(np.stack([row * pixel_spacing[1], col * pixel_spacing[0], normal * spacing], axis=1),
+                paths[0].parent, "DICOM PixelSpacing / slice spacing / ImageOrientationPatient")
     problems = []
     grid_index = np.concatenate([[0], np.cumsum(multiples)])
     for i in np.flatnonzero(multiples > 1):
@@ -198,12 +251,12 @@ def read_dicom_files(paths: Sequence[str | Path], spacing_tolerance: float = 0.0
     array = _pixels_hu(slices, paths, grid_index)
     interpolated = sorted(set(range(array.shape[0])) - set(grid_index.tolist()))
     _fill_missing(array, grid_index)
-    thickness = [float(ds.SliceThickness) for ds in slices if ds.get("SliceThickness") not in (None, "")]
+    thickness = [float(_floats(ds, "SliceThickness", 1, path)[0]) for ds, path in zip(slices, paths)
+                 if ds.get("SliceThickness") not in (None, "")]
     slice_files: list[str | None] = [None] * array.shape[0]
     for k, path in zip(grid_index, paths):
         slice_files[k] = str(path)
     first = slices[0]
-    pixel_spacing = [float(v) for v in first.PixelSpacing]
     ts = first.file_meta.get("TransferSyntaxUID") if hasattr(first, "file_meta") else None
     return Volume(
         array=array,
@@ -220,7 +273,7 @@ def read_dicom_files(paths: Sequence[str | Path], spacing_tolerance: float = 0.0
 
 def _pixels_hu(slices: list[Dataset], paths: list[Path], grid_index: np.ndarray) -> np.ndarray:
     """Decode and rescale every slice into its grid row: int16 when exact, else float32."""
-    rescale = [(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)) for ds in slices]
+    rescale = _rescale_pairs(slices, paths)
     integral = all(s == 1.0 and i == int(i) for s, i in rescale)
     shape = (int(grid_index[-1]) + 1, int(slices[0].Rows), int(slices[0].Columns))
     out = np.zeros(shape, dtype=np.int32 if integral else np.float32)
@@ -237,6 +290,26 @@ def _pixels_hu(slices: list[Dataset], paths: list[Path], grid_index: np.ndarray)
     if integral and out.min() >= np.iinfo(np.int16).min and out.max() <= np.iinfo(np.int16).max:
         return out.astype(np.int16)
     return out.astype(np.float32)
+
+
+def _rescale_pairs(slices: list[Dataset], paths: list[Path]) -> list[tuple[float, float]]:
+    """(RescaleSlope, RescaleIntercept) per slice. Both absent everywhere means (1, 0); absent on some
+    slices only, malformed, non-finite or a slope <= 0 is an error naming the file (it cannot be real:
+    those slices would be read in another unit than the others)."""
+    present = [tuple(ds.get(tag) not in (None, "") for tag in ("RescaleSlope", "RescaleIntercept")) for ds in slices]
+    pairs = []
+    for ds, path, (has_slope, has_intercept) in zip(slices, paths, present):
+        for tag, has, others in (("RescaleSlope", has_slope, [p[0] for p in present]),
+                                 ("RescaleIntercept", has_intercept, [p[1] for p in present])):
+            if not has and any(others):
+                raise CtsegError(f"{tag} is missing on this slice but present on {sum(others)} of {len(slices)} "
+                                 "slices of the series: its values would not be in HU", path)
+        slope = float(_floats(ds, "RescaleSlope", 1, path)[0]) if has_slope else 1.0
+        intercept = float(_floats(ds, "RescaleIntercept", 1, path)[0]) if has_intercept else 0.0
+        if slope <= 0:
+            raise CtsegError(f"RescaleSlope {slope:g} must be > 0", path)
+        pairs.append((slope, intercept))
+    return pairs
 
 
 def _fill_missing(array: np.ndarray, grid_index: np.ndarray) -> None:

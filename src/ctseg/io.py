@@ -15,6 +15,11 @@ Conventions
 Formats: NIfTI (.nii, .nii.gz; read and written with nibabel so that qform/sform and their codes
 round-trip), NRRD/MetaImage (.nrrd, .nhdr, .mha, .mhd; SimpleITK) and DICOM series (folders; see
 `ctseg.dicom`, re-exported here: `read_dicom_series`, `read_dicom_files`, `list_dicom_series`).
+
+Every reader enforces one definition of a usable geometry (`ctseg.geometry.usable_grid`): finite,
+full-rank, orthogonal (within 0.06 degrees), spacing 0.01..50 mm per axis; anything else is refused
+with a `CtsegError` naming the file. NIfTI whose qform and sform are both set but disagree is read
+with the sform and a warning that says so (also in `meta["warnings"]`).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import SimpleITK as sitk
 from isal import igzip
 
 from ctseg.errors import CtsegError
+from ctseg.geometry import usable_grid
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +133,9 @@ def _suffix(path: Path) -> str:
 
 def _check_volume(array: np.ndarray, path: Path) -> np.ndarray:
     """Drop trailing singleton axes beyond 3 and refuse 2D images and non-finite voxels."""
+    if array.dtype.kind not in "biuf":
+        raise CtsegError(f"expected scalar grey values, got voxels of type {array.dtype} (RGB or complex image?)",
+                         path)
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
@@ -188,17 +197,42 @@ def _read_nifti(path: Path) -> Volume:
     except Exception as exc:  # nibabel raises many types for corrupt / truncated files
         raise CtsegError(f"cannot read NIfTI ({type(exc).__name__}: {exc})", path) from exc
     data = _check_volume(data, path)
-    affine_lps = _LPS_FROM_RAS @ img.affine
-    spacing_xyz = np.linalg.norm(affine_lps[:3, :3], axis=0)
-    if np.any(spacing_xyz <= 0):
-        raise CtsegError(f"degenerate affine (zero voxel size): {img.affine.tolist()}", path)
+    warnings = _nifti_form_warnings(img, path)
+    with np.errstate(invalid="ignore", over="ignore"):
+        affine_lps = _LPS_FROM_RAS @ img.affine
+    if not np.isfinite(affine_lps[:3, 3]).all():
+        raise CtsegError(f"the affine's origin contains NaN or infinite values: {img.affine.tolist()}", path)
+    spacing_xyz, direction = usable_grid(affine_lps[:3, :3], path, "NIfTI affine")
     return Volume(
         array=data.T,  # (i, j, k) = ITK (x, y, z) -> (z, y, x); nibabel data are Fortran-ordered: .T is C-contiguous
         spacing=tuple(spacing_xyz[::-1]),
         origin=tuple(affine_lps[:3, 3]),
-        direction=affine_lps[:3, :3] / spacing_xyz,
-        meta={"path": str(path), "nifti_header": img.header.copy()},
+        direction=direction,
+        meta={"path": str(path), "nifti_header": img.header.copy(), "warnings": warnings},
     )
+
+
+def _nifti_form_warnings(img: nib.Nifti1Image | nib.Nifti2Image, path: Path) -> list[str]:
+    """A warning (logged and returned) when qform and sform are both set and place voxels differently.
+
+    The affine used is nibabel's: the sform when its code is > 0, else the qform; the warning says
+    which, and by how much the two place the volume's corners apart, so that a user can fix the other.
+    """
+    header = img.header
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode <= 0 or scode <= 0:
+        return []
+    with np.errstate(invalid="ignore"):
+        qform, sform = header.get_qform(), header.get_sform()
+    if np.isfinite(qform).all() and np.isfinite(sform).all() and np.allclose(qform, sform, atol=1e-3):
+        return []
+    corners = np.array([[*c, 1] for c in itertools.product(*[(0, n - 1) for n in img.shape[:3]])],
+                       dtype=np.float64).T
+    shift = float(np.abs(qform @ corners - sform @ corners).max()) if np.isfinite(qform).all() else float("nan")
+    message = (f"qform (code {qcode}) and sform (code {scode}) disagree (voxel positions differ by up to "
+               f"{shift:.2f} mm); using the sform, as nibabel does; fix the qform or set its code to 0")
+    log.warning("%s: %s", path, message)
+    return [message]
 
 
 def _read_sitk(path: Path) -> Volume:
@@ -211,6 +245,8 @@ def _read_sitk(path: Path) -> Volume:
     if image.GetDimension() != 3:
         raise CtsegError(f"expected a 3D volume, got a {image.GetDimension()}D image of size {image.GetSize()}",
                          path)
+    usable_grid(np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing()), path,
+                "image spacing / direction")
     vol = from_sitk(image, path=str(path))
     _check_volume(vol.array, path)
     return vol

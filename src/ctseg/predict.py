@@ -224,6 +224,8 @@ def predict_network(image: np.ndarray | torch.Tensor, models, device: str | torc
 
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     _, out_classes = check_members(models)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.asarray(image, dtype=np.float32))
     x = x.to(device=dev, dtype=torch.float32)

@@ -5,6 +5,9 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
+
+from ctseg.commands._types import nonnegative_int
 
 HELP = "cross-validate one configuration (slice-sorted folds); folds can run as separate jobs with --fold"
 
@@ -13,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="dataset folder (KiTS19, CHAOS CT or nnU-Net raw)")
     parser.add_argument("--config", type=Path, help="experiment config YAML (default: built-in defaults)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (created; an existing one is continued)")
-    parser.add_argument("--fold", type=int, action="append", metavar="K",
+    parser.add_argument("--fold", type=nonnegative_int, action="append", metavar="K",
                         help="run only fold K (repeatable; default: all folds)")
     parser.add_argument("--cache", type=Path, help="preprocessed cache folder to share (default: OUT/cache)")
     parser.add_argument("--folds-file", type=Path, help="folds JSON to share or reuse (default: OUT/folds.json)")
@@ -29,10 +32,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else ExperimentConfig()
     console = Console()
     ident = RunIdentity.of(cfg)
-    console.print(f"cross-validating [bold]{ident.name}[/] on {args.data} -> {args.out}")
+    console.print(f"cross-validating [bold]{ident.name}[/] on {escape(str(args.data))} -> {escape(str(args.out))}")
     records = run_cv(cfg, args.data, args.out, args.fold, cache_dir=args.cache, folds_file=args.folds_file,
                      device=args.device, progress=not args.no_progress)
     folds = sorted({r.fold for r in records})
     console.print(summary_table(records, f"{ident.name}: folds {folds}, Dice (paper protocol)"))
-    console.print(f"per-fold results: {args.out}/fold_*/results.json; report: `ctseg report {args.out} --out DIR`")
+    out = escape(str(args.out))
+    console.print(f"per-fold results: {out}/fold_*/results.json; report: `ctseg report {out} --out DIR`")
     return 0

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 
+from ctseg.commands._types import positive_int, seed_int
 from ctseg.errors import CtsegError
 
 HELP = "phantom data -> CTIA vs MIA cross-validation -> stacked ensemble -> report (the README's first command)"
@@ -37,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "on a GPU")
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     parser.add_argument("--config", type=Path, help="demo config (default: configs/demo.yaml of this checkout)")
-    parser.add_argument("--cases", type=int, help="number of phantom cases (default: by profile)")
-    parser.add_argument("--seed", type=int, default=0, help="phantom seed")
+    parser.add_argument("--cases", type=positive_int, help="number of phantom cases (default: by profile)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="phantom seed")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -57,7 +59,7 @@ def _phantom(out: Path, n_cases: int, size: str, seed: int, progress: bool, cons
             info = None
         cases = info.get("cases") if isinstance(info, dict) else None
         if cases is not None and len(cases) == n_cases:
-            console.print(f"phantom data: reusing {n_cases} cases in {data}")
+            console.print(f"phantom data: reusing {n_cases} cases in {escape(str(data))}")
             return data
         raise CtsegError(f"holds another phantom dataset; delete it or choose another --out", data)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

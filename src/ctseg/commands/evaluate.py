@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ctseg.commands._types import positive_float
 from ctseg.errors import CtsegError
 
 HELP = "compare predicted label maps with references: Dice, HD95, surface Dice; per fold and slice thickness"
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=Path, help="folds.json (from cross-validation) to group by fold")
     parser.add_argument("--out", type=Path, help="write records and summaries as JSON")
     parser.add_argument("--no-distances", action="store_true", help="Dice only (skip HD95 and surface Dice)")
-    parser.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm")
+    parser.add_argument("--tolerance", type=positive_float, default=2.0, help="surface Dice tolerance in mm")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
@@ -48,7 +49,28 @@ def parse_classes(text: str) -> dict[int, str]:
             classes[int(value)] = name.strip()
     except ValueError:
         raise CtsegError(f"--classes: expected kits, chaos or 'VALUE=NAME,...', got {text!r}") from None
+    if len(classes) < 2 or any(v < 0 or v > 255 for v in classes):
+        raise CtsegError(f"--classes: give at least one foreground class with a value in 1..255, got {text!r}")
     return classes
+
+
+def check_label_values(array, classes: dict[int, str], path: Path, role: str) -> None:
+    """Refuse a label map whose values are not whole numbers among `classes` (a CT image, probabilities,
+    or another dataset's labels would otherwise score Dice 0 without a word)."""
+    import numpy as np
+
+    lo, hi = float(array.min()), float(array.max())
+    if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        raise CtsegError(f"{role} holds non-integer values ({lo:g}..{hi:g}): a label map has whole class values "
+                         "(is this an image or a probability map?)", path)
+    if lo < 0 or hi > max(classes):
+        raise CtsegError(f"{role} holds values {lo:g}..{hi:g} outside the classes {sorted(classes)} (a CT image, "
+                         "or another dataset's labels? see --classes)", path)
+    present = np.flatnonzero(np.bincount(array.astype(np.int64, copy=False).ravel(), minlength=1))
+    unknown = sorted(set(present.tolist()) - set(classes))
+    if unknown:
+        raise CtsegError(f"{role} holds values {unknown} that are not among the classes {sorted(classes)} "
+                         "(see --classes)", path)
 
 
 def _case_id(path: Path) -> str:
@@ -96,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     records = []
     for case_id, pred_path, ref_path in _pairs(args.pred, args.ref):
         ref, pred = read_volume(ref_path), read_volume(pred_path)
+        check_label_values(ref.array, classes, ref_path, "reference")
+        check_label_values(pred.array, classes, pred_path, "prediction")
         if not pred.same_geometry(ref):
             log.warning("%s: prediction is not on the reference grid; resampled by nearest neighbour", pred_path)
             pred = resample_to(pred, ref, order=0)

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from ctseg.errors import CtsegError
 
@@ -35,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     html = run_experiment(cfg, data, args.out, device=args.device, progress=not args.no_progress)
     console.print(summary_table(load_results(args.out / "results.json")))
-    console.print(f"finished in {time.perf_counter() - t0:.0f} s; report: [bold]{html}[/]")
+    console.print(f"finished in {time.perf_counter() - t0:.0f} s; report: [bold]{escape(str(html))}[/]")
     return 0

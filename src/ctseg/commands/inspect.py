@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     dataset = open_dataset(args.path, args.layout)
     classes = {k: v for k, v in dataset.classes.items() if k != 0}
-    table = Table(title=f"{dataset.layout} dataset {dataset.root} ({len(dataset)} cases)")
+    table = Table(title=f"{dataset.layout} dataset {escape(str(dataset.root))} ({len(dataset)} cases)")
     table.add_column("case", no_wrap=True)
     for column in ("shape z×y×x", "spacing mm", "thickness mm", "HU range"):
         table.add_column(column, justify="right")
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         console.print(f"[bold]{len(problems)} problem(s):[/]")
         for line in problems:
-            console.print(f"  {line}", highlight=False)
+            console.print(f"  {escape(str(line))}", highlight=False)
     else:
         console.print("[green]no problems found[/]")
     if failed:

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from ctseg.commands._types import positive_int, seed_int
+from ctseg.errors import CtsegError
 
 HELP = "write a synthetic abdominal CT dataset (KiTS19, CHAOS or nnU-Net raw layout) with labels"
 
@@ -14,21 +19,38 @@ HELP = "write a synthetic abdominal CT dataset (KiTS19, CHAOS or nnU-Net raw lay
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=["kidney", "liver"], default="kidney",
                         help="kidney: labels kidney + tumour (KiTS19); liver: liver mask (CHAOS)")
-    parser.add_argument("--cases", type=int, default=10, help="number of cases (default 10)")
+    parser.add_argument("--cases", type=positive_int, default=10, help="number of cases (default 10)")
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to write")
     parser.add_argument("--layout", choices=["kits19", "chaos", "nnunet"],
                         help="default: kits19 for --task kidney, chaos for --task liver")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (case i uses SeedSequence([seed, i]))")
+    parser.add_argument("--seed", type=seed_int, default=0, help="dataset seed (case i uses SeedSequence([seed, i]))")
     parser.add_argument("--size", choices=["small", "full"], default="small",
                         help="small: 128 x 128 in-plane, tens of slices; full: 512 x 512, 20..600 slices")
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that already holds files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_dataset_out(out: Path, overwrite: bool) -> None:
+    """Refuse a file, an unwritable folder, or (without --overwrite) a folder that already holds files:
+    writing there would overwrite cases or mix datasets and layouts."""
+    if out.exists() and not out.is_dir():
+        raise CtsegError("--out is a file; give a folder for the dataset", out)
+    if out.is_dir():
+        existing = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+        if existing and not overwrite:
+            listing = ", ".join(sorted(existing)[:5]) + (" ..." if len(existing) > 5 else "")
+            raise CtsegError(f"folder is not empty ({listing}): writing would overwrite or mix with what is there; "
+                             "choose an empty folder or pass --overwrite", out)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise CtsegError("folder is not writable", out)
 
 
 def run(args: argparse.Namespace) -> int:
     from ctseg.datasets.phantom import CLASSES, write_phantom_dataset
 
+    check_dataset_out(args.out, args.overwrite)
     console = Console()
-    table = Table(title=f"phantom {args.task} dataset: {args.out}")
+    table = Table(title=f"phantom {args.task} dataset: {escape(str(args.out))}")
     for col in ("case", "slices", "spacing z/y/x mm", "thick mm", "region", "noise HU",
                 *(f"{name} mL" for v, name in CLASSES[args.task].items() if v)):
         table.add_column(col, justify="right" if col != "region" else "left")
@@ -47,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
         out = write_phantom_dataset(args.out, task=args.task, n_cases=args.cases, layout=args.layout,
                                     seed=args.seed, size=args.size, on_case=on_case)
     console.print(table)
-    console.print(f"wrote {args.cases} cases to {out}")
+    console.print(f"wrote {args.cases} cases to {escape(str(out))}")
     return 0

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._types import seed_int
 from ctseg.config import ExperimentConfig, load_config, save_config
 from ctseg.errors import CtsegError
 
@@ -18,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="dataset folder (KiTS19, CHAOS CT or nnU-Net raw layout)")
     parser.add_argument("--out", type=Path, required=True, help="cache folder to create or update")
     parser.add_argument("--config", type=Path, help="experiment config YAML (default: built-in defaults)")
-    parser.add_argument("--seed", type=int, help="seed for the random subset (default: the config's seed)")
+    parser.add_argument("--seed", type=seed_int, help="seed for the random subset (default: the config's seed)")
     parser.add_argument("--layout", choices=["auto", "kits19", "chaos", "nnunet"],
                         help="dataset layout (default: the config's data.layout)")
     parser.add_argument("--train-ids", type=Path, metavar="FILE",
@@ -40,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from ctseg.datasets import open_dataset
     from ctseg.preprocess.cache import build_cache
 
+    if args.out.exists() and not args.out.is_dir():
+        raise CtsegError("--out is a file; give a folder for the cache", args.out)
+    if args.dataset.exists() and args.out.resolve() == args.dataset.resolve():
+        raise CtsegError("--out is the dataset folder: the cache would be written into the dataset; give another "
+                         "folder", args.out)
     cfg = load_config(args.config) if args.config else ExperimentConfig()
     if args.seed is not None:
         cfg.seed = args.seed
@@ -53,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     save_config(cfg, args.out / "config.yaml")
 
     plan = report.plan
-    table = Table(title=f"preprocessed cache {args.out}", show_header=False)
+    table = Table(title=f"preprocessed cache {escape(str(args.out))}", show_header=False)
     table.add_row("cases", f"{len(report.built)} built, {len(report.skipped)} up to date"
                   + (f", {len(report.repaired)} corrupted and rebuilt" if report.repaired else ""))
     window = f"{plan.mode} [{plan.lower:.1f}, {plan.upper:.1f}] HU"

@@ -5,8 +5,10 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._types import positive_float
 from ctseg.errors import CtsegError
 
 HELP = "write results tables, plots and report/index.html from finished cross-validation / stack / experiment folders"
@@ -17,31 +19,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folders of `ctseg cv`, `ctseg stack` or `ctseg experiment`, or results.json files")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.* , plots/ and report/")
     parser.add_argument("--title", default="ctseg results")
-    parser.add_argument("--thickness-groups", type=float, nargs="+", metavar="MM",
+    parser.add_argument("--thickness-groups", type=positive_float, nargs="+", metavar="MM",
                         help="upper edges of the slice-thickness groups in mm (default 1.5 3)")
 
 
 def collect(paths: list[Path]):
     """Records and training-log paths from run folders or results files."""
     from ctseg.cv import cv_log_csvs, load_cv_records
-    from ctseg.evaluate.report import load_results
 
     records, curves = [], {}
     for p in paths:
         if p.is_file():
-            records += load_results(p)
+            records += _load_results_file(p)
         elif (p / "cv.json").is_file() or (p / "stack.json").is_file():
             recs = load_cv_records(p)
             records += recs
             if recs and (p / "cv.json").is_file():
                 curves[recs[0].display] = cv_log_csvs(p)
         elif (p / "results.json").is_file():
-            records += load_results(p / "results.json")
+            records += _load_results_file(p / "results.json")
         else:
             raise CtsegError("neither a run folder (cv.json / stack.json) nor a results folder (results.json)", p)
     if not records:
         raise CtsegError("no finished folds in " + ", ".join(str(p) for p in paths))
     return records, curves
+
+
+def _load_results_file(path: Path) -> list:
+    """Records of a results JSON file; CtsegError naming it when it is not one (a NIfTI, another JSON)."""
+    from ctseg.evaluate.report import load_results
+
+    try:
+        return load_results(path)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CtsegError(f"not a ctseg results file (results.json or a per-fold results list): "
+                         f"{type(exc).__name__}: {str(exc)[:200]}", path) from None
 
 
 def summary_table(records, title: str = "Dice, paper protocol (mean ± std over volumes)") -> Table:
@@ -72,5 +84,5 @@ def run(args: argparse.Namespace) -> int:
     html = write_report(records, args.out, log_csvs=curves, title=args.title,
                         thickness_edges_mm=args.thickness_groups or DEFAULT_THICKNESS_EDGES_MM)
     console.print(summary_table(records))
-    console.print(f"report: [bold]{html}[/]")
+    console.print(f"report: [bold]{escape(str(html))}[/]")
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from ctseg.augment import build_augmenter
 from ctseg.augment.ctia import (
@@ -29,9 +30,11 @@ from ctseg.augment.ctia import (
     sample_random_window,
     sample_rotation,
 )
+from ctseg.commands._types import positive_int, seed_int
 from ctseg.config import AugmentConfig, ExperimentConfig, load_config
 from ctseg.datasets import LAYOUTS, open_dataset
 from ctseg.errors import CtsegError
+from ctseg.staging import follow_umask
 
 HELP = "PNG grid of original vs augmented slices (CTIA or MIA) with label contours, one panel per CTIA transform"
 
@@ -43,10 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS])
     parser.add_argument("--aug", default="ctia", choices=["ctia", "mia"], help="pipeline to show (default ctia)")
     parser.add_argument("--out", required=True, help="output PNG file")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the case choice and the augmentation")
-    parser.add_argument("--n", type=int, default=4, help="number of slices in the original/augmented grid")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed for the case choice and the augmentation")
+    parser.add_argument("--n", type=positive_int, default=4, help="number of slices in the original/augmented grid")
     parser.add_argument("--case", default=None, help="case id (default: one drawn with --seed)")
-    parser.add_argument("--slices", type=int, default=16, help="contiguous slices in the stack (default 16)")
+    parser.add_argument("--slices", type=positive_int, default=16, help="contiguous slices in the stack (default 16)")
     parser.add_argument("--config", default=None, help="experiment YAML (preprocess and augment sections are used)")
 
 
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    follow_umask(fd)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
@@ -145,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
-    console.print(f"wrote {out}")
+    console.print(f"wrote {escape(str(out))}")
     return 0
 
 

@@ -5,6 +5,9 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
+
+from ctseg.commands._types import positive_int
 
 HELP = "stacked CNN from finished cross-validations (out-of-fold meta-model), plain averaging beside it"
 
@@ -14,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="finished `ctseg cv` folders (same data, cache and folds)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the stack's results")
     parser.add_argument("--config", type=Path, help="config whose `stack` section to use (default: the first run's)")
-    parser.add_argument("--top-k", type=int, help="members per set (default: the config's stack.top_k)")
+    parser.add_argument("--top-k", type=positive_int, help="members per set (default: the config's stack.top_k)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -35,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     records = run_stack(args.cv_dirs, args.out, stack_cfg, device=args.device, progress=not args.no_progress)
     console.print(summary_table(records, "stacked CNN vs plain average, Dice (paper protocol)"))
-    console.print(f"members and settings: {args.out}/stack.json")
+    console.print(f"members and settings: {escape(str(args.out))}/stack.json")
     return 0

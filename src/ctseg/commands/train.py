@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._types import nonnegative_int, positive_int, seed_int
 from ctseg.config import ExperimentConfig, load_config
 from ctseg.errors import CtsegError
 
@@ -32,14 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", choices=["2d", "3d"], help="2D slices or 3D stacks (default: model.dim)")
     parser.add_argument("--aug", choices=["ctia", "mia", "none"], help="augmentation (default: augment.name)")
     parser.add_argument("--target", choices=["multiclass", "foreground"], help="classes to learn (model.target)")
-    parser.add_argument("--fold", type=int, metavar="K", help="hold out test fold K of the folds file")
-    parser.add_argument("--epochs", type=int, metavar="N", help="epochs (train.epochs)")
-    parser.add_argument("--steps", type=int, metavar="N", help="steps per epoch (train.steps_per_epoch)")
+    parser.add_argument("--fold", type=nonnegative_int, metavar="K", help="hold out test fold K of the folds file")
+    parser.add_argument("--epochs", type=positive_int, metavar="N", help="epochs (train.epochs)")
+    parser.add_argument("--steps", type=positive_int, metavar="N", help="steps per epoch (train.steps_per_epoch)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out after its last epoch")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (train.device)")
     parser.add_argument("--amp", choices=["bf16", "fp16", "none"], help="mixed precision on GPU (train.amp)")
-    parser.add_argument("--workers", type=int, metavar="N", help="data loader processes (train.num_workers)")
-    parser.add_argument("--seed", type=int, help="seed (default: the config's seed)")
+    parser.add_argument("--workers", type=nonnegative_int, metavar="N",
+                        help="data loader processes (train.num_workers)")
+    parser.add_argument("--seed", type=seed_int, help="seed (default: the config's seed)")
     parser.add_argument("--cache", type=Path, help="cache folder for a raw --data (default: <out>/../cache)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -101,6 +104,10 @@ def _split(args, cfg: ExperimentConfig, cache, ctx) -> tuple[list[str], list[str
             folds = load_folds(path)
         test = folds.test_ids(args.fold)
     train = [cid for cid in ids if cid not in set(test) and cache.meta(cid).get("has_label", True)]
+    if not train:
+        unlabelled = sum(1 for cid in ids if not cache.meta(cid).get("has_label", True))
+        raise CtsegError(f"no training cases: of the cache's {len(ids)} case(s), {unlabelled} have no label "
+                         f"(test cases) and {len(test)} are held out by --fold", cache.root)
     return train, test
 
 
@@ -118,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         D.shutdown(ctx)
     if ctx.is_main:
-        table = Table(title=f"training run {args.out}", show_header=False)
+        table = Table(title=f"training run {escape(str(args.out))}", show_header=False)
         table.add_row("model", f"{cfg.model.arch} {cfg.model.dim}, {cfg.model.target}, augmentation {cfg.augment.name}")
         table.add_row("cases", f"{len(train_ids)} (training + validation)"
                       + (f", fold {args.fold} held out: {len(test_ids)}" if args.fold is not None else ""))

@@ -68,9 +68,25 @@ class ChaosDataset(FolderDataset):
         return finish_case(case_id, image, label, self.classes)
 
 
+def _sorted_by_index(paths: list[Path]) -> list[Path]:
+    """`paths` ordered by the number in their names; a name without a number, or two names with the same
+    number, is an error naming the file (pairing masks with slices must never guess)."""
+    seen: dict[int, Path] = {}
+    for path in paths:
+        number, _ = _index(path)
+        if number < 0:
+            raise CtsegError("no slice number in the file name: cannot pair masks with DICOM slices", path)
+        if number in seen:
+            raise CtsegError(f"slice number {number} also used by {seen[number].name}: cannot pair masks with "
+                             "DICOM slices", path)
+        seen[number] = path
+    return [seen[n] for n in sorted(seen)]
+
+
 def _read_masks(ground: Path, files: list[Path], image: Volume) -> Volume:
     """Liver masks (z, y, x) on the image grid; interpolated (missing) slices copy the slice below."""
-    pngs = sorted(ground.glob("*.png"), key=_index)
+    pngs = _sorted_by_index(sorted(ground.glob("*.png")))
+    files = _sorted_by_index(files)
     if len(pngs) != len(files):
         raise CtsegError(f"{len(pngs)} PNG masks for {len(files)} DICOM files", ground)
     png_of = {str(f): p for f, p in zip(files, pngs)}

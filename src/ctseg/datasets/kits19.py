@@ -6,6 +6,7 @@ inferior-posterior-left affine); cases come back canonical (see `ctseg.io.to_can
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -13,13 +14,25 @@ from ctseg.datasets.base import Case, FolderDataset, finish_case
 from ctseg.errors import CtsegError
 from ctseg.io import Volume, read_volume, write_volume
 
+log = logging.getLogger(__name__)
+
 _CASE = re.compile(r"^case_\d{5}$")
 
 
 def _case_dirs(root: Path) -> list[Path]:
+    """Case folders `case_NNNNN` holding imaging.nii.gz; other folders with an image are skipped with a warning."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and _CASE.match(p.name) and (p / "imaging.nii.gz").is_file())
+    with_image = sorted(p for p in root.iterdir() if p.is_dir() and (p / "imaging.nii.gz").is_file())
+    cases = [p for p in with_image if _CASE.match(p.name)]
+    if cases:
+        for p in with_image:
+            if not _CASE.match(p.name):
+                log.warning("%s: skipped: KiTS19 case folders are named case_NNNNN (five digits, ASCII)", p)
+        for p in sorted(root.iterdir()):
+            if p.is_dir() and (p / "segmentation.nii.gz").is_file() and not (p / "imaging.nii.gz").is_file():
+                log.warning("%s: skipped: a segmentation without imaging.nii.gz", p / "segmentation.nii.gz")
+    return cases
 
 
 class KiTS19Dataset(FolderDataset):

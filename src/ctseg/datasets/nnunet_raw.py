@@ -43,12 +43,20 @@ class NnUNetRawDataset(FolderDataset):
         if not meta_path.is_file():
             raise CtsegError("no dataset.json: not an nnU-Net raw dataset", self.root)
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise CtsegError("dataset.json is not UTF-8 text (JSON must be UTF-8; re-save it as UTF-8)",
+                             meta_path) from None
         except (OSError, json.JSONDecodeError) as exc:
             raise CtsegError(f"cannot read dataset.json ({exc})", meta_path) from exc
+        if not isinstance(meta, dict):
+            raise CtsegError(f"dataset.json must hold a JSON object, got a {type(meta).__name__}", meta_path)
         self.classes = _parse_labels(meta.get("labels"), meta_path)
         self.file_ending = str(meta.get("file_ending", ".nii.gz"))
         channels = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
+        if not isinstance(channels, dict):
+            raise CtsegError(f'"channel_names" must map channel numbers to names, e.g. {{"0": "CT"}}, got '
+                             f"{channels!r}", meta_path)
         if len(channels) > 1:
             log.warning("%s: %d channels %s; reading channel 0000 only", meta_path, len(channels), channels)
         suffix = "_0000" + self.file_ending
@@ -63,6 +71,10 @@ class NnUNetRawDataset(FolderDataset):
                 self._cases[case_id] = (image, label)
         if not self._cases:
             raise CtsegError(f"no cases (expected imagesTr/<case>{suffix})", self.root)
+        for label in sorted((self.root / "labelsTr").glob(f"*{self.file_ending}")):
+            case_id = label.name[: -len(self.file_ending)]
+            if case_id not in self._cases:
+                log.warning("%s: skipped: a segmentation without its image imagesTr/%s%s", label, case_id, suffix)
 
     @staticmethod
     def matches(root: Path) -> bool:

@@ -39,13 +39,16 @@ def max_feret_2d(mask: np.ndarray, spacing: tuple[float, float]) -> float:
 
     mask: (rows, cols) bool; spacing: (row, col) mm. 0.0 for an empty mask.
     """
-    if not mask.any():
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
         return 0.0
-    edge = mask & ~ndimage.binary_erosion(mask)
-    r, c = np.nonzero(edge)
-    offsets = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
-    pts = (np.stack([r, c], axis=1)[:, None, :] + offsets[None]).reshape(-1, 2) * np.asarray(spacing)
-    pts = np.unique(pts, axis=0)
+    # the convex hull of a pixel set is that of the outer corners of each row's first and last pixel
+    band = mask[rows]
+    first = np.argmax(band, axis=1) - 0.5
+    last = band.shape[1] - np.argmax(band[:, ::-1], axis=1) - 0.5
+    r = rows.astype(np.float64)
+    pts = np.concatenate([np.stack([r + dr, c], axis=1) for dr in (-0.5, 0.5) for c in (first, last)])
+    pts *= np.asarray(spacing, dtype=np.float64)
     hull = pts[ConvexHull(pts).vertices]
     return float(pdist(hull).max())
 

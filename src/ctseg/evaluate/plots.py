@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ctseg.staging import follow_umask
+
 COLORS = {"mia": "#e08a1e", "ctia": "#2f6fde", "ensemble": "#2e9e5b", "none": "#777777"}
 CLASS_COLORS = ["#00c853", "#ff1744", "#ffd600", "#00b0ff", "#d500f9"]  # label 1, 2, ...
 CLASS_COLOR_NAMES = ["green", "red", "yellow", "blue", "magenta"]
@@ -34,6 +36,7 @@ def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    follow_umask(fd)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", facecolor="white")
@@ -159,6 +162,7 @@ def save_overlay_slice(path: str | Path, image_zyx: np.ndarray, gt_zyx: np.ndarr
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    follow_umask(fd)
     os.close(fd)
     try:
         np.savez_compressed(tmp, image=np.asarray(image_zyx[z], dtype=np.float32), gt=np.asarray(gt_zyx[z], np.uint8),

@@ -111,7 +111,16 @@ class MemberPrediction:
     trained_on: frozenset[str]
 
     def load(self) -> np.ndarray:
-        return np.load(self.path, mmap_mode="r")
+        """The map, memory-mapped; CtsegError naming the file when it is truncated, pickled or not 4D."""
+        try:
+            array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:
+            raise CtsegError(f"cannot read out-of-fold member map ({type(exc).__name__}: {exc}); re-run the "
+                             "cross-validation to rebuild it", self.path) from None
+        if not isinstance(array, np.ndarray) or array.ndim != 4:
+            raise CtsegError(f"out-of-fold member map must be (C, Z, S, S), got {getattr(array, 'shape', type(array))}",
+                             self.path)
+        return array
 
 
 def check_out_of_fold(predictions: Iterable[MemberPrediction]) -> None:

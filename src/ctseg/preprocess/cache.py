@@ -38,6 +38,7 @@ from ctseg.datasets.base import Case
 from ctseg.errors import CtsegError
 from ctseg.preprocess.slices import Box, foreground_slices, network_grid, preprocess_label, preprocess_volume
 from ctseg.preprocess.windowing import IntensityPlan, compute_intensity_plan, draw_subset
+from ctseg.staging import follow_umask, sweep_stale_in_folder
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,16 @@ class CaseCache:
             raise CtsegError(f"cache format {info.get('format')!r}, this ctseg reads {CACHE_FORMAT}; "
                              "re-run `ctseg preprocess` to rebuild the cache", plan_path)
         self.info = info
-        self.plan = IntensityPlan.from_dict(info["intensity_plan"], plan_path)
-        self.classes = {int(k): v for k, v in info["classes"].items()}
-        self.fingerprint: str = info["fingerprint"]
-        self.settings: dict = info["preprocess"]
-        self.in_plane_size: int = int(self.settings["in_plane_size"])
-        self._ids: list[str] = list(info["cases"])
+        try:
+            self.plan = IntensityPlan.from_dict(info["intensity_plan"], plan_path)
+            self.classes = {int(k): str(v) for k, v in info["classes"].items()}
+            self.fingerprint: str = str(info["fingerprint"])
+            self.settings: dict = dict(info["preprocess"])
+            self.in_plane_size: int = int(self.settings["in_plane_size"])
+            self._ids: list[str] = [str(i) for i in info["cases"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CtsegError(f"damaged ({type(err).__name__}: {err}); re-run `ctseg preprocess` to rebuild the cache",
+                             plan_path) from None
         self._meta: dict[str, dict] = {}
         self._verified: set[Path] = set()
         if expected is not None:
@@ -217,6 +222,7 @@ def _case_state(cases_dir: Path, case_id: str, fingerprint: str) -> str:
 
 def _tmp_name(final: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    follow_umask(fd)
     os.close(fd)
     return Path(tmp)
 
@@ -333,6 +339,7 @@ def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.ran
     plan_key = _digest({"format": CACHE_FORMAT, "settings": settings, "subset": subset})
     previous = _read_plan_json(root / PLAN_FILE)
     cases_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale_in_folder(cases_dir)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ctseg.errors import CtsegError
+from ctseg.staging import follow_umask
 
 CHECKPOINT_FORMAT = "ctseg.train.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -30,12 +31,17 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    follow_umask(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        raise CtsegError(f"cannot write ({getattr(exc, 'strerror', None) or str(exc).splitlines()[0]})",
+                         path) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

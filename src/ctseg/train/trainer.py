@@ -78,6 +78,64 @@ class TrainedModel:
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
+class TrainingDiverged(CtsegError):
+    """The training loss became NaN or infinite; run.json gets status "diverged"."""
+
+
+def _check_loss_finite(mean_loss: float, epoch: int, lr: float) -> None:
+    if not math.isfinite(mean_loss):
+        raise TrainingDiverged(f"training diverged: the mean loss of epoch {epoch + 1} is {mean_loss}; the weights "
+                               f"of that epoch were not saved. Lower train.lr (now {lr:g}) or check the data")
+
+
+def _check_training_memory(cfg: ExperimentConfig, num_classes: int, device: torch.device) -> None:
+    """Refuse a configuration whose training step cannot fit in memory (`ctseg.resources`)."""
+    from ctseg.resources import check_memory, training_step_bytes
+
+    dim = cfg.model.dim
+    batch = cfg.train.batch_size_2d if dim == "2d" else cfg.train.batch_size_3d
+    size = "model.msd.depth" if cfg.model.arch == "msd" else "model.unet.base_features / n_stages"
+    check_memory(training_step_bytes(cfg, num_classes), device,
+                 f"a training step ({cfg.model.arch}-{dim}, batch {batch}, {cfg.preprocess.in_plane_size} px)",
+                 f"train.batch_size_{dim}, preprocess.in_plane_size or {size}")
+
+
+_TASK_ORGANS = {"kidney": "kidney", "liver": "liver"}
+
+
+def _check_model_metadata(cfg: ExperimentConfig, classes: dict[int, str], info_path: Path) -> None:
+    """Refuse run.json settings that contradict the network or the data: a U-Net whose in-plane size (or 3D
+    stack) is not divisible by its total stride, or a liver config (data.task) whose classes hold the kidney
+    but no liver (a liver config trained on kidney labels)."""
+    m = cfg.model
+    if m.arch == "unet":
+        stride = 2 ** (m.unet.n_stages - 1)
+        if cfg.preprocess.in_plane_size % stride:
+            raise CtsegError(f"in_plane_size {cfg.preprocess.in_plane_size} is not divisible by the U-Net's stride "
+                             f"{stride} ({m.unet.n_stages} stages): these weights were not trained at this size",
+                             info_path)
+        z_stride = 2 ** min(m.unet.z_pool_stages, m.unet.n_stages - 1)
+        if m.dim == "3d" and cfg.preprocess.num_slices % z_stride:
+            raise CtsegError(f"num_slices {cfg.preprocess.num_slices} is not divisible by the 3D U-Net's z stride "
+                             f"{z_stride}", info_path)
+    names = {str(v).lower() for v in classes.values()}
+    own = _TASK_ORGANS[cfg.data.task]
+    others = {o for t, o in _TASK_ORGANS.items() if t != cfg.data.task}
+    # only the non-default task is checked: "kidney" is the default, also left in configs of other datasets
+    if cfg.data.task != "kidney" and own not in names and names & others:
+        raise CtsegError(f"config says data.task {cfg.data.task!r} but the classes are {sorted(names)}: a "
+                         f"{cfg.data.task} config trained on other labels", info_path)
+
+
+def _final_status(err: BaseException) -> str:
+    """run.json status for a training that ended with `err`."""
+    if isinstance(err, TrainingDiverged):
+        return "diverged"
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    return "failed"
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for k, v in d.items():
@@ -152,7 +210,9 @@ class Trainer:
                 raise CtsegError(f"cases both in training and validation: {', '.join(overlap[:10])}")
             self.train_ids, self.val_ids = sorted(train_ids), sorted(val_ids)
         if not self.train_ids:
-            raise CtsegError("no training cases")
+            raise CtsegError(f"no training cases: {len(train_ids)} case id(s) given for training "
+                             f"({len(self.val_ids)} held out for validation) out of the {len(known)} case(s) of the "
+                             "cache; a cache of unlabelled (test) cases cannot train", getattr(cache, "root", None))
         self.dataset_classes = {int(k): str(v) for k, v in cache.classes.items()}
         self.classes = output_classes(self.dataset_classes, cfg.model.target)
         self.num_classes = len(self.classes)
@@ -199,6 +259,7 @@ class Trainer:
         self._check_labels()
 
         torch.manual_seed(cfg.seed)
+        _check_training_memory(cfg, self.num_classes, self.device)
         self.model = build_model(cfg.model, IN_CHANNELS, self.num_classes).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp == "fp16")
@@ -421,6 +482,7 @@ class Trainer:
                         bar.update(task, advance=1, **({"info": info} if info else {}))
                     if step + 1 == spe:
                         mean_loss = D.mean_over_ranks(float(loss_sum.item()) / spe, self.ctx)
+                        _check_loss_finite(mean_loss, epoch, self.cfg.train.lr)
                         self._end_epoch(epoch, mean_loss, time.perf_counter() - t0, tb)
         finally:
             if tb is not None:
@@ -444,8 +506,11 @@ class Trainer:
                                      f"train.batch_size_{dim}, or use --amp bf16") from None
             except BaseException as err:
                 if self.ctx.is_main:
-                    self._write_run_json("interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                                         f"{type(err).__name__}: {err}")
+                    try:
+                        self._write_run_json(_final_status(err), f"{type(err).__name__}: {err}")
+                    except OSError as write_err:  # e.g. the disk that stopped training is still full
+                        log.error("%s: could not record the final status %r (%s)", self.out_dir / "run.json",
+                                  _final_status(err), write_err)
                 raise
             if self.ctx.is_main:
                 self._write_run_json("completed")
@@ -505,7 +570,26 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> Tra
     weights_path = run_dir / "model_best.pt"
     if not weights_path.is_file():
         raise CtsegError("model_best.pt is missing (training stopped before its first epoch ended?)", run_dir)
+    if num_classes != len(classes) or num_classes < 2:
+        raise CtsegError(f"run.json declares num_classes {num_classes} but {len(classes)} classes {classes}",
+                         info_path)
+    if dataset_classes and info["target"] == "multiclass" and dataset_classes != classes:
+        raise CtsegError(f"run.json: a multiclass model's classes {classes} differ from its dataset classes "
+                         f"{dataset_classes}", info_path)
+    _check_model_metadata(cfg, dataset_classes or classes, info_path)
+    status = info.get("status")
+    if status not in ("completed", "finished"):
+        log.warning("%s: the training run's status is %r, not 'completed': its weights may be unfinished",
+                    run_dir, status)
+    from ctseg.resources import check_memory, parameter_count
+
+    check_memory(4 * parameter_count(cfg.model, num_classes, in_channels), D.resolve_device(device),
+                 "the model described in run.json", "nothing: run.json is not a plausible model", info_path)
     weights = load_state_dict_file(weights_path)
+    bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise CtsegError(f"weights contain NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}): the training "
+                         "diverged", weights_path)
     module = build_model(cfg.model, in_channels, num_classes)
     try:
         module.load_state_dict(weights)
