@@ -1,6 +1,6 @@
 """`ctseg show-augment`: see what the augmentation does to real data before training on it.
 
-Top: n slices of one case, original vs augmented by the chosen pipeline (CTIA or MIA, 2D mode), with
+Top: n slices of one case, original vs augmented by the chosen pipeline (CTIA, MIA or nnU-Net DA, 2D mode), with
 label contours. Below (CTIA): one row per CTIA transform applied alone, at its configured magnitude
 (noise, rotation and slice skipping at their maximum, interpolation at its minimum factor, CWVRS drawn
 from its configured ranges), so each can be checked by eye;
@@ -29,11 +29,12 @@ from ctseg.augment.ctia import (
     sample_random_window,
     sample_rotation,
 )
-from ctseg.config import AugmentConfig, ExperimentConfig, load_config
+from ctseg.config import ExperimentConfig, load_config
 from ctseg.datasets import LAYOUTS, open_dataset
 from ctseg.errors import CtsegError
+from ctseg.evaluate.report import AUG_NAMES
 
-HELP = "PNG grid of original vs augmented slices (CTIA or MIA) with label contours, one panel per CTIA transform"
+HELP = "PNG grid of original vs augmented slices (CTIA, MIA or nnU-Net DA) with label contours, one panel per CTIA transform"
 
 _CONTOUR_COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#bf5af2"]
 
@@ -41,7 +42,8 @@ _CONTOUR_COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#bf5af2"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="dataset folder (KiTS19, CHAOS CT or nnU-Net raw layout)")
     parser.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS])
-    parser.add_argument("--aug", default="ctia", choices=["ctia", "mia"], help="pipeline to show (default ctia)")
+    parser.add_argument("--aug", default="ctia", choices=["ctia", "mia", "nnunet"],
+                        help="pipeline to show (default ctia)")
     parser.add_argument("--out", required=True, help="output PNG file")
     parser.add_argument("--seed", type=int, default=0, help="seed for the case choice and the augmentation")
     parser.add_argument("--n", type=int, default=4, help="number of slices in the original/augmented grid")
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     z = image.shape[0]
     img_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     lab_t = torch.from_numpy(label.astype(np.int64))[None, None]
-    aug_cfg = AugmentConfig(name=args.aug, ctia=cfg.augment.ctia, mia=cfg.augment.mia)
+    aug_cfg = cfg.augment.model_copy(update={"name": args.aug})
     augmenter = build_augmenter(aug_cfg, "2d", plan)
     gen = torch.Generator().manual_seed(args.seed)
     aug_img, aug_lab = augmenter(img_t, lab_t, gen)
@@ -127,13 +129,13 @@ def run(args: argparse.Namespace) -> int:
     for ax in axes.flat:
         ax.axis("off")
     for j, k in enumerate(shown):
-        for r, (im, lb, name) in enumerate([(img_t, lab_t, "original"), (aug_img, aug_lab, args.aug.upper())]):
+        for r, (im, lb, name) in enumerate([(img_t, lab_t, "original"), (aug_img, aug_lab, AUG_NAMES[args.aug])]):
             axes[r, j].axis("on")
             _show(axes[r, j], im[0, 0, k].numpy(), lb[0, 0, k].numpy(), classes, f"{name}, slice {k}", vrange)
 
     if args.aug == "ctia":
         _ctia_panels(axes[2:], img_t, lab_t, classes, plan, cfg, gen, shown[len(shown) // 2], vrange, aspect)
-    fig.suptitle(f"{case.case_id}: {args.aug.upper()} (seed {args.seed}); window [{plan.lower:.0f}, {plan.upper:.0f}] "
+    fig.suptitle(f"{case.case_id}: {AUG_NAMES[args.aug]} (seed {args.seed}); window [{plan.lower:.0f}, {plan.upper:.0f}] "
                  f"HU, z-scored", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     out.parent.mkdir(parents=True, exist_ok=True)

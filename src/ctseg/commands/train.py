@@ -20,7 +20,7 @@ from rich.table import Table
 from ctseg.config import ExperimentConfig, load_config
 from ctseg.errors import CtsegError
 
-HELP = "train a U-Net or MS-D Net (2D/3D) with CTIA, MIA or no augmentation"
+HELP = "train a U-Net or MS-D Net (2D/3D) with CTIA, the paper's MIA, nnU-Net's augmentation or none"
 FOLDS_FILE = "folds.json"
 
 
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="experiment config YAML (default: built-in defaults)")
     parser.add_argument("--arch", choices=["unet", "msd"], help="network (default: the config's model.arch)")
     parser.add_argument("--dim", choices=["2d", "3d"], help="2D slices or 3D stacks (default: model.dim)")
-    parser.add_argument("--aug", choices=["ctia", "mia", "none"], help="augmentation (default: augment.name)")
+    parser.add_argument("--aug", choices=["ctia", "mia", "nnunet", "none"], help="augmentation (default: augment.name)")
     parser.add_argument("--target", choices=["multiclass", "foreground"], help="classes to learn (model.target)")
     parser.add_argument("--fold", type=int, metavar="K", help="hold out test fold K of the folds file")
     parser.add_argument("--epochs", type=int, metavar="N", help="epochs (train.epochs)")
