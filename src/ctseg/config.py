@@ -256,6 +256,8 @@ class ExperimentMatrixConfig(_Section):
                                                                  min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
                              description="one run per seed and combination; more seeds give top_k more candidates")
+    stack_seeds: list[int] = Field(default_factory=list, description="extra seeds trained only for the stack's "
+                                   "member sets, so that stack.top_k picks among more candidates than it keeps")
     exclude: list[str] = Field(default_factory=list, description="combinations to leave out, as 'arch-dim', "
                                "e.g. ['unet-3d']")
     overrides: dict[str, dict] = Field(default_factory=dict, description="partial configs merged into the runs of "

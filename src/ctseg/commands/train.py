@@ -73,7 +73,8 @@ def _open_cache(args, cfg: ExperimentConfig, ctx):
         from ctseg.datasets import open_dataset
 
         dataset = open_dataset(args.data, layout=cfg.data.layout)
-        # the same random streams as `ctseg.cv.prepare_data`, so `ctseg train` and `ctseg cv` share a cache
+        # one plan from a subset of all cases (a single training run has no test fold); `ctseg cv` draws each
+        # fold's plan from that fold's training cases instead (`ctseg.cv.fold_cache`)
         build_cache(dataset, cache_dir, cfg, np.random.default_rng([cfg.seed, 0xCAC4E]),
                     progress=not args.no_progress)
     D.barrier(ctx)

@@ -51,6 +51,22 @@ BASELINE_AUGS = ("mia", "nnunet", "none")  # compared against CTIA, in this orde
 _ARCH_ORDER = ["unet", "msd", "stacked", "average"]
 _DIM_ORDER = ["2d", "3d", ""]
 _AUG_ORDER = ["mia", "nnunet", "ctia", "none"]
+# Kloenne et al. 2020, Table 2 (KiTS19, slice-sorted 5-fold CV; "Total Dice scores ... (mean ± stdv.)"): row -> class
+# -> (mean, std). The paper does not say whether its std is over volumes or over folds. Its Table 3 (CHAOS liver)
+# is not in the text we hold, so liver reports show no paper column.
+PAPER_TABLE2 = {
+    "nnU-Net + MIA 2D": {"kidney": (0.962, 0.006), "tumour": (0.840, 0.013), "total": (0.929, 0.009)},
+    "nnU-Net + CTIA 2D": {"kidney": (0.961, 0.001), "tumour": (0.844, 0.007), "total": (0.931, 0.002)},
+    "nnU-Net + MIA 3D": {"kidney": (0.960, 0.012), "tumour": (0.839, 0.021), "total": (0.929, 0.014)},
+    "nnU-Net + CTIA 3D": {"kidney": (0.960, 0.002), "tumour": (0.841, 0.008), "total": (0.925, 0.003)},
+    "MS-D Net + MIA 2D": {"kidney": (0.950, 0.011), "tumour": (0.774, 0.022), "total": (0.913, 0.014)},
+    "MS-D Net + CTIA 2D": {"kidney": (0.950, 0.001), "tumour": (0.779, 0.009), "total": (0.914, 0.003)},
+    "MS-D Net + MIA 3D": {"kidney": (0.947, 0.012), "tumour": (0.764, 0.024), "total": (0.906, 0.018)},
+    "MS-D Net + CTIA 3D": {"kidney": (0.948, 0.002), "tumour": (0.765, 0.009), "total": (0.907, 0.003)},
+    "Stacked CNN + MIA": {"kidney": (0.968, 0.008), "tumour": (0.841, 0.011), "total": (0.943, 0.008)},
+    "Stacked CNN + CTIA": {"kidney": (0.968, 0.001), "tumour": (0.845, 0.004), "total": (0.947, 0.002)},
+}
+PAPER_TITLE = "Table 2 beside the paper — Dice, paper protocol"
 METRICS = {"dice_paper": "Dice, paper protocol", "dice": "Dice, full volume in original geometry",
            "hd95": "HD95 (mm), full volume"}
 DEFAULT_THICKNESS_EDGES_MM = THICKNESS_BINS
@@ -501,6 +517,9 @@ def build_tables(records: Sequence[VolumeResult], classes: Sequence[str], thickn
                         "Table 2 may read this way", ["model", *classes, "folds"],
                         [[names[m], *(t[m][c].fmt() for c in classes), str(max(s.n for s in t[m].values()))]
                          for m in t]))
+    paper = paper_table2_section(records, classes)
+    if paper is not None:
+        secs.append(paper)
     t = summary_table(records, "hd95", classes)
     if any(st.n for row in t.values() for st in row.values()):
         secs.append(Section("HD95 (mm), full volume", "95th percentile Hausdorff distance in mm; mean ± std over "
@@ -530,6 +549,54 @@ def build_tables(records: Sequence[VolumeResult], classes: Sequence[str], thickn
     return Tables(secs)
 
 
+def paper_table2_section(records: Sequence[VolumeResult], classes: Sequence[str]) -> Section | None:
+    """Our Table 2 rows next to the paper's (`PAPER_TABLE2`), with both std definitions: over test volumes (all
+    folds pooled) and over the per-fold means. None unless the classes are the paper's kidney/tumour/total."""
+    wanted = [c for c in ("kidney", "tumour", "total") if c in classes]
+    if len(wanted) < 3:
+        return None
+    vol = summary_table(records, "dice_paper", wanted)
+    folds = fold_mean_table(records, "dice_paper", wanted)
+    rows = []
+    for m in models_in_order(records):
+        if m.model not in vol:
+            continue
+        ref = PAPER_TABLE2.get(m.display)
+        for c in wanted:
+            paper = f"{ref[c][0]:.3f} ± {ref[c][1]:.3f}" if ref else "–"
+            diff = f"{vol[m.model][c].mean - ref[c][0]:+.3f}" if ref and vol[m.model][c].n else "–"
+            rows.append([m.display, c, paper, vol[m.model][c].fmt(), folds[m.model][c].fmt(), diff])
+    return Section(PAPER_TITLE, "paper: Kloenne et al. 2020, Table 2 (KiTS19), mean ± std as printed, the std's "
+                   "definition unstated; ours: the same mean with the std over test volumes (all folds pooled: the "
+                   "definition of our Table 2, the spread tables and the headline) and over the per-fold means "
+                   "(n = folds); Δ = our mean − the paper's", ["model", "class", "paper", "ours, std over volumes",
+                                                          "ours, std over fold means", "Δ mean"], rows, None)
+
+
+def stack_selection_section(stack_dirs: Sequence[str | Path]) -> Section | None:
+    """The stacked ensembles' candidates per member set with their validation score and whether top_k kept them
+    (from each stack folder's `stack.json`). None when no stack folder records candidates."""
+    rows = []
+    for d in stack_dirs:
+        path = Path(d) / "stack.json"
+        if not path.is_file():
+            continue
+        info = json.loads(path.read_text())
+        aug = AUG_NAMES.get(info.get("aug"), info.get("aug"))
+        cands = sorted(info.get("candidates", []), key=lambda c: (c["set"], -(c["val_score"] or -1.0), c["name"]))
+        for c in cands:
+            score = "–" if c["val_score"] is None else f"{c['val_score']:.4f}"
+            rows.append([aug, c["set"], c["name"], score, "yes" if c["selected"] else "no"])
+    if not rows:
+        return None
+    top_k = {json.loads((Path(d) / "stack.json").read_text()).get("top_k") for d in stack_dirs
+             if (Path(d) / "stack.json").is_file()}
+    return Section("Stacked CNN: candidates and the top-k kept", f"top_k = {', '.join(map(str, sorted(top_k)))} per "
+                   "member set by validation score (mean over folds of each run's best validation Dice, on its "
+                   "training folds' validation split; out-of-fold protection unchanged)",
+                   ["stack", "member set", "candidate run", "validation score", "selected"], rows, None)
+
+
 def software_versions() -> dict[str, str]:
     import matplotlib
     import torch
@@ -549,10 +616,12 @@ def software_versions() -> dict[str, str]:
 
 def write_results(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
                   thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, title: str = "ctseg results",
-                  versions: dict | None = None, flag_rule: FlagRule = FlagRule()) -> dict[str, Path]:
+                  versions: dict | None = None, flag_rule: FlagRule = FlagRule(),
+                  extra_sections: Sequence[Section] = ()) -> dict[str, Path]:
     """Write results.csv / results.json / results.md (+ config.yaml, versions.json) into `out_dir`.
 
     flag_rule: thresholds of the ensemble quality flag (section only when records carry `agreement`).
+    extra_sections: tables appended after the standard ones (e.g. `stack_selection_section`).
     """
     if not records:
         raise ValueError("no results to report")
@@ -562,6 +631,7 @@ def write_results(records: Sequence[VolumeResult], out_dir: str | Path, *, confi
     versions = versions or software_versions()
     head = headline(records, "dice_paper", classes)
     tables = build_tables(records, classes, thickness_edges_mm)
+    tables.sections.extend(extra_sections)
     flags = quality_flags(records, headline_class(classes), rule=flag_rule)
     write_results_csv(records, out / "results.csv", classes)
     summary = {metric: {m: {c: s.to_json() for c, s in row.items()} for m, row in summary_table(records, metric, classes).items()}
@@ -661,12 +731,15 @@ def _html_table(header: list[str], rows: list[list[str]], row_classes: list[str]
 
 def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tuple[str, str, Path]],
                 config: dict | None, versions: dict, thickness_edges_mm: Sequence[float], intro: str = "",
-                quality_figures: dict[str, Path] | None = None, flag_rule: FlagRule = FlagRule()) -> str:
+                quality_figures: dict[str, Path] | None = None, flag_rule: FlagRule = FlagRule(),
+                extra_sections: Sequence[Section] = ()) -> str:
     """The report page. figures: (section, caption, png path) in display order; images are embedded.
-    quality_figures: model -> agreement vs Dice scatter plot, shown in the quality-flag section."""
+    quality_figures: model -> agreement vs Dice scatter plot, shown in the quality-flag section.
+    extra_sections: tables appended after the standard ones."""
     classes = class_names(records)
     head = headline(records, "dice_paper", classes)
     tables = build_tables(records, classes, thickness_edges_mm)
+    tables.sections.extend(extra_sections)
     aug_of = {m.display: m.aug for m in models_in_order(records)}
     n_vol = len({r.case_id for r in records})
     folds = sorted({r.fold for r in records})
@@ -711,7 +784,7 @@ def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tu
 def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
                  log_csvs: dict[str, list[Path]] | None = None, title: str = "ctseg results",
                  thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, intro: str = "",
-                 flag_rule: FlagRule = FlagRule()) -> Path:
+                 flag_rule: FlagRule = FlagRule(), extra_sections: Sequence[Section] = ()) -> Path:
     """Results files + plots + `report/index.html` into `out_dir`; returns the HTML path.
 
     log_csvs: display name -> training logs (`log.csv` of each fold's run) for the training curves.
@@ -723,7 +796,7 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
     out = Path(out_dir)
     versions = software_versions()
     write_results(records, out, config=config, thickness_edges_mm=thickness_edges_mm, title=title, versions=versions,
-                  flag_rule=flag_rule)
+                  flag_rule=flag_rule, extra_sections=extra_sections)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     classes = class_names(records)
@@ -756,7 +829,7 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
             f"{q.display}: Spearman ρ = {_fmt(q.spearman, 2)}", plot_dir / f"agreement_{_safe(q.model)}.png")
     page = render_html(records, title=title, figures=figures, config=config, versions=versions,
                        thickness_edges_mm=thickness_edges_mm, intro=intro, quality_figures=quality_figures,
-                       flag_rule=flag_rule)
+                       flag_rule=flag_rule, extra_sections=extra_sections)
     html_path = out / "report" / "index.html"
     atomic_write_text(html_path, page)
     log.info("report written to %s", html_path)
