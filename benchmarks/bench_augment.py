@@ -108,7 +108,7 @@ def main() -> None:
     cpu = torch.device("cpu")
 
     forced = CTIAConfig(p_batch_2d=1, p_batch_3d=1, noise_p=1, cwvrs_p=1, rotation_p=1,
-                        slice_skip_p=0.5, slice_interp_p=0.5)
+                        slice_skip_p=0.5, slice_interp_p=0.5, z_mode="stack")
     forced_extra = forced.model_copy(update={"random_window_p": 1.0})
     default = CTIAConfig()
     gen = torch.Generator(device=device).manual_seed(0)

@@ -32,7 +32,7 @@ class Plan:
 
 
 FORCED = CTIAConfig(p_batch_2d=1, p_batch_3d=1, noise_p=1, cwvrs_p=1, rotation_p=1, random_window_p=1,
-                    slice_skip_p=0.5, slice_interp_p=0.5)
+                    slice_skip_p=0.5, slice_interp_p=0.5, z_mode="stack")
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -263,7 +263,7 @@ def test_every_ctia_transform_alone_keeps_label_classes():
     image, label = _phantom(b=2, z=8)
     classes = set(label.unique().tolist())
     off = dict(noise_p=0, cwvrs_p=0, rotation_p=0, slice_skip_p=0, slice_interp_p=0, patch_p=0, p_batch_2d=1,
-               p_batch_3d=1)
+               p_batch_3d=1, z_mode="stack")
     for on in [dict(noise_p=1), dict(cwvrs_p=1), dict(rotation_p=1), dict(slice_skip_p=1), dict(slice_interp_p=1),
                dict(random_window_p=1), dict(patch_p=1)]:
         for dim in ("2d", "3d"):

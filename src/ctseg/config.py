@@ -75,6 +75,9 @@ class CTIAConfig(_Section):
         "fat": (-200.0, -30.0), "soft_tissue": (-30.0, 150.0), "enhanced_or_bone": (150.0, 3000.0)})
     cwvrs_shift: float = Field(0.05, ge=0, le=0.5, description="max shift of a cluster, fraction of its width")
     cwvrs_stretch: float = Field(0.05, ge=0, le=0.5, description="max relative stretch of a cluster's width")
+    z_mode: Literal["volume", "stack"] = Field(
+        "volume", description="volume: slice skipping/interpolation simulate an acquisition on the whole cached "
+        "volume when the stack is sampled (ctseg.augment.acquisition); stack: resample inside the sampled stack")
     slice_skip_p: float = Field(0.2, ge=0, le=1, description="per stack; exclusive with slice interpolation")
     slice_skip_max_factor: float = Field(2.0, gt=1, description="spacing factor f drawn from (1, max]")
     slice_interp_p: float = Field(0.2, ge=0, le=1, description="per stack")

@@ -8,6 +8,8 @@ function that applies given parameters to a whole batch at once (no Python loop 
     CWVRS                       sample_cwvrs         -> cwvrs_map            (piecewise-linear monotone)
     slice skipping              sample_z_resampling  -> resample_z           (nearest along z, f in (1, max])
     slice interpolation         sample_z_resampling  -> resample_z           (linear along z, f in [min, 1))
+                                (z_mode "stack" only; the default "volume" simulates the acquisition on the whole
+                                cached volume when the stack is sampled: `ctseg.augment.acquisition`)
     in-plane rotation           sample_rotation      -> rotate_inplane       (<= 16 degrees)
     random patch extraction     sample_patch_shift   -> extract_patch        (same-size patch at a random offset)
     random window (extra, off)  sample_random_window -> random_window        (level/width, arXiv 2510.08116)
@@ -357,6 +359,8 @@ class CTIAugmenter(Augmenter):
         gate = batch_gate(self.dim, cfg.p_batch_2d, cfg.p_batch_3d, generator)
         z_mode, z_src = sample_z_resampling(b, z, cfg.slice_skip_p, cfg.slice_skip_max_factor,
                                             cfg.slice_interp_p, cfg.slice_interp_min_factor, generator)
+        if cfg.z_mode == "volume":  # done on the whole volume when the stack was sampled (ctseg.augment.acquisition)
+            z_mode = torch.zeros_like(z_mode)
         patch = sample_patch_shift(n, cfg.patch_p, cfg.patch_max_shift, (h, w), generator)
         angles = sample_rotation(n, cfg.rotation_p, cfg.rotation_max_deg, generator)
         if self._preset is not None:
