@@ -252,16 +252,15 @@ def extract_patch(image: Tensor, label: Tensor, shift: Tensor, fill: Tensor) -> 
     Integer offsets, no interpolation: voxel values and size are kept. C channels share the offset."""
     n, c, h, w = image.shape
     shift = shift.to(image.device)
-    ys = torch.arange(h, device=image.device)[None, :] + shift[:, :1]  # (N, Y)
-    xs = torch.arange(w, device=image.device)[None, :] + shift[:, 1:]  # (N, X)
-    inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # (N, Y, X)
-    rows = torch.arange(n, device=image.device)[:, None, None]
-    yi, xi = ys.clamp(0, h - 1)[:, :, None], xs.clamp(0, w - 1)[:, None, :]
-    out = image.permute(0, 2, 3, 1)[rows, yi, xi].permute(0, 3, 1, 2)  # (N, C, Y, X)
-    out_lab = label.permute(0, 2, 3, 1)[rows, yi, xi].permute(0, 3, 1, 2)
-    keep = inside[:, None]
-    fill = fill.to(device=image.device, dtype=image.dtype).view(n, 1, 1, 1)
-    return torch.where(keep, out, fill), torch.where(keep, out_lab, torch.zeros_like(out_lab))
+    ys = torch.arange(h, device=image.device)[None, :] + shift[:, :1]  # (N, Y) source rows
+    xs = torch.arange(w, device=image.device)[None, :] + shift[:, 1:]  # (N, X) source columns
+    inside = (((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]).view(n, 1, h * w)
+    src = ys.clamp(0, h - 1)[:, :, None] * w + xs.clamp(0, w - 1)[:, None, :]  # flat source index (N, Y, X)
+    src = src.view(n, 1, h * w).expand(n, c, h * w)
+    out = image.reshape(n, c, h * w).gather(2, src)
+    out_lab = label.reshape(n, c, h * w).gather(2, src).masked_fill_(~inside, 0)
+    fill = fill.to(device=image.device, dtype=image.dtype).view(n, 1, 1)
+    return torch.where(inside, out, fill).view(n, c, h, w), out_lab.view(n, c, h, w)
 
 
 # ---------------------------------------------------------------------------------------------- random window
