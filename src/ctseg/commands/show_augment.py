@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 
 from ctseg.augment import build_augmenter
+from ctseg.augment.acquisition import INTERP, SKIP, grid_centres, linear_weights, slab_weights
 from ctseg.augment.ctia import (
     add_noise,
     cwvrs_map,
@@ -151,6 +152,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulated_acquisition(img_t, lab_t, mode: int, factor: float, phase: float):
+    """The stack (1, 1, Z, Y, X) as `ctseg.augment.acquisition` simulates it (every grid slice), shown on the
+    source rows: row i shows the simulated slice whose centre is nearest to i. Returns image, label, and the
+    (1, Z) centre (source position) shown on each row."""
+    z = img_t.shape[2]
+    centres = grid_centres(z, factor, phase)
+    w = slab_weights(centres, factor, z) if mode == SKIP else linear_weights(centres, z)
+    sim = torch.from_numpy((w.astype(np.float32) @ img_t[0, 0].reshape(z, -1).numpy()).reshape(-1, *img_t.shape[3:]))
+    nearest_src = np.clip(np.rint(centres).astype(np.int64), 0, z - 1)
+    row = np.abs(np.arange(z)[:, None] - centres[None, :]).argmin(axis=1)
+    image = sim[row][None, None]
+    label = lab_t[0, 0][torch.from_numpy(nearest_src[row])][None, None]
+    return image, label, torch.from_numpy(centres[row]).float()[None]
+
+
 def _ctia_panels(axes, img_t, lab_t, classes, plan, cfg: ExperimentConfig, gen, k: int, vrange, aspect) -> None:
     """One row per CTIA transform alone, at its configured magnitude."""
     c = cfg.augment.ctia
@@ -199,21 +215,29 @@ def _ctia_panels(axes, img_t, lab_t, classes, plan, cfg: ExperimentConfig, gen, 
     f = c.slice_skip_max_factor
     phase = float(torch.rand(1, generator=gen)) * f
     i = torch.arange(z, dtype=torch.float32)
-    kk = torch.round((i - phase) / f).clamp(min=0, max=max(0.0, float(np.floor((z - 1 - phase) / f))))
-    src_skip = torch.round(phase + kk * f).clamp(0, z - 1)[None]
-    s_img, s_lab = resample_z(img_t, lab_t, src_skip)
+    if c.z_mode == "volume":  # the simulated thick-slab acquisition, each source row showing the slab it lies in
+        s_img, s_lab, src_skip = _simulated_acquisition(img_t, lab_t, SKIP, f, phase)
+    else:
+        kk = torch.round((i - phase) / f).clamp(min=0, max=max(0.0, float(np.floor((z - 1 - phase) / f))))
+        src_skip = torch.round(phase + kk * f).clamp(0, z - 1)[None]
+        s_img, s_lab = resample_z(img_t, lab_t, src_skip)
     stretch = w / z / aspect  # display the z axis stretched to a square panel, as stated in the title
     co = {"aspect": w / z}
     row(2, [(cor(img_t), cor(lab_t), f"coronal (row {y0}, z x{stretch:.1f}), original", co),
-            (cor(s_img), cor(s_lab), f"slice skipping f={f:.2f}", co)])
+            (cor(s_img), cor(s_lab), f"slice skipping f={f:.2f}" + (" (slab means)" if c.z_mode == "volume" else ""),
+             co)])
     axes[2, 2].axis("on")
     axes[2, 2].step(np.arange(z), src_skip[0].numpy(), where="mid")
     axes[2, 2].plot([0, z - 1], [0, z - 1], color="0.7", lw=0.6)
-    axes[2, 2].set_title("source slice per output slice", fontsize=8)
+    axes[2, 2].set_title("slab centre per row" if c.z_mode == "volume" else "source slice per output slice",
+                         fontsize=8)
     axes[2, 2].tick_params(labelsize=6)
     f = c.slice_interp_min_factor
     src_int = (float(torch.rand(1, generator=gen)) * (z - 1) * (1 - f) + i * f)[None]
-    t_img, t_lab = resample_z(img_t, lab_t, src_int)
+    if c.z_mode == "volume":  # intermediate positions of a shifted acquisition, nearest one per source row
+        t_img, t_lab, src_int = _simulated_acquisition(img_t, lab_t, INTERP, f, float(src_int[0, 0]) % f)
+    else:
+        t_img, t_lab = resample_z(img_t, lab_t, src_int)
     row(3, [(cor(img_t), cor(lab_t), f"coronal (row {y0}, z x{stretch:.1f}), original", co),
             (cor(t_img), cor(t_lab), f"slice interpolation f={f:.2f}", co)])
     axes[3, 2].axis("on")
