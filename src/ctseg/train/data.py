@@ -67,13 +67,15 @@ class BatchPlan:
 
 
 def draw_stacks(cache, case_ids: list[str], plan: BatchPlan, target: str, rng: np.random.Generator,
-                exclude_background: bool = True, acquisition=None
+                exclude_background: bool = True, oversample: float = 0.0, acquisition=None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Load `plan.volumes` random volumes x `plan.num_slices` sampled slices (`sample_slices`).
+    """Load `plan.volumes` random volumes x `plan.num_slices` sampled slices (`sample_slices`; `oversample`:
+    its class oversampling).
 
     acquisition: a `CTIAConfig` with z_mode "volume": each stack is, with the config's slice skipping /
     interpolation probabilities (times the batch gate's, as when they acted inside the stack), sampled from a
-    simulated thicker or shifted acquisition of the whole volume (`ctseg.augment.acquisition`).
+    simulated thicker or shifted acquisition of the whole volume (`ctseg.augment.acquisition`; such a stack
+    prefers foreground slices but has no class oversampling).
     A volume with fewer slices than `plan.num_slices` is edge-padded along z (its last slice repeated).
 
     Returns image float32 (V, 1, Z, S, S), label int64 (V, 1, Z, S, S) and, for 2D, the indices (batch_size,)
@@ -96,7 +98,8 @@ def draw_stacks(cache, case_ids: list[str], plan: BatchPlan, target: str, rng: n
             image, label = acquire_stack(case.image, case.label, plan.num_slices, mode, factor, phase, rng,
                                          exclude_background)
         else:
-            idx = np.asarray(sample_slices(case.label, plan.num_slices, rng, exclude_background=exclude_background))
+            idx = np.asarray(sample_slices(case.label, plan.num_slices, rng, exclude_background=exclude_background,
+                                           oversample=oversample))
             image, label = np.asarray(case.image[idx], dtype=np.float32), np.asarray(case.label[idx])
         if image.shape[0] < plan.num_slices:  # volume shorter than the stack: repeat its last slice (as in validation)
             pad = plan.num_slices - image.shape[0]
@@ -146,6 +149,7 @@ class TrainStream(IterableDataset):
         self.plan = BatchPlan.from_config(cfg)
         self.target = cfg.model.target
         self.exclude_background = cfg.preprocess.exclude_background_slices
+        self.oversample = cfg.train.oversample_foreground
         self.seed, self.rank = cfg.seed, rank
         self.steps_per_epoch = cfg.train.steps_per_epoch
         self.start, self.stop = start, stop
@@ -159,7 +163,7 @@ class TrainStream(IterableDataset):
         s = step_seed(self.seed, self.rank, epoch, step)
         rng = np.random.default_rng(s)
         image, label, keep = draw_stacks(self.cache, self.case_ids, self.plan, self.target, rng,
-                                         self.exclude_background, self.acquisition)
+                                         self.exclude_background, self.oversample, self.acquisition)
         item = {"epoch": epoch, "step": step}
         if not self.augment_here:
             return {**item, "image": image, "label": label, "keep": keep}
