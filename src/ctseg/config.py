@@ -136,8 +136,9 @@ class MIAConfig(_Section):
     def _check(self):
         for name in ("scale_range", "gamma_range", "contrast_range", "noise_sigma"):
             lo, hi = getattr(self, name)
-            if not (0.0 <= lo <= hi) or (name != "noise_sigma" and lo <= 0):
-                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+            least = 0.0 if name == "noise_sigma" else 1e-6  # a noise std may be 0, a factor may not
+            if not (least <= lo <= hi):
+                raise ValueError(f"{name} must satisfy {'0 <=' if least == 0 else '0 <'} low <= high, got {(lo, hi)}")
         return self
 
 
