@@ -214,7 +214,7 @@ def _render_in_chromium(html_path: Path, tmp: Path, n_images: int):
 
 
 def test_table2_beside_the_paper_gives_both_std_definitions(tmp_path):
-    from ctseg.evaluate.report import PAPER_TABLE2, paper_table2_section, summary_table, fold_mean_table
+    from ctseg.evaluate.report import fold_mean_table, paper_table2_section, summary_table
 
     records = _records(tmp_path, spread_mia=0.03, spread_ctia=0.01)
     sec = paper_table2_section(records, ["kidney", "tumour", "total"])
