@@ -1,4 +1,4 @@
-"""CTIA speed against nnU-Net's own augmentation (batchgeneratorsv2) on the same batches.
+"""CTIA vs the paper's MIA (Kornia) vs nnU-Net's own augmentation (batchgeneratorsv2), same batches, same run.
 
 Batches (z-scored float32 image, int64 label):
   2D  28 x 1 x 128 x 128, passed as (28, 1, 1, 128, 128) (28 independent slices, z transforms are no-ops)
@@ -11,10 +11,12 @@ Figures (ms per batch: median over rounds of the mean of 5 calls, all candidates
   CTIA default: the configured probabilities (what training pays on average);
   anchor 2D:   nnU-Net's 2D pipeline in batchgeneratorsv2, per sample: SpatialTransform (rotation p 0.2,
                +-180 deg; scaling p 0.2, 0.7..1.4) + noise p 0.1, brightness p 0.15, contrast p 0.15, gamma p 0.3;
-  MIA:         our full MIA baseline (nnU-Net defaults incl. blur, low-res, crop), for reference;
-  anchor 3D:   MIA on the 3D stack (nnU-Net's dummy-2D pipeline for 16 x 128 x 128).
-Anchors run on the CPU always (batchgeneratorsv2 is CPU-only); with --device cuda CTIA runs on the GPU
-(synchronised, after warm-up).
+  nnU-Net DA:  our `augment.name: nnunet` baseline (nnU-Net defaults incl. blur, low-res, crop), batch gate 1;
+  anchor 3D:   nnU-Net DA on the 3D stack (nnU-Net's dummy-2D pipeline for 16 x 128 x 128), batch gate 1;
+  paper MIA forced / default: `augment.name: mia` (Table 1's MIA column on Kornia) with every transform on
+               every image (gate 1, all p 1) / its configured probabilities.
+Anchors and nnU-Net DA run on the CPU always (batchgeneratorsv2 is CPU-only); with --device cuda CTIA and
+the paper's MIA run on the GPU (synchronised, after warm-up).
 
     python benchmarks/bench_augment.py [--threads 2] [--repeats 20] [--device cpu|cuda] [--malloc-tuned]
 
@@ -41,8 +43,8 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
-from ctseg.augment import CTIAugmenter, MIAugmenter
-from ctseg.config import CTIAConfig, MIAConfig
+from ctseg.augment import CTIAugmenter, NNUNetAugmenter, PaperMIAugmenter
+from ctseg.config import CTIAConfig, MIAConfig, NNUNetAugConfig
 from ctseg.runtime import tune_malloc
 
 
@@ -106,7 +108,7 @@ def main() -> None:
     cpu = torch.device("cpu")
 
     forced = CTIAConfig(p_batch_2d=1, p_batch_3d=1, noise_p=1, cwvrs_p=1, rotation_p=1,
-                        slice_skip_p=0.5, slice_interp_p=0.5)
+                        slice_skip_p=0.5, slice_interp_p=0.5, z_mode="stack")
     forced_extra = forced.model_copy(update={"random_window_p": 1.0})
     default = CTIAConfig()
     gen = torch.Generator(device=device).manual_seed(0)
@@ -123,7 +125,10 @@ def main() -> None:
         for i in range(28):
             anchor(image=img28[i, :, 0].clone(), segmentation=lab28[i, :, 0].to(torch.int16))
 
-    mia2d, mia3d = MIAugmenter(MIAConfig(), "2d"), MIAugmenter(MIAConfig(), "3d")
+    nn_cfg = NNUNetAugConfig(p_batch_2d=1, p_batch_3d=1)
+    mia2d, mia3d = NNUNetAugmenter(nn_cfg, "2d"), NNUNetAugmenter(nn_cfg, "3d")
+    mia_forced = MIAConfig(p_batch_2d=1, p_batch_3d=1, rotation_p=1, scale_p=1, shear_p=1, crop_p=1, gamma_p=1,
+                           contrast_p=1, brightness_p=1, noise_p=1)
     b3_cpu = _batch((1, 1, 16, 128, 128), cpu)
     fns = {"anchor2d": run_anchor, "mia2d": lambda: mia2d(img28, lab28, cpu_gen),
            "anchor3d": lambda: mia3d(*b3_cpu, cpu_gen)}
@@ -134,22 +139,28 @@ def main() -> None:
         batch = _batch(shape, device)
         for label, cfg in (("forced", forced), ("forced+rw", forced_extra), ("default", default)):
             fns[f"CTIA {label} {name}"] = ctia(cfg, dim, batch)
+        for label, cfg in (("forced", mia_forced), ("default", MIAConfig())):
+            aug = PaperMIAugmenter(cfg, dim, _Plan())
+            fns[f"MIA {label} {name}"] = (lambda a, b: lambda: a(*b, gen))(aug, batch)
     if device.type == "cuda":  # anchors are CPU work: time them apart from the GPU figures
-        ms = _time_interleaved({k: v for k, v in fns.items() if not k.startswith("CTIA")}, args.repeats, cpu)
-        ms.update(_time_interleaved({k: v for k, v in fns.items() if k.startswith("CTIA")}, args.repeats, device))
+        on_device = ("CTIA", "MIA")
+        ms = _time_interleaved({k: v for k, v in fns.items() if not k.startswith(on_device)}, args.repeats, cpu)
+        ms.update(_time_interleaved({k: v for k, v in fns.items() if k.startswith(on_device)}, args.repeats, device))
     else:
         ms = _time_interleaved(fns, args.repeats, device)
     a2, mia, a3 = ms["anchor2d"], ms["mia2d"], ms["anchor3d"]
     rows = [(f"CTIA {label} {name}", ms[f"CTIA {label} {name}"], ms[anchor])
             for name, _, _, anchor in cases for label in ("forced", "forced+rw", "default")]
+    rows += [(f"MIA {label} {name}", ms[f"MIA {label} {name}"], ms[anchor])
+             for name, _, _, anchor in cases for label in ("forced", "default")]
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {args.threads} threads, CTIA on {device} ({where}); anchors on CPU; "
           f"load average {os.getloadavg()[0]:.1f}; malloc tuned: {args.malloc_tuned}; figures: wall ms / CPU ms per batch")
     print(f"anchor nnU-Net 2D bgv2 (rot/scale + noise, brightness, contrast, gamma), 28 x 128 x 128: "
           f"{a2[0]:8.2f} / {a2[1]:8.2f}")
-    print(f"MIA (full nnU-Net default) 2D, 28 x 128 x 128:                                 {mia[0]:8.2f} / {mia[1]:8.2f}")
-    print(f"anchor MIA 3D (nnU-Net dummy-2D pipeline), 1 x 16 x 128 x 128:                    {a3[0]:8.2f} / {a3[1]:8.2f}")
+    print(f"nnU-Net DA (full nnU-Net default) 2D, 28 x 128 x 128:                          {mia[0]:8.2f} / {mia[1]:8.2f}")
+    print(f"anchor nnU-Net DA 3D (dummy-2D pipeline), 1 x 16 x 128 x 128:                    {a3[0]:8.2f} / {a3[1]:8.2f}")
     for name, (w, c), (aw, ac) in rows:
         print(f"{name:32s} {w:8.3f} / {c:8.3f} ms   anchor {aw:8.2f} / {ac:8.2f} ms   "
               f"speed-up wall {aw / w:5.1f}x  cpu {ac / c:5.1f}x")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctseg.augment import CTIAugmenter, MIAugmenter, NoAugment, build_augmenter
+from ctseg.augment import CTIAugmenter, NNUNetAugmenter, NoAugment, PaperMIAugmenter, build_augmenter
 from ctseg.augment.ctia import (
     add_noise,
     cwvrs_map,
@@ -21,7 +21,7 @@ from ctseg.augment.ctia import (
     sample_rotation,
     sample_z_resampling,
 )
-from ctseg.config import AugmentConfig, CTIAConfig, MIAConfig, parse_config
+from ctseg.config import AugmentConfig, CTIAConfig, MIAConfig, NNUNetAugConfig, parse_config
 from ctseg.errors import CtsegError
 
 
@@ -32,7 +32,7 @@ class Plan:
 
 
 FORCED = CTIAConfig(p_batch_2d=1, p_batch_3d=1, noise_p=1, cwvrs_p=1, rotation_p=1, random_window_p=1,
-                    slice_skip_p=0.5, slice_interp_p=0.5)
+                    slice_skip_p=0.5, slice_interp_p=0.5, z_mode="stack")
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -222,8 +222,10 @@ def _augmenters(dim):
     plan = Plan()
     return {"ctia": CTIAugmenter(FORCED, dim, plan), "ctia_kmeans": CTIAugmenter(FORCED, dim),
             "ctia_default": build_augmenter(AugmentConfig(name="ctia"), dim, plan),
-            "mia": MIAugmenter(MIAConfig(rotation_p=1, scale_p=1), dim),
+            "mia": PaperMIAugmenter(MIAConfig(p_batch_2d=1, p_batch_3d=1, rotation_p=1, shear_p=1, crop_p=1), dim, plan),
             "mia_default": build_augmenter(AugmentConfig(name="mia"), dim),
+            "nnunet": NNUNetAugmenter(NNUNetAugConfig(p_batch_2d=1, p_batch_3d=1, rotation_p=1, scale_p=1), dim),
+            "nnunet_default": build_augmenter(AugmentConfig(name="nnunet"), dim),
             "none": build_augmenter(AugmentConfig(name="none"), dim)}
 
 
@@ -260,16 +262,17 @@ def test_same_seed_same_output_different_seed_differs(dim):
 def test_every_ctia_transform_alone_keeps_label_classes():
     image, label = _phantom(b=2, z=8)
     classes = set(label.unique().tolist())
-    off = dict(noise_p=0, cwvrs_p=0, rotation_p=0, slice_skip_p=0, slice_interp_p=0, p_batch_2d=1, p_batch_3d=1)
+    off = dict(noise_p=0, cwvrs_p=0, rotation_p=0, slice_skip_p=0, slice_interp_p=0, patch_p=0, p_batch_2d=1,
+               p_batch_3d=1, z_mode="stack")
     for on in [dict(noise_p=1), dict(cwvrs_p=1), dict(rotation_p=1), dict(slice_skip_p=1), dict(slice_interp_p=1),
-               dict(random_window_p=1)]:
+               dict(random_window_p=1), dict(patch_p=1)]:
         for dim in ("2d", "3d"):
             cfg = CTIAConfig(**{**off, **on})
             out, out_lab = CTIAugmenter(cfg, dim, Plan())(image, label, _gen(3))
             assert set(out_lab.unique().tolist()) <= classes, on
             changed_image = not torch.equal(out, image)
             assert changed_image, on
-            spatial = "rotation_p" in on or "slice_skip_p" in on or "slice_interp_p" in on
+            spatial = "rotation_p" in on or "slice_skip_p" in on or "slice_interp_p" in on or "patch_p" in on
             assert torch.equal(out_lab, label) != spatial, on  # only spatial transforms move labels
 
 
@@ -277,7 +280,7 @@ def test_2d_rotation_is_per_slice_3d_rotation_per_volume():
     image = torch.zeros(1, 1, 4, 16, 16)
     image[..., 6:10, 2:14] = 1.0
     label = (image > 0).long()
-    cfg = CTIAConfig(p_batch_2d=1, p_batch_3d=1, noise_p=0, cwvrs_p=0, rotation_p=1, slice_skip_p=0,
+    cfg = CTIAConfig(p_batch_2d=1, p_batch_3d=1, noise_p=0, cwvrs_p=0, rotation_p=1, patch_p=0, slice_skip_p=0,
                      slice_interp_p=0)
     out2d, _ = CTIAugmenter(cfg, "2d", Plan())(image, label, _gen())
     out3d, lab3d = CTIAugmenter(cfg, "3d", Plan())(image, label, _gen())
@@ -288,7 +291,7 @@ def test_2d_rotation_is_per_slice_3d_rotation_per_volume():
 
 def test_rotation_fill_is_air_of_the_window():
     image, label = _phantom(b=1, z=2)
-    cfg = CTIAConfig(p_batch_2d=1, noise_p=0, cwvrs_p=0, rotation_p=1, rotation_max_deg=16, slice_skip_p=0,
+    cfg = CTIAConfig(p_batch_2d=1, noise_p=0, cwvrs_p=0, rotation_p=1, rotation_max_deg=16, patch_p=0, slice_skip_p=0,
                      slice_interp_p=0)
     out, _ = CTIAugmenter(cfg, "2d", Plan())(image, label, _gen())
     air = (Plan.lower - Plan.mean) / Plan.std
@@ -298,7 +301,7 @@ def test_rotation_fill_is_air_of_the_window():
 
 def test_batch_probability_zero_returns_inputs():
     image, label = _phantom()
-    aug = CTIAugmenter(CTIAConfig(p_batch_2d=0, p_batch_3d=0), "2d", Plan())
+    aug = CTIAugmenter(CTIAConfig(p_batch_2d=0, p_batch_3d=0, cwvrs_p=0), "2d", Plan())
     out, out_lab = aug(image, label, _gen())
     assert out is image and out_lab is label
     assert isinstance(build_augmenter(AugmentConfig(name="none"), "3d"), NoAugment)
@@ -306,7 +309,7 @@ def test_batch_probability_zero_returns_inputs():
 
 def test_batch_probability_fraction():
     image, label = _phantom(b=1, z=2, size=16)
-    aug = CTIAugmenter(CTIAConfig(p_batch_3d=0.8, noise_p=1), "3d", Plan())
+    aug = CTIAugmenter(CTIAConfig(p_batch_3d=0.8, noise_p=1, cwvrs_p=0), "3d", Plan())
     g = _gen()
     changed = sum(not torch.equal(aug(image, label, g)[0], image) for _ in range(400))
     assert 0.74 < changed / 400 < 0.86
@@ -314,7 +317,7 @@ def test_batch_probability_fraction():
 
 def test_cwvrs_in_pipeline_is_monotone_per_image():
     image, label = _phantom(b=2, z=3)
-    cfg = CTIAConfig(p_batch_2d=1, noise_p=0, cwvrs_p=1, cwvrs_shift=0.2, cwvrs_stretch=0.2, rotation_p=0,
+    cfg = CTIAConfig(p_batch_2d=1, noise_p=0, cwvrs_p=1, cwvrs_shift=0.2, cwvrs_stretch=0.2, rotation_p=0, patch_p=0,
                      slice_skip_p=0, slice_interp_p=0)
     out, _ = CTIAugmenter(cfg, "2d", Plan())(image, label, _gen())
     for i in range(2):
@@ -325,9 +328,9 @@ def test_cwvrs_in_pipeline_is_monotone_per_image():
             assert not torch.allclose(x, y)
 
 
-def test_mia_reproducible_and_leaves_global_rng_alone():
+def test_nnunet_reproducible_and_leaves_global_rng_alone():
     image, label = _phantom()
-    aug = MIAugmenter(MIAConfig(), "2d")
+    aug = NNUNetAugmenter(NNUNetAugConfig(p_batch_2d=1), "2d")
     torch.manual_seed(123)
     np.random.seed(123)
     t_state, n_state = torch.get_rng_state(), np.random.get_state()[1].copy()
@@ -340,13 +343,13 @@ def test_mia_reproducible_and_leaves_global_rng_alone():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_mia_2d_gives_each_slice_its_own_parameters():
+def test_nnunet_2d_gives_each_slice_its_own_parameters():
     image = torch.zeros(1, 1, 6, 32, 32)
     image[..., 10:22, 4:28] = 1.0
     label = (image > 0).long()
-    out, _ = MIAugmenter(MIAConfig(rotation_p=1, crop_max_shift=0), "2d")(image, label, _gen())
+    out, _ = NNUNetAugmenter(NNUNetAugConfig(p_batch_2d=1, rotation_p=1, crop_max_shift=0), "2d")(image, label, _gen())
     assert not all(torch.equal(out[0, 0, 0], out[0, 0, k]) for k in range(1, 6))
-    out3, _ = MIAugmenter(MIAConfig(rotation_p=1, crop_max_shift=0, noise_p=0, blur_p=0, lowres_p=0, gamma_p=0,
+    out3, _ = NNUNetAugmenter(NNUNetAugConfig(p_batch_3d=1, rotation_p=1, crop_max_shift=0, noise_p=0, blur_p=0, lowres_p=0, gamma_p=0,
                                     gamma_inverted_p=0, brightness_p=0, contrast_p=0), "3d")(image, label, _gen())
     assert all(torch.equal(out3[0, 0, 0], out3[0, 0, k]) for k in range(1, 6))  # dummy 2D: one set per stack
 
@@ -365,18 +368,18 @@ def test_config_validation():
                                          _gen())
 
 
-def test_mia_fill_air_uses_window_lower_bound():
+def test_nnunet_fill_air_uses_window_lower_bound():
     image, label = _phantom(b=1, z=2)
-    cfg = MIAConfig(rotation_p=1, rotation_max_deg=45, scale_p=0, crop_max_shift=0, noise_p=0, blur_p=0, lowres_p=0,
+    cfg = NNUNetAugConfig(p_batch_2d=1, rotation_p=1, rotation_max_deg=45, scale_p=0, crop_max_shift=0, noise_p=0, blur_p=0, lowres_p=0,
                     gamma_p=0, gamma_inverted_p=0, brightness_p=0, contrast_p=0, fill="air")
     air = (Plan.lower - Plan.mean) / Plan.std
-    out, _ = MIAugmenter(cfg, "2d", Plan())(image, label, _gen())
+    out, _ = NNUNetAugmenter(cfg, "2d", Plan())(image, label, _gen())
     corners = out[0, 0, :, 0, 0]
     assert torch.allclose(corners, torch.full_like(corners, air), atol=1e-5)
-    zero, _ = MIAugmenter(cfg.model_copy(update={"fill": "zero"}), "2d")(image, label, _gen())
+    zero, _ = NNUNetAugmenter(cfg.model_copy(update={"fill": "zero"}), "2d")(image, label, _gen())
     assert torch.allclose(zero[0, 0, :, 0, 0], torch.zeros(2), atol=1e-5)
     with pytest.raises(CtsegError, match="air"):
-        MIAugmenter(cfg, "2d")
+        NNUNetAugmenter(cfg, "2d")
 
 
 def test_show_augment_cli_writes_png(tmp_path):
@@ -408,3 +411,96 @@ def test_show_augment_cli_writes_png(tmp_path):
     assert main(["show-augment", "--dataset", str(tmp_path / "data"), "--out", str(tmp_path / "x.jpg")]) == 2
     assert main(["show-augment", "--dataset", str(tmp_path / "data"), "--out", str(tmp_path / "y.png"),
                  "--case", "case_99999"]) == 2
+
+
+# ----------------------------------------------------------------------------------------- paper MIA (Table 1)
+def test_paper_mia_samples_shear_and_every_table1_transform():
+    from ctseg.augment.mia import sample_mia
+
+    cfg = MIAConfig(rotation_p=1, scale_p=1, shear_p=1, crop_p=1, gamma_p=1, contrast_p=1, brightness_p=1, noise_p=1)
+    p = sample_mia(200, 32, 32, cfg, _gen())
+    a = p.matrix[:, :2, :2]
+    cols = a / a.norm(dim=1, keepdim=True)
+    skew = (cols[:, :, 0] * cols[:, :, 1]).sum(dim=1).abs()  # 0 for rotation + isotropic scaling
+    assert (skew > 0.05).float().mean() > 0.5  # shear is present in the sampled matrices
+    det = torch.linalg.det(a)
+    assert det.min() > 0.7 ** 2 * 0.9 and det.max() > 1.5  # scaling and cropping (zoom up to 1.4 / 0.8)
+    angles = torch.rad2deg(torch.atan2(a[:, 1, 0], a[:, 0, 0]))
+    assert angles.abs().max() > 150  # rotation without restriction
+    assert (p.gamma != 1).all() and (p.contrast != 1).all() and (p.brightness != 0).all() and (p.noise_sigma > 0).all()
+    none = sample_mia(50, 32, 32, MIAConfig(rotation_p=0, scale_p=0, shear_p=0, crop_p=0), _gen())
+    torch.testing.assert_close(none.matrix, torch.eye(3).expand(50, 3, 3))
+
+
+def test_paper_mia_crop_is_a_zoomed_patch_and_labels_stay_nearest():
+    from ctseg.augment.mia import MIAParams, warp_affine_batch
+    from kornia.geometry.transform import get_affine_matrix2d
+
+    image, label = _phantom(b=1, z=1, size=32)
+    # a 16 x 16 patch with its centre 4 px right of the image centre, zoomed x2 (what the crop draws)
+    m = get_affine_matrix2d(torch.tensor([[-8.0, 0.0]]), torch.tensor([[15.5, 15.5]]), torch.full((1, 2), 2.0),
+                            torch.zeros(1))
+    out, out_lab = warp_affine_batch(image[:, 0], label[:, 0], m, torch.zeros(1))
+    # output x samples input x' = (x - 15.5) / 2 + 19.5, y' = (y - 15.5) / 2 + 15.5: integer x' at x = 0.5 + 4k...
+    # so compare at the patch centre: output (15.5, 15.5) <-> input (19.5, 15.5): mean of the 2 x 2 neighbours
+    centre = image[0, 0, 0, 15:17, 19:21].mean()
+    torch.testing.assert_close(out[0, 0, 15:17, 15:17].mean(), centre, atol=0.05, rtol=0)
+    assert set(out_lab.unique().tolist()) <= set(label.unique().tolist()) and out_lab.dtype == torch.int64
+    assert out_lab[0, 0, 16, 16] == label[0, 0, 0, 16, 20]
+    aug = PaperMIAugmenter(MIAConfig(p_batch_2d=1), "2d", Plan())
+    params = aug.sample(image, _gen(3))
+    assert isinstance(params, MIAParams)
+    a = aug.apply(image, label, params, _gen(9))
+    b = aug.apply(image, label, params, _gen(9))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # pure given the parameters
+
+
+@pytest.mark.parametrize("name", ["ctia", "mia", "nnunet"])
+@pytest.mark.parametrize("dim,p", [("2d", 0.9), ("3d", 0.8)])
+def test_every_augmentation_has_the_papers_batch_gate(name, dim, p):
+    image, label = _phantom(b=1, z=6, size=16)
+    cfg = AugmentConfig(name=name)
+    section = getattr(cfg, name)
+    forced_noise = {"noise_p": 1, "noise_sigma": (0.05, 0.1), **({"cwvrs_p": 0} if name == "ctia" else {})}
+    setattr(cfg, name, section.model_copy(update=forced_noise))
+    aug = build_augmenter(cfg, dim, Plan())
+    g = _gen()
+    changed = sum(not torch.equal(aug(image, label, g)[0], image) for _ in range(300))
+    assert abs(changed / 300 - p) < 0.06
+
+
+# ---------------------------------------------------------------------------------- CTIA patch + CWVRS fraction
+def test_ctia_patch_extraction_is_an_exact_integer_shift_with_air_outside():
+    from ctseg.augment.ctia import extract_patch, sample_patch_shift
+
+    image, label = _phantom(b=1, z=2, size=32)
+    img4, lab4 = image[:, 0], label[:, 0]  # (1, 2, 32, 32): a 3D stack, slices as channels
+    out, out_lab = extract_patch(img4, lab4, torch.tensor([[3, -5]]), torch.tensor([-2.0]))
+    torch.testing.assert_close(out[0, :, :-3, 5:], img4[0, :, 3:, :-5], rtol=0, atol=0)  # values kept exactly
+    assert torch.equal(out_lab[0, :, :-3, 5:], lab4[0, :, 3:, :-5])
+    assert (out[0, :, -3:] == -2.0).all() and (out[0, :, :, :5] == -2.0).all() and (out_lab[0, :, -3:] == 0).all()
+    shifts = sample_patch_shift(4000, 0.5, 0.1, (32, 32), _gen())
+    assert shifts.abs().max() == 3 and 0.45 < (shifts != 0).any(dim=1).float().mean() < 0.55
+    cfg = CTIAConfig(p_batch_2d=1, noise_p=0, cwvrs_p=0, rotation_p=0, slice_skip_p=0, slice_interp_p=0, patch_p=1)
+    aug = CTIAugmenter(cfg, "2d", Plan())
+    params = aug.sample(image, _gen(1))
+    k = int(torch.nonzero((params.patch_shift != 0).any(dim=1))[0])  # a slice that got a non-zero offset
+    out, _ = aug.apply(image, label, params, _gen())
+    dy, dx = params.patch_shift[k].tolist()
+    h = 32
+    ys, xs = slice(max(0, -dy), min(h, h - dy)), slice(max(0, -dx), min(h, h - dx))
+    yi, xi = slice(ys.start + dy, ys.stop + dy), slice(xs.start + dx, xs.stop + dx)
+    torch.testing.assert_close(out[0, 0, k, ys, xs], image[0, 0, k, yi, xi], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim,b,z", [("2d", 2, 16), ("3d", 1, 16)])
+def test_cwvrs_reaches_exactly_20_percent_of_samples(dim, b, z):
+    image = torch.zeros(b, 1, z, 4, 4)
+    aug = CTIAugmenter(CTIAConfig(), dim, Plan())  # default: 90 % / 80 % batch gate, CWVRS 0.2
+    per_call = b * z if dim == "2d" else b
+    g, applied, total = _gen(7), 0, 0
+    while total < 10_000:
+        params = aug.sample(image, g)
+        applied += 0 if params is None else int(params.cwvrs_apply.sum())
+        total += per_call
+    assert abs(applied / total - 0.20) <= 0.01

@@ -1,6 +1,7 @@
 """The preprocessed cache: round trip, skip/rebuild, corruption, settings mismatch (ctseg.preprocess.cache)."""
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -208,3 +209,34 @@ def test_cli_preprocess_on_a_kits19_folder(tmp_path, capsys):
     cfg_path.write_text("preprocess:\n  subset_size: 7\n")
     assert main(["preprocess", str(data), "--out", str(out), "--config", str(cfg_path), "--no-progress"]) == 2
     assert "only 3 are available" in " ".join(capsys.readouterr().err.split())
+
+
+def test_fold_plans_use_only_the_folds_training_cases(tmp_path):
+    """No test case's voxels enter its fold's intensity plan: the plan is drawn from the fold's training cases,
+    stays the same when the test cases' intensities change, and equal plans share one cache folder."""
+    from ctseg.cv import fold_cache, fold_cache_dir
+    from ctseg.evaluate.folds import Folds
+
+    cases = [synthetic_case(f"case_{i:05d}", i, z=8 + i) for i in range(6)]
+    folds = Folds(mode="sorted", n_folds=2, folds=[[c.case_id for c in cases[:3]], [c.case_id for c in cases[3:]]],
+                  case_meta={})
+    cfg = small_cfg(window="percentile")
+    plans = {}
+    for k in range(2):
+        cache = fold_cache(InMemoryDataset(cases), cfg, tmp_path / "cache", folds, k, progress=False)
+        info = json.loads((cache.root / "plan.json").read_text())
+        assert not set(info["subset"]) & set(folds.test_ids(k))
+        assert set(info["subset"]) <= set(folds.train_ids(k)) and len(info["subset"]) == 2
+        assert cache.root == fold_cache_dir(cfg, tmp_path / "cache", folds, k)
+        plans[k] = cache.plan
+    assert plans[0] != plans[1] and len(list((tmp_path / "cache").glob("plan-*"))) == 2
+    # fold 0 with its test cases made 300 HU brighter: the same plan, the same (reused) folder
+    bright = [Case(c.case_id, Volume(c.image.array.astype(np.int32) + 300, spacing=c.image.spacing,
+                                     origin=c.image.origin, slice_thickness=c.image.slice_thickness),
+                   c.label, c.metadata) if i < 3 else c for i, c in enumerate(cases)]
+    other = InMemoryDataset(bright)
+    again = fold_cache(other, cfg, tmp_path / "cache", folds, 0, progress=False)
+    assert again.root == fold_cache_dir(cfg, tmp_path / "cache", folds, 0) and again.plan == plans[0]
+    shutil.rmtree(again.root)
+    rebuilt = fold_cache(other, cfg, tmp_path / "cache", folds, 0, progress=False)  # recomputed from scratch
+    assert rebuilt.plan == plans[0]

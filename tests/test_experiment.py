@@ -11,7 +11,7 @@ from ctseg.datasets.phantom import write_phantom_dataset
 from ctseg.errors import CtsegError
 from ctseg.evaluate.folds import load_folds
 from ctseg.evaluate.report import load_results
-from ctseg.experiment import apply_profile, run_configs, run_experiment
+from ctseg.experiment import apply_profile, candidates_per_set, run_configs, run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_ROWS = ["nnU-Net + MIA 2D", "nnU-Net + CTIA 2D", "nnU-Net + MIA 3D", "nnU-Net + CTIA 3D",
@@ -32,10 +32,14 @@ def experiment(tmp_path_factory):
 def test_profiles_and_matrix():
     cfg = load_config(REPO / "configs" / "paper-kits19.yaml")
     table, extra = run_configs(cfg)
-    assert len(table) == 8 and {(c.model.arch, c.model.dim, c.augment.name) for c in table} == {
-        (a, d, g) for a in ("unet", "msd") for d in ("2d", "3d") for g in ("mia", "ctia")}
-    # the paper's 3D MS-D Nets on kidney+tumour vs background are not in the table: extra runs for the stack
-    assert [(c.model.arch, c.model.dim, c.model.target) for c in extra] == [("msd", "3d", "foreground")] * 2
+    augs = ("mia", "nnunet", "ctia", "none")
+    assert len(table) == 16 and {(c.model.arch, c.model.dim, c.augment.name) for c in table} == {
+        (a, d, g) for a in ("unet", "msd") for d in ("2d", "3d") for g in augs}
+    # the paper's 3D MS-D Nets on kidney+tumour vs background are not in the table: extra runs for the stack,
+    # 8 seeds of them and 7 more seeds of the 2D U-Nets, per augmentation
+    assert sorted({(c.model.arch, c.model.dim, c.model.target) for c in extra}) == [
+        ("msd", "3d", "foreground"), ("unet", "2d", "multiclass")]
+    assert len(extra) == 4 * (8 + 7)
     small = apply_profile(cfg, "small")
     assert small.cv.n_folds == 2 and small.preprocess.in_plane_size == 32 and small.experiment.profiles == {}
     assert small.model.msd.width == cfg.model.msd.width  # untouched keys survive the merge
@@ -47,19 +51,40 @@ def test_profiles_and_matrix():
             apply_profile(c, profile)
 
 
+@pytest.mark.parametrize("name", ["paper-kits19.yaml", "paper-chaos.yaml"])
+def test_full_profiles_give_top_k_a_real_choice(name):
+    """The paper's 'top-5 models based on their validation score': every stack member set of every augmentation
+    has more candidate runs than top_k keeps, and the paper's four augmentations are in the matrix."""
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.stack.top_k == 5 and cfg.experiment.augs == ["mia", "nnunet", "ctia", "none"]
+    table, extra = run_configs(cfg)
+    for aug in cfg.experiment.augs:
+        counts = candidates_per_set(cfg, table + extra, aug)
+        assert len(counts) == 2 and all(n >= 8 > cfg.stack.top_k for n in counts.values()), (aug, counts)
+
+
 def test_small_experiment_table_has_every_row(experiment):
     cfg, data, out, html = experiment
     md = (out / "results.md").read_text()
     table2 = md.split("## Table 2 — Dice, paper protocol")[1].split("\n## ")[0]
-    for row in PAPER_ROWS + ["Averaged members + MIA", "Averaged members + CTIA",
-                             "MS-D Net + CTIA 3D (foreground)"]:
+    for row in PAPER_ROWS + ["Averaged members + MIA", "Averaged members + CTIA", "MS-D Net + CTIA 3D (foreground)",
+                             "nnU-Net + nnU-Net DA 2D", "MS-D Net + no augmentation 3D", "Stacked CNN + nnU-Net DA"]:
         assert f"| {row} |" in table2, row
+    # the paper's numbers beside ours, both std definitions
+    beside = md.split("## Table 2 beside the paper")[1].split("\n## ")[0]
+    assert "| nnU-Net + CTIA 2D | tumour | 0.844 ± 0.007 |" in beside and "std over fold means" in beside
+    # the stack's candidates, their validation scores, which were kept
+    sel = md.split("## Stacked CNN: candidates and the top-k kept")[1].split("\n## ")[0]
+    for aug in ("MIA", "nnU-Net DA", "CTIA", "no augmentation"):
+        rows = [r for r in sel.splitlines() if r.startswith(f"| {aug} |")]
+        assert len(rows) == 4 and sum(r.endswith("| yes |") for r in rows) == 2, rows  # top 1 of 2, two sets
     records = load_results(out / "results.json")
     n_cases = len(json.loads((data / "phantom.json").read_text())["cases"])
     by_model = {}
     for r in records:
         by_model.setdefault(r.model, set()).add(r.case_id)
-    assert len(by_model) == 14 and all(len(c) == n_cases for c in by_model.values())
+    # 16 table runs, per augmentation 3 stack-only runs (seed 0 and 1 MS-D 3D foreground, seed 1 U-Net 2D), 8 ensembles
+    assert len(by_model) == 16 + 4 * 3 + 8 and all(len(c) == n_cases for c in by_model.values())
     fg = [r for r in records if r.model == "msd-3d-ctia-fg"]
     assert all(set(r.dice) == {"total"} for r in fg)
     assert html.is_file() and html.read_text().count("data:image/png;base64,") >= 3
@@ -78,8 +103,12 @@ def test_stacking_trains_only_on_out_of_fold_maps(experiment):
     evaluated on fold k saw no volume of fold k. Checked against the members' own training records."""
     cfg, data, out, _ = experiment
     folds = load_folds(out / "folds.json")
-    for aug in ("mia", "ctia"):
+    for aug in ("mia", "nnunet", "ctia", "none"):
         stack = json.loads((out / "stack" / aug / "stack.json").read_text())
+        kept = [c for c in stack["candidates"] if c["selected"]]
+        assert len(stack["candidates"]) == 4 and len(kept) == 2
+        for c in kept:  # top-1 by validation score within its set
+            assert c["val_score"] == max(o["val_score"] for o in stack["candidates"] if o["set"] == c["set"])
         members = {m["name"]: Path(m["path"]) for m in stack["members"]}
         assert {m["target"] for m in stack["members"]} == {"foreground", "multiclass"}
         for k in range(folds.n_folds):

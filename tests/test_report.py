@@ -211,3 +211,21 @@ def _render_in_chromium(html_path: Path, tmp: Path, n_images: int):
     colors = np.unique(img.reshape(-1, 3)[::7], axis=0)
     assert len(colors) > 500, f"screenshot looks blank: {len(colors)} distinct colours"
     assert (img.std(axis=(0, 1)) > 20).all()
+
+
+def test_table2_beside_the_paper_gives_both_std_definitions(tmp_path):
+    from ctseg.evaluate.report import fold_mean_table, paper_table2_section, summary_table
+
+    records = _records(tmp_path, spread_mia=0.03, spread_ctia=0.01)
+    sec = paper_table2_section(records, ["kidney", "tumour", "total"])
+    rows = {(r[0], r[1]): r for r in sec.rows}
+    assert {name for name, _ in rows} == set(PAPER_ROWS)  # every model of the table, next to its paper row
+    vol = summary_table(records, "dice_paper", ["tumour"])["unet-2d-ctia"]["tumour"]
+    fold = fold_mean_table(records, "dice_paper", ["tumour"])["unet-2d-ctia"]["tumour"]
+    assert vol.std != fold.std  # the two definitions differ on these data
+    assert rows[("nnU-Net + CTIA 2D", "tumour")][2:] == ["0.844 ± 0.007", vol.fmt(), fold.fmt(),
+                                                          f"{vol.mean - 0.844:+.3f}"]
+    assert "std over volumes" in sec.header[3] and "fold means" in sec.header[4] and "headline" in sec.note
+    assert paper_table2_section(records, ["liver"]) is None  # Table 3 (CHAOS) numbers are not in the paper text
+    h = headline(records, "dice_paper", ["kidney", "tumour", "total"])
+    assert "std over volumes" in h.text

@@ -79,6 +79,20 @@ def test_select_members_top_k_per_set():
         select_members(runs, [StackMemberSetConfig(arch="msd", dim="2d")], top_k=2)
 
 
+def test_select_members_top5_by_validation_score_among_8():
+    scores = [0.81, 0.92, 0.77, 0.88, 0.95, 0.70, 0.90, 0.86]
+    runs = [MemberRun(f"unet-2d-ctia-s{i}", Path("."), "unet", "2d", "multiclass", "ctia", s)
+            for i, s in enumerate(scores)]
+    runs += [MemberRun(f"msd-3d-ctia-fg-s{i}", Path("."), "msd", "3d", "foreground", "ctia", 0.5 + i / 100)
+             for i in range(8)]
+    sets = [StackMemberSetConfig(arch="msd", dim="3d", target="foreground"),
+            StackMemberSetConfig(arch="unet", dim="2d", target="multiclass")]
+    chosen = select_members(runs, sets, top_k=5)
+    unets = [m for m in chosen if m.arch == "unet"]
+    assert [m.val_score for m in unets] == sorted(scores, reverse=True)[:5]
+    assert [m.name for m in chosen if m.arch == "msd"] == [f"msd-3d-ctia-fg-s{i}" for i in (7, 6, 5, 4, 3)]
+
+
 def test_average_members_mixed_targets():
     rng = np.random.default_rng(0)
     y = _label(rng)

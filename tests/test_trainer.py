@@ -365,3 +365,29 @@ def test_cli_preprocesses_a_raw_dataset_once(tmp_path):
     info = json.loads((tmp_path / "runs" / "b" / "run.json").read_text())
     assert info["target"] == "foreground" and info["config"]["data"]["path"] == str(raw)
     assert sorted(info["train_ids"] + info["val_ids"]) == data.case_ids()
+
+
+def test_cli_fold_on_a_raw_dataset_uses_the_folds_own_intensity_plan(tmp_path):
+    """`ctseg train --fold K` on raw data: the plan comes from fold K's training cases only (as `ctseg cv`)."""
+    from ctseg.datasets.nnunet_raw import write_nnunet_dataset_json
+    from ctseg.io import write_volume
+
+    raw = tmp_path / "raw"
+    data = SyntheticDataset([20, 18, 22, 16, 24, 19])
+    for case in data:
+        write_volume(case.image, raw / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+        write_volume(case.label, raw / "labelsTr" / f"{case.case_id}.nii.gz")
+    write_nnunet_dataset_json(raw, data.classes, len(data))
+    cfg = tiny_config(epochs=1, steps_per_epoch=1)
+    cfg.cv.n_folds = 2
+    save_config(cfg, tmp_path / "cfg.yaml")
+    out = tmp_path / "runs" / "f1"
+    assert cli_main(["train", "--data", str(raw), "--config", str(tmp_path / "cfg.yaml"), "--no-progress",
+                     "--fold", "1", "--out", str(out)]) == 0
+    folds = json.loads((tmp_path / "runs" / "folds.json").read_text())["folds"]
+    info = json.loads((out / "run.json").read_text())
+    plans = list((tmp_path / "runs" / "cache").glob("plan-*/plan.json"))
+    assert len(plans) == 1
+    subset = json.loads(plans[0].read_text())["subset"]
+    assert info["intensity_plan"]["subset_ids"] == subset and not set(subset) & set(folds[1])
+    assert not set(info["train_ids"] + info["val_ids"]) & set(folds[1])

@@ -64,7 +64,8 @@ class CTIAConfig(_Section):
 
     A batch is augmented with probability p_batch_2d / p_batch_3d; inside an augmented batch each
     transform is applied per training image (a slice in 2D, a volume in 3D) with its own probability,
-    except slice skipping / interpolation, which act along z per stack. Intensities are z-scored units.
+    except slice skipping / interpolation, which act along z per stack. CWVRS is outside the batch gate:
+    cwvrs_p of all images get it (paper: "20 % of data"). Intensities are z-scored units.
     """
     p_batch_2d: float = Field(0.9, ge=0, le=1, description="fraction of 2D batches augmented")
     p_batch_3d: float = Field(0.8, ge=0, le=1, description="fraction of 3D batches augmented")
@@ -78,12 +79,17 @@ class CTIAConfig(_Section):
         "fat": (-200.0, -30.0), "soft_tissue": (-30.0, 150.0), "enhanced_or_bone": (150.0, 3000.0)})
     cwvrs_shift: float = Field(0.05, ge=0, le=0.5, description="max shift of a cluster, fraction of its width")
     cwvrs_stretch: float = Field(0.05, ge=0, le=0.5, description="max relative stretch of a cluster's width")
+    z_mode: Literal["volume", "stack"] = Field(
+        "volume", description="volume: slice skipping/interpolation simulate an acquisition on the whole cached "
+        "volume when the stack is sampled (ctseg.augment.acquisition); stack: resample inside the sampled stack")
     slice_skip_p: float = Field(0.2, ge=0, le=1, description="per stack; exclusive with slice interpolation")
     slice_skip_max_factor: float = Field(2.0, gt=1, description="spacing factor f drawn from (1, max]")
     slice_interp_p: float = Field(0.2, ge=0, le=1, description="per stack")
     slice_interp_min_factor: float = Field(0.5, gt=0, lt=1, description="spacing factor f drawn from [min, 1)")
     rotation_p: float = Field(0.5, ge=0, le=1)
     rotation_max_deg: float = Field(16.0, ge=0, le=180)
+    patch_p: float = Field(0.5, ge=0, le=1, description="random patch extraction (same size, random offset)")
+    patch_max_shift: float = Field(0.1, ge=0, le=0.5, description="max patch offset, fraction of the in-plane size")
     random_window_p: float = Field(0.0, ge=0, le=1, description="extra, off by default: random window level/width")
     random_window_level: float = Field(0.1, ge=0, le=0.5, description="max level shift, fraction of window width")
     random_window_width: float = Field(0.2, ge=0, lt=1, description="max relative change of window width")
@@ -102,8 +108,47 @@ class CTIAConfig(_Section):
 
 
 class MIAConfig(_Section):
-    """General-purpose augmentation baseline (`ctseg.augment.mia`): batchgeneratorsv2 transforms with
-    nnU-Net v2's defaults (`nnUNetTrainer.get_training_transforms`). Probabilities are per image."""
+    """The paper's MIA (Table 1, MIA column; `ctseg.augment.mia`): scaling, unrestricted rotation, shearing,
+    cropping (random patch, resized back), gamma, contrast, brightness, Gaussian noise. One affine per image
+    (a slice in 2D, a stack in 3D: in-plane, shared by its slices); probabilities per image, inside the batch
+    gate shared by every augmentation. Intensities are z-scored units."""
+    p_batch_2d: float = Field(0.9, ge=0, le=1, description="fraction of 2D batches augmented (as CTIA)")
+    p_batch_3d: float = Field(0.8, ge=0, le=1, description="fraction of 3D batches augmented (as CTIA)")
+    rotation_p: float = Field(0.5, ge=0, le=1, description="as CTIA's rotation")
+    rotation_max_deg: float = Field(180.0, ge=0, le=180, description="in-plane; paper: without restriction")
+    scale_p: float = Field(0.5, ge=0, le=1)
+    scale_range: tuple[float, float] = Field((0.7, 1.4), description="isotropic zoom factor (nnU-Net's range)")
+    shear_p: float = Field(0.5, ge=0, le=1)
+    shear_max: float = Field(0.2, ge=0, le=1, description="max |shear factor| per in-plane axis (0.2 = 11.3 deg)")
+    crop_p: float = Field(0.5, ge=0, le=1, description="random patch extraction, resized to the input size")
+    crop_min_fraction: float = Field(0.8, gt=0, le=1, description="smallest patch side, fraction of the image side")
+    gamma_p: float = Field(0.3, ge=0, le=1)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    contrast_p: float = Field(0.15, ge=0, le=1)
+    contrast_range: tuple[float, float] = Field((0.75, 1.25), description="factor about the image mean")
+    brightness_p: float = Field(0.15, ge=0, le=1)
+    brightness_shift: float = Field(0.2, ge=0, description="max additive shift, z-scored units")
+    noise_p: float = Field(0.5, ge=0, le=1, description="as CTIA's noise")
+    noise_sigma: tuple[float, float] = Field((0.0, 0.1), description="std of the noise map, z-scored units")
+    fill: Literal["air", "zero"] = Field(
+        "air", description="value outside the transformed image: air (window lower bound, as CTIA) or zero")
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in ("scale_range", "gamma_range", "contrast_range", "noise_sigma"):
+            lo, hi = getattr(self, name)
+            least = 0.0 if name == "noise_sigma" else 1e-6  # a noise std may be 0, a factor may not
+            if not (least <= lo <= hi):
+                raise ValueError(f"{name} must satisfy {'0 <=' if least == 0 else '0 <'} low <= high, got {(lo, hi)}")
+        return self
+
+
+class NNUNetAugConfig(_Section):
+    """nnU-Net v2's augmentation (`ctseg.augment.nnunet`, `augment.name: nnunet`): batchgeneratorsv2 transforms
+    with nnU-Net v2's defaults (`nnUNetTrainer.get_training_transforms`). Probabilities are per image, inside
+    the batch gate shared by every augmentation."""
+    p_batch_2d: float = Field(0.9, ge=0, le=1, description="fraction of 2D batches augmented (as CTIA)")
+    p_batch_3d: float = Field(0.8, ge=0, le=1, description="fraction of 3D batches augmented (as CTIA)")
     rotation_p: float = Field(0.2, ge=0, le=1)
     rotation_max_deg: float = Field(180.0, ge=0, le=180, description="in-plane; nnU-Net: unrestricted")
     scale_p: float = Field(0.2, ge=0, le=1)
@@ -130,9 +175,10 @@ class MIAConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    name: Literal["ctia", "mia", "none"] = "ctia"
+    name: Literal["ctia", "mia", "nnunet", "none"] = "ctia"
     ctia: CTIAConfig = Field(default_factory=CTIAConfig)
     mia: MIAConfig = Field(default_factory=MIAConfig)
+    nnunet: NNUNetAugConfig = Field(default_factory=NNUNetAugConfig)
 
 
 class UNetConfig(_Section):
@@ -219,9 +265,12 @@ class ExperimentMatrixConfig(_Section):
     (same nesting as this file) merged over the config by `--profile NAME`, e.g. a small CPU variant."""
     archs: list[Literal["unet", "msd"]] = Field(default_factory=lambda: ["unet", "msd"], min_length=1)
     dims: list[Literal["2d", "3d"]] = Field(default_factory=lambda: ["2d", "3d"], min_length=1)
-    augs: list[Literal["mia", "ctia", "none"]] = Field(default_factory=lambda: ["mia", "ctia"], min_length=1)
+    augs: list[Literal["mia", "nnunet", "ctia", "none"]] = Field(default_factory=lambda: ["mia", "ctia"],
+                                                                 min_length=1)
     seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=lambda: [0], min_length=1,
                              description="one run per seed and combination; more seeds give top_k more candidates")
+    stack_seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=list, description="extra seeds trained only for the stack's "
+                                   "member sets, so that stack.top_k picks among more candidates than it keeps")
     exclude: list[str] = Field(default_factory=list, description="combinations to leave out, as 'arch-dim', "
                                "e.g. ['unet-3d']")
     overrides: dict[str, dict] = Field(default_factory=dict, description="partial configs merged into the runs of "

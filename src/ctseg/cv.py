@@ -1,8 +1,10 @@
 """Slice-sorted cross-validation of one configuration, and the stacked ensemble over finished runs.
 
-`run_cv(cfg, data_dir, out_dir)` preprocesses once (cache), makes or reuses the folds file (paper: sorted
-by slice count, then thickness), and for each fold trains on the other folds, predicts the fold's test
-volumes, keeps their out-of-fold probabilities and scores them. A CV run folder::
+`run_cv(cfg, data_dir, out_dir)` makes or reuses the folds file (paper: sorted by slice count, then
+thickness), and for each fold preprocesses the data with an intensity plan drawn from that fold's training
+cases only (one cache folder per plan, `cache/plan-<digest>/`, shared by every run whose fold has the same
+plan), trains on the other folds, predicts the fold's test volumes, keeps their out-of-fold probabilities
+and scores them. A CV run folder::
 
     cv.json                    identity (arch, dim, target, aug, seed), data / cache / folds paths
     config.yaml                the exact configuration
@@ -19,8 +21,8 @@ preprocessed volume, exactly the network input of `predict_volume`); the label i
 from restoring those probabilities in-plane (bilinear) and taking the argmax. Datasets hand out cases in
 canonical orientation with the label on the image grid, so that grid is the volume's own geometry.
 Scores: Dice per structure on the full volume and HD95 (`evaluate_volume`), and the paper's protocol
-(`dice_paper_protocol`: network resolution, foreground slices). Known limitation: the intensity plan is
-estimated once on a random subset of all cases, not per fold.
+(`dice_paper_protocol`: network resolution, foreground slices). No test-fold statistics: a clinic never has
+its future scans' intensities, so no test case of fold k enters fold k's intensity plan.
 
 `run_stack(cv_dirs, out_dir)` builds the stacked CNN from finished CV runs (see `ctseg.models.stacking`)
 and scores it, and the plain average of the same members, on the same folds. Both records of a test volume
@@ -98,24 +100,51 @@ def _comparable(cfg_dict: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------ data and folds
-def prepare_data(cfg: ExperimentConfig, data_dir: str | Path, cache_dir: str | Path, folds_file: str | Path,
-                 progress: bool = True):
-    """Open the dataset, build or reuse the preprocessed cache, make or reuse the folds file.
+def case_metadata(dataset) -> dict[str, dict]:
+    """num_slices, slice_thickness (mm) and spacing of every case, read from the dataset: what the folds are
+    sorted by, known before any intensity plan exists."""
+    meta = {}
+    log.info("reading the geometry of %d cases for the folds", len(dataset.case_ids()))
+    for cid in dataset.case_ids():
+        case = dataset.load(cid)
+        th = case.image.slice_thickness if case.image.slice_thickness is not None \
+            else case.metadata.get("slice_thickness")
+        meta[cid] = {"num_slices": int(case.image.shape[0]), "slice_thickness": th,
+                     "spacing": [float(v) for v in case.image.spacing]}
+    return meta
 
-    Returns (dataset, CaseCache, Folds).
-    """
+
+def prepare_data(cfg: ExperimentConfig, data_dir: str | Path, folds_file: str | Path, progress: bool = True):
+    """Open the dataset and make or reuse the folds file (case geometry read from the dataset when new).
+
+    Returns (dataset, Folds). Each fold's cache comes from `fold_cache`."""
     from ctseg.datasets import open_dataset
-    from ctseg.evaluate.folds import load_or_create_folds
-    from ctseg.preprocess.cache import CaseCache, build_cache
+    from ctseg.evaluate.folds import load_folds, load_or_create_folds
 
     dataset = open_dataset(data_dir, cfg.data.layout)
-    build_cache(dataset, cache_dir, cfg, np.random.default_rng([cfg.seed, 0xCAC4E]), progress=progress)
-    cache = CaseCache(cache_dir, expected=cfg)
-    case_meta = {cid: {k: cache.meta(cid).get(k) for k in ("num_slices", "slice_thickness", "spacing")}
-                 for cid in cache.case_ids()}
-    folds = load_or_create_folds(folds_file, case_meta, cfg.cv.n_folds, cfg.cv.fold_mode,
-                                 np.random.default_rng([cfg.seed, 0xF01D]))
-    return dataset, cache, folds
+    if Path(folds_file).is_file():
+        stored = load_folds(folds_file)
+        case_meta = stored.case_meta if set(stored.case_meta) == set(dataset.case_ids()) else None
+    else:
+        case_meta = None
+    folds = load_or_create_folds(folds_file, case_meta or case_metadata(dataset), cfg.cv.n_folds,
+                                 cfg.cv.fold_mode, np.random.default_rng([cfg.seed, 0xF01D]))
+    return dataset, folds
+
+
+def fold_cache(dataset, cfg: ExperimentConfig, cache_root: str | Path, folds, k: int, progress: bool = True):
+    """The `CaseCache` of fold k, built if needed: its intensity plan comes from the fold's training cases only
+    (no test-fold statistics; `ctseg.preprocess.cache.build_fold_cache`), one folder per plan under cache_root."""
+    from ctseg.preprocess.cache import CaseCache, build_fold_cache
+
+    return CaseCache(build_fold_cache(dataset, cache_root, cfg, folds.train_ids(k), k, progress), expected=cfg)
+
+
+def fold_cache_dir(cfg: ExperimentConfig, cache_root: str | Path, folds, k: int) -> Path:
+    """Where `fold_cache` keeps fold k's cache (no building)."""
+    from ctseg.preprocess.cache import fold_plan_subset, plan_cache_dir
+
+    return plan_cache_dir(cache_root, cfg.preprocess, fold_plan_subset(folds.train_ids(k), cfg.preprocess, k))
 
 
 def _eval_classes(target: str, dataset_classes: dict[int, str]) -> tuple[dict[int, str], bool]:
@@ -226,7 +255,7 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
     if bad:
         raise CtsegError(f"fold(s) {bad} out of range: the config has {cfg.cv.n_folds} folds (0..{cfg.cv.n_folds - 1})")
     _claim_run_dir(out, cfg, ident, data_dir, cache_dir, folds_file)
-    dataset, cache, fold_set = prepare_data(cfg, data_dir, cache_dir, folds_file, progress)
+    dataset, fold_set = prepare_data(cfg, data_dir, folds_file, progress)
     dev = resolve_device(device if device is not None else cfg.train.device)
     records: list[VolumeResult] = []
     with progress_bar(progress) as bar:
@@ -241,6 +270,7 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
                     bar.advance(overall)
                 continue
             model_dir = fdir / "model"
+            cache = fold_cache(dataset, cfg, cache_dir, fold_set, k, progress)
             if not _training_completed(model_dir):
                 train_model(cfg, cache, fold_set.train_ids(k), None, model_dir,
                             resume=(model_dir / "checkpoint.pt").is_file(), progress=progress, device=dev)
@@ -401,14 +431,18 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
         values = {str(m[key]) for m in manifests}
         if len(values) != 1:
             raise CtsegError(f"the runs to stack differ in {key}: {sorted(values)}; stack runs of one experiment")
-    members = select_members([member_run(d) for d in cv_dirs], stack_cfg.members, stack_cfg.top_k)
+    sets = {(s.arch, s.dim, s.target) for s in stack_cfg.members}
+    candidates = [c for c in (member_run(d) for d in cv_dirs) if (c.arch, c.dim, c.target) in sets]
+    members = select_members(candidates, stack_cfg.members, stack_cfg.top_k)
     augs = sorted({m.aug for m in members})
     aug = augs[0] if len(augs) == 1 else "+".join(augs)
     base = manifests[0]
     dataset = open_dataset(base["data"], base["layout"])
-    cache = CaseCache(base["cache"])
     fold_set = load_folds(base["folds_file"])
     fold_of = {cid: k for k, ids in enumerate(fold_set.folds) for cid in ids}
+    # a case's label and maps come from its own test fold's cache (the plan its members' predictions used)
+    caches = [CaseCache(fold_cache_dir(first_cfg, base["cache"], fold_set, k)) for k in range(fold_set.n_folds)]
+    cache = caches[0]
     n_classes = len(cache.classes)
     names = [m.name for m in members]
     oof = {cid: [MemberPrediction(cid, m.name, k, _fold_dir(m.path, k) / "oof" / f"{cid}.npy", _trained_on(m.path, k))
@@ -421,6 +455,8 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
         "format": STACK_FORMAT, "aug": aug, "n_folds": fold_set.n_folds, "top_k": stack_cfg.top_k,
         "members": [{"name": m.name, "path": str(m.path), "arch": m.arch, "dim": m.dim, "target": m.target,
                      "val_score": m.val_score if math.isfinite(m.val_score) else None} for m in members],
+        "candidates": [{"name": c.name, "set": f"{c.arch}-{c.dim}-{c.target}", "selected": c in members,
+                        "val_score": c.val_score if math.isfinite(c.val_score) else None} for c in candidates],
         "stack": stack_cfg.model_dump(mode="json")}, indent=1))
     dev = resolve_device(device if device is not None else "auto")
     loss = TanimotoCELoss()
@@ -445,7 +481,7 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
             for cid in train_cases:
                 x, used = stack_inputs(cid, oof, names)
                 inputs.append(x)
-                labels.append(np.asarray(cache.load(cid).label))
+                labels.append(np.asarray(caches[fold_of[cid]].load(cid).label))
                 provenance[cid] = [{"member": p.member, "fold": p.fold, "member_trained_on": sorted(p.trained_on)}
                                    for p in used]
             atomic_write_text(fdir / "meta_training.json", json.dumps(
@@ -465,7 +501,7 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
             fold_records = []
             for cid in test_cases:
                 x, used = stack_inputs(cid, oof, names)
-                case, cached = dataset.load(cid), cache.load(cid)
+                case, cached = dataset.load(cid), caches[k].load(cid)
                 p_meta = predict_meta(meta, x, dev)
                 maps = [np.asarray(p.load(), dtype=np.float32) for p in used]
                 agreement = member_agreement(maps) if len(maps) > 1 else None

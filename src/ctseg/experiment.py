@@ -1,4 +1,5 @@
-"""The paper's experiment: {U-Net, MS-D Net} x {2D, 3D} x {MIA, CTIA} cross-validated, plus stacking, one report.
+"""The paper's experiment: {U-Net, MS-D Net} x {2D, 3D} x augmentations (MIA, nnU-Net DA, CTIA, none)
+cross-validated, plus stacking, one report.
 
 `run_experiment(cfg, data_dir, out_dir)` expands `cfg.experiment` into one configuration per combination
 (and per seed), cross-validates each on the shared cache and folds (`ctseg.cv.run_cv`), adds the runs the
@@ -47,7 +48,8 @@ def apply_profile(cfg: ExperimentConfig, profile: str | None) -> ExperimentConfi
 
 def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[ExperimentConfig]]:
     """(table runs, extra runs only the stack needs): one config per arch x dim x aug x seed, with the
-    matrix's per-'arch-dim' overrides merged in."""
+    matrix's per-'arch-dim' overrides merged in. The stack's member sets are trained for every seed in
+    `seeds` and `stack_seeds`: the candidates `stack.top_k` chooses from."""
     e = cfg.experiment
     table, keys = [], set()
 
@@ -74,18 +76,32 @@ def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[Exp
     if e.stack:
         for s in cfg.stack.members:
             for aug in e.augs:
-                for seed in e.seeds:
+                for seed in dict.fromkeys([*e.seeds, *e.stack_seeds]):
                     if (s.arch, s.dim, s.target, aug, seed) not in keys:
                         extra.append(variant(s.arch, s.dim, aug, seed, s.target))
                         keys.add((s.arch, s.dim, s.target, aug, seed))
     return table, extra
 
 
+def candidates_per_set(cfg: ExperimentConfig, runs: list[ExperimentConfig], aug: str) -> dict[str, int]:
+    """Number of runs of augmentation `aug` in each stack member set ('arch-dim-target'): top_k's candidates."""
+    return {f"{s.arch}-{s.dim}-{s.target}": sum((rc.model.arch, rc.model.dim, rc.model.target, rc.augment.name)
+                                                == (s.arch, s.dim, s.target, aug) for rc in runs)
+            for s in cfg.stack.members}
+
+
+def _warn_few_candidates(cfg: ExperimentConfig, runs: list[ExperimentConfig], aug: str) -> None:
+    for name, n in candidates_per_set(cfg, runs, aug).items():
+        if n <= cfg.stack.top_k:
+            log.warning("stack %s: set %s has %d candidate(s) for top_k %d, so all are kept (add "
+                        "experiment.stack_seeds for a real selection)", aug, name, n, cfg.stack.top_k)
+
+
 def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, *, title: str | None = None,
                    intro: str = "", device: str | torch.device | None = None, progress: bool = True) -> Path:
     """Run (or continue) the whole experiment; returns the path of `report/index.html`."""
     from ctseg.cv import RunIdentity, cv_log_csvs, load_cv_records, progress_bar, run_cv, run_stack
-    from ctseg.evaluate.report import display_name, write_report
+    from ctseg.evaluate.report import AUG_NAMES, display_name, stack_selection_section, write_report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,8 +126,9 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
                 bar.advance(task)
         for aug in stack_augs:
             members = [run_dirs[RunIdentity.of(rc).name] for rc in runs if rc.augment.name == aug]
+            _warn_few_candidates(cfg, [rc for rc in runs if rc.augment.name == aug], aug)
             if bar:
-                bar.update(task, description=f"[bold magenta]experiment[/] · stacked ensemble + {aug.upper()}")
+                bar.update(task, description=f"[bold magenta]experiment[/] · stacked ensemble + {AUG_NAMES.get(aug, aug)}")
             run_stack(members, out / "stack" / aug, cfg.stack, seed=cfg.seed, distances=cfg.cv.distances,
                       device=device, progress=progress)
             if bar:
@@ -126,6 +143,9 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
         records += load_cv_records(out / "stack" / aug, require_all=True)
     if not records:
         raise CtsegError("the experiment produced no results", out)
+    selection = stack_selection_section([out / "stack" / aug for aug in stack_augs])
+    augs = " vs ".join(AUG_NAMES.get(a, a) for a in cfg.experiment.augs)
     return write_report(records, out, config=config_to_dict(cfg), log_csvs=curves,
-                        title=title or f"{cfg.name}: CTIA vs MIA, slice-sorted {cfg.cv.n_folds}-fold cross-validation",
-                        thickness_edges_mm=cfg.experiment.thickness_groups_mm, intro=intro)
+                        title=title or f"{cfg.name}: {augs}, slice-sorted {cfg.cv.n_folds}-fold cross-validation",
+                        thickness_edges_mm=cfg.experiment.thickness_groups_mm, intro=intro,
+                        extra_sections=[selection] if selection is not None else [])

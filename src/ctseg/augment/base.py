@@ -1,4 +1,4 @@
-"""The augmenter interface shared by CTIA, MIA and "none", plus small random helpers.
+"""The augmenter interface shared by CTIA, MIA, nnU-Net's pipeline and "none", plus small random helpers.
 
 An augmenter maps a batch of stacks to a batch of the same shape, dtype and device:
 
@@ -69,6 +69,14 @@ def uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tens
 def bernoulli(n: int, p: float, generator: torch.Generator) -> Tensor:
     """(n,) bool, each True with probability p (always draws n numbers, so streams stay aligned)."""
     return torch.rand(n, generator=generator, device=generator.device) < p
+
+
+def batch_gate(dim: Dim, p_batch_2d: float, p_batch_3d: float, generator: torch.Generator) -> bool:
+    """Whether this batch is augmented: the paper augments 90 % of 2D and 80 % of 3D training batches.
+
+    Draws exactly one number, so every augmenter's stream starts the same way."""
+    p = p_batch_2d if dim == "2d" else p_batch_3d
+    return bool(bernoulli(1, p, generator).item())
 
 
 def generator_for(device: torch.device, generator: torch.Generator) -> torch.Generator:

@@ -8,11 +8,20 @@ function that applies given parameters to a whole batch at once (no Python loop 
     CWVRS                       sample_cwvrs         -> cwvrs_map            (piecewise-linear monotone)
     slice skipping              sample_z_resampling  -> resample_z           (nearest along z, f in (1, max])
     slice interpolation         sample_z_resampling  -> resample_z           (linear along z, f in [min, 1))
+                                (z_mode "stack" only; the default "volume" simulates the acquisition on the whole
+                                cached volume when the stack is sampled: `ctseg.augment.acquisition`)
     in-plane rotation           sample_rotation      -> rotate_inplane       (<= 16 degrees)
+    random patch extraction     sample_patch_shift   -> extract_patch        (same-size patch at a random offset)
     random window (extra, off)  sample_random_window -> random_window        (level/width, arXiv 2510.08116)
 
-Order inside `CTIAugmenter`: z resampling, rotation, CWVRS, random window, noise (spatial first so the
-rotation's air fill is remapped like all other air; noise last so it is not reshaped by CWVRS).
+Order inside `CTIAugmenter`: z resampling, patch extraction, rotation, CWVRS, random window, noise (spatial
+first so the air they bring in is remapped like all other air; noise last so it is not reshaped by CWVRS).
+
+Random patch extraction (Table 1, CTIA column) takes an S x S patch at a random integer offset of at most
+patch_max_shift * S from the S x S slice, air outside: no resampling, so the voxel size stays the physical
+one (CTIA never rescales; MIA's cropping zooms). The batch gate (90 % of 2D / 80 % of 3D batches) governs
+every transform but CWVRS, which is drawn per image on its own so that exactly cwvrs_p of the images
+(the paper's "20 % of data") get it, whatever the gate.
 Intensities are z-scored windowed values; tissue ranges in HU are located with the `IntensityPlan`
 (x_norm = (clip(hu, lower, upper) - mean) / std), or, without a plan, by k-means on the batch.
 
@@ -31,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctseg.augment.base import Augmenter, Dim, IntensityPlanLike, bernoulli, check_batch, generator_for, uniform
+from ctseg.augment.base import (Augmenter, Dim, IntensityPlanLike, batch_gate, bernoulli, check_batch, generator_for,
+                                uniform)
 from ctseg.config import CTIAConfig
 
 log = logging.getLogger(__name__)
@@ -224,6 +234,35 @@ def rotate_inplane(image: Tensor, label: Tensor, angles: Tensor, fill: Tensor) -
     return out, out_lab.to(label.dtype)
 
 
+# ---------------------------------------------------------------------------------------------- random patch
+def sample_patch_shift(n: int, p: float, max_shift: float, size: tuple[int, int], generator: torch.Generator) -> Tensor:
+    """(n, 2) int64 patch offsets (dy, dx) in pixels, uniform integers in [-max_shift * size, max_shift * size]
+    with probability p, else 0. size: (Y, X) in pixels."""
+    apply = bernoulli(n, p, generator)
+    u = uniform(2 * n, 0.0, 1.0, generator).view(n, 2)
+    limit = torch.tensor([int(max_shift * size[0]), int(max_shift * size[1])], dtype=torch.float32, device=u.device)
+    shift = torch.floor(u * (2 * limit + 1)).long() - limit.long()
+    return torch.where(apply[:, None], shift, torch.zeros_like(shift))
+
+
+def extract_patch(image: Tensor, label: Tensor, shift: Tensor, fill: Tensor) -> tuple[Tensor, Tensor]:
+    """The Y x X patch of each image n whose top-left corner is shift[n] = (dy, dx): out[y, x] = in[y + dy, x + dx].
+
+    image: (N, C, Y, X) float, fill (N,) outside the slice (air); label: (N, C, Y, X) integer, 0 outside.
+    Integer offsets, no interpolation: voxel values and size are kept. C channels share the offset."""
+    n, c, h, w = image.shape
+    shift = shift.to(image.device)
+    ys = torch.arange(h, device=image.device)[None, :] + shift[:, :1]  # (N, Y) source rows
+    xs = torch.arange(w, device=image.device)[None, :] + shift[:, 1:]  # (N, X) source columns
+    inside = (((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]).view(n, 1, h * w)
+    src = ys.clamp(0, h - 1)[:, :, None] * w + xs.clamp(0, w - 1)[:, None, :]  # flat source index (N, Y, X)
+    src = src.view(n, 1, h * w).expand(n, c, h * w)
+    out = image.reshape(n, c, h * w).gather(2, src)
+    out_lab = label.reshape(n, c, h * w).gather(2, src).masked_fill_(~inside, 0)
+    fill = fill.to(device=image.device, dtype=image.dtype).view(n, 1, 1)
+    return torch.where(inside, out, fill).view(n, c, h, w), out_lab.view(n, c, h, w)
+
+
 # ---------------------------------------------------------------------------------------------- random window
 def sample_random_window(n: int, p: float, level: float, width: float,
                          generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -271,6 +310,7 @@ class CTIAParams:
 
     z_mode: Tensor        # (B,) 0 none / 1 skip / 2 interp
     z_src: Tensor         # (B, Z) source slice positions
+    patch_shift: Tensor   # (N, 2) int64 patch offsets (dy, dx) in pixels, 0 = none
     angles: Tensor        # (N,) radians, 0 = none
     cwvrs_apply: Tensor   # (N,) bool
     knots: Tensor         # (K + 1,) source knots, normalised units
@@ -307,17 +347,20 @@ class CTIAugmenter(Augmenter):
         return image.min(), image.max()
 
     def sample(self, image: Tensor, generator: torch.Generator) -> CTIAParams | None:
-        """Draw every parameter for this batch; None if the batch is left as it is (1 - p_batch_2d/3d).
+        """Draw every parameter for this batch; None if it is left as it is.
 
+        The batch gate (p_batch_2d / p_batch_3d) decides whether the batch gets the spatial, window and noise
+        transforms; CWVRS is drawn per image regardless of the gate (exactly cwvrs_p of the images).
         image is read only for its shape and, for k-means clusters, its intensities."""
         cfg = self.cfg
-        b, _, z = image.shape[:3]
+        b, _, z, h, w = image.shape
         n = b * z if self.dim == "2d" else b
-        p_batch = cfg.p_batch_2d if self.dim == "2d" else cfg.p_batch_3d
-        if not bool(bernoulli(1, p_batch, generator).item()):
-            return None
+        gate = batch_gate(self.dim, cfg.p_batch_2d, cfg.p_batch_3d, generator)
         z_mode, z_src = sample_z_resampling(b, z, cfg.slice_skip_p, cfg.slice_skip_max_factor,
                                             cfg.slice_interp_p, cfg.slice_interp_min_factor, generator)
+        if cfg.z_mode == "volume":  # done on the whole volume when the stack was sampled (ctseg.augment.acquisition)
+            z_mode = torch.zeros_like(z_mode)
+        patch = sample_patch_shift(n, cfg.patch_p, cfg.patch_max_shift, (h, w), generator)
         angles = sample_rotation(n, cfg.rotation_p, cfg.rotation_max_deg, generator)
         if self._preset is not None:
             knots = self._preset.to(image.device)
@@ -329,7 +372,13 @@ class CTIAugmenter(Augmenter):
         window_apply, shift, scale = sample_random_window(n, cfg.random_window_p, cfg.random_window_level,
                                                           cfg.random_window_width, generator)
         sigma = sample_noise_sigma(n, cfg.noise_p, cfg.noise_sigma, generator)
-        return CTIAParams(z_mode, z_src, angles, cwvrs_apply, knots, new_knots, window_apply, shift, scale, sigma)
+        if not gate:
+            if not bool(cwvrs_apply.any()):
+                return None
+            z_mode, patch, angles, sigma = (torch.zeros_like(t) for t in (z_mode, patch, angles, sigma))
+            window_apply = torch.zeros_like(window_apply)
+        return CTIAParams(z_mode, z_src, patch, angles, cwvrs_apply, knots, new_knots, window_apply, shift, scale,
+                          sigma)
 
     def apply(self, image: Tensor, label: Tensor, params: CTIAParams | None,
               generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -344,9 +393,12 @@ class CTIAugmenter(Augmenter):
 
         # 2D: every slice is an image; 3D: a volume's slices are channels sharing one angle
         shape4 = (b * z, 1, h, w) if self.dim == "2d" else (b, z, h, w)
+        img4, lab4 = _on_rows(lambda rows, i, l: extract_patch(
+            i, l, _pick(params.patch_shift, rows), torch.full((i.shape[0],), float(lower))),
+            (params.patch_shift != 0).any(dim=1), image.view(shape4), label.view(shape4))
         img4, lab4 = _on_rows(lambda rows, i, l: rotate_inplane(
             i, l, _pick(params.angles, rows), torch.full((i.shape[0],), float(lower))),
-            params.angles != 0, image.view(shape4), label.view(shape4))
+            params.angles != 0, img4, lab4)
 
         flat = img4.reshape(n, -1)
         (flat,) = _on_rows(lambda rows, x: (cwvrs_map(x, params.knots, _pick(params.new_knots, rows)),),

@@ -1,160 +1,149 @@
-"""General-purpose "multidimensional image augmentation" (MIA) baseline: nnU-Net v2's default pipeline.
+"""The paper's multidimensional image augmentation (MIA), Kloenne et al. 2020, Table 1 (MIA column).
 
-The transforms are batchgeneratorsv2's, with the parameters of nnU-Net v2
-`nnUNetTrainer.get_training_transforms` / `configure_rotation_dummyDA_mirroring_and_inital_patch_size`:
+The paper compares CTIA with the TensorFlow multidimensional image augmentation of its ref. 27, whose
+transforms Table 1 lists: scaling, rotation without restriction, shearing, cropping, gamma correction,
+contrast, brightness and Gaussian noise. Here they are a sampler plus pure functions, batched on CPU or GPU,
+with the geometry from Kornia (`kornia.geometry.transform.get_affine_matrix2d`, `warp_affine`):
 
-    SpatialTransform    rotation p 0.2 (2D: unrestricted, +-180 deg), scaling p 0.2 in (0.7, 1.4),
-                        isotropic; no elastic deformation; bilinear image, one-hot-bilinear label
-    random patch        patch centre offset up to crop_max_shift * size (nnU-Net's random patch location;
-                        0 = centred crop); outside filled with 0 as nnU-Net (fill "zero", the z-scored
-                        mean) or with air (fill "air", as CTIA's rotation)
-    GaussianNoise       p 0.1, std (0, 0.1)
-    GaussianBlur        p 0.2, sigma (0.5, 1), p_per_channel 0.5
-    Brightness (mult.)  p 0.15, (0.75, 1.25)
-    Contrast            p 0.15, (0.75, 1.25), range preserved
-    SimulateLowRes      p 0.25, scale (0.5, 1), in-plane only for 3D stacks
-    Gamma               p 0.1 inverted and p 0.3 plain, gamma (0.7, 1.5), stats retained
-    Mirror              off by default (paper Table 1 does not list it; nnU-Net mirrors all axes)
+    scaling, rotation, shearing, cropping   sample_mia -> affine matrix (N, 3, 3) -> warp_affine_batch
+                                             (one warp: bilinear image, nearest label, air outside)
+    gamma correction                         gamma (N,)      -> adjust_intensity
+    contrast                                 contrast (N,)   -> adjust_intensity  (factor about the image mean)
+    brightness                               brightness (N,) -> adjust_intensity  (additive, z-scored units)
+    Gaussian noise                           noise_sigma (N,) -> ctia.add_noise
 
-3D stacks of 16 x 128 x 128 are anisotropic by nnU-Net's rule (128 / 16 > 3), so, as nnU-Net does, the
-spatial transform runs as 2D on every slice of the stack with one shared parameter set ("dummy 2D").
-Shearing (paper Table 1) is not part of nnU-Net's or batchgeneratorsv2's spatial transform and is not added.
+"Cropping" is random patch extraction: a patch of side c * S (c ~ U[crop_min_fraction, 1]) at a random
+position, resized back to S x S; it is folded into the same affine as scaling, rotation and shearing, so
+an image is interpolated once. Images are slices in 2D; in 3D a stack is one image whose slices share one
+in-plane affine (its slices are random, non-contiguous positions, so an out-of-plane rotation would mix
+slices of unknown distance). The batch gate is CTIA's: 90 % of 2D and 80 % of 3D batches are augmented.
 
-batchgeneratorsv2 works per sample on CPU tensors and draws from torch's and numpy's global generators.
-`MIAugmenter` draws one seed from the passed generator and runs the pipeline inside a forked torch RNG
-and a saved/restored numpy RNG, so runs are reproducible and the global state is left untouched.
-CUDA input is moved to the CPU, transformed and moved back: MIA is CPU-bound, as in nnU-Net.
+Example
+-------
+>>> aug = PaperMIAugmenter(MIAConfig(), "2d", intensity_plan=plan)
+>>> image, label = aug(image, label, torch.Generator().manual_seed(0))   # (B, 1, Z, Y, X)
 """
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
-from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
-from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
-from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
-from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
-from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
-from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
-from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
-from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
-from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
-from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
-from batchgeneratorsv2.transforms.utils.random import RandomTransform
+from kornia.geometry.transform import get_affine_matrix2d, warp_affine
 from torch import Tensor
 
-from ctseg.augment.base import Augmenter, Dim, IntensityPlanLike, check_batch
+from ctseg.augment.base import Augmenter, Dim, IntensityPlanLike, batch_gate, bernoulli, check_batch, uniform
+from ctseg.augment.ctia import add_noise
 from ctseg.config import MIAConfig
-from ctseg.errors import CtsegError
 
 
-def build_mia_pipeline(cfg: MIAConfig, spatial_shape: tuple[int, ...], fill: float = 0.0) -> BasicTransform:
-    """The batchgeneratorsv2 pipeline for one sample (C, Y, X) (2D) or (C, Z, Y, X) (3D, dummy-2D spatial).
+@dataclass
+class MIAParams:
+    """All random choices for one augmented batch; N = B * Z images in 2D, B in 3D."""
 
-    fill: image value outside the field of view after rotation/scaling/shift (nnU-Net: 0)."""
-    is_3d = len(spatial_shape) == 3
-    in_plane = tuple(spatial_shape[-2:])
-    rot = math.radians(cfg.rotation_max_deg)
-    transforms: list[BasicTransform] = []
-    if is_3d:
-        transforms.append(Convert3DTo2DTransform())
-    transforms.append(SpatialTransform(
-        in_plane,
-        patch_center_dist_from_border=[s / 2 - cfg.crop_max_shift * s for s in in_plane],
-        random_crop=cfg.crop_max_shift > 0,
-        p_elastic_deform=cfg.elastic_p,
-        p_rotation=cfg.rotation_p, rotation=(-rot, rot),
-        p_scaling=cfg.scale_p, scaling=tuple(cfg.scale_range), p_synchronize_scaling_across_axes=1,
-        bg_style_seg_sampling=False,
-        padding_mode_image="constant" if fill != 0 else "zeros", padding_value_image=fill,
-    ))
-    if is_3d:
-        transforms.append(Convert2DTo3DTransform())
-    transforms += [
-        RandomTransform(GaussianNoiseTransform(noise_variance=tuple(cfg.noise_sigma), p_per_channel=1,
-                                               synchronize_channels=True), apply_probability=cfg.noise_p),
-        RandomTransform(GaussianBlurTransform(blur_sigma=tuple(cfg.blur_sigma), synchronize_channels=False,
-                                              synchronize_axes=False, p_per_channel=0.5, benchmark=True),
-                        apply_probability=cfg.blur_p),
-        RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=BGContrast(tuple(cfg.brightness_range)),
-                                                          synchronize_channels=False, p_per_channel=1),
-                        apply_probability=cfg.brightness_p),
-        RandomTransform(ContrastTransform(contrast_range=BGContrast(tuple(cfg.contrast_range)), preserve_range=True,
-                                          synchronize_channels=False, p_per_channel=1),
-                        apply_probability=cfg.contrast_p),
-        RandomTransform(SimulateLowResolutionTransform(scale=tuple(cfg.lowres_scale), synchronize_channels=False,
-                                                       synchronize_axes=True, ignore_axes=(0,) if is_3d else None,
-                                                       allowed_channels=None, p_per_channel=0.5),
-                        apply_probability=cfg.lowres_p),
-        RandomTransform(GammaTransform(gamma=BGContrast(tuple(cfg.gamma_range)), p_invert_image=1,
-                                       synchronize_channels=False, p_per_channel=1, p_retain_stats=1),
-                        apply_probability=cfg.gamma_inverted_p),
-        RandomTransform(GammaTransform(gamma=BGContrast(tuple(cfg.gamma_range)), p_invert_image=0,
-                                       synchronize_channels=False, p_per_channel=1, p_retain_stats=1),
-                        apply_probability=cfg.gamma_p),
-    ]
-    if cfg.mirror:
-        transforms.append(MirrorTransform(allowed_axes=tuple(range(len(spatial_shape)))))
-    return ComposeTransforms(transforms)
+    matrix: Tensor       # (N, 3, 3) forward affine in pixel coordinates (x right, y down), input -> output
+    gamma: Tensor        # (N,) exponent, 1 = none
+    contrast: Tensor     # (N,) factor about the image mean, 1 = none
+    brightness: Tensor   # (N,) additive shift, 0 = none
+    noise_sigma: Tensor  # (N,) noise std, 0 = none
 
 
-@contextlib.contextmanager
-def seeded_global_rngs(seed: int) -> Iterator[None]:
-    """Seed torch's CPU and numpy's global generators for the block, restoring both afterwards."""
-    np_state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        try:
-            yield
-        finally:
-            np.random.set_state(np_state)
+def _or_identity(apply: Tensor, value: Tensor, identity: float) -> Tensor:
+    return torch.where(apply, value, torch.full_like(value, identity))
 
 
-class MIAugmenter(Augmenter):
-    """nnU-Net's default augmentation behind the CTIA interface: (B, 1, Z, Y, X) in and out.
+def sample_mia(n: int, height: int, width: int, cfg: MIAConfig, generator: torch.Generator) -> MIAParams:
+    """Draw the MIA parameters of n images of height x width pixels (every draw made, so streams stay aligned).
 
-    dim "2d": each of the B * Z slices is one 2D sample with its own parameters; "3d": each stack is one sample.
-    intensity_plan: needed only for cfg.fill "air" (air = window lower bound in normalised units).
-    """
+    The affine is T(crop) . R(angle) . S(scale) . Shear about the image centre; the crop patch of side
+    c * size is centred at a uniform position inside the image and zoomed by 1 / c."""
+    rot = _or_identity(bernoulli(n, cfg.rotation_p, generator), uniform(n, -cfg.rotation_max_deg,
+                                                                        cfg.rotation_max_deg, generator), 0.0)
+    scale = _or_identity(bernoulli(n, cfg.scale_p, generator), uniform(n, *cfg.scale_range, generator), 1.0)
+    shear_on = bernoulli(n, cfg.shear_p, generator)
+    shear = _or_identity(shear_on[:, None].expand(n, 2), uniform(2 * n, -cfg.shear_max, cfg.shear_max,
+                                                                 generator).view(n, 2), 0.0)
+    crop_on = bernoulli(n, cfg.crop_p, generator)
+    frac = _or_identity(crop_on, uniform(n, cfg.crop_min_fraction, 1.0, generator), 1.0)
+    pos = uniform(2 * n, -0.5, 0.5, generator).view(n, 2)  # patch-centre offset, fraction of the free margin
+    size = torch.tensor([width, height], dtype=torch.float32, device=pos.device)
+    offset = pos * (1 - frac[:, None]) * size  # pixels, keeps the patch inside the image
+    centre = ((size - 1) / 2).expand(n, 2)
+    zoom = (scale / frac)[:, None].expand(n, 2)
+    matrix = get_affine_matrix2d(-offset / frac[:, None], centre, zoom, rot,
+                                 torch.atan(shear[:, 0]), torch.atan(shear[:, 1]))
+    gamma = _or_identity(bernoulli(n, cfg.gamma_p, generator), uniform(n, *cfg.gamma_range, generator), 1.0)
+    contrast = _or_identity(bernoulli(n, cfg.contrast_p, generator), uniform(n, *cfg.contrast_range, generator), 1.0)
+    brightness = _or_identity(bernoulli(n, cfg.brightness_p, generator),
+                              uniform(n, -cfg.brightness_shift, cfg.brightness_shift, generator), 0.0)
+    sigma = _or_identity(bernoulli(n, cfg.noise_p, generator), uniform(n, *cfg.noise_sigma, generator), 0.0)
+    return MIAParams(matrix, gamma, contrast, brightness, sigma)
+
+
+def warp_affine_batch(image: Tensor, label: Tensor, matrix: Tensor, fill: Tensor) -> tuple[Tensor, Tensor]:
+    """Warp images (N, C, Y, X) with forward affines matrix (N, 3, 3), pixel coordinates, C channels sharing one.
+
+    Image bilinear with fill (N,) outside the field of view; label (integer) nearest with 0 outside."""
+    m = matrix[:, :2].to(device=image.device, dtype=image.dtype)
+    size = tuple(image.shape[-2:])
+    fill = fill.to(device=image.device, dtype=image.dtype).view(-1, 1, 1, 1)
+    out = warp_affine(image - fill, m, size, mode="bilinear", padding_mode="zeros", align_corners=True).add_(fill)
+    out_lab = warp_affine(label.to(image.dtype), m, size, mode="nearest", padding_mode="zeros", align_corners=True)
+    return out, out_lab.round_().to(label.dtype)
+
+
+def adjust_intensity(x: Tensor, gamma: Tensor, contrast: Tensor, brightness: Tensor) -> Tensor:
+    """Gamma, contrast and brightness of images x (N, V), in that order; returns a new tensor.
+
+    Gamma acts on each image's [min, max] range (mapped to [0, 1], raised to gamma, mapped back); contrast
+    scales about the image mean; brightness adds a shift. Identity where gamma = contrast = 1, brightness = 0."""
+    gamma, contrast, brightness = (t.to(device=x.device, dtype=x.dtype)[:, None] for t in (gamma, contrast, brightness))
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    span = (hi - lo).clamp_min(1e-6)
+    out = ((x - lo) / span).clamp_(0, 1).pow_(gamma).mul_(span).add_(lo)
+    mean = out.mean(dim=1, keepdim=True)
+    return out.sub_(mean).mul_(contrast).add_(mean).add_(brightness)
+
+
+class PaperMIAugmenter(Augmenter):
+    """The paper's MIA on a (B, 1, Z, Y, X) batch (`augment.name: mia`); see the module docstring.
+
+    intensity_plan: locates air (the window's lower bound in z-scored units) for the area a transform moves
+    into the field of view (fill "air", as CTIA's rotation); without it, the batch minimum."""
 
     def __init__(self, cfg: MIAConfig, dim: Dim, intensity_plan: IntensityPlanLike | None = None):
         self.cfg = cfg
         self.dim = dim
-        self.fill = 0.0
-        if cfg.fill == "air":
-            if intensity_plan is None:
-                raise CtsegError("augment.mia.fill 'air' needs the intensity plan (window lower bound, mean, std)")
-            self.fill = (intensity_plan.lower - intensity_plan.mean) / intensity_plan.std
-        self._pipelines: dict[tuple[int, ...], BasicTransform] = {}
+        self.plan = intensity_plan
 
-    def _pipeline(self, spatial_shape: tuple[int, ...]) -> BasicTransform:
-        if spatial_shape not in self._pipelines:
-            self._pipelines[spatial_shape] = build_mia_pipeline(self.cfg, spatial_shape, self.fill)
-        return self._pipelines[spatial_shape]
+    def _fill(self, image: Tensor) -> float:
+        if self.cfg.fill == "zero":
+            return 0.0
+        if self.plan is not None:
+            return (self.plan.lower - self.plan.mean) / self.plan.std
+        return float(image.min())
+
+    def sample(self, image: Tensor, generator: torch.Generator) -> MIAParams | None:
+        """Draw this batch's parameters; None if the batch gate leaves it as it is."""
+        if not batch_gate(self.dim, self.cfg.p_batch_2d, self.cfg.p_batch_3d, generator):
+            return None
+        b, _, z, h, w = image.shape
+        return sample_mia(b * z if self.dim == "2d" else b, h, w, self.cfg, generator)
+
+    def apply(self, image: Tensor, label: Tensor, params: MIAParams | None,
+              generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Apply drawn parameters (the generator only draws the noise maps); None returns the inputs."""
+        if params is None:
+            return image, label
+        b, c, z, h, w = image.shape
+        n = params.gamma.numel()
+        shape4 = (b * z, 1, h, w) if self.dim == "2d" else (b, z, h, w)
+        img4, lab4 = warp_affine_batch(image.reshape(shape4), label.reshape(shape4), params.matrix,
+                                       torch.full((n,), self._fill(image)))
+        flat = adjust_intensity(img4.reshape(n, -1), params.gamma, params.contrast, params.brightness)
+        if bool((params.noise_sigma > 0).any()):
+            flat = add_noise(flat, params.noise_sigma, generator)
+        return flat.view(b, c, z, h, w), lab4.reshape(b, c, z, h, w)
 
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         check_batch(image, label)
-        b, c, z, h, w = image.shape
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
-        if self.dim == "2d":
-            imgs = image.detach().transpose(1, 2).reshape(b * z, c, h, w).cpu()
-            labs = label.detach().transpose(1, 2).reshape(b * z, c, h, w).cpu()
-        else:
-            imgs, labs = image.detach().cpu(), label.detach().cpu()
-        pipeline = self._pipeline(tuple(imgs.shape[2:]))
-        out_img, out_lab = torch.empty_like(imgs), torch.empty_like(labs)
-        with seeded_global_rngs(seed):
-            for i in range(imgs.shape[0]):
-                d = pipeline(image=imgs[i].clone(), segmentation=labs[i].to(torch.int16))
-                out_img[i] = d["image"]
-                out_lab[i] = d["segmentation"]
-        if self.dim == "2d":
-            out_img = out_img.view(b, z, c, h, w).transpose(1, 2)
-            out_lab = out_lab.view(b, z, c, h, w).transpose(1, 2)
-        return (out_img.to(image.device, image.dtype).contiguous(),
-                out_lab.to(label.device, label.dtype).contiguous())
+        return self.apply(image, label, self.sample(image, generator), generator)

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ctseg.errors import CtsegError
 
-HELP = "run the paper's matrix {U-Net, MS-D} x {2D, 3D} x {MIA, CTIA} x folds + stacking, and write the report"
+HELP = "run the paper's matrix {U-Net, MS-D} x {2D, 3D} x augmentations (MIA, nnU-Net DA, CTIA, none) x folds + stacking, and write the report"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help="named profile of the config to merge over it (e.g. small)")
     parser.add_argument("--data", type=Path, help="dataset folder (default: the config's data.path)")
     parser.add_argument("--out", type=Path, required=True, help="experiment folder (an existing one is continued)")
+    parser.add_argument("--aug", action="append", choices=["ctia", "mia", "nnunet", "none"],
+                        help="augmentation(s) to run instead of experiment.augs (repeat: --aug mia --aug ctia)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's train.device)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -29,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from ctseg.experiment import apply_profile, run_experiment
 
     cfg = apply_profile(load_config(args.config), args.profile)
+    if args.aug:
+        cfg.experiment.augs = list(dict.fromkeys(args.aug))
     data = args.data or (Path(cfg.data.path) if cfg.data.path else None)
     if data is None:
         raise CtsegError("no dataset: pass --data DIR or set data.path in the config", args.config)

@@ -14,6 +14,9 @@ from ctseg.errors import CtsegError
 HELP = "write results tables, plots and report/index.html from finished cross-validation / stack / experiment folders"
 
 
+_AUG_STYLES = {"ctia": "blue", "mia": "dark_orange", "nnunet": "magenta"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", type=Path,
                         help="folders of `ctseg cv`, `ctseg stack` or `ctseg experiment`, or results.json files")
@@ -70,8 +73,7 @@ def summary_table(records, title: str = "Dice, paper protocol (mean ± std over 
     table.add_column("n", justify="right")
     for model, row in t.items():
         display, aug, arch = names[model]
-        style = "green" if arch in ("stacked", "average") else "blue" if aug == "ctia" else "dark_orange" \
-            if aug == "mia" else None
+        style = "green" if arch in ("stacked", "average") else _AUG_STYLES.get(aug)
         table.add_row(display, *(row[c].fmt() for c in classes), str(max(s.n for s in row.values())), style=style)
     return table
 

@@ -1,6 +1,6 @@
 """`ctseg show-augment`: see what the augmentation does to real data before training on it.
 
-Top: n slices of one case, original vs augmented by the chosen pipeline (CTIA or MIA, 2D mode), with
+Top: n slices of one case, original vs augmented by the chosen pipeline (CTIA, MIA or nnU-Net DA, 2D mode), with
 label contours. Below (CTIA): one row per CTIA transform applied alone, at its configured magnitude
 (noise, rotation and slice skipping at their maximum, interpolation at its minimum factor, CWVRS drawn
 from its configured ranges), so each can be checked by eye;
@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ctseg.augment import build_augmenter
+from ctseg.augment.acquisition import INTERP, SKIP, grid_centres, linear_weights, slab_weights
 from ctseg.augment.ctia import (
     add_noise,
     cwvrs_map,
@@ -31,12 +32,13 @@ from ctseg.augment.ctia import (
     sample_rotation,
 )
 from ctseg.commands._types import positive_int, seed_int
-from ctseg.config import AugmentConfig, ExperimentConfig, load_config
+from ctseg.config import ExperimentConfig, load_config
 from ctseg.datasets import LAYOUTS, open_dataset
 from ctseg.errors import CtsegError
+from ctseg.evaluate.report import AUG_NAMES
 from ctseg.staging import follow_umask
 
-HELP = "PNG grid of original vs augmented slices (CTIA or MIA) with label contours, one panel per CTIA transform"
+HELP = "PNG grid of original vs augmented slices (CTIA, MIA or nnU-Net DA) with label contours, one panel per CTIA transform"
 
 _CONTOUR_COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#bf5af2"]
 
@@ -44,7 +46,8 @@ _CONTOUR_COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#bf5af2"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="dataset folder (KiTS19, CHAOS CT or nnU-Net raw layout)")
     parser.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS])
-    parser.add_argument("--aug", default="ctia", choices=["ctia", "mia"], help="pipeline to show (default ctia)")
+    parser.add_argument("--aug", default="ctia", choices=["ctia", "mia", "nnunet"],
+                        help="pipeline to show (default ctia)")
     parser.add_argument("--out", required=True, help="output PNG file")
     parser.add_argument("--seed", type=seed_int, default=0, help="seed for the case choice and the augmentation")
     parser.add_argument("--n", type=positive_int, default=4, help="number of slices in the original/augmented grid")
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     z = image.shape[0]
     img_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     lab_t = torch.from_numpy(label.astype(np.int64))[None, None]
-    aug_cfg = AugmentConfig(name=args.aug, ctia=cfg.augment.ctia, mia=cfg.augment.mia)
+    aug_cfg = cfg.augment.model_copy(update={"name": args.aug})
     augmenter = build_augmenter(aug_cfg, "2d", plan)
     gen = torch.Generator().manual_seed(args.seed)
     aug_img, aug_lab = augmenter(img_t, lab_t, gen)
@@ -130,13 +133,13 @@ def run(args: argparse.Namespace) -> int:
     for ax in axes.flat:
         ax.axis("off")
     for j, k in enumerate(shown):
-        for r, (im, lb, name) in enumerate([(img_t, lab_t, "original"), (aug_img, aug_lab, args.aug.upper())]):
+        for r, (im, lb, name) in enumerate([(img_t, lab_t, "original"), (aug_img, aug_lab, AUG_NAMES[args.aug])]):
             axes[r, j].axis("on")
             _show(axes[r, j], im[0, 0, k].numpy(), lb[0, 0, k].numpy(), classes, f"{name}, slice {k}", vrange)
 
     if args.aug == "ctia":
         _ctia_panels(axes[2:], img_t, lab_t, classes, plan, cfg, gen, shown[len(shown) // 2], vrange, aspect)
-    fig.suptitle(f"{case.case_id}: {args.aug.upper()} (seed {args.seed}); window [{plan.lower:.0f}, {plan.upper:.0f}] "
+    fig.suptitle(f"{case.case_id}: {AUG_NAMES[args.aug]} (seed {args.seed}); window [{plan.lower:.0f}, {plan.upper:.0f}] "
                  f"HU, z-scored", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +154,21 @@ def run(args: argparse.Namespace) -> int:
         Path(tmp).unlink(missing_ok=True)
     console.print(f"wrote {escape(str(out))}")
     return 0
+
+
+def _simulated_acquisition(img_t, lab_t, mode: int, factor: float, phase: float):
+    """The stack (1, 1, Z, Y, X) as `ctseg.augment.acquisition` simulates it (every grid slice), shown on the
+    source rows: row i shows the simulated slice whose centre is nearest to i. Returns image, label, and the
+    (1, Z) centre (source position) shown on each row."""
+    z = img_t.shape[2]
+    centres = grid_centres(z, factor, phase)
+    w = slab_weights(centres, factor, z) if mode == SKIP else linear_weights(centres, z)
+    sim = torch.from_numpy((w.astype(np.float32) @ img_t[0, 0].reshape(z, -1).numpy()).reshape(-1, *img_t.shape[3:]))
+    nearest_src = np.clip(np.rint(centres).astype(np.int64), 0, z - 1)
+    row = np.abs(np.arange(z)[:, None] - centres[None, :]).argmin(axis=1)
+    image = sim[row][None, None]
+    label = lab_t[0, 0][torch.from_numpy(nearest_src[row])][None, None]
+    return image, label, torch.from_numpy(centres[row]).float()[None]
 
 
 def _ctia_panels(axes, img_t, lab_t, classes, plan, cfg: ExperimentConfig, gen, k: int, vrange, aspect) -> None:
@@ -201,21 +219,29 @@ def _ctia_panels(axes, img_t, lab_t, classes, plan, cfg: ExperimentConfig, gen, 
     f = c.slice_skip_max_factor
     phase = float(torch.rand(1, generator=gen)) * f
     i = torch.arange(z, dtype=torch.float32)
-    kk = torch.round((i - phase) / f).clamp(min=0, max=max(0.0, float(np.floor((z - 1 - phase) / f))))
-    src_skip = torch.round(phase + kk * f).clamp(0, z - 1)[None]
-    s_img, s_lab = resample_z(img_t, lab_t, src_skip)
+    if c.z_mode == "volume":  # the simulated thick-slab acquisition, each source row showing the slab it lies in
+        s_img, s_lab, src_skip = _simulated_acquisition(img_t, lab_t, SKIP, f, phase)
+    else:
+        kk = torch.round((i - phase) / f).clamp(min=0, max=max(0.0, float(np.floor((z - 1 - phase) / f))))
+        src_skip = torch.round(phase + kk * f).clamp(0, z - 1)[None]
+        s_img, s_lab = resample_z(img_t, lab_t, src_skip)
     stretch = w / z / aspect  # display the z axis stretched to a square panel, as stated in the title
     co = {"aspect": w / z}
     row(2, [(cor(img_t), cor(lab_t), f"coronal (row {y0}, z x{stretch:.1f}), original", co),
-            (cor(s_img), cor(s_lab), f"slice skipping f={f:.2f}", co)])
+            (cor(s_img), cor(s_lab), f"slice skipping f={f:.2f}" + (" (slab means)" if c.z_mode == "volume" else ""),
+             co)])
     axes[2, 2].axis("on")
     axes[2, 2].step(np.arange(z), src_skip[0].numpy(), where="mid")
     axes[2, 2].plot([0, z - 1], [0, z - 1], color="0.7", lw=0.6)
-    axes[2, 2].set_title("source slice per output slice", fontsize=8)
+    axes[2, 2].set_title("slab centre per row" if c.z_mode == "volume" else "source slice per output slice",
+                         fontsize=8)
     axes[2, 2].tick_params(labelsize=6)
     f = c.slice_interp_min_factor
     src_int = (float(torch.rand(1, generator=gen)) * (z - 1) * (1 - f) + i * f)[None]
-    t_img, t_lab = resample_z(img_t, lab_t, src_int)
+    if c.z_mode == "volume":  # intermediate positions of a shifted acquisition, nearest one per source row
+        t_img, t_lab, src_int = _simulated_acquisition(img_t, lab_t, INTERP, f, float(src_int[0, 0]) % f)
+    else:
+        t_img, t_lab = resample_z(img_t, lab_t, src_int)
     row(3, [(cor(img_t), cor(lab_t), f"coronal (row {y0}, z x{stretch:.1f}), original", co),
             (cor(t_img), cor(t_lab), f"slice interpolation f={f:.2f}", co)])
     axes[3, 2].axis("on")

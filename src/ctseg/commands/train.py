@@ -1,11 +1,11 @@
 """`ctseg train --data DIR --out RUN [--fold K] ...`: train one network (paper Algorithm 1).
 
 --data is a raw dataset (preprocessed into --cache, default `<out>/../cache`, reusing what is up to date)
-or a cache folder made by `ctseg preprocess`. The intensity plan of a cache built here comes from a random
-subset of all its cases, as nnU-Net plans once per dataset; for a plan from training cases only, build the
-cache with `ctseg preprocess --train-ids`. With --fold K the folds file `folds.json` beside the cache
+or a cache folder made by `ctseg preprocess`. With --fold K the folds file `folds.json` beside the cache
 (`<cache>/../folds.json`, as `ctseg cv` lays it out) is read or made (`cfg.cv`): fold K's cases are held out,
-the rest train. Multi-GPU:
+the rest train, and on a raw dataset the cache is fold K's (`<cache>/plan-<digest>/`, intensity plan from the
+fold's training cases only, shared with `ctseg cv`). Without --fold the plan of a cache built here comes from
+a random subset of all its cases (no test fold); `ctseg preprocess --train-ids` restricts it. Multi-GPU:
 `torchrun --nproc_per_node N -m ctseg train ...`.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ctseg.commands._types import nonnegative_int, positive_int, seed_int
 from ctseg.config import ExperimentConfig, load_config
 from ctseg.errors import CtsegError
 
-HELP = "train a U-Net or MS-D Net (2D/3D) with CTIA, MIA or no augmentation"
+HELP = "train a U-Net or MS-D Net (2D/3D) with CTIA, the paper's MIA, nnU-Net's augmentation or none"
 FOLDS_FILE = "folds.json"
 
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="experiment config YAML (default: built-in defaults)")
     parser.add_argument("--arch", choices=["unet", "msd"], help="network (default: the config's model.arch)")
     parser.add_argument("--dim", choices=["2d", "3d"], help="2D slices or 3D stacks (default: model.dim)")
-    parser.add_argument("--aug", choices=["ctia", "mia", "none"], help="augmentation (default: augment.name)")
+    parser.add_argument("--aug", choices=["ctia", "mia", "nnunet", "none"], help="augmentation (default: augment.name)")
     parser.add_argument("--target", choices=["multiclass", "foreground"], help="classes to learn (model.target)")
     parser.add_argument("--fold", type=nonnegative_int, metavar="K", help="hold out test fold K of the folds file")
     parser.add_argument("--epochs", type=positive_int, metavar="N", help="epochs (train.epochs)")
@@ -62,28 +62,46 @@ def _apply_overrides(cfg: ExperimentConfig, args: argparse.Namespace) -> Experim
 
 
 def _open_cache(args, cfg: ExperimentConfig, ctx):
-    """CaseCache for --data: the folder itself if it is a cache, else build/refresh one (rank 0 builds)."""
+    """(CaseCache, folds file) for --data: the folder itself if it is a cache (folds file beside it), else
+    build/refresh one (rank 0 builds). With --fold on a raw dataset the cache is fold K's: its intensity plan
+    comes from the fold's training cases only (`ctseg.cv.fold_cache`, the cache `ctseg cv` uses)."""
     from ctseg.preprocess.cache import PLAN_FILE, CaseCache, build_cache
     from ctseg.train import distributed as D
 
     if not args.data.exists():
         raise CtsegError("data folder not found", args.data)
     if (args.data / PLAN_FILE).is_file():
-        return CaseCache(args.data, expected=cfg)
+        return CaseCache(args.data, expected=cfg), args.data.resolve().parent / FOLDS_FILE
     cache_dir = args.cache or args.out.resolve().parent / "cache"
+    folds_file = Path(cache_dir).resolve().parent / FOLDS_FILE
     cfg.data.path = str(args.data)
+    if args.fold is not None:
+        from ctseg.cv import fold_cache, fold_cache_dir, prepare_data
+        from ctseg.evaluate.folds import load_folds
+
+        _check_fold(args, cfg)
+        if ctx.is_main:
+            dataset, folds = prepare_data(cfg, args.data, folds_file, not args.no_progress)
+            fold_cache(dataset, cfg, cache_dir, folds, args.fold, not args.no_progress)
+        D.barrier(ctx)
+        return CaseCache(fold_cache_dir(cfg, cache_dir, load_folds(folds_file), args.fold), expected=cfg), folds_file
     if ctx.is_main:
         from ctseg.datasets import open_dataset
 
         dataset = open_dataset(args.data, layout=cfg.data.layout)
-        # the same random streams as `ctseg.cv.prepare_data`, so `ctseg train` and `ctseg cv` share a cache
+        # no test fold: one plan from a subset of all cases
         build_cache(dataset, cache_dir, cfg, np.random.default_rng([cfg.seed, 0xCAC4E]),
                     progress=not args.no_progress)
     D.barrier(ctx)
-    return CaseCache(cache_dir, expected=cfg)
+    return CaseCache(cache_dir, expected=cfg), folds_file
 
 
-def _split(args, cfg: ExperimentConfig, cache, ctx) -> tuple[list[str], list[str]]:
+def _check_fold(args, cfg: ExperimentConfig) -> None:
+    if not 0 <= args.fold < cfg.cv.n_folds:
+        raise CtsegError(f"--fold {args.fold} out of range: folds are 0..{cfg.cv.n_folds - 1} (cv.n_folds)")
+
+
+def _split(args, cfg: ExperimentConfig, cache, folds_file: Path, ctx) -> tuple[list[str], list[str]]:
     """(training ids, held-out test ids) for --fold, or (all labelled ids, [])."""
     from ctseg.evaluate.folds import load_folds, load_or_create_folds
     from ctseg.train import distributed as D
@@ -91,9 +109,8 @@ def _split(args, cfg: ExperimentConfig, cache, ctx) -> tuple[list[str], list[str
     ids = cache.case_ids()
     test: list[str] = []
     if args.fold is not None:
-        if not 0 <= args.fold < cfg.cv.n_folds:
-            raise CtsegError(f"--fold {args.fold} out of range: folds are 0..{cfg.cv.n_folds - 1} (cv.n_folds)")
-        path = cache.root.parent / FOLDS_FILE
+        _check_fold(args, cfg)
+        path = folds_file
         if ctx.is_main:
             meta = {cid: {k: cache.meta(cid).get(k) for k in ("num_slices", "slice_thickness", "spacing")}
                     for cid in ids}
@@ -118,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = _apply_overrides(load_config(args.config) if args.config else ExperimentConfig(), args)
     ctx = D.init_distributed(cfg.train.device)
     try:
-        cache = _open_cache(args, cfg, ctx)
-        train_ids, test_ids = _split(args, cfg, cache, ctx)
+        cache, folds_file = _open_cache(args, cfg, ctx)
+        train_ids, test_ids = _split(args, cfg, cache, folds_file, ctx)
         result = train_model(cfg, cache, train_ids, None, args.out, resume=args.resume,
                              progress=not args.no_progress, device=cfg.train.device)
     finally:

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from ctseg.staging import follow_umask
 
-COLORS = {"mia": "#e08a1e", "ctia": "#2f6fde", "ensemble": "#2e9e5b", "none": "#777777"}
+COLORS = {"mia": "#e08a1e", "nnunet": "#8a3fb3", "ctia": "#2f6fde", "ensemble": "#2e9e5b", "none": "#777777"}
 CLASS_COLORS = ["#00c853", "#ff1744", "#ffd600", "#00b0ff", "#d500f9"]  # label 1, 2, ...
 CLASS_COLOR_NAMES = ["green", "red", "yellow", "blue", "magenta"]
 DISPLAY_WINDOW_HU = (-160.0, 240.0)

@@ -4,7 +4,7 @@ Input is a list of `VolumeResult` (one per test volume x model). Outputs, all wr
 
     results.csv     one row per volume x model (Dice per class, both protocols, HD95, slice geometry)
     results.json    the same records plus every summary table and the headline finding
-    results.md      Table 2 layout (mean ± std over volumes, pooled across folds), the MIA/CTIA std ratio,
+    results.md      Table 2 layout (mean ± std over volumes, pooled across folds), the baseline/CTIA std ratios,
                     per-fold and per-slice-thickness tables, and (ensembles) the quality flag
     report/index.html   self-contained page (inline CSS, images embedded as base64 PNG)
 
@@ -46,10 +46,27 @@ from ctseg.evaluate.quality import FlagRule, flag_unusual
 log = logging.getLogger(__name__)
 
 ARCH_NAMES = {"unet": "nnU-Net", "msd": "MS-D Net", "stacked": "Stacked CNN", "average": "Averaged members"}
-AUG_NAMES = {"mia": "MIA", "ctia": "CTIA", "none": "no augmentation"}
+AUG_NAMES = {"mia": "MIA", "nnunet": "nnU-Net DA", "ctia": "CTIA", "none": "no augmentation"}
+BASELINE_AUGS = ("mia", "nnunet", "none")  # compared against CTIA, in this order; the headline uses the first present
 _ARCH_ORDER = ["unet", "msd", "stacked", "average"]
 _DIM_ORDER = ["2d", "3d", ""]
-_AUG_ORDER = ["mia", "ctia", "none"]
+_AUG_ORDER = ["mia", "nnunet", "ctia", "none"]
+# Kloenne et al. 2020, Table 2 (KiTS19, slice-sorted 5-fold CV; "Total Dice scores ... (mean ± stdv.)"): row -> class
+# -> (mean, std). The paper does not say whether its std is over volumes or over folds. Its Table 3 (CHAOS liver)
+# is not in the text we hold, so liver reports show no paper column.
+PAPER_TABLE2 = {
+    "nnU-Net + MIA 2D": {"kidney": (0.962, 0.006), "tumour": (0.840, 0.013), "total": (0.929, 0.009)},
+    "nnU-Net + CTIA 2D": {"kidney": (0.961, 0.001), "tumour": (0.844, 0.007), "total": (0.931, 0.002)},
+    "nnU-Net + MIA 3D": {"kidney": (0.960, 0.012), "tumour": (0.839, 0.021), "total": (0.929, 0.014)},
+    "nnU-Net + CTIA 3D": {"kidney": (0.960, 0.002), "tumour": (0.841, 0.008), "total": (0.925, 0.003)},
+    "MS-D Net + MIA 2D": {"kidney": (0.950, 0.011), "tumour": (0.774, 0.022), "total": (0.913, 0.014)},
+    "MS-D Net + CTIA 2D": {"kidney": (0.950, 0.001), "tumour": (0.779, 0.009), "total": (0.914, 0.003)},
+    "MS-D Net + MIA 3D": {"kidney": (0.947, 0.012), "tumour": (0.764, 0.024), "total": (0.906, 0.018)},
+    "MS-D Net + CTIA 3D": {"kidney": (0.948, 0.002), "tumour": (0.765, 0.009), "total": (0.907, 0.003)},
+    "Stacked CNN + MIA": {"kidney": (0.968, 0.008), "tumour": (0.841, 0.011), "total": (0.943, 0.008)},
+    "Stacked CNN + CTIA": {"kidney": (0.968, 0.001), "tumour": (0.845, 0.004), "total": (0.947, 0.002)},
+}
+PAPER_TITLE = "Table 2 beside the paper — Dice, paper protocol"
 METRICS = {"dice_paper": "Dice, paper protocol", "dice": "Dice, full volume in original geometry",
            "hd95": "HD95 (mm), full volume"}
 DEFAULT_THICKNESS_EDGES_MM = THICKNESS_BINS
@@ -237,21 +254,23 @@ def thickness_table(records: Sequence[VolumeResult], metric: str, cls: str, edge
 
 @dataclass
 class StdRatio:
-    """MIA vs CTIA for one architecture/dimension: std ratio MIA/CTIA (> 1: CTIA more stable)."""
+    """A baseline augmentation (MIA, nnU-Net's, none) vs CTIA for one architecture/dimension: std ratio
+    baseline/CTIA (> 1: CTIA more stable)."""
 
     pair: str
     cls: str
-    mia: Stat
+    base: Stat
     ctia: Stat
     ratio: float
     ci95: tuple[float, float]
-    mean_diff: float  # CTIA - MIA
+    mean_diff: float  # CTIA - baseline
+    baseline: str = "mia"
 
     def to_json(self) -> dict:
-        return {"pair": self.pair, "class": self.cls, "mia": self.mia.to_json(), "ctia": self.ctia.to_json(),
-                "std_ratio_mia_over_ctia": _json_float(self.ratio),
+        return {"pair": self.pair, "class": self.cls, "baseline": self.baseline, "base": self.base.to_json(),
+                "ctia": self.ctia.to_json(), "std_ratio_base_over_ctia": _json_float(self.ratio),
                 "ci95": [_json_float(self.ci95[0]), _json_float(self.ci95[1])],
-                "mean_diff_ctia_minus_mia": _json_float(self.mean_diff)}
+                "mean_diff_ctia_minus_base": _json_float(self.mean_diff)}
 
 
 def _paired_values(a: list[VolumeResult], b: list[VolumeResult], metric: str, cls: str) -> tuple[np.ndarray, np.ndarray]:
@@ -276,12 +295,12 @@ def _bootstrap_ratio_ci(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) ->
 
 
 def std_ratios(records: Sequence[VolumeResult], metric: str, classes: Sequence[str], n_boot: int = 2000,
-               seed: int = 0) -> list[StdRatio]:
-    """For each (arch, dim, variant) present with both MIA and CTIA: per-class std ratio on paired volumes."""
+               seed: int = 0, baseline: str = "mia") -> list[StdRatio]:
+    """For each (arch, dim, variant) present with both `baseline` and CTIA: per-class std ratio on paired volumes."""
     groups = _by_model(records)
     pairs: dict[tuple, dict[str, list[VolumeResult]]] = {}
     for m in models_in_order(records):
-        if m.aug in ("mia", "ctia"):
+        if m.aug in (baseline, "ctia"):
             pairs.setdefault((m.arch, m.dim, m.variant), {})[m.aug] = groups[m.model]
     out = []
     for (arch, dim, variant), by_aug in pairs.items():
@@ -289,13 +308,13 @@ def std_ratios(records: Sequence[VolumeResult], metric: str, classes: Sequence[s
             continue
         label = display_name(arch, dim, "", variant).replace(" + ", " ").replace("  ", " ").strip()
         for c in classes:
-            x, y = _paired_values(by_aug["mia"], by_aug["ctia"], metric, c)
+            x, y = _paired_values(by_aug[baseline], by_aug["ctia"], metric, c)
             if x.size == 0:
                 continue
-            smia, sctia = stat(x), stat(y)
-            ratio = smia.std / sctia.std if sctia.std > 0 else math.inf if smia.std > 0 else math.nan
-            out.append(StdRatio(label, c, smia, sctia, ratio, _bootstrap_ratio_ci(x, y, n_boot, seed),
-                                sctia.mean - smia.mean))
+            sbase, sctia = stat(x), stat(y)
+            ratio = sbase.std / sctia.std if sctia.std > 0 else math.inf if sbase.std > 0 else math.nan
+            out.append(StdRatio(label, c, sbase, sctia, ratio, _bootstrap_ratio_ci(x, y, n_boot, seed),
+                                sctia.mean - sbase.mean, baseline))
     return out
 
 
@@ -308,29 +327,43 @@ class Headline:
         return {"text": self.text, "details": self.details}
 
 
+def all_std_ratios(records: Sequence[VolumeResult], metric: str, classes: Sequence[str]) -> list[StdRatio]:
+    """`std_ratios` of every baseline augmentation in `BASELINE_AUGS` against CTIA, baseline by baseline."""
+    return [r for b in BASELINE_AUGS for r in std_ratios(records, metric, classes, baseline=b)]
+
+
 def headline(records: Sequence[VolumeResult], metric: str, classes: Sequence[str]) -> Headline:
-    """The finding, computed from the data: CTIA vs MIA spread at their mean Dice, and the best model."""
+    """The finding, computed from the data: CTIA vs the first baseline present (the paper's MIA, else nnU-Net's
+    pipeline, else none) in spread (std over volumes) at their mean Dice, and the best model."""
     cls = headline_class(classes)
-    ratios = [r for r in std_ratios(records, metric, [cls]) if math.isfinite(r.ratio) and r.ratio > 0]
+    ratios: list[StdRatio] = []
+    for baseline in BASELINE_AUGS:
+        ratios = [r for r in std_ratios(records, metric, [cls], baseline=baseline)
+                  if math.isfinite(r.ratio) and r.ratio > 0]
+        if ratios:
+            break
     details = []
     if ratios:
+        base = AUG_NAMES[ratios[0].baseline]
         gm = float(np.exp(np.mean(np.log([r.ratio for r in ratios]))))
         diff = float(np.mean([r.mean_diff for r in ratios]))
         n_lower = sum(r.ratio > 1 for r in ratios)
         if round(gm, 1) == 1.0 or round(1 / gm, 1) == 1.0:
-            text = f"CTIA's Dice standard deviation ({cls}) is about the same as MIA's (ratio {gm:.2f})"
+            text = f"CTIA's Dice standard deviation ({cls}) is about the same as {base}'s (ratio {gm:.2f})"
         elif gm > 1:
-            text = f"CTIA's Dice standard deviation ({cls}) is {gm:.1f}x lower than MIA's"
+            text = f"CTIA's Dice standard deviation ({cls}) is {gm:.1f}x lower than {base}'s"
         else:
-            text = f"CTIA's Dice standard deviation ({cls}) is {1 / gm:.1f}x higher than MIA's"
+            text = f"CTIA's Dice standard deviation ({cls}) is {1 / gm:.1f}x higher than {base}'s"
         text += (f" (geometric mean over {len(ratios)} architecture/dimension pair{'s' * (len(ratios) > 1)}; "
-                 f"lower in {n_lower} of {len(ratios)}), at a mean Dice difference of {diff:+.3f} (CTIA − MIA).")
+                 f"lower in {n_lower} of {len(ratios)}), at a mean Dice difference of {diff:+.3f} (CTIA − {base}); std over volumes.")
         for r in ratios:
             ci = (f", 95% bootstrap CI {r.ci95[0]:.2f}–{r.ci95[1]:.2f}" if math.isfinite(r.ci95[0]) else "")
-            details.append(f"{r.pair}: std MIA {r.mia.std:.3f} vs CTIA {r.ctia.std:.3f} → ratio {r.ratio:.2f}{ci}; "
-                           f"mean MIA {r.mia.mean:.3f} vs CTIA {r.ctia.mean:.3f} (n = {r.ctia.n} volumes)")
+            details.append(f"{r.pair}: std {base} {r.base.std:.3f} vs CTIA {r.ctia.std:.3f} → ratio {r.ratio:.2f}{ci}; "
+                           f"mean {base} {r.base.mean:.3f} vs CTIA {r.ctia.mean:.3f} (n = {r.ctia.n} volumes)")
+        details.append("Standard deviations here are over test volumes (all folds pooled), as in 'Table 2'; "
+                       "'Table 2, read across folds' gives the std over fold means.")
     else:
-        text = "No architecture was run with both MIA and CTIA, so their spread cannot be compared."
+        text = "No architecture was run with both CTIA and a baseline augmentation, so their spread cannot be compared."
     table = summary_table(records, metric, [cls])
     best = max(table, key=lambda m: (table[m][cls].mean if table[m][cls].n else -math.inf))
     rep = next(r for r in records if r.model == best)
@@ -484,18 +517,24 @@ def build_tables(records: Sequence[VolumeResult], classes: Sequence[str], thickn
                         "Table 2 may read this way", ["model", *classes, "folds"],
                         [[names[m], *(t[m][c].fmt() for c in classes), str(max(s.n for s in t[m].values()))]
                          for m in t]))
+    paper = paper_table2_section(records, classes)
+    if paper is not None:
+        secs.append(paper)
     t = summary_table(records, "hd95", classes)
     if any(st.n for row in t.values() for st in row.values()):
         secs.append(Section("HD95 (mm), full volume", "95th percentile Hausdorff distance in mm; mean ± std over "
                             "volumes where both structures are present", ["model", *classes],
                             [[names[m], *(t[m][c].fmt(2) for c in classes)] for m in t], "min"))
-    ratios = std_ratios(records, "dice_paper", classes)
-    if ratios:
+    for baseline in BASELINE_AUGS:
+        ratios = std_ratios(records, "dice_paper", classes, baseline=baseline)
+        if not ratios:
+            continue
+        b = AUG_NAMES[baseline]
         secs.append(Section(
-            "Spread: MIA vs CTIA per architecture", "std ratio MIA/CTIA > 1 means CTIA varies less across volumes; "
-            "95% CI from a paired bootstrap over volumes; Dice, paper protocol",
-            ["architecture", "class", "MIA", "CTIA", "std ratio MIA/CTIA", "95% CI", "Δ mean (CTIA − MIA)"],
-            [[r.pair, r.cls, r.mia.fmt(), r.ctia.fmt(), f"{r.ratio:.2f}",
+            f"Spread: {b} vs CTIA per architecture", f"std ratio {b}/CTIA > 1 means CTIA varies less across "
+            "volumes (std over volumes); 95% CI from a paired bootstrap over volumes; Dice, paper protocol",
+            ["architecture", "class", b, "CTIA", f"std ratio {b}/CTIA", "95% CI", f"Δ mean (CTIA − {b})"],
+            [[r.pair, r.cls, r.base.fmt(), r.ctia.fmt(), f"{r.ratio:.2f}",
               f"{r.ci95[0]:.2f}–{r.ci95[1]:.2f}" if math.isfinite(r.ci95[0]) else "–", f"{r.mean_diff:+.3f}"]
              for r in ratios], None))
     folds, ft = fold_table(records, "dice_paper", cls)
@@ -508,6 +547,54 @@ def build_tables(records: Sequence[VolumeResult], classes: Sequence[str], thickn
                         ["model", *(f"{g} (n={counts[g]})" for g in groups)],
                         [[names[m], *(tt[m][g].fmt() for g in groups)] for m in tt]))
     return Tables(secs)
+
+
+def paper_table2_section(records: Sequence[VolumeResult], classes: Sequence[str]) -> Section | None:
+    """Our Table 2 rows next to the paper's (`PAPER_TABLE2`), with both std definitions: over test volumes (all
+    folds pooled) and over the per-fold means. None unless the classes are the paper's kidney/tumour/total."""
+    wanted = [c for c in ("kidney", "tumour", "total") if c in classes]
+    if len(wanted) < 3:
+        return None
+    vol = summary_table(records, "dice_paper", wanted)
+    folds = fold_mean_table(records, "dice_paper", wanted)
+    rows = []
+    for m in models_in_order(records):
+        if m.model not in vol:
+            continue
+        ref = PAPER_TABLE2.get(m.display)
+        for c in wanted:
+            paper = f"{ref[c][0]:.3f} ± {ref[c][1]:.3f}" if ref else "–"
+            diff = f"{vol[m.model][c].mean - ref[c][0]:+.3f}" if ref and vol[m.model][c].n else "–"
+            rows.append([m.display, c, paper, vol[m.model][c].fmt(), folds[m.model][c].fmt(), diff])
+    return Section(PAPER_TITLE, "paper: Kloenne et al. 2020, Table 2 (KiTS19), mean ± std as printed, the std's "
+                   "definition unstated; ours: the same mean with the std over test volumes (all folds pooled: the "
+                   "definition of our Table 2, the spread tables and the headline) and over the per-fold means "
+                   "(n = folds); Δ = our mean − the paper's", ["model", "class", "paper", "ours, std over volumes",
+                                                          "ours, std over fold means", "Δ mean"], rows, None)
+
+
+def stack_selection_section(stack_dirs: Sequence[str | Path]) -> Section | None:
+    """The stacked ensembles' candidates per member set with their validation score and whether top_k kept them
+    (from each stack folder's `stack.json`). None when no stack folder records candidates."""
+    rows = []
+    for d in stack_dirs:
+        path = Path(d) / "stack.json"
+        if not path.is_file():
+            continue
+        info = json.loads(path.read_text())
+        aug = AUG_NAMES.get(info.get("aug"), info.get("aug"))
+        cands = sorted(info.get("candidates", []), key=lambda c: (c["set"], -(c["val_score"] or -1.0), c["name"]))
+        for c in cands:
+            score = "–" if c["val_score"] is None else f"{c['val_score']:.4f}"
+            rows.append([aug, c["set"], c["name"], score, "yes" if c["selected"] else "no"])
+    if not rows:
+        return None
+    top_k = {json.loads((Path(d) / "stack.json").read_text()).get("top_k") for d in stack_dirs
+             if (Path(d) / "stack.json").is_file()}
+    return Section("Stacked CNN: candidates and the top-k kept", f"top_k = {', '.join(map(str, sorted(top_k)))} per "
+                   "member set by validation score (mean over folds of each run's best validation Dice, on its "
+                   "training folds' validation split; out-of-fold protection unchanged)",
+                   ["stack", "member set", "candidate run", "validation score", "selected"], rows, None)
 
 
 def software_versions() -> dict[str, str]:
@@ -529,10 +616,12 @@ def software_versions() -> dict[str, str]:
 
 def write_results(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
                   thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, title: str = "ctseg results",
-                  versions: dict | None = None, flag_rule: FlagRule = FlagRule()) -> dict[str, Path]:
+                  versions: dict | None = None, flag_rule: FlagRule = FlagRule(),
+                  extra_sections: Sequence[Section] = ()) -> dict[str, Path]:
     """Write results.csv / results.json / results.md (+ config.yaml, versions.json) into `out_dir`.
 
     flag_rule: thresholds of the ensemble quality flag (section only when records carry `agreement`).
+    extra_sections: tables appended after the standard ones (e.g. `stack_selection_section`).
     """
     if not records:
         raise ValueError("no results to report")
@@ -542,13 +631,14 @@ def write_results(records: Sequence[VolumeResult], out_dir: str | Path, *, confi
     versions = versions or software_versions()
     head = headline(records, "dice_paper", classes)
     tables = build_tables(records, classes, thickness_edges_mm)
+    tables.sections.extend(extra_sections)
     flags = quality_flags(records, headline_class(classes), rule=flag_rule)
     write_results_csv(records, out / "results.csv", classes)
     summary = {metric: {m: {c: s.to_json() for c, s in row.items()} for m, row in summary_table(records, metric, classes).items()}
                for metric in METRICS}
     payload = {"title": title, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "classes": classes, "headline": head.to_json(), "summary": summary,
-               "std_ratios": [r.to_json() for r in std_ratios(records, "dice_paper", classes)],
+               "std_ratios": [r.to_json() for r in all_std_ratios(records, "dice_paper", classes)],
                "quality_flags": [q.to_json() for q in flags],
                "versions": versions, "config": config, "records": [_portable(r, out) for r in records]}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=1, allow_nan=False))
@@ -603,7 +693,7 @@ h3{font-size:16px;margin:22px 0 6px}.sub{color:#5b6478;margin:0 0 18px;font-size
 table{border-collapse:collapse;margin:8px 0 4px;font-size:14px;font-variant-numeric:tabular-nums}
 th,td{padding:6px 12px;border-bottom:1px solid #e4e7ef;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{background:#f0f2f8;font-weight:600}
-tr:nth-child(even) td{background:#fafbfd}tr.ctia td:first-child{color:#1f5fbf}tr.mia td:first-child{color:#b35c00}
+tr:nth-child(even) td{background:#fafbfd}tr.ctia td:first-child{color:#1f5fbf}tr.mia td:first-child{color:#b35c00}tr.nnunet td:first-child{color:#8a3fb3}
 td.best{font-weight:700;background:#e6f4ea !important}
 .note{color:#5b6478;font-size:13px;margin:2px 0 6px}
 figure{margin:12px 0 20px}figure img{max-width:100%;border:1px solid #e4e7ef;border-radius:4px}
@@ -641,12 +731,15 @@ def _html_table(header: list[str], rows: list[list[str]], row_classes: list[str]
 
 def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tuple[str, str, Path]],
                 config: dict | None, versions: dict, thickness_edges_mm: Sequence[float], intro: str = "",
-                quality_figures: dict[str, Path] | None = None, flag_rule: FlagRule = FlagRule()) -> str:
+                quality_figures: dict[str, Path] | None = None, flag_rule: FlagRule = FlagRule(),
+                extra_sections: Sequence[Section] = ()) -> str:
     """The report page. figures: (section, caption, png path) in display order; images are embedded.
-    quality_figures: model -> agreement vs Dice scatter plot, shown in the quality-flag section."""
+    quality_figures: model -> agreement vs Dice scatter plot, shown in the quality-flag section.
+    extra_sections: tables appended after the standard ones."""
     classes = class_names(records)
     head = headline(records, "dice_paper", classes)
     tables = build_tables(records, classes, thickness_edges_mm)
+    tables.sections.extend(extra_sections)
     aug_of = {m.display: m.aug for m in models_in_order(records)}
     n_vol = len({r.case_id for r in records})
     folds = sorted({r.fold for r in records})
@@ -691,7 +784,7 @@ def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tu
 def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
                  log_csvs: dict[str, list[Path]] | None = None, title: str = "ctseg results",
                  thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, intro: str = "",
-                 flag_rule: FlagRule = FlagRule()) -> Path:
+                 flag_rule: FlagRule = FlagRule(), extra_sections: Sequence[Section] = ()) -> Path:
     """Results files + plots + `report/index.html` into `out_dir`; returns the HTML path.
 
     log_csvs: display name -> training logs (`log.csv` of each fold's run) for the training curves.
@@ -703,7 +796,7 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
     out = Path(out_dir)
     versions = software_versions()
     write_results(records, out, config=config, thickness_edges_mm=thickness_edges_mm, title=title, versions=versions,
-                  flag_rule=flag_rule)
+                  flag_rule=flag_rule, extra_sections=extra_sections)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     classes = class_names(records)
@@ -711,7 +804,7 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
     figures: list[tuple[str, str, Path]] = []
     p = plots.dice_boxplot(records, "dice_paper", classes, plot_dir / "dice_boxplot.png")
     figures.append(("Dice per configuration", "Dice per volume (paper protocol); one box per model, "
-                    "points are volumes. Orange: MIA, blue: CTIA, green: ensembles.", p))
+                    "points are volumes. Orange: MIA, purple: nnU-Net DA, blue: CTIA, green: ensembles.", p))
     p = plots.thickness_boxplot(records, "dice_paper", cls, thickness_edges_mm, plot_dir / "dice_by_thickness.png")
     figures.append(("Dice by slice thickness", f"Dice ({cls}, paper protocol) per slice-thickness group", p))
     for model in models_in_order(records):
@@ -736,7 +829,7 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
             f"{q.display}: Spearman ρ = {_fmt(q.spearman, 2)}", plot_dir / f"agreement_{_safe(q.model)}.png")
     page = render_html(records, title=title, figures=figures, config=config, versions=versions,
                        thickness_edges_mm=thickness_edges_mm, intro=intro, quality_figures=quality_figures,
-                       flag_rule=flag_rule)
+                       flag_rule=flag_rule, extra_sections=extra_sections)
     html_path = out / "report" / "index.html"
     atomic_write_text(html_path, page)
     log.info("report written to %s", html_path)

@@ -311,13 +311,14 @@ def _read_plan_json(path: Path) -> dict | None:
 
 
 def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.random.Generator,
-                train_ids: Sequence[str] | None = None, progress: bool = True, force: bool = False) -> BuildReport:
+                train_ids: Sequence[str] | None = None, progress: bool = True, force: bool = False,
+                subset: Sequence[str] | None = None) -> BuildReport:
     """Preprocess every case of `dataset` into `out_dir` (see module docstring); returns a `BuildReport`.
 
     The intensity plan comes from `cfg.preprocess.subset_size` cases drawn with `rng` from
-    `train_ids` (default: all cases); it is reused from an existing plan.json when settings and
-    subset are unchanged. Cases already cached with the same fingerprint and intact files are
-    skipped unless `force`; stale and corrupted ones are rebuilt.
+    `train_ids` (default: all cases), or from the given `subset` of them; it is reused from an existing
+    plan.json when settings and subset are unchanged. Cases already cached with the same fingerprint and
+    intact files are skipped unless `force`; stale and corrupted ones are rebuilt.
     """
     t0 = time.perf_counter()
     pp = cfg.preprocess
@@ -334,7 +335,12 @@ def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.ran
     unknown = sorted(set(pool) - set(ids))
     if unknown:
         raise CtsegError(f"training case ids not in the dataset: {', '.join(unknown[:10])}", dataset_root)
-    subset = draw_subset(pool, pp.subset_size, rng)
+    if subset is None:
+        subset = draw_subset(pool, pp.subset_size, rng)
+    elif not set(subset) <= set(pool):
+        raise CtsegError(f"intensity subset cases not among the training cases: "
+                         f"{', '.join(sorted(set(subset) - set(pool))[:10])}", dataset_root)
+    subset = sorted(subset)
     settings = cache_settings(pp)
     plan_key = _digest({"format": CACHE_FORMAT, "settings": settings, "subset": subset})
     previous = _read_plan_json(root / PLAN_FILE)
@@ -381,6 +387,7 @@ def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.ran
         "classes": {str(k): v for k, v in sorted(dataset.classes.items())},
         "dataset": str(dataset_root) if dataset_root is not None else None,
         "train_ids": sorted(train_ids) if train_ids is not None else None,
+        "subset": subset,
         "cases": ids,
         "versions": {"ctseg": ctseg.__version__, "numpy": np.__version__, "torch": torch.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -388,3 +395,34 @@ def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.ran
     atomic_write_text(root / PLAN_FILE, json.dumps(info, indent=1))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+# ------------------------------------------------------------------------------------ per-fold plans
+def fold_plan_subset(train_ids: Sequence[str], pp: PreprocessConfig, fold: int) -> list[str]:
+    """The intensity subset of cross-validation fold `fold`: `pp.subset_size` of the fold's training cases
+    (all of them if fewer), drawn with a generator seeded by the fold index alone, so every run of an
+    experiment (any architecture, augmentation or model seed) gets the same plan for the same fold."""
+    ids = sorted(train_ids)
+    size = min(pp.subset_size, len(ids))
+    if size < pp.subset_size:
+        log.warning("fold %d has %d training cases, fewer than preprocess.subset_size %d: the intensity plan "
+                    "uses all of them", fold, len(ids), pp.subset_size)
+    return draw_subset(ids, size, np.random.default_rng([0xCAC4E, fold]))
+
+
+def plan_cache_dir(root: str | Path, pp: PreprocessConfig, subset: Sequence[str]) -> Path:
+    """The cache folder of one intensity plan under `root`: `plan-<digest of settings and subset>`.
+
+    Folds (or runs) whose plans coincide share the folder and its preprocessed cases."""
+    return Path(root) / f"plan-{_digest({'format': CACHE_FORMAT, 'settings': cache_settings(pp), 'subset': sorted(subset)})}"
+
+
+def build_fold_cache(dataset, root: str | Path, cfg: ExperimentConfig, train_ids: Sequence[str], fold: int,
+                     progress: bool = True) -> Path:
+    """Build (or reuse) the cache of fold `fold`: every case preprocessed with an intensity plan estimated on a
+    subset of the fold's training cases only (test cases never enter it). Returns the cache folder."""
+    subset = fold_plan_subset(train_ids, cfg.preprocess, fold)
+    out = plan_cache_dir(root, cfg.preprocess, subset)
+    build_cache(dataset, out, cfg, np.random.default_rng([0xCAC4E, fold, 1]), train_ids=train_ids,
+                progress=progress, subset=subset)
+    return out

@@ -67,28 +67,46 @@ class BatchPlan:
 
 
 def draw_stacks(cache, case_ids: list[str], plan: BatchPlan, target: str, rng: np.random.Generator,
-                exclude_background: bool = True, oversample: float = 0.0
+                exclude_background: bool = True, oversample: float = 0.0, acquisition=None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Load `plan.volumes` random volumes x `plan.num_slices` sampled slices (`sample_slices`; `oversample`:
     its class oversampling).
 
+    acquisition: a `CTIAConfig` with z_mode "volume": each stack is, with the config's slice skipping /
+    interpolation probabilities (times the batch gate's, as when they acted inside the stack), sampled from a
+    simulated thicker or shifted acquisition of the whole volume (`ctseg.augment.acquisition`; such a stack
+    prefers foreground slices but has no class oversampling).
     A volume with fewer slices than `plan.num_slices` is edge-padded along z (its last slice repeated).
 
     Returns image float32 (V, 1, Z, S, S), label int64 (V, 1, Z, S, S) and, for 2D, the indices (batch_size,)
     into the flattened V*Z slices that the step keeps (None for 3D).
     """
+    from ctseg.augment.acquisition import NONE, acquire_stack, sample_acquisition
     from ctseg.preprocess.slices import sample_slices
 
     chosen = rng.choice(len(case_ids), size=plan.volumes, replace=len(case_ids) < plan.volumes)
     images, labels = [], []
     for i in chosen:
         case = cache.load(case_ids[int(i)])
-        idx = np.asarray(sample_slices(case.label, plan.num_slices, rng, exclude_background=exclude_background,
-                                       oversample=oversample))
-        if idx.size < plan.num_slices:  # volume shorter than the stack: repeat its last slice (as in validation)
-            idx = np.concatenate([idx, np.full(plan.num_slices - idx.size, idx[-1])])
-        images.append(np.asarray(case.image[idx], dtype=np.float32))
-        labels.append(map_label(np.asarray(case.label[idx]), target))
+        mode = NONE
+        if acquisition is not None:
+            gate = acquisition.p_batch_2d if plan.dim == "2d" else acquisition.p_batch_3d
+            mode, factor, phase = sample_acquisition(acquisition.slice_skip_p * gate, acquisition.slice_skip_max_factor,
+                                                     acquisition.slice_interp_p * gate,
+                                                     acquisition.slice_interp_min_factor, rng)
+        if mode != NONE:
+            image, label = acquire_stack(case.image, case.label, plan.num_slices, mode, factor, phase, rng,
+                                         exclude_background)
+        else:
+            idx = np.asarray(sample_slices(case.label, plan.num_slices, rng, exclude_background=exclude_background,
+                                           oversample=oversample))
+            image, label = np.asarray(case.image[idx], dtype=np.float32), np.asarray(case.label[idx])
+        if image.shape[0] < plan.num_slices:  # volume shorter than the stack: repeat its last slice (as in validation)
+            pad = plan.num_slices - image.shape[0]
+            image = np.concatenate([image, np.repeat(image[-1:], pad, axis=0)])
+            label = np.concatenate([label, np.repeat(label[-1:], pad, axis=0)])
+        images.append(image)
+        labels.append(map_label(label, target))
     image = torch.from_numpy(np.stack(images)[:, None])
     label = torch.from_numpy(np.stack(labels)[:, None])
     keep = None
@@ -137,13 +155,15 @@ class TrainStream(IterableDataset):
         self.start, self.stop = start, stop
         self.augment_here = augment_here
         self.augmenter = augmenter
+        ctia = cfg.augment.ctia
+        self.acquisition = ctia if cfg.augment.name == "ctia" and ctia.z_mode == "volume" else None
 
     def make_step(self, global_step: int) -> dict:
         epoch, step = divmod(global_step, self.steps_per_epoch)
         s = step_seed(self.seed, self.rank, epoch, step)
         rng = np.random.default_rng(s)
         image, label, keep = draw_stacks(self.cache, self.case_ids, self.plan, self.target, rng,
-                                         self.exclude_background, self.oversample)
+                                         self.exclude_background, self.oversample, self.acquisition)
         item = {"epoch": epoch, "step": step}
         if not self.augment_here:
             return {**item, "image": image, "label": label, "keep": keep}
