@@ -92,7 +92,7 @@ def model_specs_from_dirs(groups: Sequence[Sequence[str | Path]]) -> list[ModelS
 
     specs, names = [], set()
     for group in groups:
-        dirs = [_model_dir(Path(p)) for p in group]
+        dirs = [_model_dir(Path(p).resolve()) for p in group]
         cfg = _run_info(dirs[0]).get("config", {})
         arch, dim = cfg.get("model", {}).get("arch", "?"), cfg.get("model", {}).get("dim", "")
         aug = str(cfg.get("augment", {}).get("name", "?"))
@@ -114,7 +114,7 @@ def model_specs_from_cv(cv_dirs: Sequence[str | Path]) -> tuple[list[ModelSpec],
 
     specs, manifests = [], []
     for d in cv_dirs:
-        d = Path(d)
+        d = Path(d).resolve()
         info = read_cv_manifest(d)
         manifests.append(info)
         folds = load_folds(info["folds_file"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -44,7 +45,8 @@ def _matrix(rows: list[dict], model: str, axis: str, severities: list[str], stru
 
 
 def _gap(m: np.ndarray) -> float:
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         means = np.nanmean(m, axis=0)
     shifted = means[1:]
     shifted = shifted[np.isfinite(shifted)]
@@ -60,7 +62,8 @@ def bootstrap_gap(m: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, 
         return gap, math.nan, math.nan
     rng = np.random.default_rng([seed, 0x6A9])
     idx = rng.integers(0, m.shape[0], size=(n_boot, m.shape[0]))
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         means = np.nanmean(m[idx], axis=1)              # (B, S)
         gaps = means[:, 0] - np.nanmean(means[:, 1:], axis=1)
     gaps = gaps[np.isfinite(gaps)]
