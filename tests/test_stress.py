@@ -205,3 +205,32 @@ def test_cli_stress_model_mode_and_class_mismatch(trained, tmp_path, capsys):
     assert main(["stress", "--model", str(fold), "--data", str(data), "--out", str(tmp_path / "y"),
                  "--axes", "warp"]) == 2
     assert "unknown stress axes ['warp']" in capsys.readouterr().err
+
+
+def test_experiment_runs_stress_and_report_renders(tmp_path):
+    """run_experiment with stress enabled: out-of-fold stress of each table run, headline gaps per axis, report
+    section with the curves, rendered in headless Chromium."""
+    from test_report import _render_in_chromium
+
+    from ctseg.config import config_to_dict, parse_config
+    from ctseg.experiment import run_experiment
+
+    data = write_phantom_dataset(tmp_path / "data", task="kidney", n_cases=4, layout="kits19", seed=4, size="small",
+                                 in_plane=48)
+    d = config_to_dict(apply_profile(load_config(REPO / "configs" / "demo.yaml"), "ci"))
+    d["experiment"].update(archs=["unet"], dims=["2d"], augs=["ctia", "mia"], stack=False)
+    cfg = parse_config(d)
+    html_path = run_experiment(cfg, data, tmp_path / "out", progress=False)
+    summary = json.loads((tmp_path / "out" / "stress" / "summary.json").read_text())
+    assert [m["name"] for m in summary["models"]] == ["unet-2d-ctia", "unet-2d-mia"]
+    assert list(summary["axes"]) == ["thickness-factor", "hu-offset"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    head = md.split("## ")[0]
+    for axis, a in summary["axes"].items():
+        for name, e in a["models"].items():
+            g = e["gap"]["total"]
+            assert f"{g['gap']:+.3f} [{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}]" in head, (axis, name)
+    assert "Stress test: acquisition shifts — robustness gap" in md and "failure rate" in md
+    page = html_path.read_text()
+    assert "Stress test: Dice vs severity" in page and page.count("data:image/png;base64,") >= 1
+    _render_in_chromium(html_path, tmp_path, page.count("<img "))
