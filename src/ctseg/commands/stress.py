@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, progress=not args.no_progress, messages=messages)
     console = Console()
     head = summary["headline_structure"]
-    table = Table(title=f"robustness gap, Dice {head} (clean − mean shifted) [95% CI]; failure rate clean → shifted")
+    table = Table(title=f"robustness gap, Dice {head} (clean − mean shifted) [95% CI]; "
+                        "failure rate clean → shifted")
     table.add_column("axis")
     for m in summary["models"]:
         table.add_column(m["display"], justify="right")

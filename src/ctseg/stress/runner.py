@@ -130,8 +130,9 @@ def model_specs_from_cv(cv_dirs: Sequence[str | Path]) -> tuple[list[ModelSpec],
                 if cid in trained:
                     raise CtsegError(f"fold {k}'s model trained on its own test case {cid}", mdir)
                 test_of[cid] = k
-        specs.append(ModelSpec(info["name"], display_name(info["arch"], info["dim"], info["aug"], info.get("variant", "")),
-                               str(info["aug"]), folds=fold_dirs, test_of=test_of, source=str(d.resolve())))
+        display = display_name(info["arch"], info["dim"], info["aug"], info.get("variant", ""))
+        specs.append(ModelSpec(info["name"], display, str(info["aug"]), folds=fold_dirs, test_of=test_of,
+                               source=str(d)))
     for key in ("data", "layout", "folds_file"):
         values = {str(m[key]) for m in manifests}
         if len(values) != 1:
