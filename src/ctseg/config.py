@@ -236,6 +236,15 @@ class StressConfig(_Section):
     failure_dice: float = Field(0.5, ge=0, le=1, description="a volume fails below this headline Dice")
     n_boot: int = Field(1000, ge=100, description="bootstrap resamples for the CIs")
 
+    @model_validator(mode="after")
+    def _check(self):
+        from ctseg.stress.perturb import AXES
+
+        unknown = sorted((set(self.axes) | set(self.severities)) - set(AXES))
+        if unknown:
+            raise ValueError(f"unknown stress axes {unknown}; choose from {list(AXES)}")
+        return self
+
 
 class ExperimentConfig(_Section):
     name: str = "ctseg"

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "one model per run")
     parser.add_argument("--data", type=Path, help="labelled dataset folder (any layout ctseg reads; default with "
                         "--cv-dir: the runs' own data)")
-    parser.add_argument("--layout", default="auto", choices=["auto", "kits19", "chaos", "nnunet"])
+    parser.add_argument("--layout", default="auto", choices=["auto", "kits19", "chaos", "nnunet"],
+                        help="dataset layout of --data (default: detected)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder; an existing one is continued if its settings match, else refused")
     parser.add_argument("--config", type=Path, help="config whose `stress:` section sets the defaults below")
