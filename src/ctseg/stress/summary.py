@@ -88,6 +88,7 @@ def summarize(rows: list[dict], models, axes: dict[str, list[float]], structures
     head = _headline_structure(structures)
     rng = np.random.default_rng([seed, 0xC1])
     out = {"headline_structure": head, "failure_dice": failure_dice, "structures": list(structures),
+           "out_of_fold": all(getattr(m, "folds", None) is not None for m in models),
            "models": [{"name": m.name, "display": m.display, "aug": m.aug} for m in models], "axes": {}}
     for axis, sev in axes.items():
         keys = [f"{float(s):g}" for s in sev]
@@ -210,7 +211,7 @@ def headline_lines(summary: dict) -> list[str]:
     n = max((p["dice"].get(head, {}).get("n") or 0 for a in summary["axes"].values()
              for e in a["models"].values() for p in e["severities"][:1]), default=0)
     lines = [f"Stress test, robustness gap (Dice {head}: clean minus mean over the shifted severities; 95% bootstrap "
-             f"CI over {n} volumes, out-of-fold):"]
+             f"CI over {n} volumes{', out-of-fold' if summary.get('out_of_fold') else ''}):"]
     for axis, a in summary["axes"].items():
         parts = [f"{names[m]} {_gap_text(e['gap'].get(head))}" for m, e in a["models"].items()]
         lines.append(f"{axis} ({', '.join(_tick(axis, s) for s in a['severities'])} {a['unit']}): " + "; ".join(parts))
@@ -218,25 +219,26 @@ def headline_lines(summary: dict) -> list[str]:
 
 
 def report_tables(summary: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
-    """(title, note, header, rows) for the report: robustness gap with CI and failure rate per model and axis."""
+    """(title, note, header, rows) for the report: robustness gap with CI and failure rate, one row per axis,
+    one column per model."""
     head = summary["headline_structure"]
-    names = {m["name"]: m["display"] for m in summary["models"]}
-    axes = list(summary["axes"])
+    models = summary["models"]
     gap_rows, fail_rows = [], []
-    for m in summary["models"]:
-        gap_rows.append([names[m["name"]], *(_gap_text(summary["axes"][a]["models"].get(m["name"], {})
-                                                       .get("gap", {}).get(head)) for a in axes)])
+    for axis, a in summary["axes"].items():
+        label = f"{axis} ({a['unit']})"
+        gap_rows.append([label, *(_gap_text(a["models"].get(m["name"], {}).get("gap", {}).get(head)) for m in models)])
         cells = []
-        for a in axes:
-            e = summary["axes"][a]["models"].get(m["name"], {})
+        for m in models:
+            e = a["models"].get(m["name"], {})
             c, s = e.get("failure_rate_clean"), e.get("failure_rate_shifted")
             cells.append("–" if s is None else f"{100 * (c or 0):.0f}% → {100 * s:.0f}%")
-        fail_rows.append([names[m["name"]], *cells])
+        fail_rows.append([label, *cells])
+    header = ["axis", *(m["display"] for m in models)]
     return [
         (f"{STRESS_TITLE} — robustness gap (Dice {head})",
          "clean mean Dice minus the mean over the non-clean severities of the mean Dice (RAMP 2026); positive = "
-         "worse under the shift; [95% bootstrap CI over volumes]", ["model", *axes], gap_rows),
+         "worse under the shift; [95% bootstrap CI over volumes]", header, gap_rows),
         (f"{STRESS_TITLE} — failure rate",
          f"share of volumes with Dice ({head}) < {summary['failure_dice']:g}: clean → mean over shifted severities",
-         ["model", *axes], fail_rows),
+         header, fail_rows),
     ]
