@@ -224,6 +224,16 @@ def _write_rows(path: Path, rows: list[dict], structures: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ run
+def _check_reacquired(pert, image, axis: str, case_id: str, data_dir) -> None:
+    """The re-rendered phantom must sit on the stored case's grid (dose) or in-plane grid (thickness)."""
+    same = pert.image.same_geometry(image) if axis == "phantom-dose" else (
+        pert.image.shape[1:] == image.shape[1:] and np.allclose(pert.image.spacing[1:], image.spacing[1:]))
+    if not same:
+        raise CtsegError(f"phantom.json does not reproduce case {case_id} (re-rendered grid {pert.image.shape} "
+                         f"{pert.image.spacing} vs stored {image.shape} {image.spacing}); was the dataset written "
+                         "with generation overrides by an older ctseg?", data_dir)
+
+
 def _predict(models, image, device, batch_size):
     from ctseg.predict import predict_volume
 
@@ -342,7 +352,10 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
                     if not is_clean:
                         try:
                             if axis.needs_phantom:
+                                if cid not in recipes:
+                                    raise CtsegError(f"case {cid} is not listed in phantom.json", data_dir)
                                 pert = reacquire(recipes[cid], axis_name, s, cid)
+                                _check_reacquired(pert, image, axis_name, cid, data_dir)
                             else:
                                 if axis_name.startswith("dose") and noise_hu is None:
                                     noise_hu = estimate_noise_hu(image)
