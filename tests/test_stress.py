@@ -180,7 +180,10 @@ def test_cli_stress_cv_out_of_fold_continue_refuse(trained, capsys):
     ax = summary["axes"]["hu-offset"]["models"]["unet-2d-ctia"]
     dice = {s["severity"]: s["dice"]["total"]["mean"] for s in ax["severities"]}
     assert ax["gap"]["total"]["gap"] == pytest.approx(dice[0.0] - (dice[-60.0] + dice[60.0]) / 2, abs=1e-9)
-    assert 0 <= ax["severities"][0]["failure_rate"] <= 1
+    clean_total = [float(r["dice_total"]) for r in rows if r["axis"] == "hu-offset" and r["clean"] == "1"]
+    assert ax["severities"][0]["failure_rate"] == pytest.approx(np.mean(np.array(clean_total) < 0.5))
+    assert ax["severities"][0]["dice"]["total"]["worst"] == pytest.approx(min(clean_total), abs=1e-6)
+    assert {r["score_on"] for r in rows if r["axis"] == "thickness-factor" and not r["skipped"]} == {"original"}
     # continue: nothing recomputed; other settings: refused, folder untouched
     before = (out / "rows.csv").read_text()
     assert main(args) == 0 and (out / "rows.csv").read_text() == before
