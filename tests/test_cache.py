@@ -10,7 +10,8 @@ from ctseg.datasets.base import Case
 from ctseg.errors import CtsegError
 from ctseg.io import Volume
 from ctseg.preprocess.cache import CaseCache, build_cache
-from ctseg.preprocess.slices import foreground_slices, preprocess_label, preprocess_volume
+from ctseg.preprocess.slices import (InPlaneResize, foreground_slices, network_grid, preprocess_label,
+                                     preprocess_volume)
 from ctseg.preprocess.windowing import draw_subset
 
 
@@ -79,10 +80,12 @@ def test_round_trip_equals_direct_preprocessing(dataset, tmp_path):
         z = case.image.shape[0]
         assert isinstance(cached.image, np.memmap) and cached.image.dtype == np.float16
         assert cached.image.shape == (z, 16, 16) and cached.label.shape == (z, 16, 16)
-        direct = preprocess_volume(case.image.array, cache.plan, 16)
-        np.testing.assert_allclose(cached.image.astype(np.float32), direct, rtol=1e-3, atol=2e-3)
-        np.testing.assert_array_equal(cached.label, preprocess_label(case.label.array, 16))
         meta = cached.meta
+        grid = network_grid(case.image.array, cache.plan, 16, cfg.preprocess.crop)
+        assert InPlaneResize.from_dict(meta["in_plane"]) == grid
+        direct = preprocess_volume(case.image.array, cache.plan, 16, box=grid.box)
+        np.testing.assert_allclose(cached.image.astype(np.float32), direct, rtol=1e-3, atol=2e-3)
+        np.testing.assert_array_equal(cached.label, preprocess_label(case.label.array, 16, box=grid.box))
         assert meta["original_shape"] == [z, 48, 48] and meta["num_slices"] == z
         assert meta["spacing"] == list(case.image.spacing) and meta["slice_thickness"] == case.image.slice_thickness
         assert meta["origin"] == [-10.0, 5.0, 100.0] and meta["in_plane"]["original_yx"] == [48, 48]
@@ -141,7 +144,8 @@ def test_corrupted_file_is_detected_and_rebuilt(dataset, tmp_path, caplog):
     assert sorted(report.repaired) == ["case_00001", "case_00002"] == sorted(report.built)
     assert "corrupted" in caplog.text
     cache = CaseCache(tmp_path)
-    direct = preprocess_volume(dataset._cases["case_00001"].image.array, cache.plan, 16)
+    image = dataset._cases["case_00001"].image.array
+    direct = preprocess_volume(image, cache.plan, 16, box=network_grid(image, cache.plan, 16, cfg.preprocess.crop).box)
     np.testing.assert_allclose(cache.load("case_00001").image.astype(np.float32), direct, rtol=1e-3, atol=2e-3)
 
 

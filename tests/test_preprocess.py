@@ -292,3 +292,64 @@ def test_foreground_slices():
     label = np.zeros((6, 3, 3), dtype=np.uint8)
     label[[1, 4], 2, 2] = 3
     np.testing.assert_array_equal(foreground_slices(label), [1, 4])
+
+
+# ---------------------------------------------------------------- crop after windowing
+
+def body_phantom(z=6, h=40, w=60, box=(8, 30, 12, 44), lower=-200.0):
+    """Air everywhere, a body rectangle (y0:y1, x0:x1) of soft tissue; returns HU volume and plan."""
+    image = np.full((z, h, w), -1000.0, dtype=np.float32)
+    y0, y1, x0, x1 = box
+    image[:, y0:y1, x0:x1] = 40.0
+    image[2, 0, 0] = 500.0  # one bright speck in one slice: not the windowed region
+    plan = IntensityPlan("custom", lower, 300.0, 0.0, 100.0)
+    return image, plan
+
+
+def test_window_crop_box_is_the_square_around_the_windowed_region_with_margin():
+    image, plan = body_phantom()
+    y0, y1, x0, x1 = slices.window_crop_box(image, plan.lower, margin=0.0)
+    assert (y1 - y0) == (x1 - x0) == 32  # the longer side (x: 12..44), a square
+    assert (x0, x1) == (12, 44) and (y0 + y1) / 2 == (8 + 30) / 2
+    y0, y1, x0, x1 = slices.window_crop_box(image, plan.lower, margin=0.25)
+    assert (x0, x1) == (4, 52) and y1 - y0 == 48  # 32 * 1.5, reaching outside the 40 rows: padded
+    assert slices.window_crop_box(np.full((3, 8, 8), -1000.0), plan.lower) is None
+
+
+def test_crop_then_restore_puts_predictions_back_and_background_outside():
+    image, plan = body_phantom()
+    label = np.zeros(image.shape, dtype=np.uint8)
+    label[:, 14:20, 20:30] = 1
+    grid = slices.network_grid(image, plan, 32, "window")
+    net_label = preprocess_label(label, 32, box=grid.box)
+    net_image = preprocess_volume(image, plan, 32, box=grid.box)
+    assert net_image.shape == net_label.shape == (6, 32, 32)
+    assert net_image.min() == pytest.approx((plan.lower - plan.mean) / plan.std)  # air and padding: lower bound
+    side = grid.box[1] - grid.box[0]  # network size = box side: no resampling, the crop alone is undone
+    exact = InPlaneResize((40, 60), (side, side), grid.box)
+    net_label = preprocess_label(label, side, box=grid.box)
+    onehot = np.stack([net_label == 0, net_label == 1]).astype(np.float32)
+    restored = exact.restore(onehot)
+    assert restored.shape == (2, 6, 40, 60)
+    np.testing.assert_array_equal(restored.argmax(0), label)
+    y0, y1, x0, x1 = grid.box
+    assert (restored[0, :, :, : max(x0, 0)] == 1).all() and (restored[1, :, :, x1:] == 0).all()
+    torch_restored = slices.restore_in_plane(torch.from_numpy(onehot), (40, 60), box=grid.box)
+    np.testing.assert_allclose(torch_restored.numpy(), restored, atol=1e-6)
+    assert InPlaneResize.from_dict(json.loads(json.dumps(grid.to_dict()))) == grid
+    assert slices.network_grid(image, plan, 32, "none").box is None
+
+
+def test_oversampling_puts_a_rare_class_into_the_stack():
+    label = np.zeros((60, 4, 4), dtype=np.uint8)
+    label[:, 0, 0] = 1  # kidney on every slice
+    label[30:32, 1, 1] = 2  # tumour on two slices only
+    rng = np.random.default_rng(0)
+    plain = [np.isin(sample_slices(label, 8, rng), [30, 31]).any() for _ in range(400)]
+    rng = np.random.default_rng(0)
+    over = [sample_slices(label, 8, rng, oversample=0.25) for _ in range(400)]
+    with_tumour = np.mean([np.isin(s, [30, 31]).any() for s in over])
+    assert np.mean(plain) < 0.35 and with_tumour > 0.55  # tumour drawn as the class about half of the time
+    assert all(len(np.unique(s)) == 8 and np.all(np.diff(s) > 0) for s in over)
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    np.testing.assert_array_equal(sample_slices(label, 8, rng_a), sample_slices(label, 8, rng_b, oversample=0.0))

@@ -35,6 +35,9 @@ class PreprocessConfig(_Section):
     custom_window: tuple[float, float] | None = None
     subset_size: int = Field(8, ge=1, description="training cases drawn at random for intensity statistics")
     in_plane_size: int = Field(128, ge=8)
+    crop: Literal["window", "none"] = Field(
+        "window", description="window: cut each volume to a square box around what survives the window's lower "
+        "bound before resizing (paper: 'cropped to the same regions as obtained from windowing'); none: whole slice")
     num_slices: int = Field(16, ge=1)
     exclude_background_slices: bool = True
     cache_dtype: Literal["float16", "float32"] = Field(
@@ -162,6 +165,11 @@ class TrainConfig(_Section):
     epochs: int = Field(50, ge=1)
     steps_per_epoch: int = Field(250, ge=1)
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "poly"] = Field(
+        "constant", description="constant (paper: Adam at lr) or poly: lr * (1 - step / steps)^0.9 per step (nnU-Net)")
+    oversample_foreground: float = Field(
+        0.0, ge=0, le=1, description="share of each sampled stack's slices that must hold one foreground class, "
+        "drawn at random per volume among those present (nnU-Net's oversampling: 0.33); 0: the paper's uniform draw")
     loss_tanimoto_weight: float = Field(0.6, ge=0)
     loss_ce_weight: float = Field(0.4, ge=0)
     loss_smooth: float = Field(1e-5, gt=0)

@@ -129,8 +129,10 @@ def _eval_classes(target: str, dataset_classes: dict[int, str]) -> tuple[dict[in
     return dict(dataset_classes), False
 
 
-def network_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int]) -> np.ndarray:
-    """(C, z, S, S) network-resolution probabilities -> uint8 (z, H, W) label: bilinear in-plane, argmax.
+def network_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int],
+                  box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """(C, z, S, S) network-resolution probabilities -> uint8 (z, H, W) label: bilinear in-plane (into the
+    crop `box`, background outside), argmax.
 
     Chunked along z so that only ~64 MiB of full-resolution probabilities exist at a time.
     """
@@ -141,7 +143,7 @@ def network_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int]
     out = np.empty((z, h, w), dtype=np.uint8)
     step = max(1, _CHUNK_BYTES // (4 * c * h * w))
     for z0 in range(0, z, step):
-        chunk = restore_in_plane(probs[:, z0:z0 + step], (h, w))
+        chunk = restore_in_plane(probs[:, z0:z0 + step], (h, w), box=box)
         arg = chunk.argmax(0) if isinstance(chunk, np.ndarray) else chunk.argmax(0).cpu().numpy()
         out[z0:z0 + step] = arg.astype(np.uint8)
     return out
@@ -161,7 +163,9 @@ def score_volume(identity: RunIdentity | dict, case, cached, probs: np.ndarray, 
     ref_net = np.asarray(cached.label)
     if merge:
         ref_full, ref_net = (ref_full > 0).astype(np.uint8), (ref_net > 0).astype(np.uint8)
-    pred = network_label(probs, case.image.shape[1:])
+    from ctseg.preprocess.slices import InPlaneResize
+
+    pred = network_label(probs, case.image.shape[1:], InPlaneResize.from_dict(cached.meta["in_plane"]).box)
     recs = evaluate_volume(pred, ref_full, classes, case.image.spacing, case_id=case.case_id, fold=fold,
                            slice_thickness=cached.meta.get("slice_thickness"), distances=distances)
     paper = dice_paper_protocol(np.asarray(probs).argmax(0).astype(np.uint8), ref_net, classes)

@@ -4,14 +4,15 @@ Pipeline (`predict_volume`):
 
 1. `to_canonical` (axis 0 axial, direction ~ identity; permutations and flips only, no resampling);
 2. `preprocess_volume` with the models' intensity plan and in-plane size, exactly as in training
-   (window + z-score, area resize to S x S), giving (z, S, S) float32;
+   (window + z-score, crop to the windowed region, area resize to S x S), giving (z, S, S) float32;
 3. forward passes under `torch.inference_mode`, batched, on the GPU when present:
    2D models slice by slice; 3D models with a sliding window of `num_slices` (16) slices along z,
    `overlap` between windows, each window's softmax weighted along z (gaussian, sigma = window/8,
    as nnU-Net's patch blending, or linear "tent" weights) and the weighted sum normalised;
    volumes shorter than the window are padded by edge replication and cropped back;
 4. member probabilities combined (see "Ensembles");
-5. back to the canonical in-plane size (`restore_in_plane`, bilinear) and argmax, chunk by chunk
+5. back to the canonical in-plane grid (`restore_in_plane`: bilinear into the crop box, background
+   outside it) and argmax, chunk by chunk
    along z so that only ~64 MiB of float32 probabilities exist at full resolution at any time;
 6. `from_canonical`: a uint8 label map on the input's exact grid (shape, spacing, origin, direction).
 
@@ -100,6 +101,9 @@ def check_members(models: Sequence) -> tuple[dict[int, str], dict[int, str]]:
         if m.plan != ref.plan:
             raise CtsegError(f"ensemble members disagree on the intensity plan: {m.plan} vs {ref.plan} "
                              f"({getattr(ref, 'run_dir', 'first model')}); train them on the same cache", where)
+        if m.cfg.preprocess.crop != ref.cfg.preprocess.crop:
+            raise CtsegError(f"ensemble members disagree on the in-plane crop: {m.cfg.preprocess.crop} vs "
+                             f"{ref.cfg.preprocess.crop}", where)
         if _in_plane_size(m) != _in_plane_size(ref):
             raise CtsegError(f"ensemble members disagree on the in-plane size: {_in_plane_size(m)} vs "
                              f"{_in_plane_size(ref)}", where)
@@ -294,7 +298,7 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     overlap: fraction of a 3D window shared with the next. Modules are moved to `device`.
     """
     from ctseg.io import from_canonical, to_canonical
-    from ctseg.preprocess.slices import preprocess_volume, restore_in_plane
+    from ctseg.preprocess.slices import network_grid, preprocess_volume, restore_in_plane
     from ctseg.train.distributed import resolve_device
 
     models = list(models) if isinstance(models, (list, tuple)) else [models]
@@ -303,7 +307,8 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     seconds = {}
     t0 = time.perf_counter()
     canon, reo = to_canonical(volume)
-    image = preprocess_volume(canon.array, models[0].plan, _in_plane_size(models[0]))
+    grid = network_grid(canon.array, models[0].plan, _in_plane_size(models[0]), models[0].cfg.preprocess.crop)
+    image = preprocess_volume(canon.array, models[0].plan, _in_plane_size(models[0]), box=grid.box)
     z, h, w = canon.shape
     canon_label = replace(canon, array=np.empty((z, h, w), dtype=np.uint8), meta=dict(volume.meta))
     del canon  # frees the canonical copy of the image (if the input was not canonical)
@@ -321,7 +326,7 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     full = np.empty((n_cls, z, h, w), dtype=np.float16) if return_probabilities else None
     step = max(1, _CHUNK_BYTES // (4 * n_cls * h * w))
     for z0 in range(0, z, step):
-        chunk = restore_in_plane(probs[:, z0:z0 + step], (h, w), out_dtype=np.float32)
+        chunk = restore_in_plane(probs[:, z0:z0 + step], (h, w), out_dtype=np.float32, box=grid.box)
         canon_label.array[z0:z0 + step] = _argmax_uint8(chunk).cpu().numpy()
         if full is not None:
             full[:, z0:z0 + step] = chunk.to(torch.float16).cpu().numpy()

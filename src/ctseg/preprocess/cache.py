@@ -36,7 +36,7 @@ import ctseg
 from ctseg.config import ExperimentConfig, PreprocessConfig, atomic_write_text
 from ctseg.datasets.base import Case
 from ctseg.errors import CtsegError
-from ctseg.preprocess.slices import InPlaneResize, foreground_slices, preprocess_label, preprocess_volume
+from ctseg.preprocess.slices import Box, foreground_slices, network_grid, preprocess_label, preprocess_volume
 from ctseg.preprocess.windowing import IntensityPlan, compute_intensity_plan, draw_subset
 
 log = logging.getLogger(__name__)
@@ -221,11 +221,12 @@ def _tmp_name(final: Path) -> Path:
     return Path(tmp)
 
 
-def _write_image(final: Path, volume_hu: np.ndarray, plan: IntensityPlan, size: int, dtype: str) -> None:
+def _write_image(final: Path, volume_hu: np.ndarray, plan: IntensityPlan, size: int, dtype: str,
+                 box: Box | None) -> None:
     tmp = _tmp_name(final)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(volume_hu.shape[0], size, size))
-        preprocess_volume(volume_hu, plan, size, out=out)
+        preprocess_volume(volume_hu, plan, size, out=out, box=box)
         out.flush()
         del out
         os.replace(tmp, final)
@@ -258,12 +259,13 @@ def write_case(case: Case, cases_dir: Path, plan: IntensityPlan, pp: PreprocessC
     if case.label is not None and case.label.array.shape != image.shape:
         raise CtsegError(f"case {case.case_id}: label shape {case.label.array.shape} != image shape {image.shape}",
                          case.image.meta.get("path"))
+    grid = network_grid(image, plan, size, pp.crop)
     image_path = cases_dir / f"{case.case_id}_image.npy"
-    _write_image(image_path, image, plan, size, pp.cache_dtype)
+    _write_image(image_path, image, plan, size, pp.cache_dtype, grid.box)
     files = {"image": _file_record(image_path, (z, size, size), pp.cache_dtype)}
     fg, present = [], []
     if case.label is not None:
-        label = preprocess_label(case.label.array, size)
+        label = preprocess_label(case.label.array, size, box=grid.box)
         label_path = cases_dir / f"{case.case_id}_label.npy"
         _write_array(label_path, label)
         files["label"] = _file_record(label_path, label.shape, label.dtype)
@@ -280,7 +282,7 @@ def write_case(case: Case, cases_dir: Path, plan: IntensityPlan, pp: PreprocessC
         "slice_thickness": vol.slice_thickness if vol.slice_thickness is not None
         else case.metadata.get("slice_thickness"),
         "num_slices": z,
-        "in_plane": InPlaneResize((h, w), (size, size)).to_dict(),
+        "in_plane": grid.to_dict(),
         "has_label": case.label is not None,
         "foreground_slices": fg,
         "labels_present": present,

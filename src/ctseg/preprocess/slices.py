@@ -8,6 +8,10 @@
 - `preprocess_volume` / `preprocess_label`: the single definition of "network input" used by
   `ctseg.preprocess.cache` and by `ctseg.predict`.
 - `restore_in_plane` / `InPlaneResize`: back from (C, z, S, S) probabilities to (C, z, H, W).
+- `window_crop_box`: the paper's "we cropped the images to the same regions as obtained from
+  windowing": a square in-plane box around the pixels that survive the window's lower bound, cut
+  before resizing (`preprocess_volume(box=...)`, `preprocess_label(box=...)`) and undone by
+  `restore_in_plane(box=...)`, which puts background outside the box.
 
 In-plane geometry: resizing maps pixel centres as torch's `align_corners=False` does, so
 `restore_in_plane` is the geometric inverse of `resize_in_plane` (pixel i of S covers input
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ctseg.errors import CtsegError
 from ctseg.preprocess.windowing import IntensityPlan, normalize
@@ -47,7 +52,8 @@ def foreground_slices(label_zyx: np.ndarray) -> np.ndarray:
 
 
 def sample_slices(label_zyx: np.ndarray | None, n: int, rng: np.random.Generator,
-                  exclude_background: bool = True, *, num_slices: int | None = None) -> np.ndarray:
+                  exclude_background: bool = True, *, num_slices: int | None = None,
+                  oversample: float = 0.0) -> np.ndarray:
     """n distinct slice indices at random positions, sorted ascending (int64).
 
     label_zyx: (z, y, x) label map, or None (then `num_slices` gives z and every slice is eligible).
@@ -59,6 +65,10 @@ def sample_slices(label_zyx: np.ndarray | None, n: int, rng: np.random.Generator
     foreground at all is topped up from random slices. A volume with fewer than n slices returns
     all its slices (length z < n): slices are never repeated or interpolated (no upsampling in z);
     the caller pads.
+
+    oversample: nnU-Net-style class oversampling: round(oversample * n) of the n slices are drawn among
+    the slices holding one foreground class, chosen at random among the classes present (so a rare
+    class such as a small tumour is seen often enough); the others as above. 0 leaves the draw as it was.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -69,6 +79,14 @@ def sample_slices(label_zyx: np.ndarray | None, n: int, rng: np.random.Generator
     else:
         z = label_zyx.shape[0]
         eligible = foreground_slices(label_zyx) if exclude_background else np.arange(z, dtype=np.int64)
+    if oversample > 0 and label_zyx is not None and eligible.size > n:
+        flat = np.asarray(label_zyx).reshape(z, -1)
+        present = [int(v) for v in np.unique(flat[eligible]) if v > 0]
+        if present:
+            holding = np.flatnonzero((flat == present[int(rng.integers(len(present)))]).any(axis=1))
+            forced = rng.choice(holding, size=min(int(round(oversample * n)), holding.size), replace=False)
+            rest = np.setdiff1d(eligible, forced)
+            return np.sort(np.concatenate([forced, rng.choice(rest, size=n - forced.size, replace=False)]))
     if eligible.size >= n:
         return np.sort(rng.choice(eligible, size=n, replace=False))
     if z <= n:
@@ -83,6 +101,46 @@ def sample_slices(label_zyx: np.ndarray | None, n: int, rng: np.random.Generator
         distance = np.zeros(others.size, dtype=np.int64)
     order = np.lexsort((rng.random(others.size), distance))
     return np.sort(np.concatenate([eligible, others[order[: n - eligible.size]]]))
+
+
+Box = tuple[int, int, int, int]  # (y0, y1, x0, x1) on the original grid, half-open; may reach outside it
+
+
+def window_crop_box(volume_hu: np.ndarray, lower_hu: float, margin: float = 0.05,
+                    min_fraction: float = 0.02) -> Box | None:
+    """Square in-plane box (y0, y1, x0, x1) around what the window keeps, for all slices of (z, H, W) HU.
+
+    A pixel belongs to the windowed region when it is >= `lower_hu` (inside or above the window) in at
+    least `min_fraction` of the slices (noise specks and the odd slice's table edge do not count);
+    a 3 x 3 opening removes isolated pixels. The bounding box of that region grows by `margin` of its
+    side on each side and to a square around its centre (it may reach outside the image: those pixels
+    are padded). None when nothing survives the window (the whole slice is used).
+    """
+    z, h, w = volume_hu.shape
+    counts = np.zeros((h, w), dtype=np.int32)
+    step = _chunk_len(h * w)
+    for z0 in range(0, z, step):
+        counts += (np.asarray(volume_hu[z0:z0 + step]) >= lower_hu).sum(axis=0, dtype=np.int32)
+    region = ndimage.binary_opening(counts >= max(1.0, min_fraction * z), structure=np.ones((3, 3), bool))
+    if not region.any():
+        return None
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    cy, cx = (rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2
+    side = max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0]) * (1 + 2 * margin)
+    side = int(min(max(np.ceil(side), 8), max(h, w)))
+    y0, x0 = int(round(cy - side / 2)), int(round(cx - side / 2))
+    return (y0, y0 + side, x0, x0 + side)
+
+
+def crop_in_plane(array_zyx: np.ndarray, box: Box, fill) -> np.ndarray:
+    """(z, H, W) -> (z, y1 - y0, x1 - x0): the box's pixels, `fill` where the box leaves the grid."""
+    y0, y1, x0, x1 = box
+    z, h, w = array_zyx.shape
+    out = np.full((z, y1 - y0, x1 - x0), fill, dtype=array_zyx.dtype)
+    sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+    if sy0 < sy1 and sx0 < sx1:
+        out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = array_zyx[:, sy0:sy1, sx0:sx1]
+    return out
 
 
 def _resize_image_chunk(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -167,8 +225,9 @@ def resize_in_plane(array_zyx: np.ndarray, size: int | tuple[int, int], is_label
 
 
 def preprocess_volume(volume_hu: np.ndarray, plan: IntensityPlan, size: int | tuple[int, int],
-                      out: np.ndarray | None = None) -> np.ndarray:
-    """HU (z, H, W) -> network input (z, S, S) float32: clip + z-score (`normalize`), then area resize.
+                      out: np.ndarray | None = None, box: Box | None = None) -> np.ndarray:
+    """HU (z, H, W) -> network input (z, S, S) float32: clip + z-score (`normalize`), crop to `box` (pixels
+    outside the image read as the window's lower bound), then area resize.
 
     Chunked along z; `out` (e.g. a float16 memmap of shape (z, S, S)) receives the result in place.
     """
@@ -182,13 +241,16 @@ def preprocess_volume(volume_hu: np.ndarray, plan: IntensityPlan, size: int | tu
         raise ValueError(f"out has shape {out.shape}, expected {(z, *out_hw)}")
     step = _chunk_len(h * w)
     for z0 in range(0, z, step):
-        x = torch.from_numpy(normalize(volume_hu[z0:z0 + step], plan))[:, None]
-        out[z0:z0 + step] = _resize_image_chunk(x, out_hw)[:, 0].numpy()
+        chunk = normalize(volume_hu[z0:z0 + step], plan)
+        if box is not None:
+            chunk = crop_in_plane(chunk, box, np.float32((plan.lower - plan.mean) / plan.std))
+        out[z0:z0 + step] = _resize_image_chunk(torch.from_numpy(chunk)[:, None], out_hw)[:, 0].numpy()
     return out
 
 
-def preprocess_label(label_zyx: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Label (z, H, W) with values 0..255 -> (z, S, S) uint8 by majority vote."""
+def preprocess_label(label_zyx: np.ndarray, size: int | tuple[int, int], box: Box | None = None) -> np.ndarray:
+    """Label (z, H, W) with values 0..255 -> (z, S, S) uint8: crop to `box` (background outside the
+    image), then majority vote."""
     if not (np.issubdtype(label_zyx.dtype, np.integer) or label_zyx.dtype == np.bool_):
         rounded = np.rint(label_zyx)
         if not np.array_equal(rounded, label_zyx):
@@ -196,30 +258,53 @@ def preprocess_label(label_zyx: np.ndarray, size: int | tuple[int, int]) -> np.n
         label_zyx = rounded
     if label_zyx.size and (label_zyx.min() < 0 or label_zyx.max() > 255):
         raise CtsegError(f"label values must lie in 0..255, found {label_zyx.min()}..{label_zyx.max()}")
-    return resize_in_plane(np.asarray(label_zyx).astype(np.uint8, copy=False), size, is_label=True)
+    label = np.asarray(label_zyx).astype(np.uint8, copy=False)
+    if box is not None:
+        label = crop_in_plane(label, box, 0)
+    return resize_in_plane(label, size, is_label=True)
 
 
 @dataclass(frozen=True)
 class InPlaneResize:
-    """Record of an in-plane resize: original (H, W) -> network (h, w); `restore` goes back."""
+    """Record of an in-plane crop + resize: original (H, W), cut to `box` (None: whole slice), to network
+    (h, w); `restore` goes back."""
 
     original_yx: tuple[int, int]
     size_yx: tuple[int, int]
+    box: Box | None = None
 
     def to_dict(self) -> dict:
-        return {"original_yx": list(self.original_yx), "size_yx": list(self.size_yx)}
+        return {"original_yx": list(self.original_yx), "size_yx": list(self.size_yx),
+                "box": None if self.box is None else list(self.box)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "InPlaneResize":
-        return cls(tuple(int(v) for v in d["original_yx"]), tuple(int(v) for v in d["size_yx"]))
+        box = d.get("box")
+        return cls(tuple(int(v) for v in d["original_yx"]), tuple(int(v) for v in d["size_yx"]),
+                   None if box is None else tuple(int(v) for v in box))
 
     def restore(self, prob_czyx, out_dtype=np.float32):
-        return restore_in_plane(prob_czyx, self.original_yx, out_dtype=out_dtype)
+        return restore_in_plane(prob_czyx, self.original_yx, out_dtype=out_dtype, box=self.box)
 
 
-def restore_in_plane(prob_czyx, original_yx: tuple[int, int], out_dtype=np.float32):
+def _place_box(resized, box: Box, out_hw: tuple[int, int], out):
+    """Write the part of `resized` (n, C, by, bx) that lies inside the (H, W) grid into `out` (n, C, H, W),
+    which holds background (channel 0 = 1) elsewhere."""
+    y0, y1, x0, x1 = box
+    h, w = out_hw
+    out[:, 0] = 1
+    out[:, 1:] = 0
+    sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+    if sy0 < sy1 and sx0 < sx1:
+        out[:, :, sy0:sy1, sx0:sx1] = resized[:, :, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]
+    return out
+
+
+def restore_in_plane(prob_czyx, original_yx: tuple[int, int], out_dtype=np.float32, box: Box | None = None):
     """Probabilities (C, z, h, w) at network resolution -> (C, z, H, W), bilinear, chunked along z.
 
+    box: the crop the network input was cut to (`window_crop_box`); the probabilities are resized to
+    the box and placed in it, background (channel 0) = 1 outside.
     numpy in -> numpy out (dtype `out_dtype`, float16 or float32); a torch tensor stays on its device
     and comes back as a tensor (float16 if out_dtype is float16, else float32). Memory: the output
     plus one chunk (~64 MiB of float32 working space).
@@ -227,17 +312,33 @@ def restore_in_plane(prob_czyx, original_yx: tuple[int, int], out_dtype=np.float
     if prob_czyx.ndim != 4:
         raise ValueError(f"expected (C, z, y, x) probabilities, got shape {tuple(prob_czyx.shape)}")
     out_hw = _size2(tuple(original_yx))
+    resize_hw = out_hw if box is None else (box[1] - box[0], box[3] - box[2])
     c, z = prob_czyx.shape[:2]
-    step = _chunk_len(out_hw[0] * out_hw[1], c)
+    step = _chunk_len(max(out_hw[0] * out_hw[1], resize_hw[0] * resize_hw[1]), c)
+
+    def restore_chunk(x: torch.Tensor) -> torch.Tensor:  # (n, C, h, w) float32 -> (n, C, H, W)
+        resized = _resize_image_chunk(x, resize_hw)
+        if box is None:
+            return resized
+        return _place_box(resized, box, out_hw, resized.new_empty((x.shape[0], c, *out_hw)))
+
     if isinstance(prob_czyx, torch.Tensor):
         tdtype = torch.float16 if np.dtype(out_dtype) == np.float16 else torch.float32
         out_t = torch.empty((c, z, *out_hw), dtype=tdtype, device=prob_czyx.device)
         for z0 in range(0, z, step):
             x = prob_czyx[:, z0:z0 + step].to(torch.float32).transpose(0, 1)
-            out_t[:, z0:z0 + step] = _resize_image_chunk(x, out_hw).transpose(0, 1).to(tdtype)
+            out_t[:, z0:z0 + step] = restore_chunk(x).transpose(0, 1).to(tdtype)
         return out_t
     out = np.empty((c, z, *out_hw), dtype=out_dtype)
     for z0 in range(0, z, step):
         x = torch.from_numpy(np.asarray(prob_czyx[:, z0:z0 + step], dtype=np.float32)).transpose(0, 1)
-        out[:, z0:z0 + step] = _resize_image_chunk(x, out_hw).transpose(0, 1).numpy()
+        out[:, z0:z0 + step] = restore_chunk(x).transpose(0, 1).numpy()
     return out
+
+
+def network_grid(volume_hu: np.ndarray, plan: IntensityPlan, size: int, crop: str) -> InPlaneResize:
+    """How a (z, H, W) HU volume maps to the network's (S, S) grid: crop "window" (`window_crop_box` with
+    the plan's lower bound) or "none", then resize. Used by the cache and by inference alike."""
+    h, w = volume_hu.shape[1:]
+    box = window_crop_box(volume_hu, plan.lower) if crop == "window" else None
+    return InPlaneResize((h, w), (size, size), box)

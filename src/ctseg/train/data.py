@@ -67,8 +67,10 @@ class BatchPlan:
 
 
 def draw_stacks(cache, case_ids: list[str], plan: BatchPlan, target: str, rng: np.random.Generator,
-                exclude_background: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Load `plan.volumes` random volumes x `plan.num_slices` sampled slices (`sample_slices`).
+                exclude_background: bool = True, oversample: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Load `plan.volumes` random volumes x `plan.num_slices` sampled slices (`sample_slices`; `oversample`:
+    its class oversampling).
 
     A volume with fewer slices than `plan.num_slices` is edge-padded along z (its last slice repeated).
 
@@ -81,7 +83,8 @@ def draw_stacks(cache, case_ids: list[str], plan: BatchPlan, target: str, rng: n
     images, labels = [], []
     for i in chosen:
         case = cache.load(case_ids[int(i)])
-        idx = np.asarray(sample_slices(case.label, plan.num_slices, rng, exclude_background=exclude_background))
+        idx = np.asarray(sample_slices(case.label, plan.num_slices, rng, exclude_background=exclude_background,
+                                       oversample=oversample))
         if idx.size < plan.num_slices:  # volume shorter than the stack: repeat its last slice (as in validation)
             idx = np.concatenate([idx, np.full(plan.num_slices - idx.size, idx[-1])])
         images.append(np.asarray(case.image[idx], dtype=np.float32))
@@ -128,6 +131,7 @@ class TrainStream(IterableDataset):
         self.plan = BatchPlan.from_config(cfg)
         self.target = cfg.model.target
         self.exclude_background = cfg.preprocess.exclude_background_slices
+        self.oversample = cfg.train.oversample_foreground
         self.seed, self.rank = cfg.seed, rank
         self.steps_per_epoch = cfg.train.steps_per_epoch
         self.start, self.stop = start, stop
@@ -139,7 +143,7 @@ class TrainStream(IterableDataset):
         s = step_seed(self.seed, self.rank, epoch, step)
         rng = np.random.default_rng(s)
         image, label, keep = draw_stacks(self.cache, self.case_ids, self.plan, self.target, rng,
-                                         self.exclude_background)
+                                         self.exclude_background, self.oversample)
         item = {"epoch": epoch, "step": step}
         if not self.augment_here:
             return {**item, "image": image, "label": label, "keep": keep}

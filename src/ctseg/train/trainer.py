@@ -322,7 +322,17 @@ class Trainer:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn())
 
+    def _learning_rate(self) -> float:
+        """lr of the next step: constant, or poly (1 - step / steps)^0.9 over the whole run (a pure function
+        of the global step, so a resumed run follows the same schedule)."""
+        tc = self.cfg.train
+        if tc.lr_schedule == "constant":
+            return tc.lr
+        return tc.lr * (1.0 - self.global_step / (tc.epochs * tc.steps_per_epoch)) ** 0.9
+
     def _train_step(self, batch: dict) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._learning_rate()
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
         if not self.augment_in_loader:
