@@ -64,6 +64,8 @@ def reacquire(recipe: PhantomRecipe, axis: str, factor: float, case_id: str) -> 
         if factor != 1.0:
             kwargs["thickness"] = thickness
         extent = float(recipe.acquisition["slice_spacing"]) * int(recipe.acquisition["num_slices"])
+        if thickness > 50.0:
+            raise DegenerateSeverity(f"{thickness:g} mm slices: the phantom renders at most 50 mm")
         if extent / thickness < 2:
             raise DegenerateSeverity(f"{thickness:g} mm slices leave fewer than 2 slices of its {extent:g} mm extent")
         case = generate_case(seed, task=recipe.task, size=recipe.size, case_id=case_id, **kwargs)
