@@ -282,6 +282,29 @@ class ExperimentMatrixConfig(_Section):
     profiles: dict[str, dict] = Field(default_factory=dict)
 
 
+class StressConfig(_Section):
+    """Acquisition-shift stress test (`ctseg stress`, `ctseg.stress`): axes from `ctseg.stress.perturb.AXES`,
+    each with its default severities unless `severities` gives them (the clean value is always added first).
+    `ctseg experiment` runs it out-of-fold on the table runs when `enabled`."""
+    enabled: bool = False
+    axes: list[str] = Field(default_factory=lambda: ["thickness-factor", "dose", "hu-offset", "hu-gain", "contrast",
+                                                     "rotation", "pixel-spacing"], min_length=1)
+    severities: dict[str, list[float]] = Field(default_factory=dict, description="axis -> severities")
+    max_volumes: int | None = Field(None, ge=1, description="volumes drawn by `seed` (None: all)")
+    seed: int = 0
+    failure_dice: float = Field(0.5, ge=0, le=1, description="a volume fails below this headline Dice")
+    n_boot: int = Field(1000, ge=100, description="bootstrap resamples for the CIs")
+
+    @model_validator(mode="after")
+    def _check(self):
+        from ctseg.stress.perturb import AXES
+
+        unknown = sorted((set(self.axes) | set(self.severities)) - set(AXES))
+        if unknown:
+            raise ValueError(f"unknown stress axes {unknown}; choose from {list(AXES)}")
+        return self
+
+
 class ExperimentConfig(_Section):
     name: str = "ctseg"
     seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy and torch seeds derive from it")
@@ -293,6 +316,7 @@ class ExperimentConfig(_Section):
     cv: CVConfig = Field(default_factory=CVConfig)
     stack: StackConfig = Field(default_factory=StackConfig)
     experiment: ExperimentMatrixConfig = Field(default_factory=ExperimentMatrixConfig)
+    stress: StressConfig = Field(default_factory=StressConfig)
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -88,10 +88,10 @@ def _fold_dir(run_dir: Path, k: int) -> Path:
 
 
 def _comparable(cfg_dict: dict) -> dict:
-    """Config without what does not change a CV run's results: name, experiment matrix, stack, data path,
+    """Config without what does not change a CV run's results: name, experiment matrix, stack, stress test, data path,
     device and logging settings."""
     d = json.loads(json.dumps(cfg_dict))
-    for key in ("name", "experiment", "stack"):
+    for key in ("name", "experiment", "stack", "stress"):
         d.pop(key, None)
     d.get("data", {}).pop("path", None)
     for key in ("device", "num_workers", "tensorboard"):

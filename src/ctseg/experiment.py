@@ -7,8 +7,11 @@ stack needs that the matrix lacks (e.g. the paper's 3D MS-D Nets on foreground),
 (`ctseg.cv.run_stack`) and writes the results and the report. Finished parts are skipped, so a killed
 experiment continues where it stopped. Output folder::
 
-    config.yaml  cache/  folds.json  runs/<run>/  stack/<aug>/
+    config.yaml  cache/  folds.json  runs/<run>/  stack/<aug>/  stress/
     results.csv  results.json  results.md  plots/  report/index.html
+
+With `stress.enabled`, the acquisition-shift stress test (`ctseg.stress`) runs after the cross-validations,
+out-of-fold, on the table runs (one line per run configuration) and the report gets its section.
 """
 from __future__ import annotations
 
@@ -144,8 +147,25 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
     if not records:
         raise CtsegError("the experiment produced no results", out)
     selection = stack_selection_section([out / "stack" / aug for aug in stack_augs])
+    stress_dir = None
+    if cfg.stress.enabled:
+        stress_dir = run_experiment_stress(cfg, [run_dirs[RunIdentity.of(rc).name] for rc in table], data_dir,
+                                           out / "stress", device=device, progress=progress)
     augs = " vs ".join(AUG_NAMES.get(a, a) for a in cfg.experiment.augs)
     return write_report(records, out, config=config_to_dict(cfg), log_csvs=curves,
                         title=title or f"{cfg.name}: {augs}, slice-sorted {cfg.cv.n_folds}-fold cross-validation",
                         thickness_edges_mm=cfg.experiment.thickness_groups_mm, intro=intro,
-                        extra_sections=[selection] if selection is not None else [])
+                        extra_sections=[selection] if selection is not None else [], stress_dir=stress_dir)
+
+
+def run_experiment_stress(cfg: ExperimentConfig, cv_dirs: list[Path], data_dir: str | Path, out_dir: Path, *,
+                          device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """The stress test of the experiment's table runs, out-of-fold (`ctseg.stress.runner`); returns its folder."""
+    from ctseg.evaluate.folds import load_folds
+    from ctseg.stress.runner import model_specs_from_cv, run_stress
+
+    specs, manifest = model_specs_from_cv(cv_dirs)
+    case_ids = [cid for fold in load_folds(manifest["folds_file"]).folds for cid in fold]
+    run_stress(specs, data_dir, out_dir, cfg.stress, layout=cfg.data.layout, case_ids=case_ids,
+               device=device if device is not None else cfg.train.device, progress=progress)
+    return out_dir

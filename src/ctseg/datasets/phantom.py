@@ -813,6 +813,9 @@ class Acquisition:
     psf_sigma_px: float
 
 
+#: Acquisition fields `generate_case(acquisition=...)` may override (no other draw depends on them).
+REACQUIRABLE = ("noise_sigma", "hu_offset", "hu_gain", "psf_sigma_px")
+
 _THICKNESSES = ((0.5, 0.625, 0.75, 1.0, 1.25), (1.5, 2.0, 2.5, 3.0), (3.0, 4.0, 5.0))
 _REGIONS = {"kidney": ("kidneys", "abdomen", "chest-pelvis"), "liver": ("liver", "abdomen", "chest-pelvis")}
 
@@ -981,7 +984,8 @@ def draw_acquisition(seed: int | np.random.SeedSequence | np.random.Generator = 
 
 def generate_case(seed: int | np.random.SeedSequence | np.random.Generator = 0, task: str = "kidney",
                   size: str = "full", *, in_plane: int | None = None, num_slices: int | None = None,
-                  thickness: float | None = None, case_id: str = "phantom", workers: int | None = None) -> Case:
+                  thickness: float | None = None, case_id: str = "phantom", workers: int | None = None,
+                  acquisition: dict | None = None) -> Case:
     """One synthetic abdominal CT case, deterministic per seed.
 
     task: "kidney" (labels 0 background, 1 kidney, 2 tumour; KiTS19) or "liver" (0/1; CHAOS).
@@ -991,14 +995,21 @@ def generate_case(seed: int | np.random.SeedSequence | np.random.Generator = 0, 
     float32 as drawn), canonical (z, y, x), direction identity; label uint8 on the same grid. metadata:
     num_slices, spacing, slice_thickness, task, size, acquisition (see `Acquisition`), tumours,
     label_volumes_ml. workers: threads over slice blocks (default min(2, cores)); the result does not depend on it.
+    acquisition: fields of the drawn `Acquisition` to replace before rendering (one of REACQUIRABLE, e.g.
+    {"noise_sigma": 30.0}): the same anatomy and noise pattern re-acquired (`ctseg stress`); None = as drawn.
     """
     _check_args(task, size, in_plane, num_slices, thickness)
+    unknown = sorted(set(acquisition or {}) - set(REACQUIRABLE))
+    if unknown:
+        raise CtsegError(f"acquisition overrides {unknown} not supported; choose from {list(REACQUIRABLE)}")
     rng = np.random.default_rng(seed)
     acq, grid, anatomy = _draw_case(rng, task, size, in_plane, num_slices, thickness)
     noise_seed = int(rng.integers(2 ** 63))
     streaks = _streak_pattern(rng, grid, anatomy.spine_xy) if acq.streaks else None
     streak_curve = _Curve.draw(rng, -700, 700, 40, 1, 1.0) if acq.streaks else None
     z_table = _u(rng, -600, 0)
+    for key, value in (acquisition or {}).items():   # after every draw: the anatomy and noise pattern stay
+        setattr(acq, key, type(getattr(acq, key))(value))
     workers = workers or min(2, os.cpu_count() or 1)
     with threadpool_limits(1, user_api="blas"):     # the blocks run in parallel; BLAS threads would oversubscribe
         image, label = _render(anatomy, acq, grid, noise_seed, streaks, streak_curve, workers)
@@ -1085,7 +1096,8 @@ def write_phantom_dataset(out: str | Path, task: str = "kidney", n_cases: int = 
     out.mkdir(parents=True, exist_ok=True)
     if layout == "nnunet":
         write_nnunet_dataset_json(out, CLASSES[task], n_cases, name=f"phantom_{task}")
-    summary = {"task": task, "layout": layout, "seed": seed, "size": size, "classes": CLASSES[task], "cases": {}}
+    summary = {"task": task, "layout": layout, "seed": seed, "size": size, "classes": CLASSES[task],
+               "overrides": dict(overrides), "cases": {}}
     for case in iter_phantom_cases(task, n_cases, seed, size, layout, **overrides):
         if layout == "kits19":
             write_kits19_case(out, case.case_id, to_kits19_orientation(case.image), to_kits19_orientation(case.label))

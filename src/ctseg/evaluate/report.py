@@ -614,14 +614,25 @@ def software_versions() -> dict[str, str]:
     return v
 
 
+def _stress_parts(head: Headline, tables: Tables, stress: dict | None) -> None:
+    """Add the stress test's headline lines and tables (`ctseg.stress.summary`) to the report parts."""
+    if not stress:
+        return
+    from ctseg.stress.summary import headline_lines, report_tables
+
+    head.details += headline_lines(stress)
+    tables.sections += [Section(t, n, h, r, None) for t, n, h, r in report_tables(stress)]
+
+
 def write_results(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
                   thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, title: str = "ctseg results",
                   versions: dict | None = None, flag_rule: FlagRule = FlagRule(),
-                  extra_sections: Sequence[Section] = ()) -> dict[str, Path]:
+                  extra_sections: Sequence[Section] = (), stress: dict | None = None) -> dict[str, Path]:
     """Write results.csv / results.json / results.md (+ config.yaml, versions.json) into `out_dir`.
 
     flag_rule: thresholds of the ensemble quality flag (section only when records carry `agreement`).
     extra_sections: tables appended after the standard ones (e.g. `stack_selection_section`).
+    stress: a stress-test summary (`ctseg.stress.summary`): its robustness gaps join the headline and tables.
     """
     if not records:
         raise ValueError("no results to report")
@@ -632,6 +643,7 @@ def write_results(records: Sequence[VolumeResult], out_dir: str | Path, *, confi
     head = headline(records, "dice_paper", classes)
     tables = build_tables(records, classes, thickness_edges_mm)
     tables.sections.extend(extra_sections)
+    _stress_parts(head, tables, stress)
     flags = quality_flags(records, headline_class(classes), rule=flag_rule)
     write_results_csv(records, out / "results.csv", classes)
     summary = {metric: {m: {c: s.to_json() for c, s in row.items()} for m, row in summary_table(records, metric, classes).items()}
@@ -639,7 +651,7 @@ def write_results(records: Sequence[VolumeResult], out_dir: str | Path, *, confi
     payload = {"title": title, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "classes": classes, "headline": head.to_json(), "summary": summary,
                "std_ratios": [r.to_json() for r in all_std_ratios(records, "dice_paper", classes)],
-               "quality_flags": [q.to_json() for q in flags],
+               "quality_flags": [q.to_json() for q in flags], "stress": stress,
                "versions": versions, "config": config, "records": [_portable(r, out) for r in records]}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=1, allow_nan=False))
     md = [f"# {title}", "", f"**{head.text}**", "", *(f"- {d}" for d in head.details), ""]
@@ -732,14 +744,16 @@ def _html_table(header: list[str], rows: list[list[str]], row_classes: list[str]
 def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tuple[str, str, Path]],
                 config: dict | None, versions: dict, thickness_edges_mm: Sequence[float], intro: str = "",
                 quality_figures: dict[str, Path] | None = None, flag_rule: FlagRule = FlagRule(),
-                extra_sections: Sequence[Section] = ()) -> str:
+                extra_sections: Sequence[Section] = (), stress: dict | None = None) -> str:
     """The report page. figures: (section, caption, png path) in display order; images are embedded.
     quality_figures: model -> agreement vs Dice scatter plot, shown in the quality-flag section.
-    extra_sections: tables appended after the standard ones."""
+    extra_sections: tables appended after the standard ones.
+    stress: stress-test summary (headline lines and tables; its curves come in `figures`)."""
     classes = class_names(records)
     head = headline(records, "dice_paper", classes)
     tables = build_tables(records, classes, thickness_edges_mm)
     tables.sections.extend(extra_sections)
+    _stress_parts(head, tables, stress)
     aug_of = {m.display: m.aug for m in models_in_order(records)}
     n_vol = len({r.case_id for r in records})
     folds = sorted({r.fold for r in records})
@@ -784,19 +798,26 @@ def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tu
 def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
                  log_csvs: dict[str, list[Path]] | None = None, title: str = "ctseg results",
                  thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, intro: str = "",
-                 flag_rule: FlagRule = FlagRule(), extra_sections: Sequence[Section] = ()) -> Path:
+                 flag_rule: FlagRule = FlagRule(), extra_sections: Sequence[Section] = (),
+                 stress_dir: str | Path | None = None) -> Path:
     """Results files + plots + `report/index.html` into `out_dir`; returns the HTML path.
 
     log_csvs: display name -> training logs (`log.csv` of each fold's run) for the training curves.
     flag_rule: thresholds of the ensemble quality flag.
+    stress_dir: a finished stress test (`summary.json`, `curves.png`; `ctseg.stress.runner`) to report.
     Overlay images come from each record's `overlay` file (relative paths resolve against `out_dir`).
     """
     from ctseg.evaluate import plots
 
     out = Path(out_dir)
     versions = software_versions()
+    stress = None
+    if stress_dir is not None:
+        from ctseg.stress.summary import load_summary
+
+        stress = load_summary(stress_dir)
     write_results(records, out, config=config, thickness_edges_mm=thickness_edges_mm, title=title, versions=versions,
-                  flag_rule=flag_rule, extra_sections=extra_sections)
+                  flag_rule=flag_rule, extra_sections=extra_sections, stress=stress)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     classes = class_names(records)
@@ -821,6 +842,10 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
             p = plots.training_curves(existing, name, plot_dir / f"curves_{_safe(name)}.png")
             if p is not None:
                 figures.append(("Training curves", f"{name}: one line per fold", p))
+    if stress is not None:
+        figures.append(("Stress test: Dice vs severity", f"Dice ({stress['headline_structure']}) per acquisition-shift "
+                        "axis vs severity, one line per model, band: 95% bootstrap CI over volumes; 'clean' = the "
+                        "scan as acquired (see docs/STRESS.md)", Path(stress_dir) / "curves.png"))
     quality_figures = {}
     for q in quality_flags(records, cls, rule=flag_rule):
         recs = [r for r in records if r.model == q.model and r.agreement is not None]
@@ -829,7 +854,7 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
             f"{q.display}: Spearman ρ = {_fmt(q.spearman, 2)}", plot_dir / f"agreement_{_safe(q.model)}.png")
     page = render_html(records, title=title, figures=figures, config=config, versions=versions,
                        thickness_edges_mm=thickness_edges_mm, intro=intro, quality_figures=quality_figures,
-                       flag_rule=flag_rule, extra_sections=extra_sections)
+                       flag_rule=flag_rule, extra_sections=extra_sections, stress=stress)
     html_path = out / "report" / "index.html"
     atomic_write_text(html_path, page)
     log.info("report written to %s", html_path)
