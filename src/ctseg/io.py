@@ -78,6 +78,22 @@ class Volume:
         a[:3, 3] = self.origin
         return a
 
+    def slice_axis(self) -> int:
+        """Array axis (0, 1 or 2 of (z, y, x)) closest to the patient's superior-inferior axis.
+
+        Taken from the direction matrix as `to_canonical` does (0 for canonical volumes; 2 for a KiTS19
+        NIfTI whose first nibabel axis is I-S, since the array holds nibabel's axes reversed).
+        """
+        return 2 - _closest_permutation(self.direction)[2]
+
+    def slice_spacing_mm(self) -> float:
+        """Distance between slices (mm) along `slice_axis()`."""
+        return self.spacing[self.slice_axis()]
+
+    def slice_thickness_mm(self) -> float:
+        """DICOM SliceThickness when known, else the slice spacing (mm)."""
+        return self.slice_thickness if self.slice_thickness is not None else self.slice_spacing_mm()
+
     def with_array(self, array: np.ndarray) -> "Volume":
         """Same geometry, new voxels (same shape)."""
         if array.shape != self.array.shape:

@@ -105,9 +105,8 @@ def run(args: argparse.Namespace) -> int:
                 fold = folds.fold_of(case_id)
             except KeyError:
                 raise CtsegError(f"case {case_id!r} is in no fold of {args.folds}", ref_path) from None
-        thickness = ref.slice_thickness if ref.slice_thickness is not None else ref.spacing[0]
         records += evaluate_volume(np.asarray(pred.array), np.asarray(ref.array), classes, ref.spacing,
-                                   case_id=case_id, fold=fold, slice_thickness=thickness,
+                                   case_id=case_id, fold=fold, slice_thickness=ref.slice_thickness_mm(),
                                    distances=not args.no_distances, tolerance_mm=args.tolerance)
 
     metrics = ["dice"] + ([] if args.no_distances else ["hd95", "surface_dice"])

@@ -30,8 +30,7 @@ from ctseg.io import Volume
 
 def axial_axis(volume: Volume) -> int:
     """Array axis (0, 1 or 2) along which the volume's slices are axial (closest to LPS S)."""
-    itk_axis = int(np.argmax(np.abs(volume.direction[2, :])))
-    return 2 - itk_axis
+    return volume.slice_axis()
 
 
 def max_feret_2d(mask: np.ndarray, spacing: tuple[float, float]) -> float:
