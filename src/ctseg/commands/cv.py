@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
+from ctseg.commands._output import stdout_console
+
 
 HELP = "cross-validate one configuration (slice-sorted folds); folds can run as separate jobs with --fold"
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from ctseg.cv import RunIdentity, run_cv
 
     cfg = load_config(args.config) if args.config else ExperimentConfig()
-    console = Console()
+    console = stdout_console()
     ident = RunIdentity.of(cfg)
     console.print(f"cross-validating [bold]{ident.name}[/] on {args.data} -> {args.out}")
     records = run_cv(cfg, args.data, args.out, args.fold, cache_dir=args.cache, folds_file=args.folds_file,

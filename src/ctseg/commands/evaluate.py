@@ -13,9 +13,9 @@ import logging
 import math
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from ctseg.commands._output import stdout_console
 from ctseg.errors import CtsegError
 
 HELP = "compare predicted label maps with references: Dice, HD95, surface Dice; per fold and slice thickness"
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(args.out, json.dumps({"classes": {str(k): v for k, v in classes.items()},
                                                 "records": clean, "summary": summary}, indent=1, default=str))
 
-    console = Console()
+    console = stdout_console()
     n_cases = len({r["case_id"] for r in records})
     table = Table(title=f"{n_cases} volume(s), mean ± std over volumes")
     table.add_column("structure")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from ctseg.commands._output import stdout_console
 
 HELP = "write a synthetic abdominal CT dataset (KiTS19, CHAOS or nnU-Net raw layout) with labels"
 
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ctseg.datasets.phantom import CLASSES, write_phantom_dataset
 
-    console = Console()
+    console = stdout_console()
     table = Table(title=f"phantom {args.task} dataset: {args.out}")
     for col in ("case", "slices", "spacing z/y/x mm", "thick mm", "region", "noise HU",
                 *(f"{name} mL" for v, name in CLASSES[args.task].items() if v)):

@@ -5,9 +5,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
+from ctseg.commands._output import stdout_console
 from ctseg.config import ExperimentConfig, load_config, save_config
 from ctseg.errors import CtsegError
 
@@ -66,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("in-plane size", f"{cfg.preprocess.in_plane_size} x {cfg.preprocess.in_plane_size}, "
                   f"{cfg.preprocess.cache_dtype}")
     table.add_row("time", f"{report.seconds:.1f} s")
-    Console().print(table)
+    stdout_console().print(table)
     return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from ctseg.commands._output import stdout_console
 from ctseg.errors import CtsegError
 
 HELP = "write results tables, plots and report/index.html from finished cross-validation / stack / experiment folders"
@@ -67,7 +67,7 @@ def summary_table(records, title: str = "Dice, paper protocol (mean ± std over 
 def run(args: argparse.Namespace) -> int:
     from ctseg.evaluate.report import DEFAULT_THICKNESS_EDGES_MM, write_report
 
-    console = Console()
+    console = stdout_console()
     records, curves = collect(args.runs)
     html = write_report(records, args.out, log_csvs=curves, title=args.title,
                         thickness_edges_mm=args.thickness_groups or DEFAULT_THICKNESS_EDGES_MM)

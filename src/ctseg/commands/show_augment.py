@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from ctseg.augment import build_augmenter
 from ctseg.augment.ctia import (
@@ -29,6 +28,7 @@ from ctseg.augment.ctia import (
     sample_random_window,
     sample_rotation,
 )
+from ctseg.commands._output import stdout_console
 from ctseg.config import AugmentConfig, ExperimentConfig, load_config
 from ctseg.datasets import LAYOUTS, open_dataset
 from ctseg.errors import CtsegError
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    console = Console()
+    console = stdout_console()
     if args.n < 1 or args.slices < 2:
         raise CtsegError("--n must be >= 1 and --slices >= 2")
     out = Path(args.out)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
+from ctseg.commands._output import stdout_console
+
 
 HELP = "stacked CNN from finished cross-validations (out-of-fold meta-model), plain averaging beside it"
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
         base = stack_cfg or parse_config(yaml.safe_load((args.cv_dirs[0] / "config.yaml").read_text())).stack
         stack_cfg = base.model_copy(update={"top_k": args.top_k})
-    console = Console()
+    console = stdout_console()
     records = run_stack(args.cv_dirs, args.out, stack_cfg, device=args.device, progress=not args.no_progress)
     console.print(summary_table(records, "stacked CNN vs plain average, Dice (paper protocol)"))
     console.print(f"members and settings: {args.out}/stack.json")

@@ -14,9 +14,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
+from ctseg.commands._output import stdout_console
 from ctseg.config import ExperimentConfig, load_config
 from ctseg.errors import CtsegError
 
@@ -127,5 +127,5 @@ def run(args: argparse.Namespace) -> int:
         table.add_row("last train loss", f"{last.get('train_loss', float('nan')):.4f}")
         table.add_row("best val Dice", f"{result.best_metric:.4f}")
         table.add_row("files", ", ".join(sorted(p.name for p in Path(args.out).iterdir() if p.is_file())))
-        Console().print(table)
+        stdout_console().print(table)
     return 0
