@@ -204,3 +204,27 @@ def test_cli_preprocess_on_a_kits19_folder(tmp_path, capsys):
     cfg_path.write_text("preprocess:\n  subset_size: 7\n")
     assert main(["preprocess", str(data), "--out", str(out), "--config", str(cfg_path), "--no-progress"]) == 2
     assert "only 3 are available" in " ".join(capsys.readouterr().err.split())
+
+
+def test_parallel_build_is_byte_identical_to_serial(tmp_path):
+    """`workers=2` (spawned processes) writes the same bytes as a serial build, every cached file."""
+    from ctseg.datasets.kits19 import KiTS19Dataset, write_kits19_case
+
+    for i in range(3):
+        case = synthetic_case(f"case_{i:05d}", i, z=8 + 2 * i)
+        write_kits19_case(tmp_path / "kits", case.case_id, case.image, case.label)
+    dataset = KiTS19Dataset(tmp_path / "kits")
+    serial = build_cache(dataset, tmp_path / "serial", small_cfg(), np.random.default_rng(0), progress=False)
+    parallel = build_cache(dataset, tmp_path / "parallel", small_cfg(), np.random.default_rng(0), progress=False,
+                           workers=2)
+    assert parallel.built == serial.built == dataset.case_ids()
+    names = sorted(p.name for p in (tmp_path / "serial" / "cases").iterdir())
+    assert len(names) == 9 and names == sorted(p.name for p in (tmp_path / "parallel" / "cases").iterdir())
+    for name in names:
+        assert (tmp_path / "serial" / "cases" / name).read_bytes() == (tmp_path / "parallel" / "cases" / name).read_bytes()
+    plans = [json.loads((tmp_path / d / "plan.json").read_text()) for d in ("serial", "parallel")]
+    for plan in plans:
+        plan.pop("created")
+    assert plans[0] == plans[1]
+    with pytest.raises(CtsegError, match="workers must be >= 1"):
+        build_cache(dataset, tmp_path / "x", small_cfg(), np.random.default_rng(0), progress=False, workers=0)

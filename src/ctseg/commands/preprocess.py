@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-ids", type=Path, metavar="FILE",
                         help="text file, one case id per line: draw the intensity subset only from these")
     parser.add_argument("--force", action="store_true", help="recompute the plan and rebuild every case")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="cases preprocessed in parallel processes (default 1; each holds one case in memory)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     train_ids = _read_ids(args.train_ids) if args.train_ids else None
     dataset = open_dataset(args.dataset, layout=cfg.data.layout)
     report = build_cache(dataset, args.out, cfg, np.random.default_rng(cfg.seed), train_ids=train_ids,
-                         progress=not args.no_progress, force=args.force)
+                         progress=not args.no_progress, force=args.force, workers=args.workers)
     save_config(cfg, args.out / "config.yaml")
 
     plan = report.plan

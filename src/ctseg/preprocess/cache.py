@@ -17,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import tempfile
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -302,15 +304,52 @@ def _read_plan_json(path: Path) -> dict | None:
     return info if info.get("format") == CACHE_FORMAT else None
 
 
+def _load_and_write(dataset, case_id: str, cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig,
+                    fingerprint: str) -> None:
+    """Load one case and write it into the cache (also the task of a `build_cache` worker process)."""
+    write_case(dataset.load(case_id), cases_dir, plan, pp, fingerprint)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one process per core: no nested thread pools
+
+
+def _write_cases(dataset, case_ids: list[str], cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig,
+                 fingerprint: str, workers: int, advance) -> None:
+    """Write `case_ids` one after the other, or in `workers` spawned processes (same files either way)."""
+    if workers <= 1 or len(case_ids) <= 1:
+        for case_id in case_ids:
+            _load_and_write(dataset, case_id, cases_dir, plan, pp, fingerprint)
+            advance()
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(min(workers, len(case_ids)), mp_context=context, initializer=_worker_init) as pool:
+        futures = [pool.submit(_load_and_write, dataset, case_id, cases_dir, plan, pp, fingerprint)
+                   for case_id in case_ids]
+        try:
+            for future in as_completed(futures):
+                future.result()
+                advance()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.random.Generator,
-                train_ids: Sequence[str] | None = None, progress: bool = True, force: bool = False) -> BuildReport:
+                train_ids: Sequence[str] | None = None, progress: bool = True, force: bool = False,
+                workers: int = 1) -> BuildReport:
     """Preprocess every case of `dataset` into `out_dir` (see module docstring); returns a `BuildReport`.
 
     The intensity plan comes from `cfg.preprocess.subset_size` cases drawn with `rng` from
     `train_ids` (default: all cases); it is reused from an existing plan.json when settings and
     subset are unchanged. Cases already cached with the same fingerprint and intact files are
-    skipped unless `force`; stale and corrupted ones are rebuilt.
+    skipped unless `force`; stale and corrupted ones are rebuilt, in `workers` processes when > 1
+    (each holds one case in memory; the files are byte-identical to a serial build). `dataset`
+    must then be picklable (the folder datasets are).
     """
+    if workers < 1:
+        raise CtsegError(f"workers must be >= 1, got {workers}")
     t0 = time.perf_counter()
     pp = cfg.preprocess
     root = Path(out_dir)
@@ -355,13 +394,13 @@ def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.ran
             state = "rebuild" if force else _case_state(cases_dir, case_id, fingerprint)
             if state == "ok":
                 report.skipped.append(case_id)
+                bar.advance(task)
             else:
                 if state == "corrupt":
                     log.warning("cached case %s is corrupted: rebuilding it", case_id)
                     report.repaired.append(case_id)
-                write_case(dataset.load(case_id), cases_dir, plan, pp, fingerprint)
                 report.built.append(case_id)
-            bar.advance(task)
+        _write_cases(dataset, report.built, cases_dir, plan, pp, fingerprint, workers, lambda: bar.advance(task))
 
     info = {
         "format": CACHE_FORMAT,
