@@ -38,10 +38,8 @@ a per-volume quality flag (low values deserve a human look; `ctseg.evaluate.qual
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -49,7 +47,10 @@ import numpy as np
 import torch
 
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_path
 from ctseg.io import Volume
+from ctseg.models.stacking import combine_members
+from ctseg.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +217,6 @@ def predict_network(image: np.ndarray | torch.Tensor, models, device: str | torc
     Returns (probabilities (C, z, S, S) float32 tensor on `device`, output classes, member Dice
     matrix (M, M) or None for a single model).
     """
-    from ctseg.train.distributed import resolve_device
-
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     _, out_classes = check_members(models)
     dev = resolve_device(device)
@@ -240,13 +239,7 @@ def predict_network(image: np.ndarray | torch.Tensor, models, device: str | torc
             fg_masks.append((_argmax_uint8(p) != 0).cpu().numpy())
             del p
     bg /= len(models)
-    if fg is None:
-        probs = torch.stack([bg, 1.0 - bg])
-    else:  # split the foreground mass 1 - bg among the classes as the multiclass members do
-        fg += 1e-6
-        fg /= fg.sum(dim=0, keepdim=True)
-        fg *= (1.0 - bg)[None]
-        probs = torch.cat([bg[None], fg])
+    probs = combine_members(bg, fg, len(out_classes))
     from ctseg.evaluate.quality import member_dice_matrix
 
     return probs, out_classes, member_dice_matrix(fg_masks)
@@ -284,6 +277,27 @@ def _argmax_uint8(probs: torch.Tensor) -> torch.Tensor:
     return label
 
 
+def restore_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int], label_out: np.ndarray,
+                  probabilities_out: Sequence[np.ndarray] = ()) -> None:
+    """Network-resolution probabilities (C, z, S, S) -> `label_out` (z, H, W) uint8: bilinear in-plane
+    restore (`restore_in_plane`), then argmax (ties -> lower class).
+
+    Chunked along z: ~64 MiB of full-resolution probabilities exist at a time. `label_out` and the
+    optional `probabilities_out` (C arrays (z, H, W), e.g. float16) may be strided views (another
+    voxel order); they receive the results in place.
+    """
+    from ctseg.preprocess.slices import restore_in_plane
+
+    n_cls, z = probs.shape[:2]
+    h, w = original_yx
+    step = max(1, _CHUNK_BYTES // (4 * n_cls * h * w))
+    for z0 in range(0, z, step):
+        chunk = torch.as_tensor(restore_in_plane(probs[:, z0:z0 + step], (h, w), out_dtype=np.float32))
+        label_out[z0:z0 + step] = _argmax_uint8(chunk).cpu().numpy()
+        for c, out in enumerate(probabilities_out):
+            out[z0:z0 + step] = chunk[c].to(torch.float16).cpu().numpy()
+
+
 def predict_volume(volume: Volume, models, device: str | torch.device = "auto", return_probabilities: bool = False,
                    batch_size: int | None = None, overlap: float = 0.5,
                    blend: Literal["gaussian", "linear"] = "gaussian", progress: bool = False) -> PredictionResult:
@@ -293,20 +307,22 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     ensemble rule). batch_size: slices (2D) or windows (3D) per forward pass (default 32 / 2).
     overlap: fraction of a 3D window shared with the next. Modules are moved to `device`.
     """
-    from ctseg.io import from_canonical, to_canonical
-    from ctseg.preprocess.slices import preprocess_volume, restore_in_plane
-    from ctseg.train.distributed import resolve_device
+    from ctseg.io import to_canonical
+    from ctseg.preprocess.slices import preprocess_volume
 
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     check_members(models)
     dev = resolve_device(device)
     seconds = {}
     t0 = time.perf_counter()
-    canon, reo = to_canonical(volume)
+    # canonical views, no copies: the network input is made slab by slab from the input's voxels, and
+    # the label (and probabilities) are written through canonical views into arrays in the input's order
+    canon = to_canonical(volume, copy=False)[0]
     image = preprocess_volume(canon.array, models[0].plan, _in_plane_size(models[0]))
     z, h, w = canon.shape
-    canon_label = replace(canon, array=np.empty((z, h, w), dtype=np.uint8), meta=dict(volume.meta))
-    del canon  # frees the canonical copy of the image (if the input was not canonical)
+    del canon
+    label = np.empty(volume.shape, dtype=np.uint8)
+    label_view = to_canonical(volume.with_array(label), copy=False)[0].array
     seconds["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -317,23 +333,11 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     seconds["forward"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    n_cls = probs.shape[0]
-    full = np.empty((n_cls, z, h, w), dtype=np.float16) if return_probabilities else None
-    step = max(1, _CHUNK_BYTES // (4 * n_cls * h * w))
-    for z0 in range(0, z, step):
-        chunk = restore_in_plane(probs[:, z0:z0 + step], (h, w), out_dtype=np.float32)
-        canon_label.array[z0:z0 + step] = _argmax_uint8(chunk).cpu().numpy()
-        if full is not None:
-            full[:, z0:z0 + step] = chunk.to(torch.float16).cpu().numpy()
-        del chunk
-    del probs
-    out_label = from_canonical(canon_label, reo)
-    if full is not None and not reo.is_identity:
-        reoriented = np.empty((n_cls, *volume.shape), dtype=np.float16)
-        for c in range(n_cls):
-            reoriented[c] = from_canonical(replace(canon_label, array=full[c]), reo).array
-        full = reoriented
-    del canon_label
+    full = np.empty((probs.shape[0], *volume.shape), dtype=np.float16) if return_probabilities else None
+    full_views = [] if full is None else [to_canonical(volume.with_array(f), copy=False)[0].array for f in full]
+    restore_label(probs, (h, w), label_view, full_views)
+    del probs, label_view, full_views
+    out_label = volume.with_array(label)
     seconds["restore"] = time.perf_counter() - t0
     agreement = None
     if member_dice is not None:
@@ -372,11 +376,6 @@ def write_probabilities(result: PredictionResult, path: str | Path) -> Path:
     img.header.set_xyzt_units("mm")
     img.header.set_slope_inter(1.0 / 255.0, 0.0)
     img.header["intent_name"] = b"class probs"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -84,7 +84,7 @@ def _fmt(stats: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ctseg.config import atomic_write_text
+    from ctseg.fileutil import atomic_write_text
     from ctseg.evaluate.folds import load_folds
     from ctseg.evaluate.metrics import evaluate_volume, fold_mean_std, summarize
     from ctseg.io import read_volume, resample_to

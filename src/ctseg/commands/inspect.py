@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ctseg.commands._output import stdout_console, write_rows
 from ctseg.datasets import LAYOUTS, open_dataset
+from ctseg.datasets.base import count_labels
 from ctseg.errors import CtsegError
 
 HELP = "table of a dataset's cases (slices, spacing, thickness, label volumes, HU range) and its problems"
@@ -38,7 +39,7 @@ def _case_row(case, classes: dict[int, str]) -> dict:
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
     counts = None
     if case.label is not None:
-        counts = np.bincount(case.label.array.reshape(-1), minlength=max(classes, default=0) + 1)
+        counts = count_labels(case.label.array, max(classes, default=0) + 1)
     for k, name in classes.items():
         row[f"{name}_ml"] = None if counts is None else round(float(counts[k] * voxel_ml), 3)
     return row

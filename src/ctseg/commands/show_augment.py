@@ -9,8 +9,6 @@ the z transforms are shown as coronal reformats, CWVRS with its intensity mappin
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from ctseg.commands._output import stdout_console
 from ctseg.config import AugmentConfig, ExperimentConfig, load_config
 from ctseg.datasets import LAYOUTS, open_dataset
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_path
 
 HELP = "PNG grid of original vs augmented slices (CTIA or MIA) with label contours, one panel per CTIA transform"
 
@@ -136,15 +135,11 @@ def run(args: argparse.Namespace) -> int:
     fig.suptitle(f"{case.case_id}: {args.aug.upper()} (seed {args.seed}); window [{plan.lower:.0f}, {plan.upper:.0f}] "
                  f"HU, z-scored", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     console.print(f"wrote {out}")
     return 0
 

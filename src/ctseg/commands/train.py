@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 from rich.table import Table
 
 from ctseg.commands._output import stdout_console
@@ -60,7 +59,8 @@ def _apply_overrides(cfg: ExperimentConfig, args: argparse.Namespace) -> Experim
 
 def _open_cache(args, cfg: ExperimentConfig, ctx):
     """CaseCache for --data: the folder itself if it is a cache, else build/refresh one (rank 0 builds)."""
-    from ctseg.preprocess.cache import PLAN_FILE, CaseCache, build_cache
+    from ctseg.cv import build_run_cache
+    from ctseg.preprocess.cache import PLAN_FILE, CaseCache
     from ctseg.train import distributed as D
 
     if not args.data.exists():
@@ -72,17 +72,15 @@ def _open_cache(args, cfg: ExperimentConfig, ctx):
     if ctx.is_main:
         from ctseg.datasets import open_dataset
 
-        dataset = open_dataset(args.data, layout=cfg.data.layout)
-        # the same random streams as `ctseg.cv.prepare_data`, so `ctseg train` and `ctseg cv` share a cache
-        build_cache(dataset, cache_dir, cfg, np.random.default_rng([cfg.seed, 0xCAC4E]),
-                    progress=not args.no_progress)
+        build_run_cache(open_dataset(args.data, layout=cfg.data.layout), cache_dir, cfg, not args.no_progress)
     D.barrier(ctx)
     return CaseCache(cache_dir, expected=cfg)
 
 
 def _split(args, cfg: ExperimentConfig, cache, ctx) -> tuple[list[str], list[str]]:
     """(training ids, held-out test ids) for --fold, or (all labelled ids, [])."""
-    from ctseg.evaluate.folds import load_folds, load_or_create_folds
+    from ctseg.cv import folds_of_cache
+    from ctseg.evaluate.folds import load_folds
     from ctseg.train import distributed as D
 
     ids = cache.case_ids()
@@ -92,10 +90,7 @@ def _split(args, cfg: ExperimentConfig, cache, ctx) -> tuple[list[str], list[str
             raise CtsegError(f"--fold {args.fold} out of range: folds are 0..{cfg.cv.n_folds - 1} (cv.n_folds)")
         path = cache.root.parent / FOLDS_FILE
         if ctx.is_main:
-            meta = {cid: {k: cache.meta(cid).get(k) for k in ("num_slices", "slice_thickness", "spacing")}
-                    for cid in ids}
-            folds = load_or_create_folds(path, meta, cfg.cv.n_folds, cfg.cv.fold_mode,
-                                         np.random.default_rng([cfg.seed, 0xF01D]))  # as ctseg.cv
+            folds = folds_of_cache(cache, cfg, path)
         D.barrier(ctx)
         if not ctx.is_main:
             folds = load_folds(path)

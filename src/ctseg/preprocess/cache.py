@@ -18,9 +18,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import re
-import tempfile
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -35,9 +33,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import ctseg
-from ctseg.config import ExperimentConfig, PreprocessConfig, atomic_write_text
+from ctseg.config import ExperimentConfig, PreprocessConfig
 from ctseg.datasets.base import Case
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_path, atomic_write_text
 from ctseg.preprocess.slices import InPlaneResize, foreground_slices, preprocess_label, preprocess_volume
 from ctseg.preprocess.windowing import IntensityPlan, compute_intensity_plan, draw_subset
 
@@ -217,34 +216,17 @@ def _case_state(cases_dir: Path, case_id: str, fingerprint: str) -> str:
     return "ok"
 
 
-def _tmp_name(final: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def _write_image(final: Path, volume_hu: np.ndarray, plan: IntensityPlan, size: int, dtype: str) -> None:
-    tmp = _tmp_name(final)
-    try:
+    with atomic_path(final) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(volume_hu.shape[0], size, size))
         preprocess_volume(volume_hu, plan, size, out=out)
         out.flush()
         del out
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_array(final: Path, array: np.ndarray) -> None:
-    tmp = _tmp_name(final)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _file_record(path: Path, array_shape, dtype) -> dict:
