@@ -69,12 +69,22 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(sl)
 
 
+def _mean_std(values: np.ndarray, chunk: int = 1 << 22) -> tuple[float, float]:
+    """Mean and (population) std of a 1D array in float64, 4 M values at a time (no float64 copy of it all)."""
+    n = values.size
+    mean = sum(float(values[i:i + chunk].sum(dtype=np.float64)) for i in range(0, n, chunk)) / n
+    square = sum(float(np.square(values[i:i + chunk] - mean).sum()) for i in range(0, n, chunk))
+    return mean, float(np.sqrt(square / n))
+
+
 def _describe(mask: np.ndarray, offset: np.ndarray, label_vol: Volume, image: np.ndarray | None,
               axis: int) -> dict:
     """Measurements of one binary mask that sits at array index `offset` in the full volume."""
     spacing = label_vol.spacing
     n = int(np.count_nonzero(mask))
-    idx = np.argwhere(mask).mean(axis=0) + offset  # (z, y, x) array index
+    # mean (z, y, x) array index from the per-axis projections: no (n, 3) index array for a large mask
+    idx = np.array([np.dot(mask.sum(axis=tuple(a for a in range(3) if a != k), dtype=np.int64),
+                           np.arange(mask.shape[k])) for k in range(3)]) / n + offset
     centroid = label_vol.affine_lps @ np.append(idx[::-1], 1.0)
     # mask is cropped to its bounding box: it touches the border iff the box does
     touches = any(o == 0 or o + s == n_axis for o, s, n_axis in zip(offset, mask.shape, label_vol.shape))
@@ -83,9 +93,7 @@ def _describe(mask: np.ndarray, offset: np.ndarray, label_vol: Volume, image: np
            "centroid_lps_mm": [float(v) for v in centroid[:3]], "touches_border": bool(touches)}
     if image is not None:
         sl = tuple(slice(o, o + s) for o, s in zip(offset, mask.shape))
-        values = image[sl][mask].astype(np.float64)
-        out["mean_hu"] = float(values.mean())
-        out["std_hu"] = float(values.std())
+        out["mean_hu"], out["std_hu"] = _mean_std(image[sl][mask])
     return out
 
 
