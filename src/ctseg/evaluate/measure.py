@@ -69,6 +69,15 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(sl)
 
 
+def _isin_slabs(label: np.ndarray, values, slab: int = 16) -> np.ndarray:
+    """`np.isin(label, values)` computed `slab` slices at a time (np.isin's temporaries of a whole volume
+    are twice the label's size)."""
+    out = np.empty(label.shape, dtype=bool)
+    for z0 in range(0, label.shape[0], slab):
+        out[z0:z0 + slab] = np.isin(label[z0:z0 + slab], values)
+    return out
+
+
 def _mean_std(values: np.ndarray, chunk: int = 1 << 22) -> tuple[float, float]:
     """Mean and (population) std of a 1D array in float64, 4 M values at a time (no float64 copy of it all)."""
     n = values.size
@@ -115,7 +124,7 @@ def measure_structures(label_vol: Volume, image_vol: Volume | None, classes: dic
     struct = ndimage.generate_binary_structure(3, connectivity)
     result: dict[str, dict] = {}
     for name, values in structures(classes).items():
-        full = np.isin(label_vol.array, values)
+        full = _isin_slabs(label_vol.array, values)
         box = _bbox(full)
         if box is None:
             result[name] = {"labels": list(values), "present": False, "voxels": 0, "volume_ml": 0.0,
