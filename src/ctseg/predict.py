@@ -50,7 +50,7 @@ from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path
 from ctseg.io import Volume
 from ctseg.models.stacking import combine_members
-from ctseg.runtime import resolve_device
+from ctseg.runtime import release_free_memory, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +337,7 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     full_views = [] if full is None else [to_canonical(volume.with_array(f), copy=False)[0].array for f in full]
     restore_label(probs, (h, w), label_view, full_views)
     del probs, label_view, full_views
+    release_free_memory()
     out_label = volume.with_array(label)
     seconds["restore"] = time.perf_counter() - t0
     agreement = None

@@ -35,6 +35,21 @@ def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20)
     return ok
 
 
+def release_free_memory() -> bool:
+    """Hand freed heap memory back to the OS (glibc `malloc_trim`), e.g. after a whole-volume step.
+
+    With `tune_malloc`, freed buffers below 64 MiB stay in the heap; holes between live blocks stay
+    resident. Whole-volume steps (inference of a long CT) free hundreds of MB of such buffers at once.
+    Returns False where not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim(0) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 def resolve_device(name: str | torch.device | None, local_rank: int = 0) -> torch.device:
     """"auto"/None -> CUDA if available else CPU; "cuda" under torchrun -> cuda:LOCAL_RANK.
 

@@ -59,23 +59,18 @@ def largest_axial_diameter(mask: np.ndarray, spacing: tuple[float, float, float]
     return best
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    sl = []
-    for axis in range(mask.ndim):
-        idx = np.flatnonzero(mask.any(axis=tuple(i for i in range(mask.ndim) if i != axis)))
-        if idx.size == 0:
-            return None
-        sl.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(sl)
-
-
-def _isin_slabs(label: np.ndarray, values, slab: int = 16) -> np.ndarray:
-    """`np.isin(label, values)` computed `slab` slices at a time (np.isin's temporaries of a whole volume
-    are twice the label's size)."""
-    out = np.empty(label.shape, dtype=bool)
+def _bbox_of_values(label: np.ndarray, values, slab: int = 16) -> tuple[slice, ...] | None:
+    """Bounding box of the voxels holding any of `values` (None when there are none), found `slab`
+    slices at a time: no mask of the whole volume (np.isin's temporaries are twice the label's size)."""
+    hits = [np.zeros(n, dtype=bool) for n in label.shape]
     for z0 in range(0, label.shape[0], slab):
-        out[z0:z0 + slab] = np.isin(label[z0:z0 + slab], values)
-    return out
+        m = np.isin(label[z0:z0 + slab], values)
+        hits[0][z0:z0 + slab] = m.any(axis=(1, 2))
+        hits[1] |= m.any(axis=(0, 2))
+        hits[2] |= m.any(axis=(0, 1))
+    if not hits[0].any():
+        return None
+    return tuple(slice(int(np.flatnonzero(h)[0]), int(np.flatnonzero(h)[-1]) + 1) for h in hits)
 
 
 def _mean_std(values: np.ndarray, chunk: int = 1 << 22) -> tuple[float, float]:
@@ -124,14 +119,12 @@ def measure_structures(label_vol: Volume, image_vol: Volume | None, classes: dic
     struct = ndimage.generate_binary_structure(3, connectivity)
     result: dict[str, dict] = {}
     for name, values in structures(classes).items():
-        full = _isin_slabs(label_vol.array, values)
-        box = _bbox(full)
+        box = _bbox_of_values(label_vol.array, values)
         if box is None:
             result[name] = {"labels": list(values), "present": False, "voxels": 0, "volume_ml": 0.0,
                             "n_components": 0, "components": []}
             continue
-        mask = full[box]
-        del full
+        mask = np.isin(label_vol.array[box], values)  # only the bounding box, not the whole volume
         offset = np.array([s.start for s in box])
         entry = {"labels": list(values), "present": True, **_describe(mask, offset, label_vol, image, axis)}
         cc, n_cc = ndimage.label(mask, structure=struct)
