@@ -2,7 +2,8 @@
 
 Pipeline (`predict_volume`):
 
-1. `to_canonical` (axis 0 axial, direction ~ identity; permutations and flips only, no resampling);
+1. `to_canonical(copy=False)` (axis 0 axial, direction ~ identity; permutations and flips only, no
+   resampling): a strided view of the input, no copy;
 2. `preprocess_volume` with the models' intensity plan and in-plane size, exactly as in training
    (window + z-score, area resize to S x S), giving (z, S, S) float32;
 3. forward passes under `torch.inference_mode`, batched, on the GPU when present:
@@ -11,14 +12,15 @@ Pipeline (`predict_volume`):
    as nnU-Net's patch blending, or linear "tent" weights) and the weighted sum normalised;
    volumes shorter than the window are padded by edge replication and cropped back;
 4. member probabilities combined (see "Ensembles");
-5. back to the canonical in-plane size (`restore_in_plane`, bilinear) and argmax, chunk by chunk
-   along z so that only ~64 MiB of float32 probabilities exist at full resolution at any time;
-6. `from_canonical`: a uint8 label map on the input's exact grid (shape, spacing, origin, direction).
+5. back to the canonical in-plane size (`restore_label`: `restore_in_plane`, bilinear, and argmax),
+   chunk by chunk along z so that only ~64 MiB of float32 probabilities exist at full resolution at
+   any time, written through a canonical view into a uint8 label map in the input's own voxel order:
+   the label has the input's exact grid (shape, spacing, origin, direction).
 
-Memory on a 512 x 512 x z volume: the input, one canonical copy of it when the input is not stored
-canonically, the uint8 label map (twice while it is reoriented), network-resolution probabilities
-(C x z x S x S float32) and one resampling chunk. Full-resolution probabilities (C x z x 512 x 512
-float16) are only kept when `return_probabilities=True`.
+Memory on a 512 x 512 x z volume: the input, the uint8 label map, network-resolution probabilities
+(C x z x S x S float32) and one resampling chunk (benchmarks/bench_memory.py: 1.76 GiB peak for
+`ctseg predict` of a 1059-slice case). Full-resolution probabilities (C x z x 512 x 512 float16) are
+only kept when `return_probabilities=True`.
 
 Ensembles: members must share the dataset classes, the intensity plan and the in-plane size
 (else CtsegError). A member may be "multiclass" (all dataset classes) or "foreground" (background
