@@ -46,7 +46,7 @@ def main() -> None:
     from ctseg.predict import predict_volume
     from ctseg.preprocess.slices import preprocess_volume
     from ctseg.preprocess.windowing import IntensityPlan
-    from ctseg.train.distributed import resolve_device
+    from ctseg.runtime import resolve_device
     from ctseg.train.trainer import TrainedModel
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

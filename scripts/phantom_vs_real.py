@@ -17,7 +17,7 @@ from ctseg.datasets.phantom import generate_case  # noqa: E402
 from ctseg.io import read_volume, to_canonical  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "data" / "real-ct-liver" / "DICOM_anon"
+REAL = REPO / "tests" / "data" / "real-ct-liver" / "DICOM_anon"
 WINDOW = (-160, 240)
 
 

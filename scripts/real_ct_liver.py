@@ -2,7 +2,7 @@
 
 1. `ctseg phantom --task liver --layout chaos` (small phantom CHAOS set, DICOM + PNG masks);
 2. `ctseg train`: 2D U-Net (small widths), CTIA, binary liver (target foreground), 128 x 128, on CPU;
-3. `ctseg predict` on ../shared/data/real-ct-liver/DICOM_anon (JPEG 2000, empty SeriesInstanceUID)
+3. `ctseg predict` on tests/data/real-ct-liver/DICOM_anon (JPEG 2000, empty SeriesInstanceUID)
    to NIfTI (+ --stats) and to DICOM-SEG;
 4. compares with the fixture's liver_mask.nii.gz (resampled by physical position onto the prediction
    grid with `ctseg.io.resample_to`; that mask's y axis is flipped relative to the series), checks the
@@ -38,7 +38,7 @@ from ctseg.evaluate.metrics import dice  # noqa: E402
 from ctseg.io import read_volume, resample_to, to_canonical  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "data" / "real-ct-liver"
+REAL = REPO / "tests" / "data" / "real-ct-liver"
 WINDOW = (-160, 240)
 
 # fixed before looking at the real series: the paper's CHAOS preprocessing (percentile window of the

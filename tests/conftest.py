@@ -9,8 +9,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REAL_CT = SHARED / "data" / "real-ct-liver"
+REAL_CT = REPO / "tests" / "data" / "real-ct-liver"  # in the repository: a clone needs nothing beside it
 
 
 @pytest.fixture
@@ -21,5 +20,5 @@ def rng():
 @pytest.fixture
 def real_ct_dir():
     if not (REAL_CT / "DICOM_anon").is_dir():
-        raise FileNotFoundError(f"real CT fixture missing at {REAL_CT} (shared/ must sit beside the repo)")
+        raise FileNotFoundError(f"real CT fixture missing at {REAL_CT} (part of the repository: check .gitignore)")
     return REAL_CT

@@ -240,3 +240,78 @@ def test_fold_plans_use_only_the_folds_training_cases(tmp_path):
     shutil.rmtree(again.root)
     rebuilt = fold_cache(other, cfg, tmp_path / "cache", folds, 0, progress=False)  # recomputed from scratch
     assert rebuilt.plan == plans[0]
+
+
+def test_parallel_build_is_byte_identical_to_serial(tmp_path):
+    """`workers=2` (spawned processes) writes the same bytes as a serial build, every cached file."""
+    from ctseg.datasets.kits19 import KiTS19Dataset, write_kits19_case
+
+    for i in range(3):
+        case = synthetic_case(f"case_{i:05d}", i, z=8 + 2 * i)
+        write_kits19_case(tmp_path / "kits", case.case_id, case.image, case.label)
+    dataset = KiTS19Dataset(tmp_path / "kits")
+    serial = build_cache(dataset, tmp_path / "serial", small_cfg(), np.random.default_rng(0), progress=False)
+    parallel = build_cache(dataset, tmp_path / "parallel", small_cfg(), np.random.default_rng(0), progress=False,
+                           workers=2)
+    assert parallel.built == serial.built == dataset.case_ids()
+    names = sorted(p.name for p in (tmp_path / "serial" / "cases").iterdir())
+    assert len(names) == 9 and names == sorted(p.name for p in (tmp_path / "parallel" / "cases").iterdir())
+    for name in names:
+        assert (tmp_path / "serial" / "cases" / name).read_bytes() == (tmp_path / "parallel" / "cases" / name).read_bytes()
+    plans = [json.loads((tmp_path / d / "plan.json").read_text()) for d in ("serial", "parallel")]
+    for plan in plans:
+        plan.pop("created")
+    assert plans[0] == plans[1]
+    with pytest.raises(CtsegError, match="workers must be >= 1"):
+        build_cache(dataset, tmp_path / "x", small_cfg(), np.random.default_rng(0), progress=False, workers=0)
+
+
+PREPROCESS_MEMORY_SCRIPT = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ctseg.config import ExperimentConfig
+from ctseg.datasets import open_dataset
+from ctseg.preprocess.cache import build_cache
+
+
+def status(key):
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+base = status("VmRSS")
+cfg = ExperimentConfig.model_validate({"preprocess": {"in_plane_size": 128, "subset_size": 1}})
+build_cache(open_dataset(sys.argv[1]), sys.argv[2], cfg, np.random.default_rng(0), progress=False)
+print(base, status("VmHWM"))
+"""
+
+
+def test_preprocess_peak_memory_is_a_small_multiple_of_the_volume(tmp_path):
+    """Reading a KiTS19-oriented .nii.gz (reoriented on load), the intensity plan and the cache write hold at
+    most ~4 copies of the int16 volume's bytes at once (no whole-volume float32 or int64 temporaries)."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    shape = (192, 512, 512)  # KiTS19 order: slices first (96 MiB int16)
+    image = np.full(shape, -1000, np.int16)
+    image[:, 100:400, 120:420] = 40
+    label = np.zeros(shape, np.uint8)
+    label[80:140, 200:260, 200:280] = 1
+    image[80:140, 200:260, 200:280] = 100 + np.arange(80, dtype=np.int16)  # a spread of kidney HU
+    affine = np.array([[0.0, 0.0, -0.8, 0.0], [0.0, -0.8, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    (tmp_path / "kits" / "case_00000").mkdir(parents=True)
+    for name, array in (("imaging.nii.gz", image), ("segmentation.nii.gz", label)):
+        nib.save(nib.Nifti1Image(array, affine), str(tmp_path / "kits" / "case_00000" / name))
+    script = tmp_path / "measure.py"
+    script.write_text(PREPROCESS_MEMORY_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "kits"), str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    base, peak = map(int, out.stdout.split())
+    assert (tmp_path / "cache" / "cases" / "case_00000_image.npy").is_file()
+    assert peak - base <= 4 * image.nbytes, f"peak {(peak - base) / image.nbytes:.1f} x the int16 volume above start"

@@ -248,3 +248,47 @@ def test_inspect_command(tmp_path, rng, capsys, monkeypatch):
     (tmp_path / "empty").mkdir()
     assert cli_main(["inspect", str(tmp_path / "empty")]) == 2
     assert "empty folder" in capsys.readouterr().err
+
+
+def _ctseg_piped(*argv):
+    """`ctseg argv...` in a subprocess with stdout a pipe and no COLUMNS: what `| less` or `> file` gets."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE")}
+    return subprocess.run([sys.executable, "-m", "ctseg", *argv], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_inspect_piped_prints_the_whole_table_json_and_csv(tmp_path, rng):
+    import csv
+    import io
+
+    image, label = _canonical_case(rng)
+    for i in range(2):
+        write_kits19_case(tmp_path, f"case_{i:05d}", image, label)
+    kidney_ml = np.count_nonzero(label.array == 1) * np.prod(SPACING) / 1000
+    shape = "×".join(map(str, image.shape))
+
+    table = _ctseg_piped("inspect", str(tmp_path))
+    assert table.returncode == 0, table.stderr
+    assert max(map(len, table.stdout.splitlines())) > 80  # wider than rich's 80-column fallback...
+    assert "…" not in table.stdout and "\x1b[" not in table.stdout  # ...and nothing cut, no colour codes
+    row = next(line for line in table.stdout.splitlines() if "case_00001" in line)
+    assert shape in row and "5/0.75/0.75" in row and f"{kidney_ml:.1f}" in row
+
+    as_json = _ctseg_piped("inspect", str(tmp_path), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data["layout"] == "kits19" and data["problems"] == [] and len(data["rows"]) == 2
+    first = data["rows"][0]
+    assert (first["shape_z"], first["shape_y"], first["shape_x"]) == image.shape
+    assert first["spacing_z_mm"] == 5.0 and first["thickness_mm"] == 5.0 and first["error"] is None
+    assert first["kidney_ml"] == pytest.approx(kidney_ml, abs=1e-3)
+    assert first["hu_min"] == image.array.min() and first["hu_max"] == image.array.max()
+
+    as_csv = _ctseg_piped("inspect", str(tmp_path), "--csv")
+    assert as_csv.returncode == 0, as_csv.stderr
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert [r["case_id"] for r in rows] == [r["case_id"] for r in data["rows"]]
+    assert float(rows[1]["tumour_ml"]) == pytest.approx(data["rows"][1]["tumour_ml"])

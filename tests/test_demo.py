@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 DEMO_ROWS = ["nnU-Net + MIA 2D", "nnU-Net + CTIA 2D", "MS-D Net + MIA 2D", "MS-D Net + CTIA 2D",
              "MS-D Net + MIA 3D", "MS-D Net + CTIA 3D", "Stacked CNN + MIA", "Stacked CNN + CTIA",

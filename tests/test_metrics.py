@@ -129,3 +129,40 @@ def test_cli_evaluate_folders_with_folds(tmp_path, capsys):
     assert cli_main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
                      "--out", str(out), "--overwrite"]) == 2
     assert "c3" in capsys.readouterr().err
+
+
+def _kits_oriented(path, data_isl, slice_mm, pixel_mm):
+    """Write `data_isl` as KiTS19 stores it: nibabel axis 0 is the slice axis, affine I-P-L (case_00160)."""
+    import nibabel as nib
+
+    affine = np.array([[0.0, 0.0, -pixel_mm, 0.0], [0.0, -pixel_mm, 0.0, 0.0], [-slice_mm, 0.0, 0.0, 0.0],
+                       [0.0, 0.0, 0.0, 1.0]])
+    nib.save(nib.Nifti1Image(data_isl, affine), str(path))
+
+
+@pytest.mark.parametrize("slice_mm, pixel_mm, group", [(0.5, 0.92, "<=1.5mm"), (5.0, 0.8, ">3mm")])
+def test_cli_evaluate_takes_the_slice_axis_from_the_geometry(tmp_path, slice_mm, pixel_mm, group):
+    """KiTS19 files keep the slice axis first in nibabel order (the last of our (z, y, x) array): the
+    thickness is that axis' spacing, not spacing[0]; non-square slices (32 x 48 here, 512 x 796 in KiTS19)."""
+    import json
+
+    from ctseg.cli import main as cli_main
+    from ctseg.io import read_volume
+
+    ref = np.zeros((24, 32, 48), np.uint8)  # (slices, rows, columns) in nibabel order
+    ref[6:18, 8:24, 10:30] = 1
+    pred = ref.copy()
+    pred[6:9] = 0  # three of twelve slices missed: Dice 2 * 9 / 21
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pred").mkdir()
+    _kits_oriented(tmp_path / "ref" / "case_00160.nii.gz", ref, slice_mm, pixel_mm)
+    _kits_oriented(tmp_path / "pred" / "case_00160.nii.gz", pred, slice_mm, pixel_mm)
+    vol = read_volume(tmp_path / "ref" / "case_00160.nii.gz")
+    assert vol.shape == (48, 32, 24) and vol.slice_axis() == 2 and vol.slice_spacing_mm() == pytest.approx(slice_mm)
+    out = tmp_path / "metrics.json"
+    assert cli_main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                     "--out", str(out), "--no-distances"]) == 0
+    (rec,) = [r for r in json.loads(out.read_text())["records"] if r["structure"] == "kidney"]
+    assert rec["slice_thickness"] == pytest.approx(slice_mm)
+    assert rec["thickness_group"] == group
+    assert rec["dice"] == pytest.approx(18 / 21)

@@ -2,7 +2,6 @@
 on a tiny trained model (out-of-fold and --model modes, continue / refuse, bad input) and the report section."""
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np

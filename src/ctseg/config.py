@@ -6,8 +6,6 @@ Load with `load_config(path)`, save with `save_config(cfg, path)` (atomic).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ctseg.errors import CtsegError
-from ctseg.staging import follow_umask
+from ctseg.fileutil import atomic_write_text
 
 
 class _Section(BaseModel):
@@ -351,21 +349,6 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 def config_to_dict(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write text to `path` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    follow_umask(fd)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -44,16 +44,16 @@ import numpy as np
 import torch
 import yaml
 
-from ctseg.config import (ExperimentConfig, StackConfig, atomic_write_text, config_to_dict, parse_config,
-                          save_config)
+from ctseg.config import ExperimentConfig, StackConfig, config_to_dict, parse_config, save_config
 from ctseg.errors import CtsegError
-from ctseg.evaluate.report import VolumeResult
+from ctseg.evaluate.records import VolumeResult
+from ctseg.fileutil import atomic_path, atomic_write_text
+from ctseg.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 CV_FORMAT = "ctseg.cv"
 STACK_FORMAT = "ctseg.stack"
-_CHUNK_BYTES = 64 * 2**20
 
 
 # ------------------------------------------------------------------------------------------- identity
@@ -147,6 +147,17 @@ def fold_cache_dir(cfg: ExperimentConfig, cache_root: str | Path, folds, k: int)
     return plan_cache_dir(cache_root, cfg.preprocess, fold_plan_subset(folds.train_ids(k), cfg.preprocess, k))
 
 
+def folds_of_cache(cache, cfg: ExperimentConfig, folds_file: str | Path):
+    """The `Folds` in `folds_file`, made from the cached cases' slice counts and thicknesses (`cfg.cv`,
+    seed stream [seed, 0xF01D], as `prepare_data`) when the file does not exist yet."""
+    from ctseg.evaluate.folds import load_or_create_folds
+
+    case_meta = {cid: {k: cache.meta(cid).get(k) for k in ("num_slices", "slice_thickness", "spacing")}
+                 for cid in cache.case_ids()}
+    return load_or_create_folds(folds_file, case_meta, cfg.cv.n_folds, cfg.cv.fold_mode,
+                                np.random.default_rng([cfg.seed, 0xF01D]))
+
+
 def _eval_classes(target: str, dataset_classes: dict[int, str]) -> tuple[dict[int, str], bool]:
     """Classes to score a model's output with, and whether the reference must be merged to foreground.
 
@@ -163,18 +174,12 @@ def network_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int]
     """(C, z, S, S) network-resolution probabilities -> uint8 (z, H, W) label: bilinear in-plane (into the
     crop `box`, background outside), argmax.
 
-    Chunked along z so that only ~64 MiB of full-resolution probabilities exist at a time.
+    Chunked along z (`ctseg.predict.restore_label`, as `ctseg predict` does).
     """
-    from ctseg.preprocess.slices import restore_in_plane
+    from ctseg.predict import restore_label
 
-    c, z = probs.shape[:2]
-    h, w = original_yx
-    out = np.empty((z, h, w), dtype=np.uint8)
-    step = max(1, _CHUNK_BYTES // (4 * c * h * w))
-    for z0 in range(0, z, step):
-        chunk = restore_in_plane(probs[:, z0:z0 + step], (h, w), box=box)
-        arg = chunk.argmax(0) if isinstance(chunk, np.ndarray) else chunk.argmax(0).cpu().numpy()
-        out[z0:z0 + step] = arg.astype(np.uint8)
+    out = np.empty((probs.shape[1], *original_yx), dtype=np.uint8)
+    restore_label(probs, original_yx, out, box=box)
     return out
 
 
@@ -243,7 +248,6 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
     `out_dir/folds.json`; experiments share them between runs.
     """
     from ctseg.predict import predict_network
-    from ctseg.train.distributed import resolve_device
     from ctseg.train.trainer import load_trained, train_model
 
     out = Path(out_dir)
@@ -311,10 +315,8 @@ def _training_completed(model_dir: Path) -> bool:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
 
 
 def _claim_run_dir(out: Path, cfg: ExperimentConfig, ident: RunIdentity, data_dir, cache_dir: Path,
@@ -418,7 +420,6 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
                                        save_meta_model, select_members, stack_inputs, train_meta_model,
                                        vote_matrix)
     from ctseg.preprocess.cache import CaseCache
-    from ctseg.train.distributed import resolve_device
     from ctseg.train.losses import TanimotoCELoss
 
     if not cv_dirs:

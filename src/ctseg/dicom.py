@@ -14,7 +14,6 @@ ImageOrientationPatient, origin = position of the first slice along the normal.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_path
 from ctseg.geometry import usable_grid
-from ctseg.io import Volume, _atomic_target
+from ctseg.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -377,11 +377,7 @@ def write_dicom_series(volume: Volume, folder: str | Path, *, file_names: Sequen
         if transfer_syntax != ExplicitVRLittleEndian:
             ds.compress(transfer_syntax)
         path = folder / names[k]
-        tmp = _atomic_target(path)
-        try:
+        with atomic_path(path) as tmp:
             ds.save_as(tmp, enforce_file_format=True)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         out.append(path)
     return out

@@ -17,8 +17,6 @@ slice order come out right. Writes are atomic.
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from pydicom.sr.codedict import codes
 
 from ctseg import __version__
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_path
 from ctseg.io import Volume
 
 log = logging.getLogger(__name__)
@@ -99,13 +98,8 @@ def _foreground_classes(classes: dict[int, str]) -> list[tuple[int, str]]:
 
 
 def _atomic_save(ds: Dataset, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

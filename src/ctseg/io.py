@@ -23,11 +23,10 @@ with the sform and a warning that says so (also in `meta["warnings"]`).
 """
 from __future__ import annotations
 
+import io
 import itertools
 import logging
-import os
-import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,65 +35,18 @@ import numpy as np
 import SimpleITK as sitk
 from isal import igzip
 
+from ctseg.dicom import SeriesInfo, list_dicom_series, read_dicom_files, read_dicom_series  # noqa: F401 (re-exported)
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_path
 from ctseg.geometry import usable_grid
+from ctseg.volume import Volume, closest_permutation
 
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SITK_READ_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 SITK_WRITE_SUFFIXES = (".nrrd", ".mha")
-_DICOM_NAMES = ("read_dicom_series", "read_dicom_files", "list_dicom_series", "SeriesInfo")
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-@dataclass
-class Volume:
-    """A 3D image or label map with its geometry.
-
-    array: (z, y, x); spacing: (z, y, x) mm; origin: (x, y, z) LPS mm; direction: 3x3 (ITK order).
-    slice_thickness: DICOM SliceThickness in mm when known (may differ from the slice spacing).
-    meta: free-form provenance (source path, series UID, ...); never needed for geometry.
-    """
-
-    array: np.ndarray
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
-    slice_thickness: float | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.array.ndim != 3:
-            raise CtsegError(f"expected a 3D volume (z, y, x), got an array of shape {self.array.shape}",
-                             self.meta.get("path"))
-        self.spacing = tuple(float(s) for s in self.spacing)
-        self.origin = tuple(float(o) for o in self.origin)
-        self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)
-
-    @property
-    def affine_lps(self) -> np.ndarray:
-        """4x4 matrix mapping homogeneous ITK indices (x, y, z, 1) to LPS mm."""
-        a = np.eye(4)
-        a[:3, :3] = self.direction @ np.diag(self.spacing[::-1])
-        a[:3, 3] = self.origin
-        return a
-
-    def with_array(self, array: np.ndarray) -> "Volume":
-        """Same geometry, new voxels (same shape)."""
-        if array.shape != self.array.shape:
-            raise ValueError(f"shape {array.shape} != {self.array.shape}")
-        return replace(self, array=array, meta=dict(self.meta))
-
-    def same_geometry(self, other: "Volume", atol: float = 1e-4) -> bool:
-        return (self.shape == other.shape
-                and np.allclose(self.spacing, other.spacing, atol=atol)
-                and np.allclose(self.origin, other.origin, atol=atol)
-                and np.allclose(self.direction, other.direction, atol=atol))
 
 
 def to_sitk(volume: Volume) -> sitk.Image:
@@ -115,15 +67,6 @@ def from_sitk(image: sitk.Image, **meta: Any) -> Volume:
         direction=np.array(image.GetDirection()).reshape(3, 3),
         meta=dict(meta),
     )
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy re-export of the DICOM readers (`ctseg.dicom` imports this module)."""
-    if name in _DICOM_NAMES:
-        from ctseg import dicom
-
-        return getattr(dicom, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _suffix(path: Path) -> str:
@@ -158,8 +101,6 @@ def read_volume(path: str | Path) -> Volume:
     """
     path = Path(path)
     if path.is_dir():
-        from ctseg.dicom import read_dicom_series
-
         return read_dicom_series(path)
     if not path.is_file():
         raise CtsegError("no such file or folder", path)
@@ -175,14 +116,43 @@ def read_volume(path: str | Path) -> Volume:
 
 
 def _load_nifti(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
-    """nibabel image with its data in memory. .nii.gz is inflated in one call with ISA-L (igzip),
-    about 2.5x faster than nibabel's streaming gzip (benchmarks/bench_io.py)."""
+    """nibabel image with its data in memory. .nii.gz is inflated with ISA-L (igzip), about 2.5x faster
+    than nibabel's streaming gzip (benchmarks/bench_io.py); unscaled data are inflated straight into
+    the array (`_inflate_unscaled`), so reading holds one copy of the voxels, not two."""
     if _suffix(path) != ".nii.gz":
         return nib.load(str(path), mmap=False)
-    raw = igzip.decompress(path.read_bytes())
-    sizeof_hdr = int.from_bytes(raw[:4], "little")
-    nifti2 = sizeof_hdr == 540 or int.from_bytes(raw[:4], "big") == 540
-    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
+    with igzip.open(path, "rb") as stream:
+        first = stream.read(4)
+        nifti2 = 540 in (int.from_bytes(first, "little"), int.from_bytes(first, "big"))
+        klass = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+        header_bytes = first + stream.read(540 - 4 if nifti2 else 348 - 4)
+        header = klass.header_class.from_fileobj(io.BytesIO(header_bytes + b"\0" * 4), check=True)
+        offset = int(header["vox_offset"])
+        image = _inflate_unscaled(stream, klass, header, len(header_bytes), offset)
+        if image is not None:
+            return image
+    return klass.from_bytes(igzip.decompress(path.read_bytes()))
+
+
+def _inflate_unscaled(stream, klass, header, position: int, offset: int):
+    """The image with its voxels read from `stream` into one Fortran-ordered array, or None when the
+    file needs nibabel's general path (scaled data, extensions, a data offset inside the header)."""
+    slope, inter = header.get_slope_inter()
+    if (slope is not None and (slope, inter) != (1.0, 0.0)) or offset < position or offset - position > 4:
+        return None
+    if stream.read(offset - position) not in (b"", b"\0" * (offset - position)):
+        return None  # extensions
+    array = np.empty(header.get_data_shape(), dtype=header.get_data_dtype(), order="F")
+    buffer = memoryview(array.T).cast("B")  # array.T is C-contiguous over the same bytes
+    filled = 0
+    while filled < buffer.nbytes:
+        n = stream.readinto(buffer[filled:filled + (16 << 20)])  # gzip readers inflate into a temporary of this size
+        if not n:
+            raise EOFError(f"file ends after {filled} of {buffer.nbytes} data bytes")
+        filled += n
+    header = header.copy()
+    header.set_slope_inter(slope, inter)  # as nibabel leaves them on a file it read
+    return klass(array, header.get_best_affine(), header=header)
 
 
 def _read_nifti(path: Path) -> Volume:
@@ -252,11 +222,6 @@ def _read_sitk(path: Path) -> Volume:
     return vol
 
 
-def _atomic_target(path: Path) -> Path:
-    """A temporary sibling of `path` that keeps its suffix (writers pick the format from it)."""
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-
-
 def write_volume(volume: Volume, path: str | Path) -> Path:
     """Write `volume` with its geometry to .nii / .nii.gz / .nrrd / .mha, atomically (temp + rename).
 
@@ -270,16 +235,11 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
         raise CtsegError(f"cannot write {suffix!r}: use one of {NIFTI_SUFFIXES + SITK_WRITE_SUFFIXES}", path)
     if volume.array.dtype == bool:
         volume = volume.with_array(volume.array.astype(np.uint8))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         if suffix in NIFTI_SUFFIXES:
             nib.save(_to_nifti(volume), str(tmp))
         else:
             sitk.WriteImage(to_sitk(volume), str(tmp), useCompression=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -331,20 +291,16 @@ class Reorientation:
         return tuple(shape_xyz[p] for p in self.permutation)[::-1]
 
 
-def _closest_permutation(direction: np.ndarray) -> tuple[int, ...]:
-    """perm[k] = index axis best aligned with physical axis k (max total |component|; robust when oblique)."""
-    weights = np.abs(direction)
-    return max(itertools.permutations(range(3)), key=lambda p: sum(weights[k, p[k]] for k in range(3)))
-
-
-def to_canonical(volume: Volume) -> tuple[Volume, Reorientation]:
+def to_canonical(volume: Volume, copy: bool = True) -> tuple[Volume, Reorientation]:
     """Permute/flip axes (no interpolation) so that axis 0 is axial and direction ~ identity in LPS.
 
     Returns the canonical volume (same voxels, same physical positions) and the `Reorientation`
     that `from_canonical` inverts. Oblique volumes get the permutation of largest |direction| sum.
+    copy=False: the canonical array is a strided view of `volume.array` (no memory; writes go
+    through to it; may have negative strides, so copy slabs before `torch.from_numpy`).
     """
     d = volume.direction
-    perm = _closest_permutation(d)
+    perm = closest_permutation(d)
     flips = tuple(bool(d[k, perm[k]] < 0) for k in range(3))
     shape_xyz = volume.shape[::-1]
     spacing_xyz = np.array(volume.spacing[::-1])
@@ -357,16 +313,17 @@ def to_canonical(volume: Volume) -> tuple[Volume, Reorientation]:
     reo = Reorientation(perm, flips, volume.shape, volume.spacing, volume.origin, tuple(d.flatten()))
     if reo.is_identity:
         return replace(volume, meta=dict(volume.meta)), reo
-    array = _permute_flip(volume.array, perm, flips)
+    array = _permute_flip(volume.array, perm, flips, copy)
     return Volume(array=array, spacing=tuple(spacing_xyz[list(perm)][::-1]), origin=tuple(origin),
                   direction=new_direction, slice_thickness=volume.slice_thickness, meta=dict(volume.meta)), reo
 
 
-def _permute_flip(array_zyx: np.ndarray, perm: tuple[int, ...], flips: tuple[bool, ...]) -> np.ndarray:
+def _permute_flip(array_zyx: np.ndarray, perm: tuple[int, ...], flips: tuple[bool, ...], copy: bool = True
+                  ) -> np.ndarray:
     """Array (z, y, x) -> canonical (z', y', x'): canonical ITK axis k <- original ITK axis perm[k]."""
     itk = array_zyx.transpose(2, 1, 0).transpose(perm)
     itk = itk[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
-    return np.ascontiguousarray(itk.transpose(2, 1, 0))
+    return np.ascontiguousarray(itk.transpose(2, 1, 0)) if copy else itk.transpose(2, 1, 0)
 
 
 def from_canonical(volume: Volume, reorientation: Reorientation) -> Volume:

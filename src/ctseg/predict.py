@@ -2,7 +2,8 @@
 
 Pipeline (`predict_volume`):
 
-1. `to_canonical` (axis 0 axial, direction ~ identity; permutations and flips only, no resampling);
+1. `to_canonical(copy=False)` (axis 0 axial, direction ~ identity; permutations and flips only, no
+   resampling): a strided view of the input, no copy;
 2. `preprocess_volume` with the models' intensity plan and in-plane size, exactly as in training
    (window + z-score, crop to the windowed region, area resize to S x S), giving (z, S, S) float32;
 3. forward passes under `torch.inference_mode`, batched, on the GPU when present:
@@ -11,15 +12,16 @@ Pipeline (`predict_volume`):
    as nnU-Net's patch blending, or linear "tent" weights) and the weighted sum normalised;
    volumes shorter than the window are padded by edge replication and cropped back;
 4. member probabilities combined (see "Ensembles");
-5. back to the canonical in-plane grid (`restore_in_plane`: bilinear into the crop box, background
-   outside it) and argmax, chunk by chunk
-   along z so that only ~64 MiB of float32 probabilities exist at full resolution at any time;
-6. `from_canonical`: a uint8 label map on the input's exact grid (shape, spacing, origin, direction).
+5. back to the canonical in-plane grid (`restore_label`: `restore_in_plane`, bilinear into the crop box,
+   background outside it, and argmax), chunk by chunk along z so that only ~64 MiB of float32
+   probabilities exist at full resolution at any time, written through a canonical view into a uint8
+   label map in the input's own voxel order: the label has the input's exact grid (shape, spacing,
+   origin, direction).
 
-Memory on a 512 x 512 x z volume: the input, one canonical copy of it when the input is not stored
-canonically, the uint8 label map (twice while it is reoriented), network-resolution probabilities
-(C x z x S x S float32) and one resampling chunk. Full-resolution probabilities (C x z x 512 x 512
-float16) are only kept when `return_probabilities=True`.
+Memory on a 512 x 512 x z volume: the input, the uint8 label map, network-resolution probabilities
+(C x z x S x S float32) and one resampling chunk (benchmarks/bench_memory.py: 1.76 GiB peak for
+`ctseg predict` of a 1059-slice case). Full-resolution probabilities (C x z x 512 x 512 float16) are
+only kept when `return_probabilities=True`.
 
 Ensembles: members must share the dataset classes, the intensity plan and the in-plane size
 (else CtsegError). A member may be "multiclass" (all dataset classes) or "foreground" (background
@@ -39,10 +41,8 @@ a per-volume quality flag (low values deserve a human look; `ctseg.evaluate.qual
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -50,7 +50,10 @@ import numpy as np
 import torch
 
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_path
 from ctseg.io import Volume
+from ctseg.models.stacking import combine_members
+from ctseg.runtime import release_free_memory, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +223,6 @@ def predict_network(image: np.ndarray | torch.Tensor, models, device: str | torc
     Returns (probabilities (C, z, S, S) float32 tensor on `device`, output classes, member Dice
     matrix (M, M) or None for a single model).
     """
-    from ctseg.train.distributed import resolve_device
-
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     _, out_classes = check_members(models)
     if batch_size is not None and batch_size < 1:
@@ -246,13 +247,7 @@ def predict_network(image: np.ndarray | torch.Tensor, models, device: str | torc
             fg_masks.append((_argmax_uint8(p) != 0).cpu().numpy())
             del p
     bg /= len(models)
-    if fg is None:
-        probs = torch.stack([bg, 1.0 - bg])
-    else:  # split the foreground mass 1 - bg among the classes as the multiclass members do
-        fg += 1e-6
-        fg /= fg.sum(dim=0, keepdim=True)
-        fg *= (1.0 - bg)[None]
-        probs = torch.cat([bg[None], fg])
+    probs = combine_members(bg, fg, len(out_classes))
     from ctseg.evaluate.quality import member_dice_matrix
 
     return probs, out_classes, member_dice_matrix(fg_masks)
@@ -290,6 +285,27 @@ def _argmax_uint8(probs: torch.Tensor) -> torch.Tensor:
     return label
 
 
+def restore_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int], label_out: np.ndarray,
+                  probabilities_out: Sequence[np.ndarray] = (), box: tuple[int, int, int, int] | None = None) -> None:
+    """Network-resolution probabilities (C, z, S, S) -> `label_out` (z, H, W) uint8: bilinear in-plane
+    restore (`restore_in_plane`, into the crop `box`, background outside it), then argmax (ties -> lower class).
+
+    Chunked along z: ~64 MiB of full-resolution probabilities exist at a time. `label_out` and the
+    optional `probabilities_out` (C arrays (z, H, W), e.g. float16) may be strided views (another
+    voxel order); they receive the results in place.
+    """
+    from ctseg.preprocess.slices import restore_in_plane
+
+    n_cls, z = probs.shape[:2]
+    h, w = original_yx
+    step = max(1, _CHUNK_BYTES // (4 * n_cls * h * w))
+    for z0 in range(0, z, step):
+        chunk = torch.as_tensor(restore_in_plane(probs[:, z0:z0 + step], (h, w), out_dtype=np.float32, box=box))
+        label_out[z0:z0 + step] = _argmax_uint8(chunk).cpu().numpy()
+        for c, out in enumerate(probabilities_out):
+            out[z0:z0 + step] = chunk[c].to(torch.float16).cpu().numpy()
+
+
 def predict_volume(volume: Volume, models, device: str | torch.device = "auto", return_probabilities: bool = False,
                    batch_size: int | None = None, overlap: float = 0.5,
                    blend: Literal["gaussian", "linear"] = "gaussian", progress: bool = False) -> PredictionResult:
@@ -299,21 +315,23 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     ensemble rule). batch_size: slices (2D) or windows (3D) per forward pass (default 32 / 2).
     overlap: fraction of a 3D window shared with the next. Modules are moved to `device`.
     """
-    from ctseg.io import from_canonical, to_canonical
-    from ctseg.preprocess.slices import network_grid, preprocess_volume, restore_in_plane
-    from ctseg.train.distributed import resolve_device
+    from ctseg.io import to_canonical
+    from ctseg.preprocess.slices import network_grid, preprocess_volume
 
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     check_members(models)
     dev = resolve_device(device)
     seconds = {}
     t0 = time.perf_counter()
-    canon, reo = to_canonical(volume)
+    # canonical views, no copies: the network input is made slab by slab from the input's voxels, and
+    # the label (and probabilities) are written through canonical views into arrays in the input's order
+    canon = to_canonical(volume, copy=False)[0]
     grid = network_grid(canon.array, models[0].plan, _in_plane_size(models[0]), models[0].cfg.preprocess.crop)
     image = preprocess_volume(canon.array, models[0].plan, _in_plane_size(models[0]), box=grid.box)
     z, h, w = canon.shape
-    canon_label = replace(canon, array=np.empty((z, h, w), dtype=np.uint8), meta=dict(volume.meta))
-    del canon  # frees the canonical copy of the image (if the input was not canonical)
+    del canon
+    label = np.empty(volume.shape, dtype=np.uint8)
+    label_view = to_canonical(volume.with_array(label), copy=False)[0].array
     seconds["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -324,23 +342,12 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     seconds["forward"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    n_cls = probs.shape[0]
-    full = np.empty((n_cls, z, h, w), dtype=np.float16) if return_probabilities else None
-    step = max(1, _CHUNK_BYTES // (4 * n_cls * h * w))
-    for z0 in range(0, z, step):
-        chunk = restore_in_plane(probs[:, z0:z0 + step], (h, w), out_dtype=np.float32, box=grid.box)
-        canon_label.array[z0:z0 + step] = _argmax_uint8(chunk).cpu().numpy()
-        if full is not None:
-            full[:, z0:z0 + step] = chunk.to(torch.float16).cpu().numpy()
-        del chunk
-    del probs
-    out_label = from_canonical(canon_label, reo)
-    if full is not None and not reo.is_identity:
-        reoriented = np.empty((n_cls, *volume.shape), dtype=np.float16)
-        for c in range(n_cls):
-            reoriented[c] = from_canonical(replace(canon_label, array=full[c]), reo).array
-        full = reoriented
-    del canon_label
+    full = np.empty((probs.shape[0], *volume.shape), dtype=np.float16) if return_probabilities else None
+    full_views = [] if full is None else [to_canonical(volume.with_array(f), copy=False)[0].array for f in full]
+    restore_label(probs, (h, w), label_view, full_views, box=grid.box)
+    del probs, label_view, full_views
+    release_free_memory()
+    out_label = volume.with_array(label)
     seconds["restore"] = time.perf_counter() - t0
     agreement = None
     if member_dice is not None:
@@ -379,11 +386,6 @@ def write_probabilities(result: PredictionResult, path: str | Path) -> Path:
     img.header.set_xyzt_units("mm")
     img.header.set_slope_inter(1.0 / 255.0, 0.0)
     img.header["intent_name"] = b"class probs"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

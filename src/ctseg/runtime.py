@@ -1,9 +1,15 @@
-"""Process-wide runtime settings for CPU throughput."""
+"""Process-wide runtime settings: glibc malloc tuning for CPU throughput, and the compute device."""
 from __future__ import annotations
 
 import ctypes
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+from ctseg.errors import CtsegError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -27,3 +33,42 @@ def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20)
         return False
     log.debug("glibc malloc tuned: %s", ok)
     return ok
+
+
+def release_free_memory() -> bool:
+    """Hand freed heap memory back to the OS (glibc `malloc_trim`), e.g. after a whole-volume step.
+
+    With `tune_malloc`, freed buffers below 64 MiB stay in the heap; holes between live blocks stay
+    resident. Whole-volume steps (inference of a long CT) free hundreds of MB of such buffers at once.
+    Returns False where not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim(0) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+def resolve_device(name: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """"auto"/None -> CUDA if available else CPU; "cuda" under torchrun -> cuda:LOCAL_RANK.
+
+    Used by training, prediction and cross-validation alike (torch is imported on first use, so that
+    `ctseg --help` and the CLI's start-up stay light).
+    """
+    import torch
+
+    if isinstance(name, torch.device):
+        return name
+    if name is None or name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CtsegError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CtsegError(f"device {name!r} requested but CUDA is not available in this PyTorch build")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 
+from ctseg.commands._output import stdout_console
 from ctseg.commands._types import nonnegative_int
 
 HELP = "cross-validate one configuration (slice-sorted folds); folds can run as separate jobs with --fold"
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else ExperimentConfig()
     if args.aug:
         cfg.augment.name = args.aug
-    console = Console()
+    console = stdout_console()
     ident = RunIdentity.of(cfg)
     console.print(f"cross-validating [bold]{ident.name}[/] on {escape(str(args.data))} -> {escape(str(args.out))}")
     records = run_cv(cfg, args.data, args.out, args.fold, cache_dir=args.cache, folds_file=args.folds_file,

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
+from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_int, seed_int
 from ctseg.errors import CtsegError
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ctseg.evaluate.report import load_results
     from ctseg.experiment import apply_profile, run_experiment
 
-    console = Console()
+    console = stdout_console()
     cfg_path = args.config or default_config_path()
     if not cfg_path.is_file():
         raise CtsegError("demo config not found (run from a source checkout, or pass --config)", cfg_path)
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     total = time.perf_counter() - t0
     results = json.loads((args.out / "results.json").read_text())
     console.print(summary_table(load_results(args.out / "results.json")))
-    console.print(Panel(f"[bold]{results['headline']['text']}[/]\n\n"
+    console.print(Panel.fit(f"[bold]{results['headline']['text']}[/]\n\n"
                         f"report:  [bold cyan]{html.resolve()}[/]\n"
                         f"tables:  {(args.out / 'results.md').resolve()}\n"
                         f"time:    {total:.0f} s (phantom data {t_data:.0f} s)",

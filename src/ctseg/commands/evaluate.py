@@ -13,9 +13,9 @@ import logging
 import math
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_float
 from ctseg.errors import CtsegError
 
@@ -106,7 +106,7 @@ def _fmt(stats: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ctseg.config import atomic_write_text
+    from ctseg.fileutil import atomic_write_text
     from ctseg.evaluate.folds import load_folds
     from ctseg.evaluate.metrics import evaluate_volume, fold_mean_std, summarize
     from ctseg.io import read_volume, resample_to
@@ -129,9 +129,8 @@ def run(args: argparse.Namespace) -> int:
                 fold = folds.fold_of(case_id)
             except KeyError:
                 raise CtsegError(f"case {case_id!r} is in no fold of {args.folds}", ref_path) from None
-        thickness = ref.slice_thickness if ref.slice_thickness is not None else ref.spacing[0]
         records += evaluate_volume(np.asarray(pred.array), np.asarray(ref.array), classes, ref.spacing,
-                                   case_id=case_id, fold=fold, slice_thickness=thickness,
+                                   case_id=case_id, fold=fold, slice_thickness=ref.slice_thickness_mm(),
                                    distances=not args.no_distances, tolerance_mm=args.tolerance)
 
     metrics = ["dice"] + ([] if args.no_distances else ["hd95", "surface_dice"])
@@ -146,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(args.out, json.dumps({"classes": {str(k): v for k, v in classes.items()},
                                                 "records": clean, "summary": summary}, indent=1, default=str))
 
-    console = Console()
+    console = stdout_console()
     n_cases = len({r["case_id"] for r in records})
     table = Table(title=f"{n_cases} volume(s), mean ± std over volumes")
     table.add_column("structure")

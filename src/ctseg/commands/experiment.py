@@ -5,9 +5,9 @@ import argparse
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 
+from ctseg.commands._output import stdout_console
 from ctseg.errors import CtsegError
 
 HELP = "run the paper's matrix {U-Net, MS-D} x {2D, 3D} x augmentations (MIA, nnU-Net DA, CTIA, none) x folds + stacking, and write the report"
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     data = args.data or (Path(cfg.data.path) if cfg.data.path else None)
     if data is None:
         raise CtsegError("no dataset: pass --data DIR or set data.path in the config", args.config)
-    console = Console()
+    console = stdout_console()
     t0 = time.perf_counter()
     html = run_experiment(cfg, data, args.out, device=args.device, progress=not args.no_progress)
     console.print(summary_table(load_results(args.out / "results.json")))

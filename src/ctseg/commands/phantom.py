@@ -5,11 +5,11 @@ import argparse
 import os
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_int, seed_int
 from ctseg.errors import CtsegError
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ctseg.datasets.phantom import CLASSES, write_phantom_dataset
 
     check_dataset_out(args.out, args.overwrite)
-    console = Console()
+    console = stdout_console()
     table = Table(title=f"phantom {args.task} dataset: {escape(str(args.out))}")
     for col in ("case", "slices", "spacing z/y/x mm", "thick mm", "region", "noise HU",
                 *(f"{name} mL" for v, name in CLASSES[args.task].items() if v)):

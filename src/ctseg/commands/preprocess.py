@@ -5,10 +5,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._output import stdout_console
 from ctseg.commands._types import seed_int
 from ctseg.config import ExperimentConfig, load_config, save_config
 from ctseg.errors import CtsegError
@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-ids", type=Path, metavar="FILE",
                         help="text file, one case id per line: draw the intensity subset only from these")
     parser.add_argument("--force", action="store_true", help="recompute the plan and rebuild every case")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="cases preprocessed in parallel processes (default 1; each holds one case in memory)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     train_ids = _read_ids(args.train_ids) if args.train_ids else None
     dataset = open_dataset(args.dataset, layout=cfg.data.layout)
     report = build_cache(dataset, args.out, cfg, np.random.default_rng(cfg.seed), train_ids=train_ids,
-                         progress=not args.no_progress, force=args.force)
+                         progress=not args.no_progress, force=args.force, workers=args.workers)
     save_config(cfg, args.out / "config.yaml")
 
     plan = report.plan
@@ -73,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("in-plane size", f"{cfg.preprocess.in_plane_size} x {cfg.preprocess.in_plane_size}, "
                   f"{cfg.preprocess.cache_dtype}")
     table.add_row("time", f"{report.seconds:.1f} s")
-    Console().print(table)
+    stdout_console().print(table)
     return 0

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_float
 from ctseg.errors import CtsegError
 
@@ -81,7 +81,7 @@ def summary_table(records, title: str = "Dice, paper protocol (mean ± std over 
 def run(args: argparse.Namespace) -> int:
     from ctseg.evaluate.report import DEFAULT_THICKNESS_EDGES_MM, write_report
 
-    console = Console()
+    console = stdout_console()
     records, curves = collect(args.runs)
     html = write_report(records, args.out, log_csvs=curves, title=args.title,
                         thickness_edges_mm=args.thickness_groups or DEFAULT_THICKNESS_EDGES_MM)

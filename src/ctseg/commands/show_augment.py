@@ -9,13 +9,10 @@ the z transforms are shown as coronal reformats, CWVRS with its intensity mappin
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.markup import escape
 
 from ctseg.augment import build_augmenter
@@ -31,12 +28,13 @@ from ctseg.augment.ctia import (
     sample_random_window,
     sample_rotation,
 )
+from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_int, seed_int
 from ctseg.config import ExperimentConfig, load_config
 from ctseg.datasets import LAYOUTS, open_dataset
 from ctseg.errors import CtsegError
 from ctseg.evaluate.report import AUG_NAMES
-from ctseg.staging import follow_umask
+from ctseg.fileutil import atomic_path
 
 HELP = "PNG grid of original vs augmented slices (CTIA, MIA or nnU-Net DA) with label contours, one panel per CTIA transform"
 
@@ -106,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    console = Console()
+    console = stdout_console()
     if args.n < 1 or args.slices < 2:
         raise CtsegError("--n must be >= 1 and --slices >= 2")
     out = Path(args.out)
@@ -142,16 +140,11 @@ def run(args: argparse.Namespace) -> int:
     fig.suptitle(f"{case.case_id}: {AUG_NAMES[args.aug]} (seed {args.seed}); window [{plan.lower:.0f}, {plan.upper:.0f}] "
                  f"HU, z-scored", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    follow_umask(fd)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     console.print(f"wrote {escape(str(out))}")
     return 0
 

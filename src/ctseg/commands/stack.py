@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 
+from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_int
 
 HELP = "stacked CNN from finished cross-validations (out-of-fold meta-model), plain averaging beside it"
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
         base = stack_cfg or parse_config(yaml.safe_load((args.cv_dirs[0] / "config.yaml").read_text())).stack
         stack_cfg = base.model_copy(update={"top_k": args.top_k})
-    console = Console()
+    console = stdout_console()
     records = run_stack(args.cv_dirs, args.out, stack_cfg, device=args.device, progress=not args.no_progress)
     console.print(summary_table(records, "stacked CNN vs plain average, Dice (paper protocol)"))
     console.print(f"members and settings: {escape(str(args.out))}/stack.json")

@@ -14,10 +14,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._output import stdout_console
 from ctseg.commands._types import nonnegative_int, positive_int, seed_int
 from ctseg.config import ExperimentConfig, load_config
 from ctseg.errors import CtsegError
@@ -103,7 +103,8 @@ def _check_fold(args, cfg: ExperimentConfig) -> None:
 
 def _split(args, cfg: ExperimentConfig, cache, folds_file: Path, ctx) -> tuple[list[str], list[str]]:
     """(training ids, held-out test ids) for --fold, or (all labelled ids, [])."""
-    from ctseg.evaluate.folds import load_folds, load_or_create_folds
+    from ctseg.cv import folds_of_cache
+    from ctseg.evaluate.folds import load_folds
     from ctseg.train import distributed as D
 
     ids = cache.case_ids()
@@ -112,10 +113,7 @@ def _split(args, cfg: ExperimentConfig, cache, folds_file: Path, ctx) -> tuple[l
         _check_fold(args, cfg)
         path = folds_file
         if ctx.is_main:
-            meta = {cid: {k: cache.meta(cid).get(k) for k in ("num_slices", "slice_thickness", "spacing")}
-                    for cid in ids}
-            folds = load_or_create_folds(path, meta, cfg.cv.n_folds, cfg.cv.fold_mode,
-                                         np.random.default_rng([cfg.seed, 0xF01D]))  # as ctseg.cv
+            folds = folds_of_cache(cache, cfg, path)
         D.barrier(ctx)
         if not ctx.is_main:
             folds = load_folds(path)
@@ -151,5 +149,5 @@ def run(args: argparse.Namespace) -> int:
         table.add_row("last train loss", f"{last.get('train_loss', float('nan')):.4f}")
         table.add_row("best val Dice", f"{result.best_metric:.4f}")
         table.add_row("files", ", ".join(sorted(p.name for p in Path(args.out).iterdir() if p.is_file())))
-        Console().print(table)
+        stdout_console().print(table)
     return 0

@@ -75,6 +75,16 @@ class FolderDataset:
         return f"{type(self).__name__}({str(self.root)!r}, {len(self)} cases)"
 
 
+def count_labels(label: np.ndarray, minlength: int = 256, chunk: int = 1 << 22) -> np.ndarray:
+    """Voxels per value of a uint8 label map (int64, length >= `minlength`), counted 4 M voxels at a time:
+    `np.bincount` of the whole map would first make an int64 copy of it (8 bytes per voxel)."""
+    flat = label.reshape(-1)
+    counts = np.zeros(max(minlength, 256), dtype=np.int64)
+    for start in range(0, flat.size, chunk):
+        counts += np.bincount(flat[start:start + chunk], minlength=counts.size)
+    return counts
+
+
 def check_label_values(array: np.ndarray, classes: dict[int, str], path: str | Path | None) -> np.ndarray:
     """The label as uint8 after checking that every value is one of `classes` (CtsegError naming `path`)."""
     if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
@@ -83,7 +93,7 @@ def check_label_values(array: np.ndarray, classes: dict[int, str], path: str | P
     if lo < 0 or hi > 255:
         raise CtsegError(f"label values span {lo}..{hi}, outside the classes {classes}", path)
     label = array.astype(np.uint8, copy=False)
-    present = np.flatnonzero(np.bincount(label.reshape(-1), minlength=256))
+    present = np.flatnonzero(count_labels(label))
     unknown = sorted(set(present.tolist()) - set(classes))
     if unknown:
         raise CtsegError(f"label values {unknown} are not among the classes {classes}", path)
@@ -92,6 +102,9 @@ def check_label_values(array: np.ndarray, classes: dict[int, str], path: str | P
 
 def finish_case(case_id: str, image: Volume, label: Volume | None, classes: dict[int, str]) -> Case:
     """Check the label, put it on the image grid (by geometry) and bring both to canonical orientation.
+
+    Pass `image` without keeping a reference (`finish_case(id, read_volume(...), ...)`): its voxels are
+    released once the canonical copy exists, which bounds the peak memory of a load.
 
     metadata: num_slices, spacing (z, y, x mm, canonical), slice_thickness (DICOM SliceThickness,
     else the slice spacing), slice_thickness_source, original_shape, reorientation (to go back to
@@ -108,21 +121,22 @@ def finish_case(case_id: str, image: Volume, label: Volume | None, classes: dict
             after_mm3 = np.count_nonzero(label.array) * np.prod(image.spacing)
             warnings.append(f"label resampled onto the image grid (geometry differs); foreground volume "
                             f"{before_mm3 / 1000:.1f} -> {after_mm3 / 1000:.1f} mL")
+    thickness, original_shape, image_path = image.slice_thickness, image.shape, image.meta.get("path")
     canonical, reorientation = to_canonical(image)
+    del image  # callers pass the volume without keeping it: the original voxels go before the label's copy
     canonical_label = None
     if label is not None:
         canonical_label, _ = to_canonical(label)
     for w in warnings:
         log.warning("case %s: %s", case_id, w)
-    thickness = image.slice_thickness
     metadata = {
         "num_slices": canonical.shape[0],
         "spacing": canonical.spacing,
         "slice_thickness": thickness if thickness is not None else canonical.spacing[0],
         "slice_thickness_source": "dicom" if thickness is not None else "spacing",
-        "original_shape": image.shape,
+        "original_shape": original_shape,
         "reorientation": reorientation,
-        "image_path": image.meta.get("path"),
+        "image_path": image_path,
         "label_path": label.meta.get("path") if label is not None else None,
         "warnings": warnings,
     }

@@ -8,7 +8,6 @@ ordered by position. Liver = PNG > 0. Patients without `Ground/` are test cases 
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from PIL import Image
 from ctseg.datasets.base import Case, FolderDataset, finish_case
 from ctseg.dicom import read_dicom_files, write_dicom_series
 from ctseg.errors import CtsegError
-from ctseg.io import Volume, _atomic_target
+from ctseg.fileutil import atomic_path
+from ctseg.io import Volume
 
 _NUMBER = re.compile(r"(\d+)")
 
@@ -125,10 +125,6 @@ def write_chaos_case(root: str | Path, patient: str, image: Volume, label: Volum
         (folder / "Ground").mkdir(parents=True, exist_ok=True)
         for k, n in enumerate(numbers):
             path = folder / "Ground" / f"liver_GT_{n:03d}.png"
-            tmp = _atomic_target(path)
-            try:
+            with atomic_path(path) as tmp:
                 Image.fromarray(np.where(label.array[k] > 0, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
     return folder

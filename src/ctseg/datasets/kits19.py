@@ -54,10 +54,9 @@ class KiTS19Dataset(FolderDataset):
 
     def load(self, case_id: str) -> Case:
         folder = self._source(case_id)
-        image = read_volume(folder / "imaging.nii.gz")
         seg = folder / "segmentation.nii.gz"
         label = read_volume(seg) if seg.is_file() else None
-        return finish_case(case_id, image, label, self.classes)
+        return finish_case(case_id, read_volume(folder / "imaging.nii.gz"), label, self.classes)
 
 
 def write_kits19_case(root: str | Path, case_id: str, image: Volume, label: Volume | None) -> Path:

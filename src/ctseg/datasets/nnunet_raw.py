@@ -9,9 +9,9 @@ import json
 import logging
 from pathlib import Path
 
-from ctseg.config import atomic_write_text
 from ctseg.datasets.base import Case, FolderDataset, finish_case
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_write_text
 from ctseg.io import Volume, read_volume, write_volume
 
 log = logging.getLogger(__name__)

@@ -1078,7 +1078,7 @@ def write_phantom_dataset(out: str | Path, task: str = "kidney", n_cases: int = 
     `imagesTr/<case>_0000.nii.gz`, `labelsTr/<case>.nii.gz`). Also writes `phantom.json` (per-case
     acquisition and anatomy). Deterministic per `seed`. `on_case` is called after each case is written.
     """
-    from ctseg.config import atomic_write_text
+    from ctseg.fileutil import atomic_write_text
     from ctseg.datasets.chaos import write_chaos_case
     from ctseg.datasets.kits19 import write_kits19_case
     from ctseg.datasets.nnunet_raw import write_nnunet_case, write_nnunet_dataset_json

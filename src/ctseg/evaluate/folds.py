@@ -22,8 +22,8 @@ from typing import Literal
 
 import numpy as np
 
-from ctseg.config import atomic_write_text
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,7 @@ from ctseg.io import Volume
 
 def axial_axis(volume: Volume) -> int:
     """Array axis (0, 1 or 2) along which the volume's slices are axial (closest to LPS S)."""
-    itk_axis = int(np.argmax(np.abs(volume.direction[2, :])))
-    return 2 - itk_axis
+    return volume.slice_axis()
 
 
 def max_feret_2d(mask: np.ndarray, spacing: tuple[float, float]) -> float:
@@ -63,14 +62,26 @@ def largest_axial_diameter(mask: np.ndarray, spacing: tuple[float, float, float]
     return best
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    sl = []
-    for axis in range(mask.ndim):
-        idx = np.flatnonzero(mask.any(axis=tuple(i for i in range(mask.ndim) if i != axis)))
-        if idx.size == 0:
-            return None
-        sl.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(sl)
+def _bbox_of_values(label: np.ndarray, values, slab: int = 16) -> tuple[slice, ...] | None:
+    """Bounding box of the voxels holding any of `values` (None when there are none), found `slab`
+    slices at a time: no mask of the whole volume (np.isin's temporaries are twice the label's size)."""
+    hits = [np.zeros(n, dtype=bool) for n in label.shape]
+    for z0 in range(0, label.shape[0], slab):
+        m = np.isin(label[z0:z0 + slab], values)
+        hits[0][z0:z0 + slab] = m.any(axis=(1, 2))
+        hits[1] |= m.any(axis=(0, 2))
+        hits[2] |= m.any(axis=(0, 1))
+    if not hits[0].any():
+        return None
+    return tuple(slice(int(np.flatnonzero(h)[0]), int(np.flatnonzero(h)[-1]) + 1) for h in hits)
+
+
+def _mean_std(values: np.ndarray, chunk: int = 1 << 22) -> tuple[float, float]:
+    """Mean and (population) std of a 1D array in float64, 4 M values at a time (no float64 copy of it all)."""
+    n = values.size
+    mean = sum(float(values[i:i + chunk].sum(dtype=np.float64)) for i in range(0, n, chunk)) / n
+    square = sum(float(np.square(values[i:i + chunk] - mean).sum()) for i in range(0, n, chunk))
+    return mean, float(np.sqrt(square / n))
 
 
 def _describe(mask: np.ndarray, offset: np.ndarray, label_vol: Volume, image: np.ndarray | None,
@@ -78,7 +89,9 @@ def _describe(mask: np.ndarray, offset: np.ndarray, label_vol: Volume, image: np
     """Measurements of one binary mask that sits at array index `offset` in the full volume."""
     spacing = label_vol.spacing
     n = int(np.count_nonzero(mask))
-    idx = np.argwhere(mask).mean(axis=0) + offset  # (z, y, x) array index
+    # mean (z, y, x) array index from the per-axis projections: no (n, 3) index array for a large mask
+    idx = np.array([np.dot(mask.sum(axis=tuple(a for a in range(3) if a != k), dtype=np.int64),
+                           np.arange(mask.shape[k])) for k in range(3)]) / n + offset
     centroid = label_vol.affine_lps @ np.append(idx[::-1], 1.0)
     # mask is cropped to its bounding box: it touches the border iff the box does
     touches = any(o == 0 or o + s == n_axis for o, s, n_axis in zip(offset, mask.shape, label_vol.shape))
@@ -87,9 +100,7 @@ def _describe(mask: np.ndarray, offset: np.ndarray, label_vol: Volume, image: np
            "centroid_lps_mm": [float(v) for v in centroid[:3]], "touches_border": bool(touches)}
     if image is not None:
         sl = tuple(slice(o, o + s) for o, s in zip(offset, mask.shape))
-        values = image[sl][mask].astype(np.float64)
-        out["mean_hu"] = float(values.mean())
-        out["std_hu"] = float(values.std())
+        out["mean_hu"], out["std_hu"] = _mean_std(image[sl][mask])
     return out
 
 
@@ -111,14 +122,12 @@ def measure_structures(label_vol: Volume, image_vol: Volume | None, classes: dic
     struct = ndimage.generate_binary_structure(3, connectivity)
     result: dict[str, dict] = {}
     for name, values in structures(classes).items():
-        full = np.isin(label_vol.array, values)
-        box = _bbox(full)
+        box = _bbox_of_values(label_vol.array, values)
         if box is None:
             result[name] = {"labels": list(values), "present": False, "voxels": 0, "volume_ml": 0.0,
                             "n_components": 0, "components": []}
             continue
-        mask = full[box]
-        del full
+        mask = np.isin(label_vol.array[box], values)  # only the bounding box, not the whole volume
         offset = np.array([s.start for s in box])
         entry = {"labels": list(values), "present": True, **_describe(mask, offset, label_vol, image, axis)}
         cc, n_cc = ndimage.label(mask, structure=struct)

@@ -1,15 +1,13 @@
 """Figures of the report (matplotlib, Agg backend, PNG): Dice box plots, overlays, training curves,
 ensemble agreement vs Dice.
 
-Every function writes one PNG and returns its path. Inputs are `ctseg.evaluate.report.VolumeResult`
+Every function writes one PNG and returns its path. Inputs are `ctseg.evaluate.records.VolumeResult`
 records; overlays read the small `.npz` written by `save_overlay_slice` during cross-validation.
 """
 from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ctseg.staging import follow_umask
+from ctseg.evaluate.records import models_in_order, present_thickness_groups, thickness_group_of  # noqa: E402
+from ctseg.fileutil import atomic_path  # noqa: E402
 
 COLORS = {"mia": "#e08a1e", "nnunet": "#8a3fb3", "ctia": "#2f6fde", "ensemble": "#2e9e5b", "none": "#777777"}
 CLASS_COLORS = ["#00c853", "#ff1744", "#ffd600", "#00b0ff", "#d500f9"]  # label 1, 2, ...
@@ -34,16 +33,11 @@ def _color(r) -> str:
 def _save(fig, path: Path) -> Path:
     """Atomic PNG write."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    follow_umask(fd)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", facecolor="white")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", facecolor="white")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -70,8 +64,6 @@ def _boxes(ax, data: list[np.ndarray], positions: list[float], colors: list[str]
 
 def dice_boxplot(records, metric: str, classes: Sequence[str], path: str | Path) -> Path:
     """One panel per class, one box per model (paper row order), volumes as points."""
-    from ctseg.evaluate.report import models_in_order
-
     models = models_in_order(records)
     rng = np.random.default_rng(0)
     fig, axes = plt.subplots(1, len(classes), figsize=(max(4.5, 0.55 * len(models) + 1.5) * len(classes) / 1.4, 4.6),
@@ -89,8 +81,6 @@ def dice_boxplot(records, metric: str, classes: Sequence[str], path: str | Path)
 
 def thickness_boxplot(records, metric: str, cls: str, edges_mm: Sequence[float], path: str | Path) -> Path:
     """Boxes per slice-thickness group (x) and model (colour/offset)."""
-    from ctseg.evaluate.report import models_in_order, present_thickness_groups, thickness_group_of
-
     models = models_in_order(records)
     groups = present_thickness_groups(records, edges_mm)
     n = len(models)
@@ -160,16 +150,9 @@ def save_overlay_slice(path: str | Path, image_zyx: np.ndarray, gt_zyx: np.ndarr
         raise ValueError(f"shapes differ: image {image_zyx.shape}, gt {gt_zyx.shape}, pred {pred_zyx.shape}")
     z = overlay_slice_index(gt_zyx, pred_zyx)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    follow_umask(fd)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         np.savez_compressed(tmp, image=np.asarray(image_zyx[z], dtype=np.float32), gt=np.asarray(gt_zyx[z], np.uint8),
                             pred=np.asarray(pred_zyx[z], np.uint8), z=z, spacing=np.asarray(spacing_zyx, float))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

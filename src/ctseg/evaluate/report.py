@@ -30,7 +30,7 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -38,19 +38,17 @@ from typing import Iterable, Sequence
 import numpy as np
 import yaml
 
-from ctseg.config import atomic_write_text
-from ctseg.evaluate.folds import THICKNESS_BINS, thickness_group
+from ctseg.evaluate.folds import THICKNESS_BINS
 from ctseg.evaluate.metrics import mean_std
 from ctseg.evaluate.quality import FlagRule, flag_unusual
+from ctseg.evaluate.records import (ARCH_NAMES, AUG_NAMES, VolumeResult, display_name,  # noqa: F401 (importable here)
+                                    json_float as _json_float, model_sort_key, models_in_order,
+                                    present_thickness_groups, thickness_group_of, thickness_labels)
+from ctseg.fileutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-ARCH_NAMES = {"unet": "nnU-Net", "msd": "MS-D Net", "stacked": "Stacked CNN", "average": "Averaged members"}
-AUG_NAMES = {"mia": "MIA", "nnunet": "nnU-Net DA", "ctia": "CTIA", "none": "no augmentation"}
 BASELINE_AUGS = ("mia", "nnunet", "none")  # compared against CTIA, in this order; the headline uses the first present
-_ARCH_ORDER = ["unet", "msd", "stacked", "average"]
-_DIM_ORDER = ["2d", "3d", ""]
-_AUG_ORDER = ["mia", "nnunet", "ctia", "none"]
 # Kloenne et al. 2020, Table 2 (KiTS19, slice-sorted 5-fold CV; "Total Dice scores ... (mean ± stdv.)"): row -> class
 # -> (mean, std). The paper does not say whether its std is over volumes or over folds. Its Table 3 (CHAOS liver)
 # is not in the text we hold, so liver reports show no paper column.
@@ -70,75 +68,6 @@ PAPER_TITLE = "Table 2 beside the paper — Dice, paper protocol"
 METRICS = {"dice_paper": "Dice, paper protocol", "dice": "Dice, full volume in original geometry",
            "hd95": "HD95 (mm), full volume"}
 DEFAULT_THICKNESS_EDGES_MM = THICKNESS_BINS
-
-
-@dataclass
-class VolumeResult:
-    """Scores of one model on one test volume.
-
-    dice / dice_paper / hd95: class name -> value (NaN when undefined). `dice` is computed on the full
-    volume in its original geometry; `dice_paper` follows the paper's protocol (see `ctseg.evaluate.metrics`).
-    overlay: optional path (relative to the results folder or absolute) of an `.npz` written by
-    `ctseg.evaluate.plots.save_overlay_slice`, used for the best/median/worst figures.
-    agreement: ensembles only, mean pairwise Dice of the members' foreground masks on this volume
-    (`ctseg.evaluate.quality.member_agreement`); None for single models.
-    """
-
-    case_id: str
-    fold: int
-    model: str
-    arch: str
-    dim: str
-    aug: str
-    dice: dict[str, float]
-    dice_paper: dict[str, float]
-    hd95: dict[str, float] = field(default_factory=dict)
-    slice_thickness: float | None = None
-    num_slices: int = 0
-    variant: str = ""
-    overlay: str | None = None
-    agreement: float | None = None
-
-    @property
-    def display(self) -> str:
-        return display_name(self.arch, self.dim, self.aug, self.variant)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        for key in ("dice", "dice_paper", "hd95"):
-            d[key] = {c: _json_float(v) for c, v in d[key].items()}
-        d["agreement"] = _json_float(self.agreement)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "VolumeResult":
-        d = dict(d)
-        for key in ("dice", "dice_paper", "hd95"):
-            d[key] = {c: (math.nan if v is None else float(v)) for c, v in d.get(key, {}).items()}
-        if d.get("agreement") is not None:
-            d["agreement"] = float(d["agreement"])
-        return cls(**d)
-
-
-def display_name(arch: str, dim: str, aug: str, variant: str = "") -> str:
-    """Row label as in the paper's Table 2, e.g. 'nnU-Net + CTIA 2D', 'Stacked CNN + MIA'."""
-    name = f"{ARCH_NAMES.get(arch, arch)} + {AUG_NAMES.get(aug, aug)}"
-    if dim:
-        name += f" {dim.upper()}"
-    return f"{name} ({variant})" if variant else name
-
-
-def _order(values: list[str], v: str) -> int:
-    return values.index(v) if v in values else len(values)
-
-
-def _model_sort_key(r: VolumeResult) -> tuple:
-    return (_order(_ARCH_ORDER, r.arch), _order(_DIM_ORDER, r.dim), r.variant, _order(_AUG_ORDER, r.aug), r.model)
-
-
-def _json_float(v) -> float | None:
-    """NaN and ±inf (e.g. HD95 against an empty mask) -> None: strict JSON has no such numbers."""
-    return None if v is None or not math.isfinite(v) else float(v)
 
 
 # ----------------------------------------------------------------------------------------- statistics
@@ -180,14 +109,6 @@ def headline_class(classes: Sequence[str]) -> str:
     return "total" if "total" in classes else classes[-1]
 
 
-def models_in_order(records: Sequence[VolumeResult]) -> list[VolumeResult]:
-    """One representative record per model, in the paper's row order."""
-    seen: dict[str, VolumeResult] = {}
-    for r in sorted(records, key=_model_sort_key):
-        seen.setdefault(r.model, r)
-    return list(seen.values())
-
-
 def _by_model(records: Sequence[VolumeResult]) -> dict[str, list[VolumeResult]]:
     out: dict[str, list[VolumeResult]] = {}
     for r in records:
@@ -223,23 +144,6 @@ def fold_table(records: Sequence[VolumeResult], metric: str, cls: str) -> tuple[
     table = {m.model: {k: stat(getattr(r, metric).get(cls, math.nan) for r in groups[m.model] if r.fold == k)
                        for k in folds} for m in models_in_order(records)}
     return folds, table
-
-
-def thickness_labels(edges_mm: Sequence[float]) -> list[str]:
-    """Group names of `ctseg.evaluate.folds.thickness_group` for these upper edges, thinnest first."""
-    edges = sorted(edges_mm)
-    probes = [edges[0], *((lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:])), edges[-1] + 1.0]
-    return [thickness_group(t, tuple(edges)) for t in probes]
-
-
-def thickness_group_of(thickness: float | None, edges_mm: Sequence[float]) -> str:
-    return thickness_group(thickness, tuple(sorted(edges_mm)))
-
-
-def present_thickness_groups(records: Sequence[VolumeResult], edges_mm: Sequence[float]) -> list[str]:
-    """Thickness groups holding at least one volume, thinnest first ('unknown' last)."""
-    present = {thickness_group_of(r.slice_thickness, edges_mm) for r in records}
-    return [g for g in [*thickness_labels(edges_mm), "unknown"] if g in present]
 
 
 def thickness_table(records: Sequence[VolumeResult], metric: str, cls: str, edges_mm: Sequence[float]
@@ -467,7 +371,7 @@ def write_results_csv(records: Sequence[VolumeResult], path: Path, classes: Sequ
     cols = _CSV_FIXED + [f"{m}_{c}" for m in ("dice", "dice_paper", "hd95") for c in classes]
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
-    for r in sorted(records, key=lambda r: (_model_sort_key(r), r.fold, r.case_id)):
+    for r in sorted(records, key=lambda r: (model_sort_key(r), r.fold, r.case_id)):
         row = {k: getattr(r, k) for k in _CSV_FIXED if k not in ("display", "agreement")}
         row["display"] = r.display
         row["agreement"] = "" if r.agreement is None or not math.isfinite(r.agreement) else f"{r.agreement:.6g}"

@@ -234,6 +234,26 @@ def predict_meta(model: StackingMetaModel, inputs: np.ndarray, device: str | tor
     return np.concatenate(out, axis=1)
 
 
+def combine_members(bg_mean: torch.Tensor, multi_fg_sum: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """The ensemble rule, (K, ...) probabilities from what the members said (shared by `average_members`
+    and `ctseg.predict.predict_network`).
+
+    bg_mean: the members' mean background probability (...); multi_fg_sum: the sum over the multiclass
+    members of their foreground probabilities (K - 1, ...), None when every member is foreground-only
+    (then K must be 2). Background is the mean; the foreground mass 1 - background is split between
+    the classes in the multiclass members' proportions. `multi_fg_sum` is overwritten (no copies).
+    """
+    if multi_fg_sum is None:
+        if num_classes != 2:
+            raise ValueError(f"{num_classes} classes need at least one multiclass member to split the foreground")
+        return torch.stack([bg_mean, 1.0 - bg_mean])
+    fg = multi_fg_sum
+    fg += 1e-6
+    fg /= fg.sum(dim=0, keepdim=True)
+    fg *= (1.0 - bg_mean)[None]
+    return torch.cat([bg_mean[None], fg])
+
+
 def average_members(maps: Sequence[np.ndarray], targets: Sequence[str], num_classes: int) -> np.ndarray:
     """Plain averaging of member probabilities onto the dataset's classes: (K, Z, S, S) float32.
 
@@ -249,19 +269,10 @@ def average_members(maps: Sequence[np.ndarray], targets: Sequence[str], num_clas
         want = num_classes if t == "multiclass" else 2
         if m.shape[0] != want:
             raise ValueError(f"a {t} member has {m.shape[0]} channels, expected {want}")
-    bg = np.mean([np.asarray(m[0], dtype=np.float32) for m in maps], axis=0)
-    out = np.empty((num_classes, *bg.shape), dtype=np.float32)
-    out[0] = bg
-    if num_classes == 2:
-        out[1] = 1.0 - bg
-        return out
+    bg = torch.from_numpy(np.mean([np.asarray(m[0], dtype=np.float32) for m in maps], axis=0))
     multi = [np.asarray(m[1:], dtype=np.float32) for m, t in zip(maps, targets) if t == "multiclass"]
-    if not multi:
-        raise ValueError(f"{num_classes} classes need at least one multiclass member to split the foreground")
-    share = np.mean(multi, axis=0)
-    share /= np.maximum(share.sum(axis=0, keepdims=True), 1e-6)
-    out[1:] = share * (1.0 - bg)[None]
-    return out
+    fg_sum = torch.from_numpy(np.sum(multi, axis=0, dtype=np.float32)) if multi and num_classes > 2 else None
+    return combine_members(bg, fg_sum, num_classes).numpy()
 
 
 def save_meta_model(model: StackingMetaModel, path: str | Path) -> None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import multiprocessing
 import re
-import tempfile
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,12 +33,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import ctseg
-from ctseg.config import ExperimentConfig, PreprocessConfig, atomic_write_text
+from ctseg.config import ExperimentConfig, PreprocessConfig
 from ctseg.datasets.base import Case
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_path, atomic_write_text
 from ctseg.preprocess.slices import Box, foreground_slices, network_grid, preprocess_label, preprocess_volume
 from ctseg.preprocess.windowing import IntensityPlan, compute_intensity_plan, draw_subset
-from ctseg.staging import follow_umask, sweep_stale_in_folder
+from ctseg.staging import sweep_stale_in_folder
 
 log = logging.getLogger(__name__)
 
@@ -220,36 +221,18 @@ def _case_state(cases_dir: Path, case_id: str, fingerprint: str) -> str:
     return "ok"
 
 
-def _tmp_name(final: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    follow_umask(fd)
-    os.close(fd)
-    return Path(tmp)
-
-
 def _write_image(final: Path, volume_hu: np.ndarray, plan: IntensityPlan, size: int, dtype: str,
                  box: Box | None) -> None:
-    tmp = _tmp_name(final)
-    try:
+    with atomic_path(final) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(volume_hu.shape[0], size, size))
         preprocess_volume(volume_hu, plan, size, out=out, box=box)
         out.flush()
         del out
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_array(final: Path, array: np.ndarray) -> None:
-    tmp = _tmp_name(final)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _file_record(path: Path, array_shape, dtype) -> dict:
@@ -310,16 +293,52 @@ def _read_plan_json(path: Path) -> dict | None:
     return info if info.get("format") == CACHE_FORMAT else None
 
 
+def _load_and_write(dataset, case_id: str, cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig,
+                    fingerprint: str) -> None:
+    """Load one case and write it into the cache (also the task of a `build_cache` worker process)."""
+    write_case(dataset.load(case_id), cases_dir, plan, pp, fingerprint)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one process per core: no nested thread pools
+
+
+def _write_cases(dataset, case_ids: list[str], cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig,
+                 fingerprint: str, workers: int, advance) -> None:
+    """Write `case_ids` one after the other, or in `workers` spawned processes (same files either way)."""
+    if workers <= 1 or len(case_ids) <= 1:
+        for case_id in case_ids:
+            _load_and_write(dataset, case_id, cases_dir, plan, pp, fingerprint)
+            advance()
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(min(workers, len(case_ids)), mp_context=context, initializer=_worker_init) as pool:
+        futures = [pool.submit(_load_and_write, dataset, case_id, cases_dir, plan, pp, fingerprint)
+                   for case_id in case_ids]
+        try:
+            for future in as_completed(futures):
+                future.result()
+                advance()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.random.Generator,
                 train_ids: Sequence[str] | None = None, progress: bool = True, force: bool = False,
-                subset: Sequence[str] | None = None) -> BuildReport:
+                subset: Sequence[str] | None = None, workers: int = 1) -> BuildReport:
     """Preprocess every case of `dataset` into `out_dir` (see module docstring); returns a `BuildReport`.
 
     The intensity plan comes from `cfg.preprocess.subset_size` cases drawn with `rng` from
     `train_ids` (default: all cases), or from the given `subset` of them; it is reused from an existing
     plan.json when settings and subset are unchanged. Cases already cached with the same fingerprint and
-    intact files are skipped unless `force`; stale and corrupted ones are rebuilt.
+    intact files are skipped unless `force`; stale and corrupted ones are rebuilt, in `workers` processes
+    when > 1 (each holds one case in memory; the files are byte-identical to a serial build). `dataset`
+    must then be picklable (the folder datasets are).
     """
+    if workers < 1:
+        raise CtsegError(f"workers must be >= 1, got {workers}")
     t0 = time.perf_counter()
     pp = cfg.preprocess
     root = Path(out_dir)
@@ -370,13 +389,13 @@ def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.ran
             state = "rebuild" if force else _case_state(cases_dir, case_id, fingerprint)
             if state == "ok":
                 report.skipped.append(case_id)
+                bar.advance(task)
             else:
                 if state == "corrupt":
                     log.warning("cached case %s is corrupted: rebuilding it", case_id)
                     report.repaired.append(case_id)
-                write_case(dataset.load(case_id), cases_dir, plan, pp, fingerprint)
                 report.built.append(case_id)
-            bar.advance(task)
+        _write_cases(dataset, report.built, cases_dir, plan, pp, fingerprint, workers, lambda: bar.advance(task))
 
     info = {
         "format": CACHE_FORMAT,

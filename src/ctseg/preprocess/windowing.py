@@ -142,6 +142,18 @@ def sample_voxels(image_hu: np.ndarray, mask: np.ndarray | None, cap: int, rng: 
     return np.asarray(values, dtype=np.float32)
 
 
+def _case_sample(case: Case, cap: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """(sampled HU values, True) from the case's foreground, or (values from all voxels, False) without one."""
+    image = case.image.array
+    if case.label is not None and case.label.array.shape != image.shape:
+        raise CtsegError(f"case {case.case_id}: label shape {case.label.array.shape} != image shape {image.shape}")
+    mask = case.label.array > 0 if case.label is not None else None
+    if mask is None or not mask.any():
+        log.warning("case %s has no foreground voxels: left out of the intensity statistics", case.case_id)
+        return sample_voxels(image, None, cap, rng), False
+    return sample_voxels(image, mask, cap, rng), True
+
+
 def compute_intensity_plan(cases: Iterable[Case], cfg: PreprocessConfig, rng: np.random.Generator,
                            max_voxels_per_case: int = DEFAULT_MAX_VOXELS_PER_CASE) -> IntensityPlan:
     """Intensity plan from exactly these (already chosen) cases.
@@ -154,15 +166,9 @@ def compute_intensity_plan(cases: Iterable[Case], cfg: PreprocessConfig, rng: np
     ids, samples, all_voxels = [], [], []
     for case in cases:
         ids.append(case.case_id)
-        image = case.image.array
-        if case.label is not None and case.label.array.shape != image.shape:
-            raise CtsegError(f"case {case.case_id}: label shape {case.label.array.shape} != image shape {image.shape}")
-        mask = case.label.array > 0 if case.label is not None else None
-        if mask is None or not mask.any():
-            log.warning("case %s has no foreground voxels: left out of the intensity statistics", case.case_id)
-            all_voxels.append(sample_voxels(image, None, max_voxels_per_case, rng))
-            continue
-        samples.append(sample_voxels(image, mask, max_voxels_per_case, rng))
+        values, foreground = _case_sample(case, max_voxels_per_case, rng)
+        (samples if foreground else all_voxels).append(values)
+        del case, values  # one case in memory at a time: the next one is loaded before the loop rebinds `case`
     if not ids:
         raise CtsegError("intensity statistics need at least one training case, got none")
 

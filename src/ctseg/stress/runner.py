@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import logging
-import math
 import time
 import zlib
 from dataclasses import dataclass, field

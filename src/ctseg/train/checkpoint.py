@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from ctseg.errors import CtsegError
-from ctseg.staging import follow_umask
+from ctseg.fileutil import atomic_path
 
 CHECKPOINT_FORMAT = "ctseg.train.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -28,23 +27,14 @@ CHECKPOINT_VERSION = 1
 
 def atomic_torch_save(obj, path: str | Path) -> None:
     """`torch.save` to a temporary file in the same folder, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    follow_umask(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
-        Path(tmp).unlink(missing_ok=True)
         raise CtsegError(f"cannot write ({getattr(exc, 'strerror', None) or str(exc).splitlines()[0]})",
                          path) from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def safe_load(path: str | Path, what: str = "checkpoint") -> object:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ctseg.errors import CtsegError
+from ctseg.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +48,6 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise CtsegError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def resolve_device(name: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    """"auto"/None -> CUDA if available else CPU; "cuda" under torchrun -> cuda:LOCAL_RANK."""
-    if isinstance(name, torch.device):
-        return name
-    if name is None or name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CtsegError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CtsegError(f"device {name!r} requested but CUDA is not available in this PyTorch build")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
 
 
 def init_distributed(device: str | torch.device | None = "auto") -> DistContext:

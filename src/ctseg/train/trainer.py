@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 import ctseg
-from ctseg.config import ExperimentConfig, atomic_write_text, config_to_dict, parse_config
+from ctseg.config import ExperimentConfig, config_to_dict, parse_config
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_write_text
 from ctseg.train import distributed as D
 from ctseg.train.checkpoint import (atomic_torch_save, capture_rng_state, load_resume_state, load_state_dict_file,
                                     restore_rng_state, save_resume_state)
