@@ -1,12 +1,10 @@
-"""`ctseg demo --profile ci` end to end through the real CLI: phantom data -> CV -> stack -> report."""
+"""`ctseg demo --profile ci` end to end through the real CLI: phantom data -> CV -> stress test -> report."""
 import json
 import os
 import subprocess
 import sys
 
-DEMO_ROWS = ["nnU-Net + MIA 2D", "nnU-Net + CTIA 2D", "MS-D Net + MIA 2D", "MS-D Net + CTIA 2D",
-             "MS-D Net + MIA 3D", "MS-D Net + CTIA 3D", "Stacked CNN + MIA", "Stacked CNN + CTIA",
-             "Averaged members + MIA", "Averaged members + CTIA"]
+DEMO_ROWS = ["nnU-Net + MIA 2D", "nnU-Net + CTIA 2D", "nnU-Net + no augmentation 2D"]
 
 
 def test_demo_ci_profile(tmp_path):
@@ -26,7 +24,10 @@ def test_demo_ci_profile(tmp_path):
         assert f"| {row} |" in table2, row
         assert f"<td>{row}</td>" in page, row
         assert row in proc.stdout, row  # the summary table printed at the end
-    assert "nnU-Net + MIA 3D" not in table2  # excluded from the demo matrix
+    assert "nnU-Net + MIA 3D" not in table2 and "MS-D Net" not in table2  # the demo trains one architecture
+    assert "Stress test: Dice vs severity" in page and "data:image/png;base64," in page
+    stress = json.loads((out / "stress" / "summary.json").read_text())
+    assert sorted(m["display"] for m in stress["models"]) == sorted(DEMO_ROWS) and stress["out_of_fold"]
     results = json.loads((out / "results.json").read_text())
     n_cases = len(json.loads((out / "data" / "phantom.json").read_text())["cases"])
     assert len(results["records"]) == len(DEMO_ROWS) * n_cases

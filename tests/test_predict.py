@@ -17,6 +17,7 @@ from ctseg.dicom import write_dicom_series
 from ctseg.errors import CtsegError
 from ctseg.io import Volume, read_dicom_series, read_volume, write_volume
 from ctseg.predict import blend_weights, predict_network, predict_volume, window_starts, write_probabilities
+from ctseg.preprocess.slices import network_grid, preprocess_volume
 from ctseg.preprocess.windowing import IntensityPlan
 from ctseg.train.trainer import RUN_FORMAT, TrainedModel
 
@@ -168,9 +169,19 @@ def test_ensemble_agreement_and_refusals(rng):
     fa, fb = _expected(hu) > 0, hu > 400
     assert res.agreement == pytest.approx(2 * (fa & fb).sum() / (fa.sum() + fb.sum()), abs=1e-6)
     assert res.member_dice.shape == (2, 2)
-    other_plan = IntensityPlan(mode="custom", lower=-500.0, upper=500.0, mean=0.0, std=100.0)
-    with pytest.raises(CtsegError, match="intensity plan"):
-        predict_volume(vol, [a, _member(Threshold(2), size=32, plan=other_plan)], device="cpu")
+    # members with their own intensity plans (the folds of a CV): each sees its own normalisation, one crop box
+    other_plan = IntensityPlan(mode="custom", lower=-1000.0, upper=1000.0, mean=-300.0, std=100.0)  # body: foreground
+    c = _member(Threshold(2), size=32, plan=other_plan)
+    mixed = predict_volume(vol, [a, c], device="cpu")
+    box = network_grid(hu, a.plan, 32, a.cfg.preprocess.crop).box
+    own = [predict_network(preprocess_volume(hu, m.plan, 32, box=box), m, device="cpu")[0].argmax(0) != 0
+           for m in (a, c)]
+    shared = predict_network(preprocess_volume(hu, a.plan, 32, box=box), c, device="cpu")[0].argmax(0) != 0
+
+    def dice(p, q):
+        return float(2 * (p & q).sum() / (p.sum() + q.sum()))
+
+    assert mixed.agreement == pytest.approx(dice(*own), abs=1e-6) != pytest.approx(dice(own[0], shared), abs=1e-3)
     with pytest.raises(CtsegError, match="classes"):
         predict_volume(vol, [a, _member(Threshold(2, n_out=2), size=32, classes={0: "bg", 1: "liver"})],
                        device="cpu")

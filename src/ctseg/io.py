@@ -140,6 +140,9 @@ def _inflate_unscaled(stream, klass, header, position: int, offset: int):
     slope, inter = header.get_slope_inter()
     if (slope is not None and (slope, inter) != (1.0, 0.0)) or offset < position or offset - position > 4:
         return None
+    with np.errstate(invalid="ignore", over="ignore"):
+        if not np.isfinite(header.get_best_affine()).all():
+            return None  # nibabel's own path keeps a non-finite affine for the geometry check to refuse
     if stream.read(offset - position) not in (b"", b"\0" * (offset - position)):
         return None  # extensions
     array = np.empty(header.get_data_shape(), dtype=header.get_data_dtype(), order="F")

@@ -23,7 +23,7 @@ Memory on a 512 x 512 x z volume: the input, the uint8 label map, network-resolu
 `ctseg predict` of a 1059-slice case). Full-resolution probabilities (C x z x 512 x 512 float16) are
 only kept when `return_probabilities=True`.
 
-Ensembles: members must share the dataset classes, the intensity plan and the in-plane size
+Ensembles: members must share the dataset classes, the in-plane crop mode and size
 (else CtsegError). A member may be "multiclass" (all dataset classes) or "foreground" (background
 vs the union of all foreground classes, e.g. the paper's 3D MS-D Nets for kidney+tumour). They are
 combined hierarchically at network resolution:
@@ -101,9 +101,6 @@ def check_members(models: Sequence) -> tuple[dict[int, str], dict[int, str]]:
         if _dataset_classes(m) != ds_classes:
             raise CtsegError(f"ensemble members disagree on classes: {_dataset_classes(m)} vs {ds_classes} "
                              f"({getattr(ref, 'run_dir', 'first model')})", where)
-        if m.plan != ref.plan:
-            raise CtsegError(f"ensemble members disagree on the intensity plan: {m.plan} vs {ref.plan} "
-                             f"({getattr(ref, 'run_dir', 'first model')}); train them on the same cache", where)
         if m.cfg.preprocess.crop != ref.cfg.preprocess.crop:
             raise CtsegError(f"ensemble members disagree on the in-plane crop: {m.cfg.preprocess.crop} vs "
                              f"{ref.cfg.preprocess.crop}", where)
@@ -213,13 +210,14 @@ def _member_softmax(model, image: torch.Tensor, device: torch.device, batch_size
     return out
 
 
-def predict_network(image: np.ndarray | torch.Tensor, models, device: str | torch.device = "auto",
-                    batch_size: int | None = None, overlap: float = 0.5,
+def predict_network(image: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor], models,
+                    device: str | torch.device = "auto", batch_size: int | None = None, overlap: float = 0.5,
                     blend: Literal["gaussian", "linear"] = "gaussian", progress: bool = False
                     ) -> tuple[torch.Tensor, dict[int, str], np.ndarray | None]:
     """Combined class probabilities at network resolution.
 
-    image: (z, S, S) preprocessed network input (e.g. `CachedCase.image` or `preprocess_volume`).
+    image: (z, S, S) preprocessed network input (e.g. `CachedCase.image` or `preprocess_volume`), or one
+    such input per model (members normalised with their own intensity plans, e.g. the folds of a CV).
     Returns (probabilities (C, z, S, S) float32 tensor on `device`, output classes, member Dice
     matrix (M, M) or None for a single model).
     """
@@ -228,8 +226,18 @@ def predict_network(image: np.ndarray | torch.Tensor, models, device: str | torc
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
-    x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.asarray(image, dtype=np.float32))
-    x = x.to(device=dev, dtype=torch.float32)
+    inputs = list(image) if isinstance(image, (list, tuple)) else [image] * len(models)
+    if len(inputs) != len(models):
+        raise ValueError(f"{len(inputs)} inputs for {len(models)} models")
+    as_tensor = {}  # id -> tensor on the device: members sharing an input share one copy
+    for img in inputs:
+        if id(img) not in as_tensor:
+            t = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.asarray(img, dtype=np.float32))
+            as_tensor[id(img)] = t.to(device=dev, dtype=torch.float32)
+    xs = [as_tensor[id(img)] for img in inputs]
+    x = xs[0]
+    if any(t.shape != x.shape for t in xs):
+        raise ValueError(f"member inputs differ in shape: {sorted({tuple(t.shape) for t in xs})}")
     total = sum(_n_batches(m, x.shape[0], batch_size, overlap) for m in models)
     with _Progress(progress, total, f"inference ({len(models)} model{'s' if len(models) > 1 else ''})") as tick:
         if len(models) == 1:
@@ -239,8 +247,8 @@ def predict_network(image: np.ndarray | torch.Tensor, models, device: str | torc
         fg = torch.zeros((n_fg, *x.shape), dtype=torch.float32, device=dev) if \
             any(m.target == "multiclass" for m in models) else None
         fg_masks = []
-        for m in models:
-            p = _member_softmax(m, x, dev, batch_size, overlap, blend, tick)
+        for m, xm in zip(models, xs):
+            p = _member_softmax(m, xm, dev, batch_size, overlap, blend, tick)
             bg += p[0]
             if m.target == "multiclass":
                 fg += p[1:]
@@ -326,8 +334,13 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     # canonical views, no copies: the network input is made slab by slab from the input's voxels, and
     # the label (and probabilities) are written through canonical views into arrays in the input's order
     canon = to_canonical(volume, copy=False)[0]
+    # one crop box for all members (the first one's plan decides it), each member's own normalisation
     grid = network_grid(canon.array, models[0].plan, _in_plane_size(models[0]), models[0].cfg.preprocess.crop)
-    image = preprocess_volume(canon.array, models[0].plan, _in_plane_size(models[0]), box=grid.box)
+    by_plan: dict = {}
+    for m in models:
+        if m.plan not in by_plan:
+            by_plan[m.plan] = preprocess_volume(canon.array, m.plan, _in_plane_size(m), box=grid.box)
+    image = [by_plan[m.plan] for m in models]
     z, h, w = canon.shape
     del canon
     label = np.empty(volume.shape, dtype=np.uint8)
@@ -336,7 +349,7 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
 
     t0 = time.perf_counter()
     probs, classes, member_dice = predict_network(image, models, dev, batch_size, overlap, blend, progress)
-    del image
+    del image, by_plan
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds["forward"] = time.perf_counter() - t0

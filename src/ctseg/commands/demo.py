@@ -1,9 +1,10 @@
 """`ctseg demo [--profile small|ci|full] --out DIR`: the whole method on phantom data, ending in a report.
 
-Phantom kidney CTs (KiTS19 layout) -> slice-sorted cross-validation of CTIA vs MIA for a 2D U-Net and
-2D / 3D MS-D Nets -> stacked ensemble and plain average -> results tables, plots and report/index.html.
-Settings: `configs/demo.yaml` (its profiles); `small` fits a 2-core CPU in about ten minutes, `ci` is a
-smoke run of a minute or two, `full` is the paper's matrix on full-size phantoms for a GPU.
+Phantom kidney CTs (KiTS19 layout) -> slice-sorted cross-validation of a 2D U-Net with no augmentation, MIA
+and CTIA -> out-of-fold acquisition-shift stress test -> results tables, stress curves and report/index.html.
+Settings: `configs/demo.yaml` (its profiles); `small` fits a 2-core CPU in about twelve minutes, `ci` is a
+smoke run of a minute or two, `full` is the paper's matrix (U-Net and MS-D Net, 2D and 3D, MIA, nnU-Net DA,
+CTIA and none, stacked top-5 ensembles) on full-size phantoms for a GPU.
 An existing output folder is continued (finished parts are skipped).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_int, seed_int
 from ctseg.errors import CtsegError
 
-HELP = "phantom data -> CTIA vs MIA cross-validation -> stacked ensemble -> report (the README's first command)"
+HELP = "phantom data -> none / MIA / CTIA cross-validation -> stress test -> report (the README's first command)"
 
 #: profile -> (phantom cases, phantom size)
 PHANTOM = {"ci": (6, "small"), "small": (18, "small"), "full": (60, "full")}
@@ -36,7 +37,7 @@ def default_config_path() -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PHANTOM), default="small",
-                        help="small: 2-core CPU, ~10 min (default); ci: 1-2 min smoke run; full: the paper's matrix "
+                        help="small: 2-core CPU, ~12 min (default); ci: 1-2 min smoke run; full: the paper's matrix "
                         "on a GPU")
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     parser.add_argument("--config", type=Path, help="demo config (default: configs/demo.yaml of this checkout)")
@@ -89,15 +90,22 @@ def run(args: argparse.Namespace) -> int:
         raise CtsegError(f"--cases {n_cases} is too few for {cfg.cv.n_folds}-fold cross-validation "
                          f"(need at least {2 * cfg.cv.n_folds})")
     progress = not args.no_progress
+    from ctseg.evaluate.records import ARCH_NAMES, AUG_NAMES
+
+    e = cfg.experiment
+    augs = " vs ".join(AUG_NAMES.get(a, a) for a in e.augs)
+    models = ", ".join(f"{ARCH_NAMES.get(a, a)} {d.upper()}" for a in e.archs for d in e.dims
+                       if f"{a}-{d}" not in e.exclude)
     console.print(Panel.fit(
         f"[bold]ctseg demo[/] ({args.profile}): {n_cases} phantom kidney CTs -> slice-sorted {cfg.cv.n_folds}-fold "
-        f"cross-validation of CTIA vs MIA\n2D U-Net, 2D and 3D MS-D Nets -> stacked ensemble -> report in {args.out}",
+        f"cross-validation of {augs}\n{models}{' -> stacked ensemble' if cfg.experiment.stack else ''}"
+        f"{' -> stress test' if cfg.stress.enabled else ''} -> report in {escape(str(args.out))}",
         border_style="cyan"))
     t0 = time.perf_counter()
     data = _phantom(args.out, n_cases, size, args.seed, progress, console)
     t_data = time.perf_counter() - t0
     html = run_experiment(cfg, data, args.out, device=args.device, progress=progress,
-                          title=f"ctseg demo ({args.profile}): CTIA vs MIA on phantom kidney CTs",
+                          title=f"ctseg demo ({args.profile}): {augs} on phantom kidney CTs",
                           intro=f"synthetic phantom data ({n_cases} cases, {size} size); networks shrunk to fit "
                                 "the profile, so absolute Dice is far below the paper's")
     total = time.perf_counter() - t0
