@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._output import stdout_console
 from ctseg.commands._types import overlap_fraction, positive_int
 from ctseg.errors import CtsegError
 from ctseg.staging import StagedOutputs, sweep_stale_temporaries
@@ -230,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     _check_ct(volume, args.input, args.force, console)
     result, stats = _predict_case(volume, args.input, args.output, models, device, args, args.probabilities,
                                   args.stats, measure=args.stats is not None, progress=not args.no_progress)
-    out = Console()
+    out = stdout_console()
     if stats is not None:
         out.print(_stats_table(stats, f"{escape(str(args.output))} ({args.output_type})"))
     else:
@@ -397,7 +398,7 @@ def _summary(console: Console, cases: list[Path], status: dict, args: argparse.N
         state, detail = status[case]
         colour = {"done": "green", "skipped": "yellow", "failed": "red"}[state]
         table.add_row(escape(case.name), f"[{colour}]{state}[/]", escape(detail))
-    out = Console()
+    out = stdout_console()
     out.print(table)
     out.print(f"{counts['done']} segmented, {counts['skipped']} skipped, {counts['failed']} failed"
               + (f"; measurements in {escape(str(args.stats))}" if args.stats is not None else ""), highlight=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ctseg.commands._output import stdout_console
 from ctseg.errors import CtsegError
 
 HELP = "score trained models under acquisition shifts (slice thickness, dose, calibration, contrast, position)"
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     messages: list[str] = []
     summary = run_stress(specs, data, args.out, cfg, layout=layout, case_ids=case_ids, device=args.device,
                          batch_size=args.batch_size, progress=not args.no_progress, messages=messages)
-    console = Console()
+    console = stdout_console()
     head = summary["headline_structure"]
     table = Table(title=f"robustness gap, Dice {head} (clean − mean shifted) [95% CI]; "
                         "failure rate clean → shifted")
