@@ -210,17 +210,10 @@ def add_dose_noise(image: Volume, label: Volume, k: float, rng: np.random.Genera
     Adds CT-like correlated noise of std sigma0 * sqrt(k^2 - 1) in-plane (independent noise adds in variance).
     noise_hu: the scan's noise when already known. Label and grid unchanged.
     """
-    if k < 1.0:
-        raise DegenerateSeverity(f"noise multiple {k:g} < 1 would need denoising")
-    out = image.array.astype(np.float32)
-    if k > 1.0:
-        sigma0 = estimate_noise_hu(image) if noise_hu is None else noise_hu
-        a, b = in_plane_axes(image)
-        kk = slice_axis(image)
-        moved = np.moveaxis(out, (kk, a, b), (0, 1, 2))
-        moved += correlated_noise(moved.shape[1:], moved.shape[0], sigma0 * math.sqrt(k * k - 1.0), rng,
-                                  peak_cycles_per_px)
-    return Perturbed(_with(image, out), _with(label, label.array), "perturbed")
+    def add(slices: np.ndarray, sigma: float) -> None:
+        slices += correlated_noise(slices.shape[1:], slices.shape[0], sigma, rng, peak_cycles_per_px)
+
+    return _add_noise(image, label, k, noise_hu, add)
 
 
 def projection_noise_slice(slice_hu: np.ndarray, sigma: float, rng: np.random.Generator, n_angles: int | None = None,
@@ -251,16 +244,24 @@ def add_projection_noise(image: Volume, label: Volume, k: float, rng: np.random.
                          noise_hu: float | None = None) -> Perturbed:
     """`add_dose_noise` with the projection-domain noise of `projection_noise_slice` (slow: one radon/iradon
     pair per slice; the physical reference for the Fourier-shaped noise)."""
+    def add(slices: np.ndarray, sigma: float) -> None:
+        for i in range(slices.shape[0]):
+            slices[i] += projection_noise_slice(slices[i], sigma, rng)
+
+    return _add_noise(image, label, k, noise_hu, add)
+
+
+def _add_noise(image: Volume, label: Volume, k: float, noise_hu: float | None,
+               add: Callable[[np.ndarray, float], None]) -> Perturbed:
+    """Total noise k x the scan's own: `add(slices (z, a, b) float32 view, sigma)` adds noise of std
+    sigma0 * sqrt(k^2 - 1) in place, slices along the patient's slice axis."""
     if k < 1.0:
         raise DegenerateSeverity(f"noise multiple {k:g} < 1 would need denoising")
     out = image.array.astype(np.float32)
     if k > 1.0:
         sigma0 = estimate_noise_hu(image) if noise_hu is None else noise_hu
         a, b = in_plane_axes(image)
-        kk = slice_axis(image)
-        moved = np.moveaxis(out, (kk, a, b), (0, 1, 2))
-        for i in range(moved.shape[0]):
-            moved[i] += projection_noise_slice(moved[i], sigma0 * math.sqrt(k * k - 1.0), rng)
+        add(np.moveaxis(out, (slice_axis(image), a, b), (0, 1, 2)), sigma0 * math.sqrt(k * k - 1.0))
     return Perturbed(_with(image, out), _with(label, label.array), "perturbed")
 
 
