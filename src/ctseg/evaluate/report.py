@@ -634,7 +634,7 @@ def _html_table(header: list[str], rows: list[list[str]], row_classes: list[str]
                 means.append((float(r[j].split(" ")[0]), i))
             except (ValueError, IndexError):
                 pass
-        if highlight and len(means) > 1 and header[j] != "n":
+        if highlight and len(means) > 1 and header[j] not in ("n", "folds"):
             best[j] = (max(means) if highlight == "max" else min(means))[1]
     h = "<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr></thead><tbody>"
     for i, r in enumerate(rows):
