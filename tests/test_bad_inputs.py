@@ -718,12 +718,18 @@ def test_full_disk_during_predict_is_one_line_and_leaves_nothing(tmp_path, model
     assert leftovers(out_dir) == []
 
 
-def test_sigterm_during_training_leaves_a_final_status(tmp_path):
-    root = tiny_cache(tmp_path / "cache")
+def tiny_msd_config(tmp_path, train: str):
+    """A config file for a depth-2 MS-D Net on 32 x 32 slices, CPU, with `train` (YAML flow items) as its training."""
     config = tmp_path / "c.yaml"
     config.write_text("preprocess: {in_plane_size: 32, subset_size: 2}\n"
                       "model: {arch: msd, msd: {depth: 2, max_dilation: 2}}\n"
-                      "train: {epochs: 1000, steps_per_epoch: 2, batch_size_2d: 2, val_fraction: 0.0, device: cpu}\n")
+                      f"train: {{{train}, device: cpu}}\n")
+    return config
+
+
+def test_sigterm_during_training_leaves_a_final_status(tmp_path):
+    root = tiny_cache(tmp_path / "cache")
+    config = tiny_msd_config(tmp_path, "epochs: 1000, steps_per_epoch: 2, batch_size_2d: 2, val_fraction: 0.0")
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", _SIGNAL_SCRIPT, "-v", "train", "--data", str(root), "--out",
@@ -758,10 +764,7 @@ def test_folder_and_file_modes_point_to_each_other(tmp_path, model, capsys):
 def test_full_disk_during_training_names_the_file_and_records_failed(tmp_path):
     """Under a 10 kB file-size limit run.json (4 kB) and the weights (3 kB) fit, checkpoint.pt (24 kB) does not."""
     root = tiny_cache(tmp_path / "cache")
-    config = tmp_path / "c.yaml"
-    config.write_text("preprocess: {in_plane_size: 32, subset_size: 2}\n"
-                      "model: {arch: msd, msd: {depth: 2, max_dilation: 2}}\n"
-                      "train: {epochs: 1, steps_per_epoch: 1, batch_size_2d: 2, device: cpu}\n")
+    config = tiny_msd_config(tmp_path, "epochs: 1, steps_per_epoch: 1, batch_size_2d: 2")
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, "10000", "train", "--data", str(root), "--out",
