@@ -1,8 +1,11 @@
 """Report: tables laid out like the paper's Table 2, a computed headline, and an HTML page that renders."""
+import collections
 import csv
 import dataclasses
+import html
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -140,10 +143,9 @@ def test_report_files_tables_and_rendering(tmp_path):
     _render_in_chromium(html_path, tmp_path, n_images)
 
 
-def test_report_quality_flag_section(tmp_path):
-    """Stacked records with member agreement: flagged volumes listed with their Dice, Spearman stated, plot embedded."""
-    from scipy.stats import spearmanr
-
+def _ensemble_records():
+    """Stacked ensembles (MIA, CTIA) whose two least agreeing of 20 volumes stand out, and single U-Nets (no
+    agreement) on the same volumes."""
     records = []
     for aug in ("mia", "ctia"):
         for i in range(20):
@@ -156,6 +158,14 @@ def test_report_quality_flag_section(tmp_path):
         records += [VolumeResult(case_id=f"case_{i:05d}", fold=i % 3, model=f"unet-2d-{aug}", arch="unet", dim="2d",
                                  aug=aug, dice={"kidney": 0.9, "total": 0.9}, dice_paper={"kidney": 0.9, "total": 0.9},
                                  slice_thickness=1.0, num_slices=30) for i in range(20)]
+    return records
+
+
+def test_report_quality_flag_section(tmp_path):
+    """Stacked records with member agreement: flagged volumes listed with their Dice, Spearman stated, plot embedded."""
+    from scipy.stats import spearmanr
+
+    records = _ensemble_records()
     html_path = write_report(records, tmp_path, title="quality")
     md = (tmp_path / "results.md").read_text()
     section = md.split(f"## {QUALITY_TITLE}")[1].split("\n## ")[0]
@@ -181,6 +191,40 @@ def test_report_quality_flag_section(tmp_path):
     assert (tmp_path / "plots" / "agreement_stacked-ctia.png").stat().st_size > 5000
     few = quality_flags(stacked[:2], "total")[0]  # two volumes: no rank correlation to state
     assert few.n == few.n_corr == 2 and math.isnan(few.spearman) and "not computable" in few.finding()
+
+
+def test_report_is_computed_once_for_all_files(tmp_path, monkeypatch):
+    """write_report computes the headline, the quality flags and the std-ratio bootstraps once, and results.md,
+    report/index.html and results.json show that same headline and the same quality findings."""
+    from ctseg.evaluate import report
+
+    calls = collections.Counter()
+
+    def count_calls(name):
+        real = getattr(report, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(report, name, counted)
+
+    for name in ("headline", "quality_flags", "std_ratios"):
+        count_calls(name)
+    html_path = report.write_report(_ensemble_records(), tmp_path, title="once")
+    assert calls == {"headline": 1, "quality_flags": 1, "std_ratios": len(report.BASELINE_AUGS)}  # one per baseline
+
+    payload = json.loads((tmp_path / "results.json").read_text())
+    md = (tmp_path / "results.md").read_text().split("\n")
+    page = html_path.read_text()
+    head_html = re.search(r'<div class="headline"><b>(.*?)</b><ul>(.*?)</ul></div>', page)
+    assert "about the same as MIA's (ratio 1.00)" in payload["headline"]["text"]  # same Dice for MIA and CTIA
+    assert md[2] == f"**{payload['headline']['text']}**" and html.unescape(head_html[1]) == payload["headline"]["text"]
+    details = payload["headline"]["details"]
+    assert md[4:4 + len(details) + 1] == [f"- {d}" for d in details] + [""]
+    assert [html.unescape(d) for d in re.findall("<li>(.*?)</li>", head_html[2])] == details
+    assert len(payload["quality_flags"]) == 2
+    for q in report.quality_flags(report.load_results(tmp_path / "results.json"), "total"):
+        assert q.finding() in md and f"<p>{html.escape(q.finding())}</p>" in page
 
 
 def _chromium() -> str:

@@ -8,6 +8,9 @@ Input is a list of `VolumeResult` (one per test volume x model). Outputs, all wr
                     per-fold and per-slice-thickness tables, and (ensembles) the quality flag
     report/index.html   self-contained page (inline CSS, images embedded as base64 PNG)
 
+Everything these files show is computed once, by `build_report`, into one `Report` (headline, tables, summary
+statistics, quality flags); `render_markdown`, `render_html` and `Report.to_json` only format it.
+
 Quality flag (only when records carry `agreement`, i.e. ensembles): per model, the volumes whose members
 disagree unusually (`ctseg.evaluate.quality.flag_unusual` over that model's volumes), their Dice, and the
 Spearman rank correlation of agreement with Dice (headline class, paper protocol): does low agreement
@@ -33,9 +36,10 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import yaml
 
 from ctseg.evaluate.folds import THICKNESS_BINS
@@ -68,11 +72,14 @@ PAPER_TITLE = "Table 2 beside the paper — Dice, paper protocol"
 METRICS = {"dice_paper": "Dice, paper protocol", "dice": "Dice, full volume in original geometry",
            "hd95": "HD95 (mm), full volume"}
 DEFAULT_THICKNESS_EDGES_MM = THICKNESS_BINS
+Figure = tuple[str, str, Path]  # (report section, caption, PNG path)
 
 
 # ----------------------------------------------------------------------------------------- statistics
 @dataclass(frozen=True)
 class Stat:
+    """Mean and std (ddof=0) of the n finite values of a metric (NaN when n = 0)."""
+
     mean: float
     std: float
     n: int
@@ -84,14 +91,17 @@ class Stat:
             return f"{self.mean:.{digits}f}"
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"mean": _json_float(self.mean), "std": _json_float(self.std), "n": self.n}
+
+
+SummaryTable = dict[str, dict[str, Stat]]  # model -> class -> Stat
 
 
 def stat(values: Iterable[float]) -> Stat:
     """Mean and std (numpy, ddof=0, as `ctseg.evaluate.metrics.mean_std`) of the finite values; n counts them."""
     ms = mean_std(v for v in values if v is not None)
-    return Stat(ms["mean"], ms["std"], ms["n"])
+    return Stat(ms["mean"], ms["std"], int(ms["n"]))
 
 
 def class_names(records: Sequence[VolumeResult]) -> list[str]:
@@ -116,19 +126,18 @@ def _by_model(records: Sequence[VolumeResult]) -> dict[str, list[VolumeResult]]:
     return out
 
 
-def summary_table(records: Sequence[VolumeResult], metric: str, classes: Sequence[str]) -> dict[str, dict[str, Stat]]:
+def summary_table(records: Sequence[VolumeResult], metric: str, classes: Sequence[str]) -> SummaryTable:
     """model -> class -> Stat of `metric` ('dice', 'dice_paper' or 'hd95') over all volumes and folds."""
     groups = _by_model(records)
     return {m.model: {c: stat(getattr(r, metric).get(c, math.nan) for r in groups[m.model]) for c in classes}
             for m in models_in_order(records)}
 
 
-def fold_mean_table(records: Sequence[VolumeResult], metric: str, classes: Sequence[str]
-                    ) -> dict[str, dict[str, Stat]]:
+def fold_mean_table(records: Sequence[VolumeResult], metric: str, classes: Sequence[str]) -> SummaryTable:
     """model -> class -> Stat over the per-fold means (n = folds): the spread between test folds."""
     folds = sorted({r.fold for r in records})
     groups = _by_model(records)
-    out = {}
+    out: SummaryTable = {}
     for m in models_in_order(records):
         out[m.model] = {}
         for c in classes:
@@ -139,6 +148,7 @@ def fold_mean_table(records: Sequence[VolumeResult], metric: str, classes: Seque
 
 
 def fold_table(records: Sequence[VolumeResult], metric: str, cls: str) -> tuple[list[int], dict[str, dict[int, Stat]]]:
+    """(test folds, model -> fold -> Stat of `metric` of class `cls` over that fold's volumes)."""
     folds = sorted({r.fold for r in records})
     groups = _by_model(records)
     table = {m.model: {k: stat(getattr(r, metric).get(cls, math.nan) for r in groups[m.model] if r.fold == k)
@@ -147,7 +157,8 @@ def fold_table(records: Sequence[VolumeResult], metric: str, cls: str) -> tuple[
 
 
 def thickness_table(records: Sequence[VolumeResult], metric: str, cls: str, edges_mm: Sequence[float]
-                    ) -> tuple[list[str], dict[str, dict[str, Stat]]]:
+                    ) -> tuple[list[str], SummaryTable]:
+    """(thickness groups present, model -> group -> Stat of `metric` of class `cls` over that group's volumes)."""
     labels = present_thickness_groups(records, edges_mm)
     groups = _by_model(records)
     table = {m.model: {g: stat(getattr(r, metric).get(cls, math.nan) for r in groups[m.model]
@@ -170,21 +181,24 @@ class StdRatio:
     mean_diff: float  # CTIA - baseline
     baseline: str = "mia"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"pair": self.pair, "class": self.cls, "baseline": self.baseline, "base": self.base.to_json(),
                 "ctia": self.ctia.to_json(), "std_ratio_base_over_ctia": _json_float(self.ratio),
                 "ci95": [_json_float(self.ci95[0]), _json_float(self.ci95[1])],
                 "mean_diff_ctia_minus_base": _json_float(self.mean_diff)}
 
 
-def _paired_values(a: list[VolumeResult], b: list[VolumeResult], metric: str, cls: str) -> tuple[np.ndarray, np.ndarray]:
+def _paired_values(a: list[VolumeResult], b: list[VolumeResult], metric: str, cls: str
+                   ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(n,) values of `a` and of `b` on the n volumes (sorted case ids) where both are finite."""
     va = {r.case_id: getattr(r, metric).get(cls, math.nan) for r in a}
     vb = {r.case_id: getattr(r, metric).get(cls, math.nan) for r in b}
     ids = sorted(i for i in set(va) & set(vb) if math.isfinite(va[i]) and math.isfinite(vb[i]))
     return np.array([va[i] for i in ids]), np.array([vb[i] for i in ids])
 
 
-def _bootstrap_ratio_ci(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+def _bootstrap_ratio_ci(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], n_boot: int, seed: int
+                        ) -> tuple[float, float]:
     """95 % percentile interval of std(x)/std(y), resampling volumes (paired)."""
     if x.size < 3:
         return (math.nan, math.nan)
@@ -202,7 +216,7 @@ def std_ratios(records: Sequence[VolumeResult], metric: str, classes: Sequence[s
                seed: int = 0, baseline: str = "mia") -> list[StdRatio]:
     """For each (arch, dim, variant) present with both `baseline` and CTIA: per-class std ratio on paired volumes."""
     groups = _by_model(records)
-    pairs: dict[tuple, dict[str, list[VolumeResult]]] = {}
+    pairs: dict[tuple[str, str, str], dict[str, list[VolumeResult]]] = {}
     for m in models_in_order(records):
         if m.aug in (baseline, "ctia"):
             pairs.setdefault((m.arch, m.dim, m.variant), {})[m.aug] = groups[m.model]
@@ -224,10 +238,12 @@ def std_ratios(records: Sequence[VolumeResult], metric: str, classes: Sequence[s
 
 @dataclass
 class Headline:
+    """The report's finding (one sentence) and the lines that back it."""
+
     text: str
     details: list[str]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"text": self.text, "details": self.details}
 
 
@@ -236,14 +252,20 @@ def all_std_ratios(records: Sequence[VolumeResult], metric: str, classes: Sequen
     return [r for b in BASELINE_AUGS for r in std_ratios(records, metric, classes, baseline=b)]
 
 
-def headline(records: Sequence[VolumeResult], metric: str, classes: Sequence[str]) -> Headline:
+def headline(records: Sequence[VolumeResult], metric: str, classes: Sequence[str],
+             all_ratios: Sequence[StdRatio] | None = None) -> Headline:
     """The finding, computed from the data: CTIA vs the first baseline present (the paper's MIA, else nnU-Net's
-    pipeline, else none) in spread (std over volumes) at their mean Dice, and the best model."""
+    pipeline, else none) in spread (std over volumes) at their mean Dice, and the best model.
+
+    all_ratios: `all_std_ratios(records, metric, classes)` when already computed (else computed here).
+    """
     cls = headline_class(classes)
+    if all_ratios is None:
+        all_ratios = all_std_ratios(records, metric, [cls])
     ratios: list[StdRatio] = []
     for baseline in BASELINE_AUGS:
-        ratios = [r for r in std_ratios(records, metric, [cls], baseline=baseline)
-                  if math.isfinite(r.ratio) and r.ratio > 0]
+        ratios = [r for r in all_ratios if r.baseline == baseline and r.cls == cls
+                  and math.isfinite(r.ratio) and r.ratio > 0]
         if ratios:
             break
     details = []
@@ -312,11 +334,15 @@ class QualityFlags:
             return text + "lower member agreement goes with lower Dice, so the flag points at volumes worth checking."
         return text + "lower member agreement goes with higher Dice, so the flag does not point at poor segmentations."
 
+    def header(self) -> list[str]:
+        return ["case", "fold", "agreement", f"Dice ({self.cls})"]
+
     def rows(self) -> list[list[str]]:
-        return [[r.case_id, str(r.fold), _fmt(r.agreement), _fmt(getattr(r, self.metric).get(self.cls, math.nan))]
+        """One row per flagged volume, cells as in `header`."""
+        return [[r.case_id, str(r.fold), _fmt(_agreement_of(r)), _fmt(getattr(r, self.metric).get(self.cls, math.nan))]
                 for r in self.flagged]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "display": self.display, "class": self.cls, "metric": self.metric, "n": self.n,
                 "threshold": _json_float(self.threshold), "spearman": _json_float(self.spearman),
                 "spearman_p": _json_float(self.spearman_p), "n_corr": self.n_corr,
@@ -329,6 +355,11 @@ def _fmt(v: float, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if math.isfinite(v) else "–"
 
 
+def _agreement_of(r: VolumeResult) -> float:
+    """Member agreement of an ensemble's volume; NaN for a single model's."""
+    return math.nan if r.agreement is None else r.agreement
+
+
 def quality_flags(records: Sequence[VolumeResult], cls: str, metric: str = "dice_paper",
                   rule: FlagRule = FlagRule()) -> list[QualityFlags]:
     """Per model whose records carry `agreement` (paper row order): flagged volumes and the Spearman
@@ -336,59 +367,33 @@ def quality_flags(records: Sequence[VolumeResult], cls: str, metric: str = "dice
     from scipy.stats import spearmanr
 
     groups = _by_model(records)
-    out = []
+    out: list[QualityFlags] = []
     for m in models_in_order(records):
         recs = [r for r in groups[m.model] if r.agreement is not None]
         if not recs:
             continue
-        flagged_ids = flag_unusual({r.case_id: r.agreement for r in recs}, rule)
+        flagged_ids = flag_unusual({r.case_id: _agreement_of(r) for r in recs}, rule)
         flagged = sorted((r for r in recs if r.case_id in flagged_ids),
-                         key=lambda r: (r.agreement if math.isfinite(r.agreement) else -math.inf, r.case_id))
-        pairs = np.array([(r.agreement, getattr(r, metric).get(cls, math.nan)) for r in recs], dtype=float)
+                         key=lambda r: (_agreement_of(r) if math.isfinite(_agreement_of(r)) else -math.inf, r.case_id))
+        pairs = np.array([(_agreement_of(r), getattr(r, metric).get(cls, math.nan)) for r in recs], dtype=float)
         pairs = pairs[np.isfinite(pairs).all(axis=1)]
         rho = p = math.nan
         if len(pairs) >= 3 and np.ptp(pairs[:, 0]) > 0 and np.ptp(pairs[:, 1]) > 0:
             res = spearmanr(pairs[:, 0], pairs[:, 1])
             rho, p = float(res.statistic), float(res.pvalue)
-        out.append(QualityFlags(m.model, m.display, cls, metric, len(recs), rule.threshold([r.agreement for r in recs]),
-                                flagged, rho, p, len(pairs)))
+        out.append(QualityFlags(m.model, m.display, cls, metric, len(recs),
+                                rule.threshold([_agreement_of(r) for r in recs]), flagged, rho, p, len(pairs)))
     return out
 
 
 def quality_note(rule: FlagRule) -> str:
+    """What agreement is and which volumes `rule` flags, for the report."""
     return ("agreement: mean pairwise Dice between the ensemble members' foreground masks on a volume (1 = the members "
             f"agree exactly). Flagged: {rule.describe()} (MAD: median absolute deviation over the model's volumes). "
             "Flagged volumes deserve a check by hand.")
 
 
-# ------------------------------------------------------------------------------------------- writers
-_CSV_FIXED = ["case_id", "fold", "model", "display", "arch", "dim", "aug", "variant", "slice_thickness", "num_slices",
-              "agreement"]
-
-
-def write_results_csv(records: Sequence[VolumeResult], path: Path, classes: Sequence[str]) -> None:
-    buf = io.StringIO()
-    cols = _CSV_FIXED + [f"{m}_{c}" for m in ("dice", "dice_paper", "hd95") for c in classes]
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    for r in sorted(records, key=lambda r: (model_sort_key(r), r.fold, r.case_id)):
-        row = {k: getattr(r, k) for k in _CSV_FIXED if k not in ("display", "agreement")}
-        row["display"] = r.display
-        row["agreement"] = "" if r.agreement is None or not math.isfinite(r.agreement) else f"{r.agreement:.6g}"
-        for m in ("dice", "dice_paper", "hd95"):
-            for c in classes:
-                v = getattr(r, m).get(c, math.nan)
-                row[f"{m}_{c}"] = "" if not math.isfinite(v) else f"{v:.6g}"
-        w.writerow(row)
-    atomic_write_text(path, buf.getvalue())
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
+# -------------------------------------------------------------------------------------------- tables
 @dataclass
 class Section:
     """One table of the report as strings (shared by Markdown and HTML); highlight: 'max', 'min' or None."""
@@ -400,18 +405,19 @@ class Section:
     highlight: str | None = "max"
 
 
-@dataclass
-class Tables:
-    sections: list[Section]
+def standard_sections(records: Sequence[VolumeResult], classes: Sequence[str], thickness_edges_mm: Sequence[float],
+                      summary: dict[str, SummaryTable], all_ratios: Sequence[StdRatio]) -> list[Section]:
+    """The report's own tables, in display order.
 
-
-def build_tables(records: Sequence[VolumeResult], classes: Sequence[str], thickness_edges_mm: Sequence[float]) -> Tables:
+    summary: metric (each key of `METRICS`) -> `summary_table` over `classes`; all_ratios: `all_std_ratios` of
+    Dice, paper protocol, over `classes`.
+    """
     cls = headline_class(classes)
     names = {m.model: m.display for m in models_in_order(records)}
     secs = []
     for metric, title in (("dice_paper", "Table 2 — Dice, paper protocol"),
                           ("dice", "Dice on the full volume in original geometry")):
-        t = summary_table(records, metric, classes)
+        t = summary[metric]
         secs.append(Section(title, "mean ± std over volumes, pooled across folds", ["model", *classes, "n"],
                             [[names[m], *(t[m][c].fmt() for c in classes), str(max(s.n for s in t[m].values()))]
                              for m in t]))
@@ -424,13 +430,13 @@ def build_tables(records: Sequence[VolumeResult], classes: Sequence[str], thickn
     paper = paper_table2_section(records, classes)
     if paper is not None:
         secs.append(paper)
-    t = summary_table(records, "hd95", classes)
+    t = summary["hd95"]
     if any(st.n for row in t.values() for st in row.values()):
         secs.append(Section("HD95 (mm), full volume", "95th percentile Hausdorff distance in mm; mean ± std over "
                             "volumes where both structures are present", ["model", *classes],
                             [[names[m], *(t[m][c].fmt(2) for c in classes)] for m in t], "min"))
     for baseline in BASELINE_AUGS:
-        ratios = std_ratios(records, "dice_paper", classes, baseline=baseline)
+        ratios = [r for r in all_ratios if r.baseline == baseline]
         if not ratios:
             continue
         b = AUG_NAMES[baseline]
@@ -450,7 +456,7 @@ def build_tables(records: Sequence[VolumeResult], classes: Sequence[str], thickn
     secs.append(Section(f"By slice thickness — Dice ({cls}), paper protocol", "volumes grouped by slice thickness",
                         ["model", *(f"{g} (n={counts[g]})" for g in groups)],
                         [[names[m], *(tt[m][g].fmt() for g in groups)] for m in tt]))
-    return Tables(secs)
+    return secs
 
 
 def paper_table2_section(records: Sequence[VolumeResult], classes: Sequence[str]) -> Section | None:
@@ -501,7 +507,9 @@ def stack_selection_section(stack_dirs: Sequence[str | Path]) -> Section | None:
                    ["stack", "member set", "candidate run", "validation score", "selected"], rows, None)
 
 
+# ---------------------------------------------------------------------------------------- the report
 def software_versions() -> dict[str, str]:
+    """Package -> version of this process (ctseg, python, torch, numpy, matplotlib), platform, device, git commit."""
     import matplotlib
     import torch
 
@@ -518,65 +526,137 @@ def software_versions() -> dict[str, str]:
     return v
 
 
-def _stress_parts(head: Headline, tables: Tables, stress: dict | None) -> None:
-    """Add the stress test's headline lines and tables (`ctseg.stress.summary`) to the report parts."""
-    if not stress:
-        return
-    from ctseg.stress.summary import headline_lines, report_tables
+@dataclass
+class Report:
+    """Everything a report shows, computed once from the records by `build_report`.
 
-    head.details += headline_lines(stress)
-    tables.sections += [Section(t, n, h, r, None) for t, n, h, r in report_tables(stress)]
+    `render_markdown`, `render_html` and `Report.to_json` only format it, so results.md, report/index.html and
+    results.json agree by construction.
+    """
+
+    title: str
+    created: datetime  # when built, UTC
+    records: list[VolumeResult]
+    models: list[VolumeResult]  # one representative record per model, in the paper's row order
+    classes: list[str]  # `class_names` of the records
+    headline: Headline  # including the stress test's lines
+    sections: list[Section]  # tables in display order: standard, extra (e.g. stack selection), stress test
+    summary: dict[str, SummaryTable]  # metric (each key of METRICS) -> model -> class -> Stat
+    std_ratios: list[StdRatio]  # every baseline of BASELINE_AUGS vs CTIA, Dice paper protocol, every class
+    flag_rule: FlagRule
+    quality_flags: list[QualityFlags]  # one per model whose records carry `agreement` (ensembles)
+    versions: dict[str, str]  # package -> version (`software_versions`)
+    config: dict[str, Any] | None = None
+    stress: dict[str, Any] | None = None  # stress-test summary (`ctseg.stress.summary`)
+
+    @property
+    def headline_class(self) -> str:
+        return headline_class(self.classes)
+
+    def to_json(self, results_dir: Path) -> dict[str, Any]:
+        """results.json content; overlay paths relative to `results_dir` where possible."""
+        return {"title": self.title, "created": self.created.isoformat(timespec="seconds"), "classes": self.classes,
+                "headline": self.headline.to_json(),
+                "summary": {metric: {m: {c: s.to_json() for c, s in row.items()} for m, row in table.items()}
+                            for metric, table in self.summary.items()},
+                "std_ratios": [r.to_json() for r in self.std_ratios],
+                "quality_flags": [q.to_json() for q in self.quality_flags], "stress": self.stress,
+                "versions": self.versions, "config": self.config,
+                "records": [_portable(r, results_dir) for r in self.records]}
 
 
-def write_results(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
-                  thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, title: str = "ctseg results",
-                  versions: dict | None = None, flag_rule: FlagRule = FlagRule(),
-                  extra_sections: Sequence[Section] = (), stress: dict | None = None) -> dict[str, Path]:
-    """Write results.csv / results.json / results.md (+ config.yaml, versions.json) into `out_dir`.
+def build_report(records: Sequence[VolumeResult], *, title: str = "ctseg results",
+                 config: dict[str, Any] | None = None, thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM,
+                 versions: dict[str, str] | None = None, flag_rule: FlagRule = FlagRule(),
+                 extra_sections: Sequence[Section] = (),
+                 stress: dict[str, Any] | None = None) -> Report:
+    """Compute everything the report shows from the per-volume records (at least one).
 
-    flag_rule: thresholds of the ensemble quality flag (section only when records carry `agreement`).
+    versions: package versions (default: `software_versions()` of this process).
+    flag_rule: thresholds of the ensemble quality flag (flags only when records carry `agreement`).
     extra_sections: tables appended after the standard ones (e.g. `stack_selection_section`).
     stress: a stress-test summary (`ctseg.stress.summary`): its robustness gaps join the headline and tables.
     """
     if not records:
         raise ValueError("no results to report")
+    classes = class_names(records)
+    summary = {metric: summary_table(records, metric, classes) for metric in METRICS}
+    ratios = all_std_ratios(records, "dice_paper", classes)
+    head = headline(records, "dice_paper", classes, all_ratios=ratios)
+    sections = [*standard_sections(records, classes, thickness_edges_mm, summary, ratios), *extra_sections]
+    if stress:
+        from ctseg.stress.summary import headline_lines, report_tables
+
+        head.details += headline_lines(stress)
+        sections += [Section(t, n, h, r, None) for t, n, h, r in report_tables(stress)]
+    return Report(title=title, created=datetime.now(timezone.utc), records=list(records),
+                  models=models_in_order(records), classes=classes, headline=head, sections=sections, summary=summary,
+                  std_ratios=ratios, flag_rule=flag_rule,
+                  quality_flags=quality_flags(records, headline_class(classes), rule=flag_rule),
+                  versions=versions or software_versions(), config=config, stress=stress)
+
+
+# ------------------------------------------------------------------------------------- results files
+_CSV_FIXED = ["case_id", "fold", "model", "display", "arch", "dim", "aug", "variant", "slice_thickness", "num_slices",
+              "agreement"]
+
+
+def write_results_csv(records: Sequence[VolumeResult], path: Path, classes: Sequence[str]) -> None:
+    """results.csv: one row per volume x model (paper row order, fold, case); empty cells for NaN."""
+    buf = io.StringIO()
+    cols = _CSV_FIXED + [f"{m}_{c}" for m in ("dice", "dice_paper", "hd95") for c in classes]
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in sorted(records, key=lambda r: (model_sort_key(r), r.fold, r.case_id)):
+        row = {k: getattr(r, k) for k in _CSV_FIXED if k not in ("display", "agreement")}
+        row["display"] = r.display
+        row["agreement"] = "" if r.agreement is None or not math.isfinite(r.agreement) else f"{r.agreement:.6g}"
+        for m in ("dice", "dice_paper", "hd95"):
+            for c in classes:
+                v = getattr(r, m).get(c, math.nan)
+                row[f"{m}_{c}"] = "" if not math.isfinite(v) else f"{v:.6g}"
+        w.writerow(row)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: Report) -> str:
+    """results.md: headline, tables, quality flags and software versions."""
+    head = report.headline
+    md = [f"# {report.title}", "", f"**{head.text}**", "", *(f"- {d}" for d in head.details), ""]
+    for sec in report.sections:
+        md += [f"## {sec.title}", "", f"_{sec.note}_", "", _md_table(sec.header, sec.rows), ""]
+    if report.quality_flags:
+        md += [f"## {QUALITY_TITLE}", "", f"_{quality_note(report.flag_rule)}_", ""]
+        for q in report.quality_flags:
+            md += [f"### {q.display}", "", q.finding(), ""]
+            md += [_md_table(q.header(), q.rows()) if q.flagged else "_No volume flagged._", ""]
+    md += ["## Software", "", _md_table(["package", "version"], [[k, v] for k, v in report.versions.items()]), ""]
+    return "\n".join(md)
+
+
+def write_results(report: Report, out_dir: str | Path) -> dict[str, Path]:
+    """Write results.csv / results.json / results.md (+ config.yaml, versions.json) into `out_dir`; returns
+    the paths by kind ('csv', 'json', 'md', 'config')."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    classes = class_names(records)
-    versions = versions or software_versions()
-    head = headline(records, "dice_paper", classes)
-    tables = build_tables(records, classes, thickness_edges_mm)
-    tables.sections.extend(extra_sections)
-    _stress_parts(head, tables, stress)
-    flags = quality_flags(records, headline_class(classes), rule=flag_rule)
-    write_results_csv(records, out / "results.csv", classes)
-    summary = {metric: {m: {c: s.to_json() for c, s in row.items()} for m, row in summary_table(records, metric, classes).items()}
-               for metric in METRICS}
-    payload = {"title": title, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "classes": classes, "headline": head.to_json(), "summary": summary,
-               "std_ratios": [r.to_json() for r in all_std_ratios(records, "dice_paper", classes)],
-               "quality_flags": [q.to_json() for q in flags], "stress": stress,
-               "versions": versions, "config": config, "records": [_portable(r, out) for r in records]}
-    atomic_write_text(out / "results.json", json.dumps(payload, indent=1, allow_nan=False))
-    md = [f"# {title}", "", f"**{head.text}**", "", *(f"- {d}" for d in head.details), ""]
-    for sec in tables.sections:
-        md += [f"## {sec.title}", "", f"_{sec.note}_", "", _md_table(sec.header, sec.rows), ""]
-    if flags:
-        md += [f"## {QUALITY_TITLE}", "", f"_{quality_note(flag_rule)}_", ""]
-        for q in flags:
-            md += [f"### {q.display}", "", q.finding(), ""]
-            md += [_md_table(_quality_header(q), q.rows()) if q.flagged else "_No volume flagged._", ""]
-    md += ["## Software", "", _md_table(["package", "version"], [[k, v] for k, v in versions.items()]), ""]
-    atomic_write_text(out / "results.md", "\n".join(md))
     paths = {"csv": out / "results.csv", "json": out / "results.json", "md": out / "results.md"}
-    if config is not None:
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_results_csv(report.records, paths["csv"], report.classes)
+    atomic_write_text(paths["json"], json.dumps(report.to_json(out), indent=1, allow_nan=False))
+    atomic_write_text(paths["md"], render_markdown(report))
+    if report.config is not None:
         paths["config"] = out / "config.yaml"
-    atomic_write_text(out / "versions.json", json.dumps(versions, indent=1))
+        atomic_write_text(paths["config"], yaml.safe_dump(report.config, sort_keys=False))
+    atomic_write_text(out / "versions.json", json.dumps(report.versions, indent=1))
     return paths
 
 
-def _portable(r: VolumeResult, base: Path) -> dict:
+def _portable(r: VolumeResult, base: Path) -> dict[str, Any]:
     """JSON record with its overlay path relative to `base` (the results folder) when possible."""
     d = r.to_json()
     if r.overlay and Path(r.overlay).is_absolute():
@@ -623,6 +703,12 @@ def png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
+def _figure_html(path: Path, caption: str) -> str:
+    """A <figure> with the PNG at `path` embedded."""
+    return (f'<figure><img src="{png_data_uri(path)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
 def _html_table(header: list[str], rows: list[list[str]], row_classes: list[str] | None = None,
                 highlight: str | None = None) -> str:
     """HTML table; highlight 'max' / 'min' marks the best mean per column (cells 'mean ± std')."""
@@ -645,29 +731,21 @@ def _html_table(header: list[str], rows: list[list[str]], row_classes: list[str]
     return h + "</tbody></table>"
 
 
-def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tuple[str, str, Path]],
-                config: dict | None, versions: dict, thickness_edges_mm: Sequence[float], intro: str = "",
-                quality_figures: dict[str, Path] | None = None, flag_rule: FlagRule = FlagRule(),
-                extra_sections: Sequence[Section] = (), stress: dict | None = None) -> str:
-    """The report page. figures: (section, caption, png path) in display order; images are embedded.
-    quality_figures: model -> agreement vs Dice scatter plot, shown in the quality-flag section.
-    extra_sections: tables appended after the standard ones.
-    stress: stress-test summary (headline lines and tables; its curves come in `figures`)."""
-    classes = class_names(records)
-    head = headline(records, "dice_paper", classes)
-    tables = build_tables(records, classes, thickness_edges_mm)
-    tables.sections.extend(extra_sections)
-    _stress_parts(head, tables, stress)
-    aug_of = {m.display: m.aug for m in models_in_order(records)}
-    n_vol = len({r.case_id for r in records})
-    folds = sorted({r.fold for r in records})
-    parts = [f"<h1>{html.escape(title)}</h1>",
-             f'<p class="sub">{n_vol} volumes, {len(folds)}-fold slice-sorted cross-validation, '
-             f"{len(models_in_order(records))} models · generated {datetime.now().strftime('%Y-%m-%d %H:%M')}"
+def render_html(report: Report, figures: Sequence[Figure] = (), *, intro: str = "",
+                quality_figures: dict[str, Path] | None = None) -> str:
+    """The report page. figures: (section, caption, PNG path) in display order; images are embedded.
+    quality_figures: model -> agreement vs Dice scatter plot, shown in the quality-flag section."""
+    aug_of = {m.display: m.aug for m in report.models}
+    n_vol = len({r.case_id for r in report.records})
+    n_folds = len({r.fold for r in report.records})
+    head = report.headline
+    parts = [f"<h1>{html.escape(report.title)}</h1>",
+             f'<p class="sub">{n_vol} volumes, {n_folds}-fold slice-sorted cross-validation, '
+             f"{len(report.models)} models · generated {report.created.astimezone().strftime('%Y-%m-%d %H:%M')}"
              f"{' · ' + html.escape(intro) if intro else ''}</p>",
              f'<div class="headline"><b>{html.escape(head.text)}</b><ul>'
              + "".join(f"<li>{html.escape(d)}</li>" for d in head.details) + "</ul></div>"]
-    for sec in tables.sections:
+    for sec in report.sections:
         row_cls = [aug_of.get(r[0], "") for r in sec.rows]
         parts.append(f"<h2>{html.escape(sec.title)}</h2><p class=note>{html.escape(sec.note)}</p>"
                      + _html_table(sec.header, sec.rows, row_cls, sec.highlight))
@@ -675,36 +753,35 @@ def render_html(records: Sequence[VolumeResult], *, title: str, figures: list[tu
     for section, caption, path in figures:
         sections.setdefault(section, []).append((caption, path))
     for section, figs in sections.items():
-        items = "".join(f'<figure><img src="{png_data_uri(path)}" alt="{html.escape(caption)}">'
-                        f"<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, path in figs)
+        items = "".join(_figure_html(path, caption) for caption, path in figs)
         parts.append(f"<h2>{html.escape(section)}</h2>" + (f'<div class="grid">{items}</div>' if len(figs) > 1 else items))
-    flags = quality_flags(records, headline_class(classes), rule=flag_rule)
-    if flags:
+    if report.quality_flags:
         parts.append(f'<h2 id="quality-flag">{html.escape(QUALITY_TITLE)}</h2>'
-                     f"<p class=note>{html.escape(quality_note(flag_rule))}</p>")
-        for q in flags:
+                     f"<p class=note>{html.escape(quality_note(report.flag_rule))}</p>")
+        for q in report.quality_flags:
             parts.append(f"<h3>{html.escape(q.display)}</h3><p>{html.escape(q.finding())}</p>"
-                         + (_html_table(_quality_header(q), q.rows(), highlight=None) if q.flagged
+                         + (_html_table(q.header(), q.rows(), highlight=None) if q.flagged
                             else "<p class=note>No volume flagged.</p>"))
             fig = (quality_figures or {}).get(q.model)
             if fig is not None:
-                caption = (f"{q.display}: agreement between members vs Dice ({q.cls}, paper protocol), one point per "
-                           "volume; flagged volumes in red, dashed line: flag threshold")
-                parts.append(f'<figure><img src="{png_data_uri(fig)}" alt="{html.escape(caption)}">'
-                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    parts.append("<h2>Software</h2>" + _html_table(["package", "version"], [[k, str(v)] for k, v in versions.items()]))
-    if config is not None:
-        parts.append("<h2>Configuration</h2><pre>" + html.escape(yaml.safe_dump(config, sort_keys=False)) + "</pre>")
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+                parts.append(_figure_html(fig, f"{q.display}: agreement between members vs Dice ({q.cls}, paper "
+                                               "protocol), one point per volume; flagged volumes in red, dashed line: "
+                                               "flag threshold"))
+    parts.append("<h2>Software</h2>"
+                 + _html_table(["package", "version"], [[k, v] for k, v in report.versions.items()]))
+    if report.config is not None:
+        parts.append("<h2>Configuration</h2><pre>" + html.escape(yaml.safe_dump(report.config, sort_keys=False))
+                     + "</pre>")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(report.title)}</title>'
             f"<style>{_CSS}</style></head><body><main>" + "\n".join(parts) + "</main></body></html>\n")
 
 
-def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict | None = None,
+def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config: dict[str, Any] | None = None,
                  log_csvs: dict[str, list[Path]] | None = None, title: str = "ctseg results",
                  thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, intro: str = "",
                  flag_rule: FlagRule = FlagRule(), extra_sections: Sequence[Section] = (),
                  stress_dir: str | Path | None = None) -> Path:
-    """Results files + plots + `report/index.html` into `out_dir`; returns the HTML path.
+    """Results files + plots + `report/index.html` into `out_dir`, all from one `build_report`; returns the HTML path.
 
     log_csvs: display name -> training logs (`log.csv` of each fold's run) for the training curves.
     flag_rule: thresholds of the ensemble quality flag.
@@ -714,25 +791,29 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
     from ctseg.evaluate import plots
 
     out = Path(out_dir)
-    versions = software_versions()
     stress = None
+    stress_figures: list[Figure] = []
     if stress_dir is not None:
         from ctseg.stress.summary import load_summary
 
         stress = load_summary(stress_dir)
-    write_results(records, out, config=config, thickness_edges_mm=thickness_edges_mm, title=title, versions=versions,
-                  flag_rule=flag_rule, extra_sections=extra_sections, stress=stress)
+        stress_figures.append((
+            "Stress test: Dice vs severity", f"Dice ({stress['headline_structure']}) per acquisition-shift axis vs "
+            "severity, one line per model, band: 95% bootstrap CI over volumes; 'clean' = the scan as acquired (see "
+            "docs/STRESS.md)", Path(stress_dir) / "curves.png"))
+    report = build_report(records, title=title, config=config, thickness_edges_mm=thickness_edges_mm,
+                          flag_rule=flag_rule, extra_sections=extra_sections, stress=stress)
+    write_results(report, out)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    classes = class_names(records)
-    cls = headline_class(classes)
-    figures: list[tuple[str, str, Path]] = []
+    classes, cls = report.classes, report.headline_class
+    figures: list[Figure] = []
     p = plots.dice_boxplot(records, "dice_paper", classes, plot_dir / "dice_boxplot.png")
     figures.append(("Dice per configuration", "Dice per volume (paper protocol); one box per model, "
                     "points are volumes. Orange: MIA, purple: nnU-Net DA, blue: CTIA, green: ensembles.", p))
     p = plots.thickness_boxplot(records, "dice_paper", cls, thickness_edges_mm, plot_dir / "dice_by_thickness.png")
     figures.append(("Dice by slice thickness", f"Dice ({cls}, paper protocol) per slice-thickness group", p))
-    for model in models_in_order(records):
+    for model in report.models:
         recs = [r for r in records if r.model == model.model and r.overlay]
         if not recs:
             continue
@@ -743,30 +824,20 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
     for name, paths in (log_csvs or {}).items():
         existing = [Path(x) for x in paths if Path(x).is_file()]
         if existing:
-            p = plots.training_curves(existing, name, plot_dir / f"curves_{_safe(name)}.png")
-            if p is not None:
-                figures.append(("Training curves", f"{name}: one line per fold", p))
-    if stress is not None:
-        figures.append(("Stress test: Dice vs severity", f"Dice ({stress['headline_structure']}) per acquisition-shift "
-                        "axis vs severity, one line per model, band: 95% bootstrap CI over volumes; 'clean' = the "
-                        "scan as acquired (see docs/STRESS.md)", Path(stress_dir) / "curves.png"))
+            curves = plots.training_curves(existing, name, plot_dir / f"curves_{_safe(name)}.png")
+            if curves is not None:
+                figures.append(("Training curves", f"{name}: one line per fold", curves))
+    figures += stress_figures
     quality_figures = {}
-    for q in quality_flags(records, cls, rule=flag_rule):
+    for q in report.quality_flags:
         recs = [r for r in records if r.model == q.model and r.agreement is not None]
         quality_figures[q.model] = plots.agreement_scatter(
             recs, {r.case_id for r in q.flagged}, q.threshold, q.cls, q.metric,
             f"{q.display}: Spearman ρ = {_fmt(q.spearman, 2)}", plot_dir / f"agreement_{_safe(q.model)}.png")
-    page = render_html(records, title=title, figures=figures, config=config, versions=versions,
-                       thickness_edges_mm=thickness_edges_mm, intro=intro, quality_figures=quality_figures,
-                       flag_rule=flag_rule, extra_sections=extra_sections, stress=stress)
     html_path = out / "report" / "index.html"
-    atomic_write_text(html_path, page)
+    atomic_write_text(html_path, render_html(report, figures, intro=intro, quality_figures=quality_figures))
     log.info("report written to %s", html_path)
     return html_path
-
-
-def _quality_header(q: QualityFlags) -> list[str]:
-    return ["case", "fold", "agreement", f"Dice ({q.cls})"]
 
 
 def _class_colours(classes: Sequence[str]) -> str:
