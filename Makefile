@@ -1,6 +1,6 @@
 # Two entry points, each installs what it needs into ./.venv:
 #   make demo   - the main job: phantom data -> CTIA vs MIA cross-validation -> ensemble -> report/
-#   make test   - the test suite (CPU)
+#   make test   - the type check (mypy, config in pyproject.toml), then the test suite (CPU)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of PyTorch; set TORCH=torch (or a CUDA build) to use your own.
@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test typecheck install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ctseg demo --out demo-output
 
-test: $(STAMP)
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+test: $(STAMP) typecheck
 	@bash scripts/ensure-chromium.sh
 	$(PY) -m pytest -q tests
 
@@ -31,4 +34,4 @@ bench: $(STAMP)
 	bash benchmarks/run_cpu.sh $(PY)
 
 clean:
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output .pytest_cache .mypy_cache

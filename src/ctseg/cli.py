@@ -21,6 +21,7 @@ import pkgutil
 import signal
 import sys
 from contextlib import contextmanager
+from typing import Protocol, cast
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -33,14 +34,25 @@ from ctseg.runtime import tune_malloc
 console = Console(stderr=True)
 
 
-def _verbs() -> dict[str, object]:
+class Verb(Protocol):
+    """What a `ctseg.commands` module defines (see the module docstring)."""
+
+    HELP: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def _verbs() -> dict[str, Verb]:
     import ctseg.commands as commands
 
     verbs = {}
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
-        verbs[info.name.replace("_", "-")] = importlib.import_module(f"ctseg.commands.{info.name}")
+        # imported by name: a module is a `Verb` by convention, which the type checker cannot see
+        verbs[info.name.replace("_", "-")] = cast(Verb, importlib.import_module(f"ctseg.commands.{info.name}"))
     return verbs
 
 

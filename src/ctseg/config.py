@@ -257,14 +257,26 @@ class StackConfig(_Section):
     foreground_fraction: float = Field(0.5, ge=0, le=1, description="share of slices with foreground per batch")
 
 
+# typed default factories: a lambda's list literal would be a list[str] to the type checker
+def _paper_archs() -> list[Literal["unet", "msd"]]:
+    return ["unet", "msd"]
+
+
+def _paper_dims() -> list[Literal["2d", "3d"]]:
+    return ["2d", "3d"]
+
+
+def _paper_augs() -> list[Literal["mia", "nnunet", "ctia", "none"]]:
+    return ["mia", "ctia"]
+
+
 class ExperimentMatrixConfig(_Section):
     """The paper's experiment (`ctseg experiment`): every combination of archs x dims x augs (x seeds) is
     cross-validated, then a stacked ensemble per augmentation. `profiles` are named partial configs
     (same nesting as this file) merged over the config by `--profile NAME`, e.g. a small CPU variant."""
-    archs: list[Literal["unet", "msd"]] = Field(default_factory=lambda: ["unet", "msd"], min_length=1)
-    dims: list[Literal["2d", "3d"]] = Field(default_factory=lambda: ["2d", "3d"], min_length=1)
-    augs: list[Literal["mia", "nnunet", "ctia", "none"]] = Field(default_factory=lambda: ["mia", "ctia"],
-                                                                 min_length=1)
+    archs: list[Literal["unet", "msd"]] = Field(default_factory=_paper_archs, min_length=1)
+    dims: list[Literal["2d", "3d"]] = Field(default_factory=_paper_dims, min_length=1)
+    augs: list[Literal["mia", "nnunet", "ctia", "none"]] = Field(default_factory=_paper_augs, min_length=1)
     seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=lambda: [0], min_length=1,
                              description="one run per seed and combination; more seeds give top_k more candidates")
     stack_seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=list, description="extra seeds trained only for the stack's "

@@ -35,10 +35,9 @@ import json
 import logging
 import math
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -46,9 +45,17 @@ import yaml
 
 from ctseg.config import ExperimentConfig, StackConfig, config_to_dict, parse_config, save_config
 from ctseg.errors import CtsegError
-from ctseg.evaluate.records import VolumeResult
+from ctseg.evaluate.records import ModelIdentity, VolumeResult
 from ctseg.fileutil import atomic_path, atomic_write_text
 from ctseg.runtime import resolve_device
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from ctseg.datasets.base import Case, Dataset
+    from ctseg.evaluate.folds import Folds
+    from ctseg.models.stacking import MemberRun
+    from ctseg.preprocess.cache import CachedCase, CaseCache, CaseIndex
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,11 @@ class RunIdentity:
             variant.append(f"seed {cfg.seed}")
         return cls(name, m.arch, m.dim, m.target, cfg.augment.name, cfg.seed, ", ".join(variant))
 
+    @property
+    def model_identity(self) -> ModelIdentity:
+        """The identity its `VolumeResult`s carry."""
+        return ModelIdentity(self.name, self.arch, self.dim, self.aug, self.variant)
+
 
 def _fold_dir(run_dir: Path, k: int) -> Path:
     return Path(run_dir) / f"fold_{k}"
@@ -100,7 +112,7 @@ def _comparable(cfg_dict: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------ data and folds
-def case_metadata(dataset) -> dict[str, dict]:
+def case_metadata(dataset: Dataset) -> dict[str, dict]:
     """num_slices, slice_thickness (mm) and spacing of every case, read from the dataset: what the folds are
     sorted by, known before any intensity plan exists."""
     meta = {}
@@ -114,7 +126,8 @@ def case_metadata(dataset) -> dict[str, dict]:
     return meta
 
 
-def prepare_data(cfg: ExperimentConfig, data_dir: str | Path, folds_file: str | Path, progress: bool = True):
+def prepare_data(cfg: ExperimentConfig, data_dir: str | Path, folds_file: str | Path, progress: bool = True
+                 ) -> tuple[Dataset, Folds]:
     """Open the dataset and make or reuse the folds file (case geometry read from the dataset when new).
 
     Returns (dataset, Folds). Each fold's cache comes from `fold_cache`."""
@@ -132,7 +145,8 @@ def prepare_data(cfg: ExperimentConfig, data_dir: str | Path, folds_file: str | 
     return dataset, folds
 
 
-def fold_cache(dataset, cfg: ExperimentConfig, cache_root: str | Path, folds, k: int, progress: bool = True):
+def fold_cache(dataset: Dataset, cfg: ExperimentConfig, cache_root: str | Path, folds: Folds, k: int,
+               progress: bool = True) -> CaseCache:
     """The `CaseCache` of fold k, built if needed: its intensity plan comes from the fold's training cases only
     (no test-fold statistics; `ctseg.preprocess.cache.build_fold_cache`), one folder per plan under cache_root."""
     from ctseg.preprocess.cache import CaseCache, build_fold_cache
@@ -140,14 +154,14 @@ def fold_cache(dataset, cfg: ExperimentConfig, cache_root: str | Path, folds, k:
     return CaseCache(build_fold_cache(dataset, cache_root, cfg, folds.train_ids(k), k, progress), expected=cfg)
 
 
-def fold_cache_dir(cfg: ExperimentConfig, cache_root: str | Path, folds, k: int) -> Path:
+def fold_cache_dir(cfg: ExperimentConfig, cache_root: str | Path, folds: Folds, k: int) -> Path:
     """Where `fold_cache` keeps fold k's cache (no building)."""
     from ctseg.preprocess.cache import fold_plan_subset, plan_cache_dir
 
     return plan_cache_dir(cache_root, cfg.preprocess, fold_plan_subset(folds.train_ids(k), cfg.preprocess, k))
 
 
-def folds_of_cache(cache, cfg: ExperimentConfig, folds_file: str | Path):
+def folds_of_cache(cache: CaseIndex, cfg: ExperimentConfig, folds_file: str | Path) -> Folds:
     """The `Folds` in `folds_file`, made from the cached cases' slice counts and thicknesses (`cfg.cv`,
     seed stream [seed, 0xF01D], as `prepare_data`) when the file does not exist yet."""
     from ctseg.evaluate.folds import load_or_create_folds
@@ -183,7 +197,7 @@ def network_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int]
     return out
 
 
-def score_volume(identity: RunIdentity | dict, case, cached, probs: np.ndarray, fold: int,
+def score_volume(identity: ModelIdentity, case: Case, cached: CachedCase, probs: np.ndarray, fold: int,
                  dataset_classes: dict[int, str], target: str, overlay_path: Path | None,
                  distances: bool = True) -> VolumeResult:
     """Score one test volume. probs: (C, z, S, S) at network resolution; case: the dataset's Case (HU,
@@ -191,7 +205,9 @@ def score_volume(identity: RunIdentity | dict, case, cached, probs: np.ndarray, 
     from ctseg.evaluate.metrics import dice_paper_protocol, evaluate_volume
     from ctseg.evaluate.plots import save_overlay_slice
 
-    ident = identity if isinstance(identity, dict) else identity.__dict__
+    if case.label is None:
+        raise CtsegError(f"case {case.case_id} has no label: test volumes must be labelled to be scored",
+                         case.metadata.get("image_path"))
     classes, merge = _eval_classes(target, dataset_classes)
     ref_full = case.label.array
     ref_net = np.asarray(cached.label)
@@ -207,23 +223,21 @@ def score_volume(identity: RunIdentity | dict, case, cached, probs: np.ndarray, 
         save_overlay_slice(overlay_path, case.image.array, ref_full, pred, case.image.spacing)
     th = cached.meta.get("slice_thickness")
     return VolumeResult(
-        case_id=case.case_id, fold=fold, model=ident["name"], arch=ident["arch"], dim=ident["dim"], aug=ident["aug"],
+        case_id=case.case_id, fold=fold, model=identity.name, arch=identity.arch, dim=identity.dim, aug=identity.aug,
         dice={r["structure"]: float(r["dice"]) for r in recs},
         dice_paper={k: float(v) for k, v in paper.items()},
         hd95={r["structure"]: float(r["hd95"]) for r in recs if "hd95" in r},
         slice_thickness=None if th is None else float(th), num_slices=int(cached.meta["num_slices"]),
-        variant=ident["variant"], overlay=str(overlay_path) if overlay_path is not None else None)
+        variant=identity.variant, overlay=str(overlay_path) if overlay_path is not None else None)
 
 
-def progress_bar(enabled: bool):
-    """A rich progress display (elapsed and remaining time) or, when disabled, None."""
-    if not enabled:
-        return nullcontext(None)
+def progress_bar(enabled: bool) -> Progress:
+    """A rich progress display (elapsed and remaining time); when not `enabled`, one that shows nothing."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn())
+                    TimeRemainingColumn(), disable=not enabled)
 
 
 def _write_records(path: Path, records: Sequence[VolumeResult]) -> None:
@@ -263,15 +277,14 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
     dev = resolve_device(device if device is not None else cfg.train.device)
     records: list[VolumeResult] = []
     with progress_bar(progress) as bar:
-        overall = bar.add_task(f"[bold]{ident.name}[/] folds", total=len(wanted)) if bar else None
+        overall = bar.add_task(f"[bold]{ident.name}[/] folds", total=len(wanted))
         for k in wanted:
             fdir = _fold_dir(out, k)
             done = fdir / "results.json"
             if done.is_file():
                 log.info("%s fold %d: done already (%s)", ident.name, k, done)
                 records += _read_records(done)
-                if bar:
-                    bar.advance(overall)
+                bar.advance(overall)
                 continue
             model_dir = fdir / "model"
             cache = fold_cache(dataset, cfg, cache_dir, fold_set, k, progress)
@@ -280,29 +293,29 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
                             resume=(model_dir / "checkpoint.pt").is_file(), progress=progress, device=dev)
             trained = load_trained(model_dir, dev)
             test_ids = fold_set.test_ids(k)
-            task = bar.add_task(f"fold {k}: predict + score", total=len(test_ids)) if bar else None
+            task = bar.add_task(f"fold {k}: predict + score", total=len(test_ids))
             fold_records = []
             for cid in test_ids:
                 cached = cache.load(cid)
-                probs, _, _ = predict_network(np.asarray(cached.image, dtype=np.float32), [trained], dev)
-                probs = probs.cpu().numpy()
+                probs_t, _, _ = predict_network(np.asarray(cached.image, dtype=np.float32), [trained], dev)
+                probs = probs_t.cpu().numpy()
                 _save_npy(fdir / "oof" / f"{cid}.npy", probs.astype(np.float16))
-                rec = score_volume(ident, dataset.load(cid), cached, probs, k, cache.classes, trained.target,
-                                   fdir / "overlays" / f"{cid}.npz", cfg.cv.distances)
-                rec.overlay = os.path.relpath(rec.overlay, out)
+                overlay = fdir / "overlays" / f"{cid}.npz"
+                rec = score_volume(ident.model_identity, dataset.load(cid), cached, probs, k, cache.classes,
+                                   trained.target, overlay, cfg.cv.distances)
+                rec.overlay = os.path.relpath(overlay, out)
                 fold_records.append(rec)
-                if bar:
-                    bar.advance(task)
+                bar.advance(task)
             records += _close_fold(done, fold_records, bar, task, overall)
     return records
 
 
-def _close_fold(done: Path, fold_records: list[VolumeResult], bar, task, overall) -> list[VolumeResult]:
+def _close_fold(done: Path, fold_records: list[VolumeResult], bar: Progress, task: TaskID,
+                overall: TaskID) -> list[VolumeResult]:
     """Write a fold's records (marking it done) and retire its progress task; returns the records."""
     _write_records(done, fold_records)
-    if bar:
-        bar.remove_task(task)
-        bar.advance(overall)
+    bar.remove_task(task)
+    bar.advance(overall)
     return fold_records
 
 
@@ -319,7 +332,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(tmp, array)
 
 
-def _claim_run_dir(out: Path, cfg: ExperimentConfig, ident: RunIdentity, data_dir, cache_dir: Path,
+def _claim_run_dir(out: Path, cfg: ExperimentConfig, ident: RunIdentity, data_dir: str | Path, cache_dir: Path,
                    folds_file: Path) -> None:
     """Write cv.json + config.yaml, or check that an existing run folder holds this same configuration."""
     cfg_path = out / "config.yaml"
@@ -381,7 +394,7 @@ def cv_log_csvs(run_dir: str | Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------- stacking
-def member_run(run_dir: str | Path):
+def member_run(run_dir: str | Path) -> MemberRun:
     """A finished CV folder as a `MemberRun` (validation score: mean over folds of the best validation Dice)."""
     from ctseg.models.stacking import MemberRun
 
@@ -450,8 +463,8 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
                  for m in members] for cid, k in fold_of.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stacked = {"name": f"stacked-{aug}", "arch": "stacked", "dim": "", "aug": aug, "variant": ""}
-    averaged = {"name": f"average-{aug}", "arch": "average", "dim": "", "aug": aug, "variant": ""}
+    stacked = ModelIdentity(f"stacked-{aug}", "stacked", "", aug)
+    averaged = ModelIdentity(f"average-{aug}", "average", "", aug)
     atomic_write_text(out / "stack.json", json.dumps({
         "format": STACK_FORMAT, "aug": aug, "n_folds": fold_set.n_folds, "top_k": stack_cfg.top_k,
         "members": [{"name": m.name, "path": str(m.path), "arch": m.arch, "dim": m.dim, "target": m.target,
@@ -464,14 +477,13 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
     records: list[VolumeResult] = []
     steps = stack_cfg.meta_epochs * stack_cfg.steps_per_epoch
     with progress_bar(progress) as bar:
-        overall = bar.add_task(f"[bold]stacked ensemble ({aug})[/] folds", total=fold_set.n_folds) if bar else None
+        overall = bar.add_task(f"[bold]stacked ensemble ({aug})[/] folds", total=fold_set.n_folds)
         for k in range(fold_set.n_folds):
             fdir = _fold_dir(out, k)
             done = fdir / "results.json"
             if done.is_file():
                 records += _read_records(done)
-                if bar:
-                    bar.advance(overall)
+                bar.advance(overall)
                 continue
             train_cases = meta_training_cases(fold_of, k)
             test_cases = fold_set.test_ids(k)
@@ -488,17 +500,16 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
             atomic_write_text(fdir / "meta_training.json", json.dumps(
                 {"eval_fold": k, "test_cases": test_cases, "training_cases": train_cases, "members": names,
                  "maps": provenance}, indent=1))
-            task = bar.add_task(f"fold {k}: meta-model", total=steps) if bar else None
+            task = bar.add_task(f"fold {k}: meta-model", total=steps)
             gen = torch.Generator().manual_seed(int(seed) * 1000 + k)
             meta = train_meta_model(inputs, labels, n_classes, loss=loss, steps=steps, batch_size=stack_cfg.batch_size,
                                     lr=stack_cfg.lr, hidden=stack_cfg.hidden,
                                     foreground_fraction=stack_cfg.foreground_fraction, generator=gen,
                                     init_weight=vote_matrix([m.target for m in members], n_classes), device=dev,
-                                    on_step=(lambda s, v: bar.update(task, advance=1)) if bar else None)
+                                    on_step=(lambda s, v: bar.update(task, advance=1)) if progress else None)
             save_meta_model(meta, fdir / "meta.pt")
-            if bar:
-                bar.remove_task(task)
-                task = bar.add_task(f"fold {k}: predict + score", total=len(test_cases))
+            bar.remove_task(task)
+            task = bar.add_task(f"fold {k}: predict + score", total=len(test_cases))
             fold_records = []
             for cid in test_cases:
                 x, used = stack_inputs(cid, oof, names)
@@ -509,12 +520,11 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
                 p_avg = average_members(maps, [m.target for m in members], n_classes)
                 del maps
                 for ident, p in ((stacked, p_meta), (averaged, p_avg)):
-                    rec = score_volume(ident, case, cached, p, k, cache.classes, "multiclass",
-                                       fdir / "overlays" / ident["name"] / f"{cid}.npz", distances)
-                    rec.overlay = os.path.relpath(rec.overlay, out)
+                    overlay = fdir / "overlays" / ident.name / f"{cid}.npz"
+                    rec = score_volume(ident, case, cached, p, k, cache.classes, "multiclass", overlay, distances)
+                    rec.overlay = os.path.relpath(overlay, out)
                     rec.agreement = agreement
                     fold_records.append(rec)
-                if bar:
-                    bar.advance(task)
+                bar.advance(task)
             records += _close_fold(done, fold_records, bar, task, overall)
     return records

@@ -17,7 +17,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import pydicom
@@ -180,11 +180,11 @@ def read_dicom_files(paths: Sequence[str | Path], spacing_tolerance: float = 0.0
     of it; larger steps that are whole multiples are missing slices (warned, filled), others an error.
     tilt_tolerance_deg: largest angle between the slice normal and the stacking direction.
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
+    files = [Path(p) for p in paths]
+    if not files:
         raise CtsegError("no DICOM files given")
     slices = []
-    for path in paths:
+    for path in files:
         if not path.is_file():
             raise CtsegError("no such file", path)
         ds = _dcmread(path, headers_only=False)
@@ -194,38 +194,38 @@ def read_dicom_files(paths: Sequence[str | Path], spacing_tolerance: float = 0.0
             raise CtsegError("multi-frame DICOM objects are not supported", path)
         slices.append(ds)
     if len(slices) < 2:
-        raise CtsegError("a single DICOM slice: a 2D image where a volume is expected", paths[0])
+        raise CtsegError("a single DICOM slice: a 2D image where a volume is expected", files[0])
 
-    iop = np.array([_floats(ds, "ImageOrientationPatient", 6, path) for ds, path in zip(slices, paths)])
+    iop = np.array([_floats(ds, "ImageOrientationPatient", 6, path) for ds, path in zip(slices, files)])
     bad = np.flatnonzero(np.abs(iop - iop[0]).max(axis=1) > 1e-4)
     if bad.size:
-        raise CtsegError(f"slice orientation differs from {paths[0].name} "
-                         f"({iop[bad[0]].round(4).tolist()} vs {iop[0].round(4).tolist()})", paths[bad[0]])
-    row, col = _orientation(iop[0], paths[0])
+        raise CtsegError(f"slice orientation differs from {files[0].name} "
+                         f"({iop[bad[0]].round(4).tolist()} vs {iop[0].round(4).tolist()})", files[bad[0]])
+    row, col = _orientation(iop[0], files[0])
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
-    pixel_spacings = [_floats(ds, "PixelSpacing", 2, path) for ds, path in zip(slices, paths)]
-    for ds, path, ps in zip(slices, paths, pixel_spacings):
+    pixel_spacings = [_floats(ds, "PixelSpacing", 2, path) for ds, path in zip(slices, files)]
+    for ds, path, ps in zip(slices, files, pixel_spacings):
         if (int(ds.Rows), int(ds.Columns)) != (int(slices[0].Rows), int(slices[0].Columns)) or \
                 not np.allclose(ps, pixel_spacings[0]):
             raise CtsegError(f"slice size {ds.Rows}x{ds.Columns} / pixel spacing {ps.tolist()} differs "
-                             f"from {paths[0].name}", path)
-    positions = np.array([_floats(ds, "ImagePositionPatient", 3, path) for ds, path in zip(slices, paths)])
+                             f"from {files[0].name}", path)
+    positions = np.array([_floats(ds, "ImagePositionPatient", 3, path) for ds, path in zip(slices, files)])
     order = np.argsort(positions @ normal, kind="stable")
-    slices, paths, positions = [slices[i] for i in order], [paths[i] for i in order], positions[order]
+    slices, files, positions = [slices[i] for i in order], [files[i] for i in order], positions[order]
     along = positions @ normal
     steps = np.diff(along)
     if np.any(steps < 1e-3):
         i = int(np.argmax(steps < 1e-3))
-        raise CtsegError(f"two slices at the same position {along[i]:.3f} mm: {paths[i].name} and "
-                         f"{paths[i + 1].name}", paths[i].parent)
+        raise CtsegError(f"two slices at the same position {along[i]:.3f} mm: {files[i].name} and "
+                         f"{files[i + 1].name}", files[i].parent)
 
     extent = positions[-1] - positions[0]
     tilt = np.degrees(np.arctan2(np.linalg.norm(extent - (extent @ normal) * normal), extent @ normal))
     if tilt > tilt_tolerance_deg:
         raise CtsegError(f"gantry tilt: slices are stacked {tilt:.2f} degrees off their normal (sheared volume; "
                          "ImageOrientationPatient is orthogonal, ImagePositionPatient moves sideways); "
-                         "correct the tilt first (e.g. dcm2niix)", paths[0].parent)
+                         "correct the tilt first (e.g. dcm2niix)", files[0].parent)
 
     base = steps.min()
     multiples = np.round(steps / base).astype(int)
@@ -234,27 +234,27 @@ def read_dicom_files(paths: Sequence[str | Path], spacing_tolerance: float = 0.0
     off = np.abs(steps - multiples * spacing) > spacing_tolerance * spacing
     if np.any(off):
         raise CtsegError(f"non-uniform slice spacing: steps {np.unique(steps.round(3)).tolist()} mm "
-                         f"(spacing {spacing:.3f} mm)", paths[0].parent)
+                         f"(spacing {spacing:.3f} mm)", files[0].parent)
 
     pixel_spacing = pixel_spacings[0]
     usable_grid(np.stack([row * pixel_spacing[1], col * pixel_spacing[0], normal * spacing], axis=1),
-                paths[0].parent, "DICOM PixelSpacing / slice spacing / ImageOrientationPatient")
+                files[0].parent, "DICOM PixelSpacing / slice spacing / ImageOrientationPatient")
     problems = []
     grid_index = np.concatenate([[0], np.cumsum(multiples)])
-    for i in np.flatnonzero(multiples > 1):
-        msg = (f"missing slice(s): gap of {steps[i]:.3f} mm between positions {along[i]:.3f} and "
-               f"{along[i + 1]:.3f} mm (spacing {spacing:.3f} mm, {multiples[i] - 1} slice(s) missing after "
-               f"{paths[i].name}); filled by linear interpolation")
-        log.warning("%s: %s", paths[0].parent, msg)
+    for gap in np.flatnonzero(multiples > 1):
+        msg = (f"missing slice(s): gap of {steps[gap]:.3f} mm between positions {along[gap]:.3f} and "
+               f"{along[gap + 1]:.3f} mm (spacing {spacing:.3f} mm, {multiples[gap] - 1} slice(s) missing after "
+               f"{files[gap].name}); filled by linear interpolation")
+        log.warning("%s: %s", files[0].parent, msg)
         problems.append(msg)
 
-    array = _pixels_hu(slices, paths, grid_index)
+    array = _pixels_hu(slices, files, grid_index)
     interpolated = sorted(set(range(array.shape[0])) - set(grid_index.tolist()))
     _fill_missing(array, grid_index)
-    thickness = [float(_floats(ds, "SliceThickness", 1, path)[0]) for ds, path in zip(slices, paths)
+    thickness = [float(_floats(ds, "SliceThickness", 1, path)[0]) for ds, path in zip(slices, files)
                  if ds.get("SliceThickness") not in (None, "")]
     slice_files: list[str | None] = [None] * array.shape[0]
-    for k, path in zip(grid_index, paths):
+    for k, path in zip(grid_index, files):
         slice_files[k] = str(path)
     first = slices[0]
     ts = first.file_meta.get("TransferSyntaxUID") if hasattr(first, "file_meta") else None
@@ -264,7 +264,7 @@ def read_dicom_files(paths: Sequence[str | Path], spacing_tolerance: float = 0.0
         origin=tuple(positions[0]),
         direction=np.stack([row, col, normal], axis=1),
         slice_thickness=float(np.median(thickness)) if thickness else None,
-        meta={"path": str(paths[0].parent), "series_uid": str(first.get("SeriesInstanceUID", "") or ""),
+        meta={"path": str(files[0].parent), "series_uid": str(first.get("SeriesInstanceUID", "") or ""),
               "modality": str(first.get("Modality", "") or ""), "transfer_syntax": str(ts or ""),
               "slice_files": slice_files,
               "interpolated_slices": interpolated, "warnings": problems},
@@ -339,7 +339,11 @@ def write_dicom_series(volume: Volume, folder: str | Path, *, file_names: Sequen
     names = list(file_names) if file_names is not None else [f"{k:04d}.dcm" for k in range(nz)]
     if len(names) != nz:
         raise ValueError(f"{len(names)} file names for {nz} slices")
-    pairs = [tuple(rescale)] * nz if np.ndim(rescale) == 1 else [tuple(r) for r in rescale]
+    pairs: list[tuple[float, float]]
+    if np.ndim(rescale) == 1:  # one (slope, intercept) for every slice
+        pairs = [cast("tuple[float, float]", tuple(rescale))] * nz
+    else:
+        pairs = [cast("tuple[float, float]", tuple(r)) for r in cast("Sequence[tuple[float, float]]", rescale)]
     if len(pairs) != nz:
         raise ValueError(f"{len(pairs)} rescale pairs for {nz} slices")
     folder.mkdir(parents=True, exist_ok=True)

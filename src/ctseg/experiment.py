@@ -117,25 +117,21 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
              cfg.name, len(runs), len(table), len(extra), len(stack_augs))
     run_dirs: dict[str, Path] = {}
     with progress_bar(progress) as bar:
-        task = bar.add_task("[bold magenta]experiment[/]", total=len(runs) + len(stack_augs)) if bar else None
+        task = bar.add_task("[bold magenta]experiment[/]", total=len(runs) + len(stack_augs))
         for rc in runs:
             ident = RunIdentity.of(rc)
             run_dirs[ident.name] = out / "runs" / ident.name
-            if bar:
-                bar.update(task, description=f"[bold magenta]experiment[/] · {display_name(ident.arch, ident.dim, ident.aug, ident.variant)}")
+            bar.update(task, description=f"[bold magenta]experiment[/] · {display_name(ident.arch, ident.dim, ident.aug, ident.variant)}")
             run_cv(rc, data_dir, run_dirs[ident.name], cache_dir=cache_dir, folds_file=folds_file, device=device,
                    progress=progress)
-            if bar:
-                bar.advance(task)
+            bar.advance(task)
         for aug in stack_augs:
             members = [run_dirs[RunIdentity.of(rc).name] for rc in runs if rc.augment.name == aug]
             _warn_few_candidates(cfg, [rc for rc in runs if rc.augment.name == aug], aug)
-            if bar:
-                bar.update(task, description=f"[bold magenta]experiment[/] · stacked ensemble + {AUG_NAMES.get(aug, aug)}")
+            bar.update(task, description=f"[bold magenta]experiment[/] · stacked ensemble + {AUG_NAMES.get(aug, aug)}")
             run_stack(members, out / "stack" / aug, cfg.stack, seed=cfg.seed, distances=cfg.cv.distances,
                       device=device, progress=progress)
-            if bar:
-                bar.advance(task)
+            bar.advance(task)
     records, curves = [], {}
     for d in run_dirs.values():  # stack-only members are reported too: the stack is made of them
         recs = load_cv_records(d, require_all=True)

@@ -53,7 +53,7 @@ def source_series(folder: str | Path, series_uid: str | None = None) -> list[Dat
     if not folder.is_dir():
         raise CtsegError("DICOM-SEG / RTSTRUCT output needs the input DICOM series folder", folder)
     chosen = choose_dicom_series(folder, series_uid)
-    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in chosen.files]
+    datasets: list[Dataset] = [pydicom.dcmread(p, stop_before_pixels=True) for p in chosen.files]
     for ds, path in zip(datasets, chosen.files):
         for tag in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
             if not str(ds.get(tag, "") or "").strip():

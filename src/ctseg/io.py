@@ -120,7 +120,10 @@ def _load_nifti(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
     than nibabel's streaming gzip (benchmarks/bench_io.py); unscaled data are inflated straight into
     the array (`_inflate_unscaled`), so reading holds one copy of the voxels, not two."""
     if _suffix(path) != ".nii.gz":
-        return nib.load(str(path), mmap=False)
+        image = nib.load(str(path), mmap=False)
+        if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise CtsegError(f"not a NIfTI image (nibabel reads a {type(image).__name__})", path)
+        return image
     with igzip.open(path, "rb") as stream:
         first = stream.read(4)
         nifti2 = 540 in (int.from_bytes(first, "little"), int.from_bytes(first, "big"))
@@ -291,7 +294,8 @@ class Reorientation:
     @property
     def canonical_shape(self) -> tuple[int, int, int]:
         shape_xyz = self.original_shape[::-1]
-        return tuple(shape_xyz[p] for p in self.permutation)[::-1]
+        p0, p1, p2 = self.permutation
+        return shape_xyz[p2], shape_xyz[p1], shape_xyz[p0]
 
 
 def to_canonical(volume: Volume, copy: bool = True) -> tuple[Volume, Reorientation]:
@@ -304,7 +308,7 @@ def to_canonical(volume: Volume, copy: bool = True) -> tuple[Volume, Reorientati
     """
     d = volume.direction
     perm = closest_permutation(d)
-    flips = tuple(bool(d[k, perm[k]] < 0) for k in range(3))
+    flips = (bool(d[0, perm[0]] < 0), bool(d[1, perm[1]] < 0), bool(d[2, perm[2]] < 0))
     shape_xyz = volume.shape[::-1]
     spacing_xyz = np.array(volume.spacing[::-1])
     new_direction = np.stack([d[:, perm[k]] * (-1.0 if flips[k] else 1.0) for k in range(3)], axis=1)
@@ -334,15 +338,15 @@ def from_canonical(volume: Volume, reorientation: Reorientation) -> Volume:
     reo = reorientation
     if volume.shape != reo.canonical_shape:
         raise ValueError(f"volume shape {volume.shape} is not the canonical shape {reo.canonical_shape}")
-    original = dict(spacing=reo.original_spacing, origin=reo.original_origin,
-                    direction=np.array(reo.original_direction).reshape(3, 3))
+    spacing, origin = reo.original_spacing, reo.original_origin
+    direction = np.array(reo.original_direction).reshape(3, 3)
     if reo.is_identity:
-        return replace(volume, meta=dict(volume.meta), **original)
+        return replace(volume, meta=dict(volume.meta), spacing=spacing, origin=origin, direction=direction)
     inverse = tuple(int(i) for i in np.argsort(reo.permutation))
     itk = volume.array.transpose(2, 1, 0)
     itk = itk[tuple(slice(None, None, -1) if f else slice(None) for f in reo.flips)].transpose(inverse)
-    return Volume(array=np.ascontiguousarray(itk.transpose(2, 1, 0)), slice_thickness=volume.slice_thickness,
-                  meta=dict(volume.meta), **original)
+    return Volume(array=np.ascontiguousarray(itk.transpose(2, 1, 0)), spacing=spacing, origin=origin,
+                  direction=direction, slice_thickness=volume.slice_thickness, meta=dict(volume.meta))
 
 
 # ---------------------------------------------------------------------------------------- resampling

@@ -44,7 +44,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -55,7 +55,15 @@ from ctseg.io import Volume
 from ctseg.models.stacking import combine_members
 from ctseg.runtime import release_free_memory, resolve_device
 
+if TYPE_CHECKING:
+    from ctseg.preprocess.windowing import IntensityPlan
+    from ctseg.train.trainer import TrainedModel
+
 log = logging.getLogger(__name__)
+
+#: One trained model or an ensemble of them (`ctseg.train.trainer.load_trained`).
+Models = Union["TrainedModel", list["TrainedModel"], tuple["TrainedModel", ...]]
+Blend = Literal["gaussian", "linear"]
 
 FOREGROUND_NAME = "foreground"
 _CHUNK_BYTES = 64 * 2**20
@@ -79,16 +87,16 @@ class PredictionResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _dataset_classes(model) -> dict[int, str]:
+def _dataset_classes(model: TrainedModel) -> dict[int, str]:
     classes = getattr(model, "dataset_classes", None) or model.classes
     return {int(k): str(v) for k, v in classes.items()}
 
 
-def _in_plane_size(model) -> int:
+def _in_plane_size(model: TrainedModel) -> int:
     return int(model.cfg.preprocess.in_plane_size)
 
 
-def check_members(models: Sequence) -> tuple[dict[int, str], dict[int, str]]:
+def check_members(models: Sequence[TrainedModel]) -> tuple[dict[int, str], dict[int, str]]:
     """Validate an ensemble; returns (dataset classes, output classes). CtsegError names the odd member."""
     if not models:
         raise CtsegError("no model given")
@@ -117,7 +125,7 @@ def check_members(models: Sequence) -> tuple[dict[int, str], dict[int, str]]:
     return ds_classes, out
 
 
-def blend_weights(length: int, mode: Literal["gaussian", "linear"] = "gaussian") -> np.ndarray:
+def blend_weights(length: int, mode: Blend = "gaussian") -> np.ndarray:
     """Per-slice weights (length,) float32 in (0, 1] for blending overlapping windows along z.
 
     gaussian: exp(-d^2 / (2 sigma^2)), sigma = length / 8, d = distance from the window centre
@@ -148,12 +156,13 @@ def window_starts(num_slices: int, window: int, overlap: float) -> list[int]:
     return starts
 
 
-def _check_channels(logits: torch.Tensor, expected: int, where) -> None:
+def _check_channels(logits: torch.Tensor, expected: int, where: Path | None) -> None:
     if logits.shape[1] != expected:
         raise CtsegError(f"the model outputs {logits.shape[1]} channels but its classes need {expected}", where)
 
 
-def _softmax_2d(module, image: torch.Tensor, batch_size: int, out: torch.Tensor, where, tick) -> None:
+def _softmax_2d(module: torch.nn.Module, image: torch.Tensor, batch_size: int, out: torch.Tensor, where: Path | None,
+                tick: Callable[[], None]) -> None:
     """image (z, S, S) on device -> softmax into out (K, z, S, S), `batch_size` slices at a time."""
     for z0 in range(0, image.shape[0], batch_size):
         logits = module(image[z0:z0 + batch_size, None])
@@ -162,8 +171,8 @@ def _softmax_2d(module, image: torch.Tensor, batch_size: int, out: torch.Tensor,
         tick()
 
 
-def _softmax_3d(module, image: torch.Tensor, window: int, overlap: float, blend: str, batch_size: int,
-                out: torch.Tensor, where, tick) -> None:
+def _softmax_3d(module: torch.nn.Module, image: torch.Tensor, window: int, overlap: float, blend: Blend,
+                batch_size: int, out: torch.Tensor, where: Path | None, tick: Callable[[], None]) -> None:
     """Sliding-window softmax along z with blending; pads short volumes by edge replication."""
     z = image.shape[0]
     if z < window:
@@ -189,14 +198,14 @@ def _softmax_3d(module, image: torch.Tensor, window: int, overlap: float, blend:
     out /= wsum[None, :, None, None]
 
 
-def _n_batches(model, z: int, batch_size: int | None, overlap: float) -> int:
+def _n_batches(model: TrainedModel, z: int, batch_size: int | None, overlap: float) -> int:
     if model.cfg.model.dim == "2d":
         return -(-z // (batch_size or 32))
     return -(-len(window_starts(z, int(model.cfg.preprocess.num_slices), overlap)) // (batch_size or 2))
 
 
-def _member_softmax(model, image: torch.Tensor, device: torch.device, batch_size: int | None,
-                    overlap: float, blend: str, tick) -> torch.Tensor:
+def _member_softmax(model: TrainedModel, image: torch.Tensor, device: torch.device, batch_size: int | None,
+                    overlap: float, blend: Blend, tick: Callable[[], None]) -> torch.Tensor:
     """One member's softmax (K, z, S, S) float32 on `device` for the network input (z, S, S)."""
     module = model.module.to(device).eval()
     where = getattr(model, "run_dir", None)
@@ -210,9 +219,9 @@ def _member_softmax(model, image: torch.Tensor, device: torch.device, batch_size
     return out
 
 
-def predict_network(image: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor], models,
+def predict_network(image: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor], models: Models,
                     device: str | torch.device = "auto", batch_size: int | None = None, overlap: float = 0.5,
-                    blend: Literal["gaussian", "linear"] = "gaussian", progress: bool = False
+                    blend: Blend = "gaussian", progress: bool = False
                     ) -> tuple[torch.Tensor, dict[int, str], np.ndarray | None]:
     """Combined class probabilities at network resolution.
 
@@ -250,7 +259,7 @@ def predict_network(image: np.ndarray | torch.Tensor | Sequence[np.ndarray | tor
         for m, xm in zip(models, xs):
             p = _member_softmax(m, xm, dev, batch_size, overlap, blend, tick)
             bg += p[0]
-            if m.target == "multiclass":
+            if m.target == "multiclass" and fg is not None:  # fg exists when any member is multiclass
                 fg += p[1:]
             fg_masks.append((_argmax_uint8(p) != 0).cpu().numpy())
             del p
@@ -314,9 +323,9 @@ def restore_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int]
             out[z0:z0 + step] = chunk[c].to(torch.float16).cpu().numpy()
 
 
-def predict_volume(volume: Volume, models, device: str | torch.device = "auto", return_probabilities: bool = False,
-                   batch_size: int | None = None, overlap: float = 0.5,
-                   blend: Literal["gaussian", "linear"] = "gaussian", progress: bool = False) -> PredictionResult:
+def predict_volume(volume: Volume, models: Models, device: str | torch.device = "auto",
+                   return_probabilities: bool = False, batch_size: int | None = None, overlap: float = 0.5,
+                   blend: Blend = "gaussian", progress: bool = False) -> PredictionResult:
     """Segment a CT volume (HU) with one model or an ensemble; the label comes back on the input grid.
 
     volume: HU, any orientation. models: a TrainedModel or a list (see module docstring for the

@@ -14,10 +14,19 @@ import numpy as np
 from ctseg.errors import CtsegError
 
 
-def closest_permutation(direction: np.ndarray) -> tuple[int, ...]:
+def closest_permutation(direction: np.ndarray) -> tuple[int, int, int]:
     """perm[k] = index axis best aligned with physical axis k (max total |component|; robust when oblique)."""
     weights = np.abs(direction)
-    return max(itertools.permutations(range(3)), key=lambda p: sum(weights[k, p[k]] for k in range(3)))
+    p = max(itertools.permutations(range(3)), key=lambda p: sum(weights[k, p[k]] for k in range(3)))
+    return p[0], p[1], p[2]
+
+
+def _triple(values: Any, what: str, path: Any) -> tuple[float, float, float]:
+    """Three floats (a spacing or an origin), or CtsegError naming `path`."""
+    out = tuple(float(v) for v in values)
+    if len(out) != 3:
+        raise CtsegError(f"a 3D volume needs 3 {what} values, got {len(out)}", path)
+    return out[0], out[1], out[2]
 
 
 @dataclass
@@ -40,8 +49,8 @@ class Volume:
         if self.array.ndim != 3:
             raise CtsegError(f"expected a 3D volume (z, y, x), got an array of shape {self.array.shape}",
                              self.meta.get("path"))
-        self.spacing = tuple(float(s) for s in self.spacing)
-        self.origin = tuple(float(o) for o in self.origin)
+        self.spacing = _triple(self.spacing, "spacing", self.meta.get("path"))
+        self.origin = _triple(self.origin, "origin", self.meta.get("path"))
         self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
 
     @property

@@ -85,7 +85,7 @@ def choose_slices(foreground: np.ndarray, n: int, rng: np.random.Generator) -> n
     return np.sort(rng.choice(eligible, size=n, replace=False))
 
 
-def acquire_stack(image, label, n: int, mode: int, factor: float, phase: float, rng: np.random.Generator,
+def acquire_stack(image: np.ndarray, label: np.ndarray, n: int, mode: int, factor: float, phase: float, rng: np.random.Generator,
                   exclude_background: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """n slices of the simulated acquisition (mode SKIP or INTERP, see module docstring) of one cached volume.
 
@@ -96,7 +96,7 @@ def acquire_stack(image, label, n: int, mode: int, factor: float, phase: float, 
     centres = grid_centres(z, factor, phase)
     nearest = np.clip(np.rint(centres).astype(np.int64), 0, z - 1)
     lab = np.asarray(label)
-    fg = lab.reshape(z, -1).any(axis=1)[nearest] if exclude_background else np.ones(centres.size, bool)
+    fg = np.any(lab.reshape(z, -1), axis=1)[nearest] if exclude_background else np.ones(centres.size, bool)
     chosen = choose_slices(fg, n, rng)
     c = centres[chosen]
     w = slab_weights(c, factor, z) if mode == SKIP else linear_weights(c, z)

@@ -23,10 +23,17 @@ Dim = Literal["2d", "3d"]
 class IntensityPlanLike(Protocol):
     """What the augmenters need from `ctseg.preprocess.windowing.IntensityPlan`: window in HU and z-score stats."""
 
-    lower: float
-    upper: float
-    mean: float
-    std: float
+    @property
+    def lower(self) -> float: ...
+
+    @property
+    def upper(self) -> float: ...
+
+    @property
+    def mean(self) -> float: ...
+
+    @property
+    def std(self) -> float: ...
 
 
 class Augmenter:

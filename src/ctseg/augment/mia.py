@@ -84,7 +84,7 @@ def warp_affine_batch(image: Tensor, label: Tensor, matrix: Tensor, fill: Tensor
 
     Image bilinear with fill (N,) outside the field of view; label (integer) nearest with 0 outside."""
     m = matrix[:, :2].to(device=image.device, dtype=image.dtype)
-    size = tuple(image.shape[-2:])
+    size = (int(image.shape[-2]), int(image.shape[-1]))
     fill = fill.to(device=image.device, dtype=image.dtype).view(-1, 1, 1, 1)
     out = warp_affine(image - fill, m, size, mode="bilinear", padding_mode="zeros", align_corners=True).add_(fill)
     out_lab = warp_affine(label.to(image.dtype), m, size, mode="nearest", padding_mode="zeros", align_corners=True)

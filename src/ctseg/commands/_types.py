@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Callable, TypeVar
 
 MAX_SEED = 2**32 - 1  # numpy SeedSequence and torch.manual_seed both accept 0..2**32-1
 
 
-def _number(text: str, kind: type) -> int | float:
+Number = TypeVar("Number", int, float)
+
+
+def _number(text: str, kind: Callable[[str], Number]) -> Number:
     try:
         value = kind(text)
     except ValueError:

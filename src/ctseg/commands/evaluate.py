@@ -96,7 +96,7 @@ def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path]]:
     return [(cid, preds[cid], refs[cid]) for cid in sorted(refs)]
 
 
-def _fmt(stats: dict) -> str:
+def _fmt(stats: dict | None) -> str:
     if not stats or math.isnan(stats["mean"]):
         return "-"
     extra = f" ({stats['n_inf']} inf)" if stats.get("n_inf") else ""

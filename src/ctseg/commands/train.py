@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.markup import escape
@@ -21,6 +22,11 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import nonnegative_int, positive_int, seed_int
 from ctseg.config import ExperimentConfig, load_config
 from ctseg.errors import CtsegError
+
+if TYPE_CHECKING:
+    from ctseg.evaluate.folds import Folds
+    from ctseg.preprocess.cache import CaseCache
+    from ctseg.train.distributed import DistContext
 
 HELP = "train a U-Net or MS-D Net (2D/3D) with CTIA, the paper's MIA, nnU-Net's augmentation or none"
 FOLDS_FILE = "folds.json"
@@ -61,7 +67,7 @@ def _apply_overrides(cfg: ExperimentConfig, args: argparse.Namespace) -> Experim
     return cfg
 
 
-def _open_cache(args, cfg: ExperimentConfig, ctx):
+def _open_cache(args: argparse.Namespace, cfg: ExperimentConfig, ctx: DistContext) -> tuple[CaseCache, Path]:
     """(CaseCache, folds file) for --data: the folder itself if it is a cache (folds file beside it), else
     build/refresh one (rank 0 builds). With --fold on a raw dataset the cache is fold K's: its intensity plan
     comes from the fold's training cases only (`ctseg.cv.fold_cache`, the cache `ctseg cv` uses)."""
@@ -96,12 +102,13 @@ def _open_cache(args, cfg: ExperimentConfig, ctx):
     return CaseCache(cache_dir, expected=cfg), folds_file
 
 
-def _check_fold(args, cfg: ExperimentConfig) -> None:
+def _check_fold(args: argparse.Namespace, cfg: ExperimentConfig) -> None:
     if not 0 <= args.fold < cfg.cv.n_folds:
         raise CtsegError(f"--fold {args.fold} out of range: folds are 0..{cfg.cv.n_folds - 1} (cv.n_folds)")
 
 
-def _split(args, cfg: ExperimentConfig, cache, folds_file: Path, ctx) -> tuple[list[str], list[str]]:
+def _split(args: argparse.Namespace, cfg: ExperimentConfig, cache: CaseCache, folds_file: Path, ctx: DistContext
+           ) -> tuple[list[str], list[str]]:
     """(training ids, held-out test ids) for --fold, or (all labelled ids, [])."""
     from ctseg.cv import folds_of_cache
     from ctseg.evaluate.folds import load_folds
@@ -112,6 +119,7 @@ def _split(args, cfg: ExperimentConfig, cache, folds_file: Path, ctx) -> tuple[l
     if args.fold is not None:
         _check_fold(args, cfg)
         path = folds_file
+        folds: Folds
         if ctx.is_main:
             folds = folds_of_cache(cache, cfg, path)
         D.barrier(ctx)

@@ -6,14 +6,16 @@ orientation with its label resampled onto the image grid (see `ctseg.datasets.ba
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from ctseg.datasets.base import Case, Dataset
+from ctseg.datasets.base import Case, Dataset, FolderDataset
 from ctseg.datasets.chaos import ChaosDataset
 from ctseg.datasets.kits19 import KiTS19Dataset
 from ctseg.datasets.nnunet_raw import NnUNetRawDataset
 from ctseg.errors import CtsegError
 
-LAYOUTS = {"nnunet": NnUNetRawDataset, "kits19": KiTS19Dataset, "chaos": ChaosDataset}
+LAYOUTS: dict[str, type[FolderDataset[Any]]] = {"nnunet": NnUNetRawDataset, "kits19": KiTS19Dataset,
+                                                "chaos": ChaosDataset}
 
 __all__ = ["Case", "Dataset", "ChaosDataset", "KiTS19Dataset", "NnUNetRawDataset", "LAYOUTS", "detect_layout",
            "open_dataset"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Generic, Iterator, Protocol, TypeVar
 
 import numpy as np
 
@@ -29,10 +29,17 @@ class Case:
 
 
 class Dataset(Protocol):
-    """A folder of cases in one layout. `classes` maps label value -> name (0 = background)."""
+    """A folder of cases in one layout ("nnunet", "kits19", "chaos"). `classes` maps label value -> name
+    (0 = background)."""
 
-    root: object
-    classes: dict[int, str]
+    @property
+    def root(self) -> Path: ...
+
+    @property
+    def layout(self) -> str: ...
+
+    @property
+    def classes(self) -> dict[int, str]: ...
 
     def case_ids(self) -> list[str]: ...
 
@@ -43,15 +50,23 @@ class Dataset(Protocol):
     def __len__(self) -> int: ...
 
 
-class FolderDataset:
-    """Common part of the layout readers: `_cases` maps case id -> whatever `load` needs."""
+Source = TypeVar("Source")
+
+
+class FolderDataset(Generic[Source]):
+    """Common part of the layout readers: `_cases` maps case id -> whatever `load` needs (a `Source`)."""
 
     layout: str = ""
     classes: dict[int, str] = {}
 
-    def __init__(self, root: Path):
+    def __init__(self, root: str | Path):
         self.root = Path(root)
-        self._cases: dict[str, object] = {}
+        self._cases: dict[str, Source] = {}
+
+    @staticmethod
+    def matches(root: Path) -> bool:
+        """Whether the folder `root` holds a dataset in this layout."""
+        raise NotImplementedError
 
     def case_ids(self) -> list[str]:
         return list(self._cases)
@@ -59,7 +74,7 @@ class FolderDataset:
     def load(self, case_id: str) -> Case:
         raise NotImplementedError
 
-    def _source(self, case_id: str) -> object:
+    def _source(self, case_id: str) -> Source:
         if case_id not in self._cases:
             raise CtsegError(f"no case {case_id!r} in this {self.layout} dataset", self.root)
         return self._cases[case_id]

@@ -43,7 +43,7 @@ def _resolve_root(root: Path) -> Path:
     return root
 
 
-class ChaosDataset(FolderDataset):
+class ChaosDataset(FolderDataset[Path]):
     layout = "chaos"
     classes = {0: "background", 1: "liver"}
 

@@ -35,7 +35,7 @@ def _case_dirs(root: Path) -> list[Path]:
     return cases
 
 
-class KiTS19Dataset(FolderDataset):
+class KiTS19Dataset(FolderDataset[Path]):
     layout = "kits19"
     classes = {0: "background", 1: "kidney", 2: "tumour"}
 

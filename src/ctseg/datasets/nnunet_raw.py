@@ -34,7 +34,7 @@ def _parse_labels(labels: object, path: Path) -> dict[int, str]:
     return dict(sorted(classes.items()))
 
 
-class NnUNetRawDataset(FolderDataset):
+class NnUNetRawDataset(FolderDataset[tuple[Path, "Path | None"]]):
     layout = "nnunet"
 
     def __init__(self, root: str | Path):
@@ -64,7 +64,7 @@ class NnUNetRawDataset(FolderDataset):
             for image in sorted((self.root / split).glob(f"*{suffix}")):
                 case_id = image.name[: -len(suffix)]
                 label = self.root / labels / f"{case_id}{self.file_ending}" if labels else None
-                if labels and not label.is_file():
+                if label is not None and not label.is_file():
                     raise CtsegError(f"training case {case_id} has no label {label.name} in {labels}/", image)
                 if case_id in self._cases:
                     raise CtsegError(f"case {case_id} is in both imagesTr and imagesTs", image)

@@ -26,9 +26,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
 from threadpoolctl import threadpool_limits
 
@@ -42,6 +43,14 @@ CLASSES = {"kidney": {0: "background", 1: "kidney", 2: "tumour"}, "liver": {0: "
 LAYOUTS = ("kits19", "chaos", "nnunet")
 SIZES = {"full": 512, "small": 128}
 _F32 = np.float32
+_T = TypeVar("_T")
+
+
+def _built(value: _T | None, what: str) -> _T:
+    """A part of the anatomy that is set in a later step than its object is made (RuntimeError if not yet)."""
+    if value is None:
+        raise RuntimeError(f"phantom: {what} is used before it is set")
+    return value
 
 
 # ------------------------------------------------------------------------------------------ smooth fields
@@ -239,20 +248,24 @@ class _Blob:
         q = _radius(u)
         inside = q < 1 + self.amp * f[0]
         if self.clip == "body":
-            inside &= blk.inbody[win]
+            inside &= _built(blk.inbody, "the body mask")[win]
         elif self.clip is not None:
-            inside &= blk.cavity[win]
+            inside &= _built(blk.cavity, "the cavity mask")[win]
             if self.clip == "abdomen":
-                inside &= self.diaphragm.below(blk, win)
+                inside &= _built(self.diaphragm, "the diaphragm").below(blk, win)
             elif self.clip == "thorax":
-                inside &= ~self.diaphragm.below(blk, win)
+                inside &= ~_built(self.diaphragm, "the diaphragm").below(blk, win)
         return inside, u, q
+
+    def sample_field(self, blk: _Block, win: tuple[slice, slice, slice]) -> np.ndarray:
+        """The blob's deformation/texture field on a window of `blk` (`attach_field` made it)."""
+        return blk.field(_built(self.field, "a blob's field"), win)
 
     def __call__(self, blk: _Block) -> None:
         win = blk.window(self.box())
         if win is None:
             return
-        f = blk.field(self.field, win)
+        f = self.sample_field(blk, win)
         inside, _, _ = self.inside(blk, win, f)
         blk.paint(win, inside, _F32(self.hu) + _F32(self.texture) * f[1], self.label)
 
@@ -280,7 +293,11 @@ class _Diaphragm:
 
     def below(self, blk: _Block, win) -> np.ndarray:
         sz, sy, sx = win
-        return blk.z[sz][:, None, None] < (self.z_map[sy, sx] - _F32(self.thickness))[None]
+        return blk.z[sz][:, None, None] < (self.heights()[sy, sx] - _F32(self.thickness))[None]
+
+    def heights(self) -> np.ndarray:
+        """`z_map` (`build` makes it)."""
+        return _built(self.z_map, "the diaphragm height map")
 
 
 @dataclass
@@ -341,12 +358,13 @@ class _Thorax:
         if blk.z[-1] < self.diaphragm.floor - self.diaphragm.thickness:
             return
         win = (slice(None), slice(None), slice(None))
-        zd = self.diaphragm.z_map[None]
+        zd = self.diaphragm.heights()[None]
         z = blk.z[:, None, None]
-        lung = blk.cavity & (z >= zd)
+        cavity = _built(blk.cavity, "the cavity mask")
+        lung = cavity & (z >= zd)
         f = blk.field(self.field, win)[0]
         blk.paint(win, lung, _F32(self.hu_lung) + _F32(25) * f, 0)
-        band = blk.cavity & (z < zd) & (z >= zd - _F32(self.diaphragm.thickness))
+        band = cavity & (z < zd) & (z >= zd - _F32(self.diaphragm.thickness))
         blk.paint(win, band, _F32(self.hu_muscle), 0)
 
 
@@ -368,7 +386,7 @@ class _Bowel:
         if win is None:
             return
         f = blk.field(self.field, win)
-        region = blk.cavity[win] & self.diaphragm.below(blk, win)
+        region = _built(blk.cavity, "the cavity mask")[win] & self.diaphragm.below(blk, win)
         loop = region & (f[0] > self.threshold)
         content = _F32(self.hu_content) + _F32(8) * f[1]
         if self.hu_contrast is not None:
@@ -395,11 +413,12 @@ class _Kidney:
         win = blk.window(fat_box)
         if win is None:
             return
-        f = blk.field(b.field, win)
+        f = b.sample_field(blk, win)
         u = _quadric(blk, win, b.centre, b.m)
         q = _radius(u)
         outline = 1 + b.amp * f[0]
-        blk.paint(win, (q < 1.45 * outline) & blk.cavity[win], _F32(self.hu_fat), 0)   # perirenal fat
+        cavity = _built(blk.cavity, "the cavity mask")[win]
+        blk.paint(win, (q < 1.45 * outline) & cavity, _F32(self.hu_fat), 0)   # perirenal fat
         kidney = q < outline
         blk.paint(win, kidney, _F32(b.hu) + _F32(b.texture) * f[1], self.label)
         inner = q < outline - _F32(self.cortex_mm / b.radii.mean())
@@ -423,12 +442,21 @@ class _Tumour:
         win = blk.window(b.box())
         if win is None:
             return
-        f = blk.field(b.field, win)
+        f = b.sample_field(blk, win)
         inside, _, q = b.inside(blk, win, f)
         value = _F32(b.hu) + _F32(b.texture) * f[1]
         if self.necrosis:
             value -= _F32(self.necrosis) * np.clip(f[2], 0, 1) * (q < 0.6)
         blk.paint(win, inside, np.clip(value, 20, 130), b.label)
+
+
+#: z (nz,) -> centre x, centre y, radius x, radius y of a tube's cross-section (arrays (nz,) or numbers)
+TubePath = Callable[[np.ndarray], "tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike]"]
+
+
+def _fixed_path(cx: float, cy: float, rx: float, ry: float) -> TubePath:
+    """A straight tube of constant cross-section."""
+    return lambda z: (cx, cy, rx, ry)
 
 
 @dataclass
@@ -437,7 +465,7 @@ class _Tube:
 
     z0: float
     z1: float
-    path: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # z -> cx, cy, rx, ry
+    path: TubePath  # z -> cx, cy, rx, ry
     hu: float
     label: int = 0
     extent: tuple[float, float, float, float] = (0, 0, 0, 0)   # xy box
@@ -451,7 +479,7 @@ class _Tube:
         cx, cy, rx, ry = (np.broadcast_to(np.asarray(v, dtype=_F32), z.shape)[:, None, None] for v in self.path(z))
         inside = ((X[None] - cx) / rx) ** 2 + ((Y[None] - cy) / ry) ** 2 < 1
         if self.clip is not None:
-            inside &= (blk.inbody if self.clip == "body" else blk.cavity)[win]
+            inside &= _built(blk.inbody if self.clip == "body" else blk.cavity, f"the {self.clip} mask")[win]
         blk.paint(win, inside, _F32(self.hu), self.label)
 
 
@@ -486,7 +514,7 @@ class _Spine:
         shell = 1.8 / min(self.rx, self.ry)
         body = (e < 1)[None]
         endplate = (np.abs(np.abs(rel) - self.height / 2) < 1.5)[:, None, None]
-        cancellous = _F32(self.hu_body) + _F32(30) * blk.field(self.field, win)[0]
+        cancellous = _F32(self.hu_body) + _F32(30) * blk.field(_built(self.field, "the spine's field"), win)[0]
         value = np.where(in_body[:, None, None], np.where((e > 1 - shell)[None] | endplate, _F32(self.hu_cortex),
                                                           cancellous), _F32(self.hu_disc))
         shape = (len(z), *X.shape)
@@ -573,7 +601,7 @@ class _Stomach:
         win = blk.window(b.box())
         if win is None:
             return
-        f = blk.field(b.field, win)
+        f = b.sample_field(blk, win)
         inside, _, q = b.inside(blk, win, f)
         blk.paint(win, inside, _F32(b.hu), 0)
         lumen = inside & (q < 1 + b.amp * f[0] - _F32(5.0 / b.radii.min()))
@@ -616,7 +644,7 @@ class _Inhomogeneity:
         full = (slice(None), slice(None), slice(None))
         drift = blk.field(self.field, full)[0]
         drift *= _F32(self.amplitude)
-        drift *= blk.inbody
+        drift *= _built(blk.inbody, "the body mask")
         blk.hu += drift
 
 
@@ -750,18 +778,21 @@ def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body,
     for side in (-1, 1):
         painters.append(_Tube(-1e4, z_psoas, psoas_path(side), muscle + _u(rng, -5, 5),
                               extent=(-0.9 * W, 0.9 * W, y_ant, y_post + 30)))
-        painters.append(_Tube(-1e4, 1e4, lambda z, side=side: (side * 34 * s, y_v + 44 * s, 27 * s, 20 * s),
+        painters.append(_Tube(-1e4, 1e4, _fixed_path(side * 34 * s, y_v + 44 * s, 27 * s, 20 * s),
                               muscle, extent=(-80 * s, 80 * s, y_v, y_v + 70 * s), clip="body"))
     ra = _u(rng, 9, 13)
     ya = y_v - ryv - ra - 3
     xa = _u(rng, 4, 14)
-    painters.append(_Tube(z_bif, 1e4, lambda z: (xa, ya, ra, ra), hu["aorta"], extent=(xa - 20, xa + 20, ya - 20, ya + 20)))
+    painters.append(_Tube(z_bif, 1e4, _fixed_path(xa, ya, ra, ra), hu["aorta"], extent=(xa - 20, xa + 20, ya - 20, ya + 20)))
+
+    def iliac_path(side: int) -> TubePath:
+        return lambda z: (xa + side * 0.55 * (z_bif - z), ya - 0.25 * (z_bif - z), 0.65 * ra, 0.65 * ra)
+
     for side in (-1, 1):
-        painters.append(_Tube(-1e4, z_bif, lambda z, side=side: (xa + side * 0.55 * (z_bif - z), ya - 0.25 * (z_bif - z),
-                                                                  0.65 * ra, 0.65 * ra), hu["aorta"],
+        painters.append(_Tube(-1e4, z_bif, iliac_path(side), hu["aorta"],
                               extent=(-0.9 * W, 0.9 * W, y_ant, y_post), clip="cavity"))
     xi, yi = -(rv + _u(rng, 5, 12)), y_v - ryv - 8
-    painters.append(_Tube(z_bif - 10, z_dome_r, lambda z: (xi, yi, 13 * s, 9 * s), hu["ivc"],
+    painters.append(_Tube(z_bif - 10, z_dome_r, _fixed_path(xi, yi, 13 * s, 9 * s), hu["ivc"],
                           extent=(xi - 25, xi + 25, yi - 25, yi + 25)))
 
     # bones
@@ -914,7 +945,7 @@ def _render(anatomy: _Anatomy, acq: Acquisition, grid: _Grid, noise_seed: int, s
     white = acq.noise_sigma / gain
     yy, xx = np.meshgrid(grid.ys, grid.xs, indexing="ij")
     outside_fov = (np.hypot(yy, xx) > n * grid.pixel / 2) if acq.fov_padding is not None else None
-    amp = np.clip(streak_curve(z_out)[:, 0], 0, None) if streaks is not None else None
+    amp = np.clip(_built(streak_curve, "the streak curve")(z_out)[:, 0], 0, None) if streaks is not None else None
 
     def block(i0: int) -> None:
         i1 = min(i0 + per_block, acq.num_slices)
@@ -926,7 +957,7 @@ def _render(anatomy: _Anatomy, acq: Acquisition, grid: _Grid, noise_seed: int, s
         label[i0:i1] = blk.lab.reshape(i1 - i0, k, n, n)[:, k // 2]
         hu *= _F32(1 + acq.hu_gain)
         hu += _F32(acq.hu_offset)
-        if amp is not None:
+        if amp is not None and streaks is not None:  # both or neither
             hu += amp[i0:i1, None, None] * streaks[None]
         rng = np.random.default_rng([noise_seed, i0])
         hu += rng.standard_normal(hu.shape, dtype=_F32) * _F32(white)
@@ -1096,11 +1127,12 @@ def write_phantom_dataset(out: str | Path, task: str = "kidney", n_cases: int = 
     out.mkdir(parents=True, exist_ok=True)
     if layout == "nnunet":
         write_nnunet_dataset_json(out, CLASSES[task], n_cases, name=f"phantom_{task}")
-    summary = {"task": task, "layout": layout, "seed": seed, "size": size, "classes": CLASSES[task],
+    summary: dict[str, Any] = {"task": task, "layout": layout, "seed": seed, "size": size, "classes": CLASSES[task],
                "overrides": dict(overrides), "cases": {}}
     for case in iter_phantom_cases(task, n_cases, seed, size, layout, **overrides):
         if layout == "kits19":
-            write_kits19_case(out, case.case_id, to_kits19_orientation(case.image), to_kits19_orientation(case.label))
+            write_kits19_case(out, case.case_id, to_kits19_orientation(case.image),
+                              to_kits19_orientation(_built(case.label, "the phantom label")))
         elif layout == "chaos":
             write_chaos_case(out, case.case_id, case.image, case.label)
         else:

@@ -18,7 +18,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -125,8 +125,9 @@ def _json_meta(case_meta: dict[str, dict]) -> dict[str, dict]:
     """Case metadata reduced to JSON-safe numbers (num_slices, slice_thickness, spacing)."""
     out = {}
     for cid, m in case_meta.items():
-        entry = {"num_slices": int(m["num_slices"]),
-                 "slice_thickness": None if m.get("slice_thickness") is None else float(m["slice_thickness"])}
+        entry: dict[str, Any] = {"num_slices": int(m["num_slices"]),
+                                 "slice_thickness": None if m.get("slice_thickness") is None
+                                 else float(m["slice_thickness"])}
         if m.get("spacing") is not None:
             entry["spacing"] = [float(s) for s in m["spacing"]]
         out[cid] = entry

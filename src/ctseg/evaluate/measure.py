@@ -54,7 +54,8 @@ def max_feret_2d(mask: np.ndarray, spacing: tuple[float, float]) -> float:
 
 def largest_axial_diameter(mask: np.ndarray, spacing: tuple[float, float, float], axis: int) -> float:
     """Max over axial slices (along array `axis`) of the slice's max Feret diameter in mm."""
-    in_plane = tuple(s for i, s in enumerate(spacing) if i != axis)
+    sa, sb = (s for i, s in enumerate(spacing) if i != axis)
+    in_plane = (sa, sb)
     m = np.moveaxis(mask, axis, 0)
     best = 0.0
     for k in np.flatnonzero(m.reshape(m.shape[0], -1).any(axis=1)):

@@ -40,8 +40,8 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     if pred.shape != ref.shape:
         raise ValueError(f"shape mismatch: prediction {pred.shape} vs reference {ref.shape}")
     if pred.dtype == bool and ref.dtype == bool:
-        inter = np.count_nonzero(pred & ref)
-        denom = np.count_nonzero(pred) + np.count_nonzero(ref)
+        inter = float(np.count_nonzero(pred & ref))
+        denom = float(np.count_nonzero(pred) + np.count_nonzero(ref))
     else:
         p = pred.astype(np.float64, copy=False)
         y = ref.astype(np.float64, copy=False)
@@ -55,7 +55,7 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
 def structures(classes: dict[int, str]) -> dict[str, tuple[int, ...]]:
     """Structure name -> label values it covers: each non-zero class, plus "total" (their union) if >= 2."""
     fg = {int(k): str(v) for k, v in classes.items() if int(k) != 0}
-    out = {name: (k,) for k, name in sorted(fg.items())}
+    out: dict[str, tuple[int, ...]] = {name: (k,) for k, name in sorted(fg.items())}
     if len(fg) >= 2:
         out["total"] = tuple(sorted(fg))
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import matplotlib
 
@@ -19,6 +19,9 @@ import numpy as np  # noqa: E402
 
 from ctseg.evaluate.records import models_in_order, present_thickness_groups, thickness_group_of  # noqa: E402
 from ctseg.fileutil import atomic_path  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLORS = {"mia": "#e08a1e", "nnunet": "#8a3fb3", "ctia": "#2f6fde", "ensemble": "#2e9e5b", "none": "#777777"}
 CLASS_COLORS = ["#00c853", "#ff1744", "#ffd600", "#00b0ff", "#d500f9"]  # label 1, 2, ...
@@ -30,7 +33,7 @@ def _color(r) -> str:
     return COLORS["ensemble"] if r.arch in ("stacked", "average") else COLORS.get(r.aug, COLORS["none"])
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     """Atomic PNG write."""
     path = Path(path)
     try:

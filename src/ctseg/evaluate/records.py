@@ -20,6 +20,18 @@ _DIM_ORDER = ["2d", "3d", ""]
 _AUG_ORDER = ["mia", "nnunet", "ctia", "none"]
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model a `VolumeResult` belongs to: `name` (e.g. 'unet-2d-ctia', 'stacked-ctia'), `arch`, `dim`
+    ('' for ensembles), augmentation `aug` and `variant` (e.g. 'foreground, seed 1'; '' for none)."""
+
+    name: str
+    arch: str
+    dim: str
+    aug: str
+    variant: str = ""
+
+
 @dataclass
 class VolumeResult:
     """Scores of one model on one test volume.

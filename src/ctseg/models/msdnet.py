@@ -40,7 +40,7 @@ gamma and beta per channel: 45,752 (2D) / 136,652 (3D).
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +116,7 @@ class _BlockGeometry:
             return y.squeeze(0).transpose(0, 1)
         return y.permute(1, 2, 0, 3, 4) if self.sm else y
 
-    def _taps(self, z: int, d: int):
+    def _taps(self, z: int, d: int) -> list[tuple[int, slice, slice]]:
         """slice_major: (kz, output slices, input slices) of the z taps of a dilation-d layer."""
         taps = [(1, slice(0, z), slice(0, z))]
         if d < z:
@@ -129,13 +129,14 @@ class _BlockGeometry:
             if self.cm:
                 return self._conv(inp, w.unsqueeze(2), None, 1, [0, d, d], [1, d, d])
             return self._conv(inp, w, None, 1, d, d)
-        out = None
-        for kz, o, i in self._taps(inp.shape[0], d):
-            y = F.conv2d(inp[i].flatten(0, 1), w[:, :, kz], None, 1, d, d).unflatten(0, (-1, inp.shape[1]))
-            if out is None:
-                out = y
-            else:
-                out[o] += y
+        (kz, _, i), *others = self._taps(inp.shape[0], d)  # the first tap covers every output slice
+
+        def tap(kz: int, i: slice) -> torch.Tensor:
+            return F.conv2d(inp[i].flatten(0, 1), w[:, :, kz], None, 1, d, d).unflatten(0, (-1, inp.shape[1]))
+
+        out = tap(kz, i)
+        for kz, o, i in others:
+            out[o] += tap(kz, i)
         return out
 
     def conv_backward(self, gz: torch.Tensor, inp: torch.Tensor, w: torch.Tensor, d: int,
@@ -158,7 +159,7 @@ class _BlockGeometry:
             g_o = gz[o].flatten(0, 1)
             w_t = w[:, :, kz].flip(2, 3).transpose(0, 1)
             gin[i] += F.conv2d(g_o, w_t, None, 1, d, d).unflatten(0, (-1, batch))
-            if need_w:
+            if g_w is not None:  # need_w
                 g_w[:, :, kz] = cb(g_o, inp[i].flatten(0, 1), w[:, :, kz], None, [1, 1], [d, d], [d, d], False,
                                    [0, 0], 1, [False, True, False])[1]
         return g_w
@@ -195,7 +196,7 @@ def _block_forward(geo: _BlockGeometry, x: torch.Tensor, weights: list[torch.Ten
         var, mean = torch.var_mean(z, dim=geo.norm_dims, keepdim=True, correction=0)
         rstd = torch.rsqrt(var + NORM_EPS)
         xh = (z - mean).mul_(rstd)
-        if store_xhat:
+        if xbuf is not None:  # store_xhat
             geo.channels(xbuf, sl.start, sl.stop).copy_(xh)
             rstds.append(rstd)
         n = torch.addcmul(beta[sl].view(bshape), xh, gamma[sl].view(bshape))
@@ -321,5 +322,6 @@ class MSDNet(nn.Module):
             else:
                 buf, _, _ = _block_forward(geo, xc, weights, self.norm_weight, self.norm_bias,
                                            self.dilations, store_xhat=False)
-            out = geo.final(buf, self.final.weight.to(dt), self.final.bias.to(dt))
+            bias = cast(torch.Tensor, self.final.bias)  # `final` is built with a bias
+            out = geo.final(buf, self.final.weight.to(dt), bias.to(dt))
         return geo.from_block(out).contiguous()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,13 @@ from torch import nn
 from ctseg.errors import CtsegError
 
 log = logging.getLogger(__name__)
+
+
+def _bias(conv: nn.Conv2d) -> torch.Tensor:
+    """The bias of a convolution made with one (torch types it as optional)."""
+    if conv.bias is None:
+        raise ValueError("convolution without a bias")
+    return conv.bias
 
 
 class StackingMetaModel(nn.Module):
@@ -44,18 +51,19 @@ class StackingMetaModel(nn.Module):
             raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}")
         self.in_channels, self.num_classes, self.eps = in_channels, num_classes, eps
         self.weighting = nn.Conv2d(in_channels, num_classes, 1)
+        last = nn.Conv2d(hidden, num_classes, 1)
         self.context = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1), nn.InstanceNorm2d(hidden, affine=True), nn.LeakyReLU(1e-2),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.InstanceNorm2d(hidden, affine=True), nn.LeakyReLU(1e-2),
-            nn.Conv2d(hidden, num_classes, 1))
-        nn.init.zeros_(self.context[-1].weight)
-        nn.init.zeros_(self.context[-1].bias)
+            last)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(_bias(last))
         if init_weight is not None:
             if init_weight.shape != (num_classes, in_channels):
                 raise ValueError(f"init_weight must be ({num_classes}, {in_channels}), got {init_weight.shape}")
             with torch.no_grad():
                 self.weighting.weight.copy_(torch.as_tensor(init_weight, dtype=torch.float32)[:, :, None, None])
-                self.weighting.bias.zero_()
+                _bias(self.weighting).zero_()
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         x = torch.log(probs.float().clamp_min(self.eps))
@@ -79,7 +87,20 @@ class MemberRun:
     val_score: float
 
 
-def select_members(candidates: Sequence[MemberRun], sets: Sequence[object], top_k: int) -> list[MemberRun]:
+class MemberSet(Protocol):
+    """A kind of stack member (`ctseg.config.StackMemberSetConfig`): architecture, dimension and target."""
+
+    @property
+    def arch(self) -> str: ...
+
+    @property
+    def dim(self) -> str: ...
+
+    @property
+    def target(self) -> str: ...
+
+
+def select_members(candidates: Sequence[MemberRun], sets: Sequence[MemberSet], top_k: int) -> list[MemberRun]:
     """The `top_k` candidates of each set (objects with arch, dim, target) by validation score, set by set.
 
     Raises CtsegError when a set has no candidate (the stack would silently lose a member type).
@@ -197,9 +218,9 @@ def train_meta_model(inputs: Sequence[np.ndarray], labels: Sequence[np.ndarray],
     channels = {x.shape[0] for x in inputs}
     if len(channels) != 1:
         raise ValueError(f"cases have different member channel counts {sorted(channels)}")
-    for x, y in zip(inputs, labels):
-        if x.shape[1:] != y.shape:
-            raise ValueError(f"member maps {x.shape} do not match labels {y.shape}")
+    for member_maps, label in zip(inputs, labels):
+        if member_maps.shape[1:] != label.shape:
+            raise ValueError(f"member maps {member_maps.shape} do not match labels {label.shape}")
     slices = np.array([(i, z) for i, y in enumerate(labels) for z in range(y.shape[0])], dtype=np.int64)
     fg = np.array([(i, z) for i, y in enumerate(labels) for z in np.flatnonzero(y.reshape(y.shape[0], -1).any(1))],
                   dtype=np.int64).reshape(-1, 2)

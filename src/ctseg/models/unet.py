@@ -26,8 +26,8 @@ NORM_EPS = 1e-5
 def stage_strides(n_stages: int, dim: int, z_pool_stages: int) -> list[tuple[int, ...]]:
     """Stride of each encoder stage: stage 0 is 1; then 2 in-plane, 2 in z for z_pool_stages stages."""
     if dim == 2:
-        return [(1, 1)] + [(2, 2)] * (n_stages - 1)
-    return [(1, 1, 1)] + [((2 if s <= z_pool_stages else 1), 2, 2) for s in range(1, n_stages)]
+        return [(1, 1), *((2, 2) for _ in range(1, n_stages))]
+    return [(1, 1, 1), *(((2 if s <= z_pool_stages else 1), 2, 2) for s in range(1, n_stages))]
 
 
 def stage_features(n_stages: int, base_features: int, max_features: int) -> list[int]:

@@ -25,16 +25,17 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import ctseg
 from ctseg.config import ExperimentConfig, PreprocessConfig
-from ctseg.datasets.base import Case
+from ctseg.datasets.base import Case, Dataset
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path, atomic_write_text
 from ctseg.preprocess.slices import Box, foreground_slices, network_grid, preprocess_label, preprocess_volume
@@ -56,7 +57,7 @@ def cache_settings(pp: PreprocessConfig) -> dict:
     return json.loads(json.dumps(pp.model_dump(mode="json", exclude=set(_SAMPLING_ONLY))))
 
 
-def _digest(obj) -> str:
+def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -88,6 +89,50 @@ class CachedCase:
     image: np.ndarray
     label: np.ndarray | None
     meta: dict
+
+
+# ------------------------------------------------------------------------------------ what readers need
+class CachedVolume(Protocol):
+    """What training and validation read of one cached case (`CachedCase` is one): the z-scored image
+    (z, S, S) and the label (z, S, S) at network resolution (None for an unlabelled case)."""
+
+    @property
+    def image(self) -> np.ndarray: ...
+
+    @property
+    def label(self) -> np.ndarray | None: ...
+
+
+class SliceCache(Protocol):
+    """A source of cached volumes by case id: what `ctseg.train.data` draws training stacks and validates from
+    (`CaseCache` is one)."""
+
+    def load(self, case_id: str) -> CachedVolume: ...
+
+
+class CaseIndex(Protocol):
+    """The cached cases and their JSON records (original shape, spacing, slice_thickness, num_slices,
+    labels_present, files...): what the folds and the dataset fingerprint are made from."""
+
+    def case_ids(self) -> list[str]: ...
+
+    def meta(self, case_id: str) -> dict: ...
+
+
+class TrainingCache(SliceCache, CaseIndex, Protocol):
+    """Everything a training run reads from its cache (`ctseg.train.trainer`); `CaseCache` is one."""
+
+    @property
+    def root(self) -> Path: ...
+
+    @property
+    def classes(self) -> dict[int, str]: ...
+
+    @property
+    def plan(self) -> IntensityPlan: ...
+
+    @property
+    def fingerprint(self) -> str: ...
 
 
 class CaseCache:
@@ -235,7 +280,7 @@ def _write_array(final: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _file_record(path: Path, array_shape, dtype) -> dict:
+def _file_record(path: Path, array_shape: Sequence[int], dtype: DTypeLike) -> dict:
     return {"name": path.name, "dtype": str(np.dtype(dtype)), "shape": [int(s) for s in array_shape],
             "size": path.stat().st_size, "crc32": file_crc32(path)}
 
@@ -293,7 +338,7 @@ def _read_plan_json(path: Path) -> dict | None:
     return info if info.get("format") == CACHE_FORMAT else None
 
 
-def _load_and_write(dataset, case_id: str, cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig,
+def _load_and_write(dataset: Dataset, case_id: str, cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig,
                     fingerprint: str) -> None:
     """Load one case and write it into the cache (also the task of a `build_cache` worker process)."""
     write_case(dataset.load(case_id), cases_dir, plan, pp, fingerprint)
@@ -303,8 +348,8 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one process per core: no nested thread pools
 
 
-def _write_cases(dataset, case_ids: list[str], cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig,
-                 fingerprint: str, workers: int, advance) -> None:
+def _write_cases(dataset: Dataset, case_ids: list[str], cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig,
+                 fingerprint: str, workers: int, advance: Callable[[], object]) -> None:
     """Write `case_ids` one after the other, or in `workers` spawned processes (same files either way)."""
     if workers <= 1 or len(case_ids) <= 1:
         for case_id in case_ids:
@@ -325,7 +370,7 @@ def _write_cases(dataset, case_ids: list[str], cases_dir: Path, plan: IntensityP
             raise
 
 
-def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.random.Generator,
+def build_cache(dataset: Dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.random.Generator,
                 train_ids: Sequence[str] | None = None, progress: bool = True, force: bool = False,
                 subset: Sequence[str] | None = None, workers: int = 1) -> BuildReport:
     """Preprocess every case of `dataset` into `out_dir` (see module docstring); returns a `BuildReport`.
@@ -375,7 +420,7 @@ def build_cache(dataset, out_dir: str | Path, cfg: ExperimentConfig, rng: np.ran
         else:
             task = bar.add_task("intensity statistics", total=len(subset))
 
-            def subset_cases():
+            def subset_cases() -> Iterator[Case]:
                 for case_id in subset:
                     yield dataset.load(case_id)
                     bar.advance(task)
@@ -436,7 +481,7 @@ def plan_cache_dir(root: str | Path, pp: PreprocessConfig, subset: Sequence[str]
     return Path(root) / f"plan-{_digest({'format': CACHE_FORMAT, 'settings': cache_settings(pp), 'subset': sorted(subset)})}"
 
 
-def build_fold_cache(dataset, root: str | Path, cfg: ExperimentConfig, train_ids: Sequence[str], fold: int,
+def build_fold_cache(dataset: Dataset, root: str | Path, cfg: ExperimentConfig, train_ids: Sequence[str], fold: int,
                      progress: bool = True) -> Path:
     """Build (or reuse) the cache of fold `fold`: every case preprocessed with an intensity plan estimated on a
     subset of the fold's training cases only (test cases never enter it). Returns the cache folder."""

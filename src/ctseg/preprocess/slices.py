@@ -279,9 +279,12 @@ class InPlaneResize:
 
     @classmethod
     def from_dict(cls, d: dict) -> "InPlaneResize":
+        (oy, ox), (sy, sx) = d["original_yx"], d["size_yx"]
         box = d.get("box")
-        return cls(tuple(int(v) for v in d["original_yx"]), tuple(int(v) for v in d["size_yx"]),
-                   None if box is None else tuple(int(v) for v in box))
+        if box is not None:
+            y0, y1, x0, x1 = box
+            box = (int(y0), int(y1), int(x0), int(x1))
+        return cls((int(oy), int(ox)), (int(sy), int(sx)), box)
 
     def restore(self, prob_czyx, out_dtype=np.float32):
         return restore_in_plane(prob_czyx, self.original_yx, out_dtype=out_dtype, box=self.box)
@@ -311,7 +314,7 @@ def restore_in_plane(prob_czyx, original_yx: tuple[int, int], out_dtype=np.float
     """
     if prob_czyx.ndim != 4:
         raise ValueError(f"expected (C, z, y, x) probabilities, got shape {tuple(prob_czyx.shape)}")
-    out_hw = _size2(tuple(original_yx))
+    out_hw = _size2(original_yx)
     resize_hw = out_hw if box is None else (box[1] - box[0], box[3] - box[2])
     c, z = prob_czyx.shape[:2]
     step = _chunk_len(max(out_hw[0] * out_hw[1], resize_hw[0] * resize_hw[1]), c)

@@ -163,7 +163,9 @@ def compute_intensity_plan(cases: Iterable[Case], cfg: PreprocessConfig, rng: np
     skipped with a warning; if none has foreground, the organ preset is used (percentile mode) and
     mean/std come from all voxels, with a warning.
     """
-    ids, samples, all_voxels = [], [], []
+    ids: list[str] = []
+    samples: list[np.ndarray] = []
+    all_voxels: list[np.ndarray] = []
     for case in cases:
         ids.append(case.case_id)
         values, foreground = _case_sample(case, max_voxels_per_case, rng)
@@ -172,7 +174,8 @@ def compute_intensity_plan(cases: Iterable[Case], cfg: PreprocessConfig, rng: np
     if not ids:
         raise CtsegError("intensity statistics need at least one training case, got none")
 
-    mode, percentiles = cfg.window, None
+    mode: str = cfg.window
+    percentiles: tuple[float, float] | None = None
     if samples:
         values = np.concatenate(samples)
     else:
@@ -182,7 +185,7 @@ def compute_intensity_plan(cases: Iterable[Case], cfg: PreprocessConfig, rng: np
         if mode == "percentile":
             mode = "organ"
     if mode == "percentile":
-        percentiles = tuple(float(p) for p in cfg.percentiles)
+        percentiles = (float(cfg.percentiles[0]), float(cfg.percentiles[1]))
         lower, upper = (float(v) for v in np.percentile(values, percentiles))
         if not lower < upper:
             raise CtsegError(f"percentile window is empty: the {percentiles[0]}th and {percentiles[1]}th "

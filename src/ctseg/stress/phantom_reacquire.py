@@ -71,5 +71,7 @@ def reacquire(recipe: PhantomRecipe, axis: str, factor: float, case_id: str) -> 
         case = generate_case(seed, task=recipe.task, size=recipe.size, case_id=case_id, **kwargs)
     else:
         raise ValueError(f"not a phantom axis: {axis!r}")
-    image = case.image
-    return Perturbed(image.with_array(image.array.astype(np.float32)), case.label, "perturbed")
+    image, label = case.image, case.label
+    if label is None:  # the phantom always draws its labels
+        raise CtsegError(f"the re-rendered phantom case {case_id} has no label")
+    return Perturbed(image.with_array(image.array.astype(np.float32)), label, "perturbed")

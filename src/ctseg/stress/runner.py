@@ -34,7 +34,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,11 @@ import torch
 from ctseg.config import StressConfig, atomic_write_text
 from ctseg.errors import CtsegError
 from ctseg.stress.perturb import AXES, DegenerateSeverity, estimate_noise_hu
+
+if TYPE_CHECKING:
+    from ctseg.io import Volume
+    from ctseg.stress.perturb import Perturbed
+    from ctseg.train.trainer import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +147,7 @@ def model_specs_from_cv(cv_dirs: Sequence[str | Path]) -> tuple[list[ModelSpec],
     return specs, manifests[0]
 
 
-def _check_classes(spec: ModelSpec, run_dir: Path, dataset_classes: dict[int, str], data_dir) -> None:
+def _check_classes(spec: ModelSpec, run_dir: Path, dataset_classes: dict[int, str], data_dir: str | Path) -> None:
     info = _run_info(run_dir)
     model_classes = {int(k): str(v) for k, v in (info.get("dataset_classes") or info.get("classes") or {}).items()}
     if model_classes != {int(k): str(v) for k, v in dataset_classes.items()}:
@@ -223,7 +228,7 @@ def _write_rows(path: Path, rows: list[dict], structures: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ run
-def _check_reacquired(pert, image, axis: str, case_id: str, data_dir) -> None:
+def _check_reacquired(pert: Perturbed, image: Volume, axis: str, case_id: str, data_dir: str | Path) -> None:
     """The re-rendered phantom must sit on the stored case's grid (dose) or in-plane grid (thickness)."""
     same = pert.image.same_geometry(image) if axis == "phantom-dose" else (
         pert.image.shape[1:] == image.shape[1:] and np.allclose(pert.image.spacing[1:], image.spacing[1:]))
@@ -233,13 +238,13 @@ def _check_reacquired(pert, image, axis: str, case_id: str, data_dir) -> None:
                          "with generation overrides by an older ctseg?", data_dir)
 
 
-def _predict(models, image, device, batch_size):
+def _predict(models: list[TrainedModel], image: Volume, device: torch.device, batch_size: int | None) -> Volume:
     from ctseg.predict import predict_volume
 
     return predict_volume(image, models, device=device, batch_size=batch_size).label
 
 
-def _score(pred, ref, classes: dict[int, str], merge: bool) -> dict[str, float]:
+def _score(pred: Volume, ref: Volume, classes: dict[int, str], merge: bool) -> dict[str, float]:
     from ctseg.evaluate.metrics import dice_per_class
 
     p, r = np.asarray(pred.array), np.asarray(ref.array)
@@ -294,14 +299,16 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
     rows = _read_rows(rows_path)
     done = {(r["model"], r["case_id"], r["axis"], r["severity"]) for r in rows}
     messages = messages if messages is not None else []
-    cache: dict[str, object] = {}
+    cache: dict[str, TrainedModel] = {}
 
-    def load(run_dir: Path):
+    def load(run_dir: Path) -> TrainedModel:
         if str(run_dir) not in cache:
             cache[str(run_dir)] = load_trained(run_dir, dev)
         return cache[str(run_dir)]
 
-    eval_classes, merges, structures = {}, {}, []
+    eval_classes: dict[str, dict[int, str]] = {}
+    merges: dict[str, bool] = {}
+    structures: list[str] = []
     from ctseg.cv import _eval_classes
     from ctseg.predict import check_members
 
@@ -312,24 +319,23 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
         eval_classes[spec.name], merges[spec.name] = _eval_classes(target, classes)
         from ctseg.evaluate.metrics import structures as _structs
 
-        for s in _structs(eval_classes[spec.name]):
-            if s not in structures:
-                structures.append(s)
+        for name in _structs(eval_classes[spec.name]):
+            if name not in structures:
+                structures.append(name)
 
-    def members_for(spec: ModelSpec, cid: str):
-        if spec.folds is None:
+    def members_for(spec: ModelSpec, cid: str) -> list[TrainedModel]:
+        if spec.folds is None or spec.test_of is None:  # both set (cross-validation) or both None
             return [load(d) for d in spec.members]
         return [load(spec.folds[spec.test_of[cid]])]
 
     total = len(volumes) * sum(len(s) for s in axes.values())
     with progress_bar(progress) as bar:
-        task = bar.add_task("[bold]stress test[/] volumes x severities", total=total) if bar else None
+        task = bar.add_task("[bold]stress test[/] volumes x severities", total=total)
         for cid in volumes:
             todo = [(a, s) for a, sev in axes.items() for s in sev
                     if any((m.name, cid, a, _severity_key(s)) not in done for m in models)]
             if not todo:
-                if bar:
-                    bar.advance(task, sum(len(s) for s in axes.values()))
+                bar.advance(task, sum(len(s) for s in axes.values()))
                 continue
             case = dataset.load(cid)
             if case.label is None:
@@ -342,22 +348,24 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
                 for s in sev:
                     key_s = _severity_key(s)
                     if all((m.name, cid, axis_name, key_s) in done for m in models):
-                        if bar:
-                            bar.advance(task)
+                        bar.advance(task)
                         continue
                     t0 = time.perf_counter()
                     is_clean = s == axis.clean
-                    pert, skipped = None, ""
+                    pert: Perturbed | None = None
+                    skipped = ""
                     if not is_clean:
                         try:
                             if axis.needs_phantom:
-                                if cid not in recipes:
+                                if recipes is None or cid not in recipes:
                                     raise CtsegError(f"case {cid} is not listed in phantom.json", data_dir)
                                 pert = reacquire(recipes[cid], axis_name, s, cid)
                                 _check_reacquired(pert, image, axis_name, cid, data_dir)
                             else:
                                 if axis_name.startswith("dose") and noise_hu is None:
                                     noise_hu = estimate_noise_hu(image)
+                                if axis.apply is None:
+                                    raise CtsegError(f"stress axis {axis_name} has no perturbation")
                                 pert = axis.apply(image, case.label, s, rng=_rng(cfg.seed, cid, axis_name, s),
                                                   classes=classes, noise_hu=noise_hu)
                         except DegenerateSeverity as why:
@@ -398,8 +406,7 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
                                         **{f"dice_{k}": f"{v:.6f}" for k, v in dice.items()}})
                         rows.append(row)
                         done.add((spec.name, cid, axis_name, key_s))
-                    if bar:
-                        bar.advance(task)
+                    bar.advance(task)
             _write_rows(rows_path, rows, structures)
     summary = summarize(rows, models, axes, structures, failure_dice=cfg.failure_dice, n_boot=cfg.n_boot,
                         seed=cfg.seed)

@@ -13,19 +13,22 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ctseg.config import atomic_write_text
 from ctseg.stress.perturb import AXES
 
+if TYPE_CHECKING:
+    from ctseg.stress.runner import ModelSpec
+
 
 def _headline_structure(structures: Sequence[str]) -> str:
     return "total" if "total" in structures else structures[-1]
 
 
-def _f(v) -> float | None:
+def _f(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
 
 
@@ -82,20 +85,20 @@ def bootstrap_mean_ci(values: np.ndarray, n_boot: int, rng: np.random.Generator)
     return float(lo), float(hi)
 
 
-def summarize(rows: list[dict], models, axes: dict[str, list[float]], structures: list[str], *,
+def summarize(rows: list[dict], models: Sequence[ModelSpec], axes: dict[str, list[float]], structures: list[str], *,
               failure_dice: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict:
     """The summary dict (JSON-ready) of the rows of a stress test."""
     head = _headline_structure(structures)
     rng = np.random.default_rng([seed, 0xC1])
-    out = {"headline_structure": head, "failure_dice": failure_dice, "structures": list(structures),
+    out: dict[str, Any] = {"headline_structure": head, "failure_dice": failure_dice, "structures": list(structures),
            "out_of_fold": all(getattr(m, "folds", None) is not None for m in models),
            "models": [{"name": m.name, "display": m.display, "aug": m.aug} for m in models], "axes": {}}
     for axis, sev in axes.items():
         keys = [f"{float(s):g}" for s in sev]
-        a = {"unit": AXES[axis].unit, "description": AXES[axis].description, "severities": [float(s) for s in sev],
+        a: dict[str, Any] = {"unit": AXES[axis].unit, "description": AXES[axis].description, "severities": [float(s) for s in sev],
              "models": {}}
         for m in models:
-            entry = {"severities": [], "gap": {}}
+            entry: dict[str, Any] = {"severities": [], "gap": {}}
             for st in structures:
                 vols, mat = _matrix(rows, m.name, axis, keys, st)
                 if not vols:
@@ -104,7 +107,7 @@ def summarize(rows: list[dict], models, axes: dict[str, list[float]], structures
                 entry["gap"][st] = {"gap": _f(g), "ci95": [_f(lo), _f(hi)]}
             _, head_mat = _matrix(rows, m.name, axis, keys, head)
             for j, s in enumerate(sev):
-                per = {"severity": float(s), "clean": j == 0, "dice": {}}
+                per: dict[str, Any] = {"severity": float(s), "clean": j == 0, "dice": {}}
                 for st in structures:
                     vols, mat = _matrix(rows, m.name, axis, keys, st)
                     col = mat[:, j] if mat.size else np.empty(0)

@@ -14,6 +14,7 @@ import pickle
 import random
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ def save_resume_state(path: str | Path, state: dict) -> None:
 
 def _numpy_state_to_primitive(state: dict) -> dict:
     """numpy bit-generator state dict with ndarrays turned into lists (weights_only-loadable)."""
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in state.items():
         if isinstance(v, dict):
             out[k] = _numpy_state_to_primitive(v)
@@ -98,7 +99,7 @@ def _numpy_state_to_primitive(state: dict) -> dict:
 
 
 def _numpy_state_from_primitive(state: dict) -> dict:
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in state.items():
         if isinstance(v, dict) and "__ndarray__" in v:
             out[k] = np.asarray(v["__ndarray__"], dtype=v["dtype"])

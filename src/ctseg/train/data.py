@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ctseg.config import ExperimentConfig
+from ctseg.config import CTIAConfig, ExperimentConfig
+from ctseg.errors import CtsegError
+
+if TYPE_CHECKING:  # annotations only: the augmenters (kornia, batchgenerators) load when training starts
+    from ctseg.augment.base import Augmenter
+    from ctseg.preprocess.cache import SliceCache
 
 FOREGROUND_NAME = "foreground"
 
@@ -66,8 +72,8 @@ class BatchPlan:
         return cls("3d", n, b, b)
 
 
-def draw_stacks(cache, case_ids: list[str], plan: BatchPlan, target: str, rng: np.random.Generator,
-                exclude_background: bool = True, oversample: float = 0.0, acquisition=None
+def draw_stacks(cache: SliceCache, case_ids: list[str], plan: BatchPlan, target: str, rng: np.random.Generator,
+                exclude_background: bool = True, oversample: float = 0.0, acquisition: CTIAConfig | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Load `plan.volumes` random volumes x `plan.num_slices` sampled slices (`sample_slices`; `oversample`:
     its class oversampling).
@@ -88,6 +94,8 @@ def draw_stacks(cache, case_ids: list[str], plan: BatchPlan, target: str, rng: n
     images, labels = [], []
     for i in chosen:
         case = cache.load(case_ids[int(i)])
+        if case.label is None:
+            raise CtsegError(f"case {case_ids[int(i)]} has no label: training needs labelled cases")
         mode = NONE
         if acquisition is not None:
             gate = acquisition.p_batch_2d if plan.dim == "2d" else acquisition.p_batch_3d
@@ -107,12 +115,10 @@ def draw_stacks(cache, case_ids: list[str], plan: BatchPlan, target: str, rng: n
             label = np.concatenate([label, np.repeat(label[-1:], pad, axis=0)])
         images.append(image)
         labels.append(map_label(label, target))
-    image = torch.from_numpy(np.stack(images)[:, None])
-    label = torch.from_numpy(np.stack(labels)[:, None])
     keep = None
     if plan.dim == "2d":
         keep = torch.from_numpy(np.sort(rng.permutation(plan.volumes * plan.num_slices)[: plan.batch_size]))
-    return image, label, keep
+    return torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(labels)[:, None]), keep
 
 
 def to_network_batch(image: torch.Tensor, label: torch.Tensor, keep: torch.Tensor | None
@@ -131,7 +137,7 @@ def to_network_batch(image: torch.Tensor, label: torch.Tensor, keep: torch.Tenso
     return flat_image.index_select(0, keep), flat_label.index_select(0, keep)
 
 
-class TrainStream(IterableDataset):
+class TrainStream(IterableDataset[dict[str, Any]]):
     """The batches of global steps `start`..`stop`-1 in order; DataLoader workers split them round-robin.
 
     Global step g is step g % steps_per_epoch of epoch g // steps_per_epoch. Worker w of W produces
@@ -141,8 +147,8 @@ class TrainStream(IterableDataset):
     `augment_here`, else the raw stacks) and `keep` (2D subset indices, raw stacks only, else None).
     """
 
-    def __init__(self, cache, case_ids: list[str], cfg: ExperimentConfig, *, rank: int, start: int, stop: int,
-                 augment_here: bool, augmenter=None):
+    def __init__(self, cache: SliceCache, case_ids: list[str], cfg: ExperimentConfig, *, rank: int, start: int,
+                 stop: int, augment_here: bool, augmenter: Augmenter | None = None):
         super().__init__()
         self.cache = cache
         self.case_ids = list(case_ids)
@@ -158,7 +164,7 @@ class TrainStream(IterableDataset):
         ctia = cfg.augment.ctia
         self.acquisition = ctia if cfg.augment.name == "ctia" and ctia.z_mode == "volume" else None
 
-    def make_step(self, global_step: int) -> dict:
+    def make_step(self, global_step: int) -> dict[str, Any]:
         epoch, step = divmod(global_step, self.steps_per_epoch)
         s = step_seed(self.seed, self.rank, epoch, step)
         rng = np.random.default_rng(s)
@@ -172,7 +178,7 @@ class TrainStream(IterableDataset):
         image, label = to_network_batch(image, label, keep)
         return {**item, "image": image.contiguous(), "label": label.contiguous(), "keep": None}
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for g in range(self.start + worker, self.stop, workers):
@@ -181,7 +187,7 @@ class TrainStream(IterableDataset):
 
 def make_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader over a `TrainStream` (items are whole batches: batch_size=None)."""
-    kwargs = {"prefetch_factor": 4} if num_workers > 0 else {}
+    kwargs: dict[str, Any] = {"prefetch_factor": 4} if num_workers > 0 else {}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
 
 
@@ -239,7 +245,7 @@ def dice_scores(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> dict
     return out
 
 
-def validate_cases(model: torch.nn.Module, cache, case_ids: list[str], cfg: ExperimentConfig,
+def validate_cases(model: torch.nn.Module, cache: SliceCache, case_ids: list[str], cfg: ExperimentConfig,
                    device: torch.device, num_classes: int, autocast_dtype: torch.dtype | None = None
                    ) -> dict[str, dict[int, float]]:
     """Dice per foreground class of each case in `case_ids` (all slices, network resolution)."""

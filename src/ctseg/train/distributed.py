@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -63,7 +64,7 @@ def init_distributed(device: str | torch.device | None = "auto") -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+    kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     log.info("process group %s: rank %d of %d on %s", backend, rank, world_size, dev)
     return DistContext(rank, world_size, local_rank, dev, owns_group=True)

@@ -24,6 +24,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -38,6 +39,10 @@ from ctseg.train.checkpoint import (atomic_torch_save, capture_rng_state, load_r
                                     restore_rng_state, save_resume_state)
 from ctseg.train.data import (TrainStream, make_loader, output_classes, step_seed, to_network_batch,
                               validate_cases)
+
+if TYPE_CHECKING:
+    from ctseg.preprocess.cache import TrainingCache
+    from ctseg.preprocess.windowing import IntensityPlan
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +75,7 @@ class TrainedModel:
 
     module: nn.Module
     cfg: ExperimentConfig
-    plan: object  # ctseg.preprocess.windowing.IntensityPlan
+    plan: IntensityPlan
     classes: dict[int, str]
     target: str
     run_dir: Path
@@ -173,7 +178,7 @@ def split_validation(train_ids: list[str], val_fraction: float, seed: int) -> tu
     return [c for c in ids if c not in set(val)], val
 
 
-def dataset_fingerprint(cache, case_ids: list[str]) -> str:
+def dataset_fingerprint(cache: TrainingCache, case_ids: list[str]) -> str:
     """sha256 over the cache's settings fingerprint and each case's id and cached-file checksums."""
     h = hashlib.sha256(cache.fingerprint.encode())
     for cid in sorted(case_ids):
@@ -192,7 +197,7 @@ def _versions() -> dict[str, str]:
 class Trainer:
     """One training run. `Trainer(...).fit()` is `train_model(...)`; the module stays at `.model` afterwards."""
 
-    def __init__(self, cfg: ExperimentConfig, cache, train_ids: list[str], val_ids: list[str] | None = None,
+    def __init__(self, cfg: ExperimentConfig, cache: TrainingCache, train_ids: list[str], val_ids: list[str] | None = None,
                  out_dir: str | Path = "run", *, resume: bool = False, progress: bool = True,
                  device: str | torch.device | None = None):
         self.cfg, self.cache = cfg, cache
@@ -219,6 +224,13 @@ class Trainer:
         self.num_classes = len(self.classes)
         self.model: nn.Module | None = None
         self.history: list[dict] = []
+
+    @property
+    def _net(self) -> nn.Module:
+        """`self.model` once `fit` has set it up."""
+        if self.model is None:
+            raise RuntimeError("the model is built by Trainer.fit()")
+        return self.model
 
     # -- checks and setup --
 
@@ -285,7 +297,8 @@ class Trainer:
         elif self.resume:
             log.warning("nothing to resume in %s (no checkpoint.pt): starting from scratch", self.out_dir)
 
-        step_module = torch.compile(self.model) if tc.compile else self.model
+        # torch.compile of a Module returns an OptimizedModule (a Module); its stubs only promise a callable
+        step_module = cast(nn.Module, torch.compile(self.model)) if tc.compile else self.model
         self.step_model = D.wrap_model(step_module, self.ctx)
 
     def _load_resume_state(self, path: Path) -> None:
@@ -305,7 +318,7 @@ class Trainer:
                 raise CtsegError(f"checkpoint {key} differ from this run's ({state.get(key)!r} vs {now!r}); "
                                  "refusing to resume", path)
         try:
-            self.model.load_state_dict(state["model"])
+            self._net.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
@@ -322,7 +335,7 @@ class Trainer:
     # -- files --
 
     def _resume_state(self, epoch_done: int) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self._net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "epoch": epoch_done, "global_step": self.global_step,
                 "best_metric": self.best_metric, "best_epoch": self.best_epoch,
@@ -416,7 +429,7 @@ class Trainer:
             return None, None
         mine = self.val_ids[self.ctx.rank::self.ctx.world_size]
         per_case = {}
-        for part in D.gather_objects(validate_cases(self.model, self.cache, mine, self.cfg, self.device,
+        for part in D.gather_objects(validate_cases(self._net, self.cache, mine, self.cfg, self.device,
                                                     self.num_classes, self.amp_dtype), self.ctx):
             per_case.update(part)
         per_class = {self.classes[k]: float(np.mean([d[k] for d in per_case.values()]))
@@ -435,7 +448,7 @@ class Trainer:
         self.history.append(row)
         if not self.ctx.is_main:
             return
-        weights = self.model.state_dict()
+        weights = self._net.state_dict()
         atomic_torch_save(weights, self.out_dir / "model_last.pt")
         if improved or not self.val_ids:
             atomic_torch_save(weights, self.out_dir / "model_best.pt")
@@ -461,7 +474,7 @@ class Trainer:
                              augmenter=self.augmenter if self.augment_in_loader else None)
         loader = make_loader(stream, tc.num_workers, pin_memory=self.device.type == "cuda")
         tb = self._open_tensorboard()
-        self.model.train()
+        self._net.train()
         try:
             with self._progress() as bar:
                 task = None
@@ -527,13 +540,13 @@ class Trainer:
         """DDP sanity check: every rank ends with rank 0's weights (sum of all parameters, float64)."""
         if not self.ctx.enabled:
             return
-        total = float(sum(p.detach().double().sum() for p in self.model.parameters()))
+        total = float(sum(p.detach().double().sum() for p in self._net.parameters()))
         sums = D.gather_objects(total, self.ctx)
         if any(s != sums[0] for s in sums):
             raise CtsegError(f"DDP ranks diverged: parameter sums {sums}")
 
 
-def train_model(cfg: ExperimentConfig, cache, train_ids: list[str], val_ids: list[str] | None = None,
+def train_model(cfg: ExperimentConfig, cache: TrainingCache, train_ids: list[str], val_ids: list[str] | None = None,
                 out_dir: str | Path = "run", resume: bool = False, progress: bool = True,
                 device: str | torch.device | None = None) -> TrainResult:
     """Train `cfg.model` on `train_ids` of `cache` and write the run folder `out_dir` (see module doc).
