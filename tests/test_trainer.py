@@ -20,8 +20,8 @@ from ctseg.datasets.base import Case
 from ctseg.errors import CtsegError
 from ctseg.io import Volume
 from ctseg.preprocess.cache import CaseCache, build_cache
-from ctseg.train.checkpoint import capture_rng_state, load_resume_state, restore_rng_state
-from ctseg.train.data import BatchPlan, TrainStream, chunk_starts, dice_scores, predict_cached
+from ctseg.train.checkpoint import capture_rng_state, load_resume_state, restore_rng_state, save_resume_state
+from ctseg.train.data import BatchPlan, TrainStream, dice_scores, predict_cached
 from ctseg.train.trainer import load_trained, split_validation, train_model
 
 SPACING = (2.0, 1.0, 1.0)
@@ -145,9 +145,6 @@ def test_stream_depends_on_seed_rank_and_position_only(cache):
 
 
 def test_validation_helpers():
-    assert chunk_starts(12, 16) == [0]
-    assert chunk_starts(32, 16) == [0, 16]
-    assert chunk_starts(40, 16) == [0, 16, 24]
     pred = np.array([0, 1, 1, 2, 0])
     truth = np.array([0, 1, 0, 2, 2])
     assert dice_scores(pred, truth, [1, 2, 3]) == {1: pytest.approx(2 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
@@ -275,6 +272,25 @@ def test_augmenting_in_the_training_loop_equals_augmenting_in_the_loader(cache, 
         train_model(cfg, cache, ["case00", "case02"], [], tmp_path / where, progress=False)
         runs[where] = weights(tmp_path / where / "model_last.pt")
     assert state_dicts_equal(runs["cpu"], runs["device"])
+
+
+def test_runs_saved_before_predict_z_context_load_and_resume(cache, tmp_path):
+    """Checkpoints and run.json written before `predict` existed: defaults fill it in (no spurious difference)."""
+    ids, out = ["case00", "case01"], tmp_path / "run"
+    cfg = tiny_config(epochs=1, steps_per_epoch=2)
+    cfg.model.dim = "3d"
+    train_model(cfg, cache, ids, ["case02"], out, progress=False)
+    state = load_resume_state(out / "checkpoint.pt")
+    old = json.loads(state["config"])
+    del old["predict"]
+    state["config"] = json.dumps(old)
+    save_resume_state(out / "checkpoint.pt", {k: v for k, v in state.items() if k not in ("format", "version")})
+    info = json.loads((out / "run.json").read_text())
+    del info["config"]["predict"]
+    (out / "run.json").write_text(json.dumps(info))
+    assert load_trained(out).cfg.predict.z_context == "sampled"
+    cfg.train.epochs = 2
+    assert train_model(cfg, cache, ids, ["case02"], out, resume=True, progress=False).epochs_run == 2
 
 
 def test_resume_refuses_another_config_and_corrupt_checkpoints(cache, tmp_path):

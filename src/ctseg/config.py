@@ -228,6 +228,18 @@ class TrainConfig(_Section):
     tensorboard: bool = False
 
 
+class PredictConfig(_Section):
+    """How a 3D model sees z at inference (`ctseg.predict`, validation, CV test predictions): saved with every
+    model, so a model is run as it was configured; 2D models ignore it (docs/PAPER_FIDELITY.md, point 5)."""
+    z_context: Literal["sampled", "strided", "contiguous"] = Field(
+        "sampled", description="sampled: a strided pass over all slices finds the foreground slices, then stacks "
+        "drawn from them as training draws them (z_draws random partitions, averaged); strided: the same first "
+        "pass, then interleaved stacks at training's mean gap over all slices; contiguous: sliding windows of "
+        "adjacent slices (gap 1, what training never shows a 3D model)")
+    z_draws: int = Field(4, ge=1, description="sampled: random partitions of the foreground slices per volume")
+    z_seed: int = Field(0, ge=0, le=2**32 - 1, description="sampled: seed of the draws (the same for every volume)")
+
+
 class CVConfig(_Section):
     n_folds: int = Field(5, ge=2)
     fold_mode: Literal["sorted", "random", "stratified"] = "sorted"
@@ -323,6 +335,7 @@ class ExperimentConfig(_Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
     stack: StackConfig = Field(default_factory=StackConfig)
     experiment: ExperimentMatrixConfig = Field(default_factory=ExperimentMatrixConfig)

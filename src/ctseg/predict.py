@@ -7,10 +7,14 @@ Pipeline (`predict_volume`):
 2. `preprocess_volume` with the models' intensity plan and in-plane size, exactly as in training
    (window + z-score, crop to the windowed region, area resize to S x S), giving (z, S, S) float32;
 3. forward passes under `torch.inference_mode`, batched, on the GPU when present:
-   2D models slice by slice; 3D models with a sliding window of `num_slices` (16) slices along z,
-   `overlap` between windows, each window's softmax weighted along z (gaussian, sigma = window/8,
-   as nnU-Net's patch blending, or linear "tent" weights) and the weighted sum normalised;
-   volumes shorter than the window are padded by edge replication and cropped back;
+   2D models slice by slice; 3D models on stacks of `num_slices` (16) slices with the z-context they were
+   trained with (`softmax_3d`, `cfg.predict.z_context`, stacks from `ctseg.preprocess.zstacks`): by default
+   a strided pass over all slices finds the foreground slices, then stacks drawn from them as training
+   draws them (random, sorted, training's gap distribution), averaged; or interleaved strided stacks at
+   training's mean gap; or contiguous sliding windows. Strided and contiguous stacks overlap by `overlap`,
+   each stack's softmax weighted over its positions (gaussian, sigma = window/8, as nnU-Net's patch
+   blending, or linear "tent" weights) and the weighted sum normalised; volumes shorter than the window
+   are padded by edge replication and cropped back;
 4. member probabilities combined (see "Ensembles");
 5. back to the canonical in-plane grid (`restore_label`: `restore_in_plane`, bilinear into the crop box,
    background outside it, and argmax), chunk by chunk along z so that only ~64 MiB of float32
@@ -53,6 +57,8 @@ from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path
 from ctseg.io import Volume
 from ctseg.models.stacking import combine_members
+from ctseg.preprocess.zstacks import (Blend, ZStacks, blend_weights, inference_stride, sampled_stacks,  # noqa: F401
+                                      window_starts, z_stacks)
 from ctseg.runtime import release_free_memory, resolve_device
 
 if TYPE_CHECKING:
@@ -63,9 +69,9 @@ log = logging.getLogger(__name__)
 
 #: One trained model or an ensemble of them (`ctseg.train.trainer.load_trained`).
 Models = Union["TrainedModel", list["TrainedModel"], tuple["TrainedModel", ...]]
-Blend = Literal["gaussian", "linear"]
 
 FOREGROUND_NAME = "foreground"
+ZContext = Literal["sampled", "strided", "contiguous"]
 _CHUNK_BYTES = 64 * 2**20
 
 
@@ -125,37 +131,6 @@ def check_members(models: Sequence[TrainedModel]) -> tuple[dict[int, str], dict[
     return ds_classes, out
 
 
-def blend_weights(length: int, mode: Blend = "gaussian") -> np.ndarray:
-    """Per-slice weights (length,) float32 in (0, 1] for blending overlapping windows along z.
-
-    gaussian: exp(-d^2 / (2 sigma^2)), sigma = length / 8, d = distance from the window centre
-    (nnU-Net's choice for patches); linear: 1 - |d| / (length / 2 + 1). Both peak at the centre
-    and stay > 0 so every slice is covered.
-    """
-    d = np.arange(length, dtype=np.float64) - (length - 1) / 2.0
-    if mode == "gaussian":
-        w = np.exp(-(d ** 2) / (2.0 * (length / 8.0) ** 2))
-    elif mode == "linear":
-        w = 1.0 - np.abs(d) / (length / 2.0 + 1.0)
-    else:
-        raise ValueError(f"blend must be 'gaussian' or 'linear', got {mode!r}")
-    w = np.maximum(w / w.max(), 1e-3)
-    return w.astype(np.float32)
-
-
-def window_starts(num_slices: int, window: int, overlap: float) -> list[int]:
-    """Start indices of `window`-slice windows covering `num_slices` with fractional `overlap` (last flush)."""
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if num_slices <= window:
-        return [0]
-    step = max(1, int(round(window * (1.0 - overlap))))
-    starts = list(range(0, num_slices - window + 1, step))
-    if starts[-1] != num_slices - window:
-        starts.append(num_slices - window)
-    return starts
-
-
 def _check_channels(logits: torch.Tensor, expected: int, where: Path | None) -> None:
     if logits.shape[1] != expected:
         raise CtsegError(f"the model outputs {logits.shape[1]} channels but its classes need {expected}", where)
@@ -171,42 +146,96 @@ def _softmax_2d(module: torch.nn.Module, image: torch.Tensor, batch_size: int, o
         tick()
 
 
-def _softmax_3d(module: torch.nn.Module, image: torch.Tensor, window: int, overlap: float, blend: Blend,
-                batch_size: int, out: torch.Tensor, where: Path | None, tick: Callable[[], None]) -> None:
-    """Sliding-window softmax along z with blending; pads short volumes by edge replication."""
-    z = image.shape[0]
-    if z < window:
-        padded = torch.cat([image, image[-1:].expand(window - z, -1, -1)], dim=0)
-        logits = module(padded[None, None])
-        _check_channels(logits, out.shape[0], where)
-        out.copy_(torch.softmax(logits.float(), dim=1)[0, :, :z])
-        tick()
-        return
-    weights = torch.from_numpy(blend_weights(window, blend)).to(image.device)
-    wsum = torch.zeros(z, device=image.device)
-    out.zero_()
-    starts = window_starts(z, window, overlap)
-    for i in range(0, len(starts), batch_size):
-        batch = starts[i:i + batch_size]
-        logits = module(torch.stack([image[s:s + window] for s in batch])[:, None])
+def stacked_softmax(module: torch.nn.Module, image: torch.Tensor, stacks: ZStacks, batch_size: int, out: torch.Tensor,
+                    wsum: torch.Tensor, where: Path | None = None, tick: Callable[[], None] = lambda: None) -> None:
+    """Run `module` on every stack of `stacks` (`batch_size` stacks per forward pass) and add each stack's
+    softmax, times its blending weights, to its slices: out (K, z, S, S) += p * w, wsum (z,) += w.
+    Padded positions (weight 0) are skipped, so every slice is written once per stack (index_add_ over
+    distinct indices: deterministic on CPU and CUDA)."""
+    index = torch.from_numpy(stacks.index).to(image.device)
+    weight = torch.from_numpy(stacks.weight).to(image.device)
+    valid = [torch.from_numpy(np.flatnonzero(w > 0)).to(image.device) for w in stacks.weight]
+    for i in range(0, len(stacks), batch_size):
+        idx = index[i:i + batch_size]
+        logits = module(image[idx][:, None])
         _check_channels(logits, out.shape[0], where)
         probs = torch.softmax(logits.float(), dim=1)
-        for b, s in enumerate(batch):
-            out[:, s:s + window] += probs[b] * weights[None, :, None, None]
-            wsum[s:s + window] += weights
+        for b in range(idx.shape[0]):
+            pos = valid[i + b]
+            w = weight[i + b, pos]
+            out.index_add_(1, idx[b, pos], probs[b][:, pos] * w[None, :, None, None])
+            wsum.index_add_(0, idx[b, pos], w)
         tick()
+
+
+def _foreground_slices(probs: torch.Tensor) -> np.ndarray:
+    """Slices (ascending) where the argmax of (K, z, S, S) probabilities is not background somewhere."""
+    return np.flatnonzero((_argmax_uint8(probs) != 0).flatten(1).any(dim=1).cpu().numpy())
+
+
+def first_pass_stacks(z: int, window: int, z_context: ZContext, overlap: float, blend: Blend) -> ZStacks:
+    """Stacks of the first (or only) pass: contiguous windows, or strided ones at training's mean gap over all
+    z slices (what training shows a volume without foreground)."""
+    stride = 1 if z_context == "contiguous" else inference_stride(z, window)
+    return z_stacks(z, window, stride, overlap, blend)
+
+
+def softmax_3d(module: torch.nn.Module, image: torch.Tensor, window: int, out: torch.Tensor, *,
+               z_context: ZContext = "sampled", draws: int = 4, seed: int = 0, overlap: float = 0.5,
+               blend: Blend = "gaussian", batch_size: int = 2, where: Path | None = None,
+               tick: Callable[[], None] = lambda: None) -> None:
+    """A 3D model's softmax (K, z, S, S) into `out` for the network input image (z, S, S), with the z-context of
+    `z_context` (`ctseg.config.PredictConfig`; stacks from `ctseg.preprocess.zstacks`):
+
+    - contiguous: sliding windows of `window` adjacent slices, `overlap`, `blend` weights;
+    - strided / sampled: a first pass of interleaved stacks at training's mean gap over all z slices finds the
+      foreground slices F (argmax not background); none: that pass is the answer (training draws a volume
+      without foreground from all its slices). Else a second pass: strided, interleaved stacks over all
+      slices at training's mean gap for F slices (`inference_stride`), replacing the first pass; sampled,
+      `draws` random partitions of F into stacks drawn as training draws them (`sampled_stacks`, generator
+      seeded by `seed`), averaged, replacing the first pass on the slices they cover (the others keep the
+      first pass's background).
+    """
+    z = image.shape[0]
+    if z_context not in ("sampled", "strided", "contiguous"):
+        raise ValueError(f"z_context must be 'sampled', 'strided' or 'contiguous', got {z_context!r}")
+    wsum = torch.zeros(z, dtype=torch.float32, device=out.device)
+    out.zero_()
+    first = first_pass_stacks(z, window, z_context, overlap, blend)
+    stacked_softmax(module, image, first, batch_size, out, wsum, where, tick)
     out /= wsum[None, :, None, None]
+    if z_context == "contiguous" or z < window:
+        return
+    fg = _foreground_slices(out)
+    if fg.size == 0:
+        return
+    if z_context == "strided":
+        second = z_stacks(z, window, inference_stride(z, window, fg.size), overlap, blend)
+    else:
+        second = sampled_stacks(fg, z, window, draws, np.random.default_rng(seed))
+    covered = torch.from_numpy(np.flatnonzero(second.coverage() > 0)).to(out.device)
+    out.index_fill_(1, covered, 0.0)
+    wsum.zero_()
+    stacked_softmax(module, image, second, batch_size, out, wsum, where, tick)
+    out[:, covered] /= wsum[covered][None, :, None, None]
 
 
-def _n_batches(model: TrainedModel, z: int, batch_size: int | None, overlap: float) -> int:
+def _n_batches(model: TrainedModel, z: int, batch_size: int | None, overlap: float,
+               z_context: ZContext | None = None) -> int:
+    """Forward passes of `model` on a z-slice volume (3D: the first pass's stacks, and as many again for a
+    second pass: an estimate, its size depends on the foreground found)."""
     if model.cfg.model.dim == "2d":
         return -(-z // (batch_size or 32))
-    return -(-len(window_starts(z, int(model.cfg.preprocess.num_slices), overlap)) // (batch_size or 2))
+    zc = z_context or model.cfg.predict.z_context
+    first = len(first_pass_stacks(z, int(model.cfg.preprocess.num_slices), zc, overlap, "gaussian"))
+    return (1 if zc == "contiguous" else 2) * -(-first // (batch_size or 2))
 
 
 def _member_softmax(model: TrainedModel, image: torch.Tensor, device: torch.device, batch_size: int | None,
-                    overlap: float, blend: Blend, tick: Callable[[], None]) -> torch.Tensor:
-    """One member's softmax (K, z, S, S) float32 on `device` for the network input (z, S, S)."""
+                    overlap: float, blend: Blend, tick: Callable[[], None], z_context: ZContext | None = None
+                    ) -> torch.Tensor:
+    """One member's softmax (K, z, S, S) float32 on `device` for the network input (z, S, S); a 3D member with
+    its own `cfg.predict` z-context unless `z_context` overrides it."""
     module = model.module.to(device).eval()
     where = getattr(model, "run_dir", None)
     out = torch.empty((len(model.classes), *image.shape), dtype=torch.float32, device=device)
@@ -214,19 +243,22 @@ def _member_softmax(model: TrainedModel, image: torch.Tensor, device: torch.devi
         if model.cfg.model.dim == "2d":
             _softmax_2d(module, image, batch_size or 32, out, where, tick)
         else:
-            _softmax_3d(module, image, int(model.cfg.preprocess.num_slices), overlap, blend, batch_size or 2,
-                        out, where, tick)
+            pc = model.cfg.predict
+            softmax_3d(module, image, int(model.cfg.preprocess.num_slices), out, z_context=z_context or pc.z_context,
+                       draws=pc.z_draws, seed=pc.z_seed, overlap=overlap, blend=blend, batch_size=batch_size or 2,
+                       where=where, tick=tick)
     return out
 
 
 def predict_network(image: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor], models: Models,
                     device: str | torch.device = "auto", batch_size: int | None = None, overlap: float = 0.5,
-                    blend: Blend = "gaussian", progress: bool = False
-                    ) -> tuple[torch.Tensor, dict[int, str], np.ndarray | None]:
+                    blend: Literal["gaussian", "linear"] = "gaussian", progress: bool = False,
+                    z_context: ZContext | None = None) -> tuple[torch.Tensor, dict[int, str], np.ndarray | None]:
     """Combined class probabilities at network resolution.
 
     image: (z, S, S) preprocessed network input (e.g. `CachedCase.image` or `preprocess_volume`), or one
     such input per model (members normalised with their own intensity plans, e.g. the folds of a CV).
+    z_context: how 3D members see z (`softmax_3d`); None: each member's own `cfg.predict.z_context`.
     Returns (probabilities (C, z, S, S) float32 tensor on `device`, output classes, member Dice
     matrix (M, M) or None for a single model).
     """
@@ -247,17 +279,18 @@ def predict_network(image: np.ndarray | torch.Tensor | Sequence[np.ndarray | tor
     x = xs[0]
     if any(t.shape != x.shape for t in xs):
         raise ValueError(f"member inputs differ in shape: {sorted({tuple(t.shape) for t in xs})}")
-    total = sum(_n_batches(m, x.shape[0], batch_size, overlap) for m in models)
+    total = sum(_n_batches(m, x.shape[0], batch_size, overlap, z_context) for m in models)
     with _Progress(progress, total, f"inference ({len(models)} model{'s' if len(models) > 1 else ''})") as tick:
         if len(models) == 1:
-            return _member_softmax(models[0], x, dev, batch_size, overlap, blend, tick), out_classes, None
+            return (_member_softmax(models[0], x, dev, batch_size, overlap, blend, tick, z_context), out_classes,
+                    None)
         n_fg = len(out_classes) - 1
         bg = torch.zeros(x.shape, dtype=torch.float32, device=dev)
         fg = torch.zeros((n_fg, *x.shape), dtype=torch.float32, device=dev) if \
             any(m.target == "multiclass" for m in models) else None
         fg_masks = []
         for m, xm in zip(models, xs):
-            p = _member_softmax(m, xm, dev, batch_size, overlap, blend, tick)
+            p = _member_softmax(m, xm, dev, batch_size, overlap, blend, tick, z_context)
             bg += p[0]
             if m.target == "multiclass" and fg is not None:  # fg exists when any member is multiclass
                 fg += p[1:]
@@ -323,14 +356,16 @@ def restore_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int]
             out[z0:z0 + step] = chunk[c].to(torch.float16).cpu().numpy()
 
 
-def predict_volume(volume: Volume, models: Models, device: str | torch.device = "auto",
-                   return_probabilities: bool = False, batch_size: int | None = None, overlap: float = 0.5,
-                   blend: Blend = "gaussian", progress: bool = False) -> PredictionResult:
+def predict_volume(volume: Volume, models, device: str | torch.device = "auto", return_probabilities: bool = False,
+                   batch_size: int | None = None, overlap: float = 0.5,
+                   blend: Literal["gaussian", "linear"] = "gaussian", progress: bool = False,
+                   z_context: ZContext | None = None) -> PredictionResult:
     """Segment a CT volume (HU) with one model or an ensemble; the label comes back on the input grid.
 
     volume: HU, any orientation. models: a TrainedModel or a list (see module docstring for the
-    ensemble rule). batch_size: slices (2D) or windows (3D) per forward pass (default 32 / 2).
-    overlap: fraction of a 3D window shared with the next. Modules are moved to `device`.
+    ensemble rule). batch_size: slices (2D) or stacks (3D) per forward pass (default 32 / 2).
+    overlap: fraction of a 3D window shared with the next (contiguous and strided stacks). z_context: how 3D
+    models see z (`softmax_3d`); None: each model's own `cfg.predict.z_context`. Modules are moved to `device`.
     """
     from ctseg.io import to_canonical
     from ctseg.preprocess.slices import network_grid, preprocess_volume
@@ -357,7 +392,8 @@ def predict_volume(volume: Volume, models: Models, device: str | torch.device = 
     seconds["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    probs, classes, member_dice = predict_network(image, models, dev, batch_size, overlap, blend, progress)
+    probs, classes, member_dice = predict_network(image, models, dev, batch_size, overlap, blend, progress,
+                                                  z_context)
     del image, by_plan
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -64,7 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID when the DICOM folder holds several")
     parser.add_argument("--batch-size", type=positive_int, help="slices (2D) or windows (3D) per forward pass")
     parser.add_argument("--overlap", type=overlap_fraction, default=0.5,
-                        help="3D sliding-window overlap along z (0..1)")
+                        help="3D: overlap of neighbouring contiguous or strided stacks along z (0..1)")
+    parser.add_argument("--z-context", choices=["sampled", "strided", "contiguous"],
+                        help="3D: how the model sees z (default: each model's own predict.z_context, 'sampled' "
+                        "unless configured: stacks drawn as in training; see docs/PAPER_FIDELITY.md point 5)")
     parser.add_argument("--force", action="store_true", help="predict even if the input does not look like CT")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -172,7 +175,8 @@ def _predict_case(volume, input_path: Path, output: Path, models, device, args, 
     _check_inference_memory(volume, models, device, args, input_path, probabilities is not None)
     log.info("segmenting %s (%s voxels) with %d model(s)", input_path, "x".join(map(str, volume.shape)), len(models))
     result = predict_volume(volume, models, device=device, return_probabilities=probabilities is not None,
-                            batch_size=args.batch_size, overlap=args.overlap, progress=progress)
+                            batch_size=args.batch_size, overlap=args.overlap, progress=progress,
+                            z_context=args.z_context)
     stats = measure_structures(result.label, volume, result.classes) if measure else None
     with StagedOutputs() as staged:
         if args.output_type == "nifti":

@@ -89,8 +89,16 @@ def sample_slices(label_zyx: np.ndarray | None, n: int, rng: np.random.Generator
             return np.sort(np.concatenate([forced, rng.choice(rest, size=n - forced.size, replace=False)]))
     if eligible.size >= n:
         return np.sort(rng.choice(eligible, size=n, replace=False))
+    return top_up_slices(eligible, z, n, rng)
+
+
+def top_up_slices(eligible: np.ndarray, z: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Fewer than n `eligible` slices (ascending) of a z-slice volume: all of them plus the other slices
+    closest to them (ties at random; random slices when none is eligible), sorted, n in all (all z if z <= n).
+    `sample_slices`' rule for short foreground, shared with inference (`ctseg.preprocess.zstacks`)."""
     if z <= n:
         return np.arange(z, dtype=np.int64)
+    eligible = np.asarray(eligible, dtype=np.int64)
     others = np.setdiff1d(np.arange(z, dtype=np.int64), eligible)
     if eligible.size:
         pos = np.searchsorted(eligible, others)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ctseg.config import CTIAConfig, ExperimentConfig
+from ctseg.config import CTIAConfig, ExperimentConfig, PredictConfig
 from ctseg.errors import CtsegError
 
 if TYPE_CHECKING:  # annotations only: the augmenters (kornia, batchgenerators) load when training starts
@@ -193,24 +193,18 @@ def make_loader(stream: TrainStream, num_workers: int, pin_memory: bool) -> Data
 
 # --- validation ---------------------------------------------------------------------------------------------
 
-def chunk_starts(num_slices: int, chunk: int) -> list[int]:
-    """Start indices of `chunk`-slice windows covering 0..num_slices-1 (last one flush with the end)."""
-    if num_slices <= chunk:
-        return [0]
-    starts = list(range(0, num_slices - chunk + 1, chunk))
-    if starts[-1] + chunk < num_slices:
-        starts.append(num_slices - chunk)
-    return starts
-
-
 @torch.no_grad()
 def predict_cached(model: torch.nn.Module, image: np.ndarray, dim: str, device: torch.device, num_classes: int,
-                   batch_size: int = 28, chunk: int = 16, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+                   batch_size: int = 28, chunk: int = 16, autocast_dtype: torch.dtype | None = None,
+                   predict: PredictConfig | None = None, overlap: float = 0.5) -> np.ndarray:
     """Label map (z, S, S) uint8 of a cached, normalised volume at network resolution (argmax of softmax).
 
-    2D: all slices, `batch_size` at a time. 3D: windows of `chunk` slices over z (the last flush with the
-    end; volumes shorter than `chunk` are edge-padded), probabilities averaged where windows overlap.
+    2D: all slices, `batch_size` at a time. 3D: stacks of `chunk` slices with the z-context of `predict`
+    (default `PredictConfig()`), by `ctseg.predict.softmax_3d`: the same stacks, blending and passes as
+    `ctseg.predict.predict_network` with its default overlap, one stack per forward pass.
     """
+    from ctseg.predict import softmax_3d
+
     vol = torch.from_numpy(np.asarray(image, dtype=np.float32))
     z = vol.shape[0]
     amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -222,17 +216,12 @@ def predict_cached(model: torch.nn.Module, image: np.ndarray, dim: str, device: 
                 logits = model(x)
             out.append(logits.float().argmax(1).to("cpu", torch.uint8))
         return torch.cat(out).numpy()
-    if z < chunk:
-        vol = torch.cat([vol, vol[-1:].expand(chunk - z, -1, -1)])
-    probs = torch.zeros((num_classes,) + tuple(vol.shape), dtype=torch.float32)
-    counts = torch.zeros(vol.shape[0], dtype=torch.float32)
-    for s in chunk_starts(vol.shape[0], chunk):
-        x = vol[None, None, s:s + chunk].to(device)
-        with amp:
-            logits = model(x)
-        probs[:, s:s + chunk] += torch.softmax(logits.float(), 1)[0].cpu()
-        counts[s:s + chunk] += 1
-    return (probs / counts[None, :, None, None]).argmax(0)[:z].to(torch.uint8).numpy()
+    pc = predict or PredictConfig()
+    probs = torch.empty((num_classes,) + tuple(vol.shape), dtype=torch.float32, device=device)
+    with amp:
+        softmax_3d(model, vol.to(device), chunk, probs, z_context=pc.z_context, draws=pc.z_draws, seed=pc.z_seed,
+                   overlap=overlap, batch_size=1)
+    return probs.argmax(0).to("cpu", torch.uint8).numpy()
 
 
 def dice_scores(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> dict[int, float]:
@@ -257,7 +246,7 @@ def validate_cases(model: torch.nn.Module, cache: SliceCache, case_ids: list[str
             case = cache.load(cid)
             pred = predict_cached(model, case.image, cfg.model.dim, device, num_classes,
                                   batch_size=cfg.train.batch_size_2d, chunk=cfg.preprocess.num_slices,
-                                  autocast_dtype=autocast_dtype)
+                                  autocast_dtype=autocast_dtype, predict=cfg.predict)
             truth = map_label(np.asarray(case.label), cfg.model.target)
             results[cid] = dice_scores(pred, truth, list(range(1, num_classes)))
     finally:

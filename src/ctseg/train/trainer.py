@@ -307,6 +307,11 @@ class Trainer:
             saved_cfg = json.loads(state["config"])
         except (TypeError, ValueError):
             raise CtsegError("checkpoint config unreadable", path) from None
+        if isinstance(saved_cfg, dict):
+            try:  # fields added since the checkpoint was written take their defaults, as in load_trained
+                saved_cfg = config_to_dict(parse_config(saved_cfg))
+            except CtsegError:
+                pass  # not a valid config today: compared as written, so the differences are listed
         diffs = config_differences(saved_cfg, self.config_dict)
         if diffs:
             raise CtsegError("checkpoint was made with another configuration; refusing to resume (only "
