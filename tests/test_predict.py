@@ -16,7 +16,8 @@ from ctseg.config import ExperimentConfig
 from ctseg.dicom import write_dicom_series
 from ctseg.errors import CtsegError
 from ctseg.io import Volume, read_dicom_series, read_volume, write_volume
-from ctseg.predict import blend_weights, predict_network, predict_volume, window_starts, write_probabilities
+from ctseg.predict import predict_network, predict_volume, write_probabilities
+from ctseg.preprocess.zstacks import blend_weights, window_starts
 from ctseg.preprocess.slices import network_grid, preprocess_volume
 from ctseg.preprocess.windowing import IntensityPlan
 from ctseg.train.trainer import RUN_FORMAT, TrainedModel

@@ -57,8 +57,7 @@ from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path
 from ctseg.io import Volume
 from ctseg.models.stacking import combine_members
-from ctseg.preprocess.zstacks import (Blend, ZStacks, blend_weights, inference_stride, sampled_stacks,  # noqa: F401
-                                      window_starts, z_stacks)
+from ctseg.preprocess.zstacks import Blend, ZStacks, inference_stride, sampled_stacks, z_stacks
 from ctseg.runtime import release_free_memory, resolve_device
 
 if TYPE_CHECKING:
