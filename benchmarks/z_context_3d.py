@@ -138,18 +138,23 @@ def evaluate(trained, cache, test_ids: list[str]) -> list[dict]:
 
 
 def summarise(rows: list[dict]) -> str:
-    lines = ["| model | volumes | mode | kidney | tumour | total | s / volume |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    """Mean Dice and time per (model, volume group, mode); time also as a ratio to the contiguous anchor of the
+    same model and group, measured in the same run."""
+    lines = ["| model | volumes | mode | kidney | tumour | total | s / volume | time / contiguous |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     keys = sorted({(r["model"], r["group"]) for r in rows}, key=lambda k: (k[0], k[1] != "thin"))
     for model, group in keys:
+        anchor = [r["seconds"] for r in rows if r["model"] == model and r["group"] == group
+                  and r["mode"] == "contiguous"]
         for mode in MODES:
             sel = [r for r in rows if r["model"] == model and r["group"] == group and r["mode"] == mode]
             if not sel:
                 continue
             m = {k: np.mean([r[k] for r in sel]) for k in ("kidney", "tumour", "total", "seconds")}
+            ratio = f"{m['seconds'] / np.mean(anchor):.2f}x" if anchor else "-"
             lines.append(f"| {model} | {group} {THICKNESS[group]} mm (n={len(sel)}, "
                          f"{int(np.mean([r['slices'] for r in sel]))} slices) | {mode} | {m['kidney']:.3f} | "
-                         f"{m['tumour']:.3f} | {m['total']:.3f} | {m['seconds']:.1f} |")
+                         f"{m['tumour']:.3f} | {m['total']:.3f} | {m['seconds']:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
