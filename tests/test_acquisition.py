@@ -69,3 +69,65 @@ def test_sampler_probabilities_and_draw_stacks_uses_the_volume():
     single = image.reshape(20, -1)
     for sl in img[0, 0].reshape(6, -1).numpy():
         assert np.min(np.abs(single - sl).max(axis=1)) > 1e-3
+
+
+def _thick_volume(z: int, fg: int, s: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(z, s, s) image with the slice index as intensity; `fg` foreground slices in the middle."""
+    image = np.broadcast_to(np.arange(z, dtype=np.float32)[:, None, None], (z, s, s)).copy()
+    label = np.zeros((z, s, s), np.uint8)
+    start = (z - fg) // 2
+    label[start:start + fg, 1:3, 1:3] = 1
+    return image, label
+
+
+@pytest.mark.parametrize("z,fg,factor", [(100, 24, 1.6), (60, 20, 1.3), (60, 10, 3.0), (40, 12, 2.0),
+                                         (30, 8, 2.5), (100, 24, 0.7)])
+def test_short_foreground_is_topped_up_with_its_neighbours_as_the_normal_sampler_does(z, fg, factor):
+    """Issue 16: fewer than 16 foreground slices on the simulated grid (thick or short volumes) keep all of them and
+    the grid slices nearest to them, not a uniform draw over the whole grid; foreground share and z-gaps then match
+    the normal sampler's on a volume with the same foreground."""
+    from ctseg.preprocess.slices import sample_slices
+
+    image, label = _thick_volume(z, fg)
+    rng = np.random.default_rng(0)
+    mode = SKIP if factor > 1 else INTERP
+    for draw in range(20):
+        phase = float(rng.uniform(0, factor))
+        centres = grid_centres(z, factor, phase)
+        nearest = np.clip(np.rint(centres).astype(int), 0, z - 1)
+        grid_fg = int(label[nearest].any(axis=(1, 2)).sum())
+        out, out_lab = acquire_stack(image, label, 16, mode, factor, phase, rng)
+        share = out_lab.any(axis=(1, 2)).mean()
+        # the normal sampler on a volume whose foreground is the grid's: same share
+        ref_image, ref_label = _thick_volume(centres.size, grid_fg)
+        ref = sample_slices(ref_label, 16, np.random.default_rng(draw))
+        assert share == pytest.approx(ref_label[ref].any(axis=(1, 2)).mean())
+        assert share == pytest.approx(min(grid_fg, 16) / min(16, centres.size))
+        # z-gaps: the chosen grid slices form one run of neighbours around the foreground (gap one slab)
+        picked = np.array([int(np.argmin(np.abs(centres - c))) for c in
+                           (out.mean(axis=(1, 2)) if mode == INTERP else _slab_centres(out, centres, factor, z))])
+        gaps = np.diff(np.sort(picked))
+        ref_gaps = np.diff(ref)
+        if grid_fg < 16:
+            assert gaps.max() == ref_gaps.max() == 1
+
+
+def _slab_centres(out: np.ndarray, centres: np.ndarray, factor: float, z: int) -> np.ndarray:
+    """The centre of the slab each output slice came from (slab means of the slice-index image are unique)."""
+    grid = slab_weights(centres, factor, z) @ np.arange(z, dtype=np.float64)
+    return np.array([centres[int(np.argmin(np.abs(grid - m)))] for m in out.mean(axis=(1, 2))])
+
+
+def test_acquired_stacks_keep_the_class_oversampling():
+    """Issue 16: stacks from a simulated acquisition are drawn by the same rule as the others, class oversampling
+    included (before, a CTIA-only stack never oversampled the rare tumour class)."""
+    z = 80
+    label = np.zeros((z, 4, 4), np.uint8)
+    label[10:70, 1:3, 1:3] = 1
+    label[39, 0, 0] = 2  # a small tumour on 1 of 60 foreground slices
+    image = np.zeros((z, 4, 4), np.float32)
+    rng = np.random.default_rng(0)
+    with_tumour = [bool((acquire_stack(image, label, 16, SKIP, 1.2, 0.3, rng, oversample=0.33)[1] == 2).any())
+                   for _ in range(200)]
+    without = [bool((acquire_stack(image, label, 16, SKIP, 1.2, 0.3, rng)[1] == 2).any()) for _ in range(200)]
+    assert np.mean(with_tumour) > np.mean(without) + 0.2

@@ -13,8 +13,9 @@ non-contiguous slices (where "interpolation" would blend slices many millimetres
                          (intermediate positions); image linear between the two neighbouring source slices,
                          label nearest.
 
-The stack's slices are then drawn from the new grid (sorted, without repeats, foreground slices preferred) as
-`ctseg.preprocess.slices.sample_slices` does on the source grid. Meaningful for 2D (each slice is a thicker
+The stack's slices are then drawn from the new grid by `ctseg.preprocess.slices.sample_slices`, the rule of
+every other training stack: sorted, without repeats, foreground slices only when there are n of them, else all
+of them topped up with the grid slices nearest to them, and the same class oversampling. Meaningful for 2D (each slice is a thicker
 slab, or an in-between position) and for 3D (the stack's slices lie on the new, consistent grid). Source
 slice i covers [i - 0.5, i + 0.5] in index units; positions below are in those units.
 
@@ -24,6 +25,8 @@ slice i covers [i - 0.5, i + 0.5] in index units; positions below are in those u
 from __future__ import annotations
 
 import numpy as np
+
+from ctseg.preprocess.slices import sample_slices
 
 NONE, SKIP, INTERP = 0, 1, 2
 
@@ -74,33 +77,22 @@ def linear_weights(centres: np.ndarray, num_slices: int) -> np.ndarray:
     return w
 
 
-def choose_slices(foreground: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n sorted distinct indices into a grid whose slices are foreground where `foreground` (bool) holds:
-    among the foreground slices if there are n, else among all (all of them if the grid has fewer than n)."""
-    eligible = np.flatnonzero(foreground)
-    if eligible.size < n:
-        eligible = np.arange(foreground.size)
-    if eligible.size <= n:
-        return eligible
-    return np.sort(rng.choice(eligible, size=n, replace=False))
-
-
 def acquire_stack(image: np.ndarray, label: np.ndarray, n: int, mode: int, factor: float, phase: float, rng: np.random.Generator,
-                  exclude_background: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  exclude_background: bool = True, oversample: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """n slices of the simulated acquisition (mode SKIP or INTERP, see module docstring) of one cached volume.
 
     image: (Z, S, S) array-like (memory-mapped float16 is fine: only the slices a chosen slice covers are read);
     label: (Z, S, S) integer. Returns image float32 (m, S, S) and label (m, S, S) of label's dtype, m = n unless
-    the simulated grid has fewer slices (the caller pads, as for short volumes)."""
+    the simulated grid has fewer slices (the caller pads, as for short volumes). exclude_background and
+    oversample: as `sample_slices`, applied to the labels of the simulated grid."""
     z = image.shape[0]
     centres = grid_centres(z, factor, phase)
     nearest = np.clip(np.rint(centres).astype(np.int64), 0, z - 1)
-    lab = np.asarray(label)
-    fg = np.any(lab.reshape(z, -1), axis=1)[nearest] if exclude_background else np.ones(centres.size, bool)
-    chosen = choose_slices(fg, n, rng)
+    grid_label = np.asarray(label)[nearest]  # (len(centres), S, S): the label of each simulated slice
+    chosen = sample_slices(grid_label, n, rng, exclude_background=exclude_background, oversample=oversample)
     c = centres[chosen]
     w = slab_weights(c, factor, z) if mode == SKIP else linear_weights(c, z)
     used = np.flatnonzero(w.any(axis=0))
     src = np.asarray(image[used], dtype=np.float32).reshape(used.size, -1)
     out = (w[:, used].astype(np.float32) @ src).reshape(c.size, *image.shape[1:])
-    return out, lab[nearest[chosen]]
+    return out, grid_label[chosen]

@@ -80,8 +80,8 @@ def draw_stacks(cache: SliceCache, case_ids: list[str], plan: BatchPlan, target:
 
     acquisition: a `CTIAConfig` with z_mode "volume": each stack is, with the config's slice skipping /
     interpolation probabilities (times the batch gate's, as when they acted inside the stack), sampled from a
-    simulated thicker or shifted acquisition of the whole volume (`ctseg.augment.acquisition`; such a stack
-    prefers foreground slices but has no class oversampling).
+    simulated thicker or shifted acquisition of the whole volume (`ctseg.augment.acquisition`), its slices drawn
+    from the simulated grid by the same `sample_slices` rule, class oversampling included.
     A volume with fewer slices than `plan.num_slices` is edge-padded along z (its last slice repeated).
 
     Returns image float32 (V, 1, Z, S, S), label int64 (V, 1, Z, S, S) and, for 2D, the indices (batch_size,)
@@ -104,7 +104,7 @@ def draw_stacks(cache: SliceCache, case_ids: list[str], plan: BatchPlan, target:
                                                      acquisition.slice_interp_min_factor, rng)
         if mode != NONE:
             image, label = acquire_stack(case.image, case.label, plan.num_slices, mode, factor, phase, rng,
-                                         exclude_background)
+                                         exclude_background, oversample)
         else:
             idx = np.asarray(sample_slices(case.label, plan.num_slices, rng, exclude_background=exclude_background,
                                            oversample=oversample))
