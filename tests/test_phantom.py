@@ -209,3 +209,52 @@ def test_fixed_hu_window_does_not_segment_the_kidney():
                 tp, fp = cf[j] - cf[i], cb[j] - cb[i]
                 best = max(best, 2 * tp / (tp + fp + cf[-1]))
         assert 0.05 < best < 0.8, (fg, best)
+
+
+def test_population_identity_leaves_cases_unchanged_and_out_of_range_is_refused():
+    seed = np.random.SeedSequence([0, 1])
+    a = generate_case(seed, size="small", in_plane=48)
+    b = generate_case(seed, size="small", in_plane=48, population={"habitus": 1.0, "phase": 0.0})
+    assert np.array_equal(a.image.array, b.image.array) and np.array_equal(a.label.array, b.label.array)
+    assert b.metadata["population"]["habitus"] == 1.0
+    with pytest.raises(CtsegError, match="population shift out of range: phase=2"):
+        generate_case(seed, size="small", population={"phase": 2.0})
+    with pytest.raises(CtsegError, match="unknown population shift"):
+        generate_case(seed, size="small", population={"bmi": 30})
+
+
+def _kidney_stats(case):
+    img, lab = case.image.array.astype(np.float64), case.label.array
+    body = (img > -500).sum() * np.prod(case.image.spacing[1:]) / case.image.shape[0]   # mm^2 per slice
+    soft = img[(lab == 0) & (img > -30) & (img < 80)]
+    return {"kidney_ml": case.metadata["label_volumes_ml"]["kidney"], "kidney_hu": img[lab == 1].mean(),
+            "body_mm2": body, "pixel": case.image.spacing[1], "psf": case.metadata["acquisition"]["psf_sigma_px"],
+            "noise": case.metadata["acquisition"]["noise_sigma"], "soft_std": soft.std()}
+
+
+@pytest.mark.parametrize("shift,key,direction", [
+    ({"habitus": 1.5}, "body_mm2", 1.3), ({"fov": 0.7}, "pixel", -0.71), ({"kidney_size": 1.4}, "kidney_ml", 1.8),
+    ({"phase": 1.0}, "kidney_hu", -0.6), ({"kernel": 3.0}, "noise", 1.6)])
+def test_each_population_shift_moves_its_property(shift, key, direction):
+    """Averaged over 3 seeds: a ratio above `direction` (> 0) or below -`direction` (< 0) of the training population's."""
+    ratios = []
+    for i in range(3):
+        seed = np.random.SeedSequence([7, i])
+        base = _kidney_stats(generate_case(seed, size="small", in_plane=48))
+        shifted = _kidney_stats(generate_case(seed, size="small", in_plane=48, population=shift))
+        ratios.append(shifted[key] / base[key])
+    mean = float(np.mean(ratios))
+    assert mean > direction if direction > 0 else mean < -direction, (shift, ratios)
+
+
+def test_population_stress_axes_redraw_the_case(tmp_path):
+    from ctseg.stress.perturb import AXES, POPULATION_AXES
+    from ctseg.stress.phantom_reacquire import phantom_recipes, reacquire
+
+    write_phantom_dataset(tmp_path, n_cases=1, size="small", in_plane=48)
+    recipe = phantom_recipes(tmp_path)["case_00000"]
+    for axis in POPULATION_AXES:
+        assert len(AXES[axis].severities) >= 5 and AXES[axis].needs_phantom  # clean + >= 4 severities
+    pert = reacquire(recipe, "pop-kidney-size", 1.4, "case_00000")
+    assert pert.score_on == "perturbed" and pert.label.shape == pert.image.shape
+    assert (pert.label.array == 1).any()

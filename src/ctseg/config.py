@@ -7,7 +7,7 @@ Load with `load_config(path)`, save with `save_config(cfg, path)` (atomic).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -172,11 +172,102 @@ class NNUNetAugConfig(_Section):
         "zero", description="value outside the rotated/scaled/shifted image: zero (nnU-Net) or air (needs the plan)")
 
 
+#: The paper's arms and the field baseline: each one whole family of transforms (`ctseg.augment`).
+FAMILY_AUGS = ("ctia", "mia", "nnunet", "none")
+
+#: Ablation components of each family: component name -> the probability field that switches it on.
+COMPONENTS: dict[str, dict[str, str]] = {
+    "ctia": {"patch": "patch_p", "slice_skipping": "slice_skip_p", "slice_interpolation": "slice_interp_p",
+             "rotation": "rotation_p", "cwvrs": "cwvrs_p", "noise": "noise_p", "random_window": "random_window_p"},
+    "mia": {"scaling": "scale_p", "rotation": "rotation_p", "shear": "shear_p", "crop": "crop_p",
+            "gamma": "gamma_p", "contrast": "contrast_p", "brightness": "brightness_p", "noise": "noise_p"},
+    "nnunet": {"rotation": "rotation_p", "scaling": "scale_p", "elastic": "elastic_p", "noise": "noise_p",
+               "blur": "blur_p", "brightness": "brightness_p", "contrast": "contrast_p", "lowres": "lowres_p",
+               "gamma": "gamma_p", "gamma_inverted": "gamma_inverted_p"},
+}
+
+
+class ArmStep(_Section):
+    """One family's transforms inside an augmentation arm: the family's config section (of `augment`) with
+    `params` merged over it, then the probability of every component not kept set to 0."""
+    family: Literal["ctia", "mia", "nnunet"]
+    keep: list[str] | None = Field(None, description="components kept (None: all); see COMPONENTS")
+    drop: list[str] = Field(default_factory=list, description="components left out")
+    params: dict[str, Any] = Field(default_factory=dict, description="overrides of the family's settings")
+
+    @model_validator(mode="after")
+    def _check(self):
+        known = COMPONENTS[self.family]
+        unknown = sorted((set(self.keep or []) | set(self.drop)) - set(known))
+        if unknown:
+            raise ValueError(f"{self.family} has no component(s) {unknown}; choose from {sorted(known)}")
+        return self
+
+
+class ArmConfig(_Section):
+    """A named augmentation arm: the listed family steps applied in order under one batch gate (the first
+    step's p_batch_2d / p_batch_3d); CTIA's CWVRS stays outside the gate as in CTIA itself."""
+    steps: list[ArmStep] = Field(min_length=1)
+    description: str = Field("", description="display name in tables and plots")
+
+
+def _robust_arm() -> ArmConfig:
+    """`robust`: the arm chosen by the pre-registered rule of docs/ABLATION.md (set from its measured winner)."""
+    return ArmConfig(steps=[ArmStep(family="mia")], description="robust (MIA, chosen by the ablation rule)")
+
+
+#: Arms every config knows besides its own `augment.arms`.
+BUILTIN_ARMS: dict[str, ArmConfig] = {"robust": _robust_arm()}
+
+
 class AugmentConfig(_Section):
-    name: Literal["ctia", "mia", "nnunet", "none"] = "ctia"
+    name: str = Field("ctia", description="ctia, mia, nnunet, none, a built-in arm (robust) or a key of `arms`")
     ctia: CTIAConfig = Field(default_factory=CTIAConfig)
     mia: MIAConfig = Field(default_factory=MIAConfig)
     nnunet: NNUNetAugConfig = Field(default_factory=NNUNetAugConfig)
+    arms: dict[str, ArmConfig] = Field(default_factory=dict, description="named arms: lists of family steps, "
+                                       "e.g. {ctia-no-cwvrs: {steps: [{family: ctia, drop: [cwvrs]}]}}")
+
+    @model_validator(mode="after")
+    def _check(self):
+        clash = sorted(set(self.arms) & set(FAMILY_AUGS))
+        if clash:
+            raise ValueError(f"arm name(s) {clash} are reserved for the paper's arms")
+        bad = [a for a in self.arms if not a or not all(ch.isalnum() or ch in "-_+." for ch in a)]
+        if bad:
+            raise ValueError(f"arm names may hold letters, digits and - _ + . only, got {bad}")
+        if self.name not in self.known_names():
+            raise ValueError(f"unknown augmentation {self.name!r}; choose from {self.known_names()}")
+        return self
+
+    def known_names(self) -> list[str]:
+        """Every augmentation name this config can run."""
+        return [*FAMILY_AUGS, *BUILTIN_ARMS, *(a for a in self.arms if a not in BUILTIN_ARMS)]
+
+    def arm(self, name: str) -> ArmConfig | None:
+        """The arm called `name` (config arms first, then built-in ones); None for the paper's families."""
+        if name in FAMILY_AUGS:
+            return None
+        if name in self.arms:
+            return self.arms[name]
+        if name in BUILTIN_ARMS:
+            return BUILTIN_ARMS[name]
+        raise CtsegError(f"unknown augmentation {name!r}; choose from {self.known_names()}")
+
+    def step_config(self, step: ArmStep) -> CTIAConfig | MIAConfig | NNUNetAugConfig:
+        """The family config one step runs with: this section's family config, `params` merged, left-out
+        components' probabilities set to 0."""
+        base: CTIAConfig | MIAConfig | NNUNetAugConfig = getattr(self, step.family)
+        fields = COMPONENTS[step.family]
+        off = {fields[c] for c in step.drop} | ({f for c, f in fields.items() if c not in step.keep}
+                                                 if step.keep is not None else set())
+        data = {**base.model_dump(), **step.params, **{f: 0.0 for f in off}}
+        return type(base).model_validate(data)
+
+    def display(self, name: str) -> str:
+        """Table name of an augmentation."""
+        arm = self.arm(name) if name not in FAMILY_AUGS else None
+        return arm.description if arm is not None and arm.description else name
 
 
 class UNetConfig(_Section):
@@ -278,7 +369,7 @@ def _paper_dims() -> list[Literal["2d", "3d"]]:
     return ["2d", "3d"]
 
 
-def _paper_augs() -> list[Literal["mia", "nnunet", "ctia", "none"]]:
+def _paper_augs() -> list[str]:
     return ["mia", "ctia"]
 
 
@@ -288,7 +379,8 @@ class ExperimentMatrixConfig(_Section):
     (same nesting as this file) merged over the config by `--profile NAME`, e.g. a small CPU variant."""
     archs: list[Literal["unet", "msd"]] = Field(default_factory=_paper_archs, min_length=1)
     dims: list[Literal["2d", "3d"]] = Field(default_factory=_paper_dims, min_length=1)
-    augs: list[Literal["mia", "nnunet", "ctia", "none"]] = Field(default_factory=_paper_augs, min_length=1)
+    augs: list[str] = Field(default_factory=_paper_augs, min_length=1,
+                            description="augmentation arms: the paper's (mia, nnunet, ctia, none) or `augment.arms` keys")
     seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=lambda: [0], min_length=1,
                              description="one run per seed and combination; more seeds give top_k more candidates")
     stack_seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=list, description="extra seeds trained only for the stack's "
@@ -340,6 +432,23 @@ class ExperimentConfig(_Section):
     stack: StackConfig = Field(default_factory=StackConfig)
     experiment: ExperimentMatrixConfig = Field(default_factory=ExperimentMatrixConfig)
     stress: StressConfig = Field(default_factory=StressConfig)
+
+    @model_validator(mode="after")
+    def _check_augs(self):
+        unknown = [a for a in self.experiment.augs if a not in self.augment.known_names()]
+        if unknown:
+            raise ValueError(f"experiment.augs {unknown} are neither the paper's arms nor keys of augment.arms; "
+                             f"choose from {self.augment.known_names()}")
+        return self
+
+
+def check_aug_names(aug: AugmentConfig, names: list[str], source: str | Path | None = None) -> list[str]:
+    """`names` if every one is an augmentation `aug` can run (paper arm, built-in or configured arm), else a
+    `CtsegError` listing the choices (for `--aug` options)."""
+    unknown = [n for n in names if n not in aug.known_names()]
+    if unknown:
+        raise CtsegError(f"unknown augmentation(s) {unknown}; this config knows {aug.known_names()}", source)
+    return names
 
 
 def _format_validation_error(err: ValidationError) -> str:

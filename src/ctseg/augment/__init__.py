@@ -1,18 +1,29 @@
-"""Training-time augmentation: CT-specific (CTIA, the paper's method), the paper's baseline MIA (Table 1), or
-nnU-Net v2's pipeline (a third, field-standard baseline).
+"""Training-time augmentation: CT-specific (CTIA, the paper's method), the paper's baseline MIA (Table 1),
+nnU-Net v2's pipeline (a third, field-standard baseline), or a named arm built from their components
+(`augment.arms`, `ctseg.config.ArmConfig`: e.g. CTIA without CWVRS, CTIA plus MIA's scaling).
 
 >>> aug = build_augmenter(cfg.augment, "2d", intensity_plan=cache.plan)
 >>> image, label = aug(image, label, generator)    # (B, 1, Z, Y, X) float / int64, CPU or CUDA
 """
 from __future__ import annotations
 
-from ctseg.augment.base import Augmenter, Dim, IntensityPlanLike, NoAugment
+from ctseg.augment.base import Augmenter, ComposedAugmenter, Dim, IntensityPlanLike, NoAugment
 from ctseg.augment.ctia import CTIAugmenter
 from ctseg.augment.mia import PaperMIAugmenter
 from ctseg.augment.nnunet import NNUNetAugmenter
-from ctseg.config import AugmentConfig
+from ctseg.config import AugmentConfig, CTIAConfig, MIAConfig, NNUNetAugConfig
 
-__all__ = ["Augmenter", "CTIAugmenter", "NNUNetAugmenter", "NoAugment", "PaperMIAugmenter", "build_augmenter"]
+__all__ = ["Augmenter", "ComposedAugmenter", "CTIAugmenter", "NNUNetAugmenter", "NoAugment", "PaperMIAugmenter",
+           "acquisition_config", "build_augmenter"]
+
+
+def _family(cfg: CTIAConfig | MIAConfig | NNUNetAugConfig, dim: Dim,
+            intensity_plan: IntensityPlanLike | None) -> Augmenter:
+    if isinstance(cfg, CTIAConfig):
+        return CTIAugmenter(cfg, dim, intensity_plan)
+    if isinstance(cfg, MIAConfig):
+        return PaperMIAugmenter(cfg, dim, intensity_plan)
+    return NNUNetAugmenter(cfg, dim, intensity_plan)
 
 
 def build_augmenter(aug_cfg: AugmentConfig, dim: Dim, intensity_plan: IntensityPlanLike | None = None) -> Augmenter:
@@ -21,13 +32,43 @@ def build_augmenter(aug_cfg: AugmentConfig, dim: Dim, intensity_plan: IntensityP
     intensity_plan (an `IntensityPlan` or any object with lower, upper, mean, std) lets CTIA's CWVRS find
     the preset tissue ranges in normalised units; without it CWVRS clusters each batch by k-means. MIA uses it
     for its air fill (else the batch minimum); nnU-Net's pipeline only for `nnunet.fill: air`.
+    An arm of one step is that family's augmenter with the step's settings (its own batch gate); an arm of
+    several steps is a `ComposedAugmenter` (one gate for all).
     """
     if dim not in ("2d", "3d"):
         raise ValueError(f"dim must be '2d' or '3d', got {dim!r}")
+    if aug_cfg.name == "none":
+        return NoAugment(dim)
+    arm = aug_cfg.arm(aug_cfg.name)
+    if arm is None:
+        return _family(getattr(aug_cfg, aug_cfg.name), dim, intensity_plan)
+    configs = [aug_cfg.step_config(step) for step in arm.steps]
+    if len(configs) == 1:
+        return _family(configs[0], dim, intensity_plan)
+
+    def ungated(cfg):
+        return cfg.model_copy(update={"p_batch_2d": 1.0, "p_batch_3d": 1.0})
+
+    def closed(cfg):
+        return cfg.model_copy(update={"p_batch_2d": 0.0, "p_batch_3d": 0.0})
+
+    return ComposedAugmenter(dim, configs[0].p_batch_2d, configs[0].p_batch_3d,
+                             [_family(ungated(c), dim, intensity_plan) for c in configs],
+                             [_family(closed(c), dim, intensity_plan) for c in configs if isinstance(c, CTIAConfig)])
+
+
+def acquisition_config(aug_cfg: AugmentConfig) -> CTIAConfig | None:
+    """The CTIA settings whose slice skipping / interpolation simulate an acquisition when a training stack is
+    drawn (`ctseg.augment.acquisition`, `z_mode: volume`), or None when the augmentation has no such step.
+    In a composed arm the acquisition is gated by the arm's gate (its first step's p_batch)."""
+    arm = aug_cfg.arm(aug_cfg.name) if aug_cfg.name != "none" else None
     if aug_cfg.name == "ctia":
-        return CTIAugmenter(aug_cfg.ctia, dim, intensity_plan)
-    if aug_cfg.name == "mia":
-        return PaperMIAugmenter(aug_cfg.mia, dim, intensity_plan)
-    if aug_cfg.name == "nnunet":
-        return NNUNetAugmenter(aug_cfg.nnunet, dim, intensity_plan)
-    return NoAugment(dim)
+        ctia: CTIAConfig | None = aug_cfg.ctia
+    elif arm is None:
+        return None
+    else:
+        steps = [aug_cfg.step_config(s) for s in arm.steps]
+        ctia = next((c for c in steps if isinstance(c, CTIAConfig)), None)
+        if ctia is not None and len(steps) > 1:
+            ctia = ctia.model_copy(update={"p_batch_2d": steps[0].p_batch_2d, "p_batch_3d": steps[0].p_batch_3d})
+    return ctia if ctia is not None and ctia.z_mode == "volume" else None

@@ -92,3 +92,23 @@ def generator_for(device: torch.device, generator: torch.Generator) -> torch.Gen
         return generator
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     return torch.Generator(device=device).manual_seed(seed)
+
+
+class ComposedAugmenter(Augmenter):
+    """Several family augmenters applied in order under one batch gate (an arm of several steps).
+
+    open_steps run when the gate opens (each built with its own gate always open); closed_steps run when it
+    does not (CTIA built with its gate shut, so that only its ungated CWVRS acts, as in CTIA itself)."""
+
+    def __init__(self, dim: Dim, p_batch_2d: float, p_batch_3d: float, open_steps: list[Augmenter],
+                 closed_steps: list[Augmenter]):
+        self.dim = dim
+        self.p_batch_2d, self.p_batch_3d = p_batch_2d, p_batch_3d
+        self.open_steps, self.closed_steps = open_steps, closed_steps
+
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        check_batch(image, label)
+        gate = batch_gate(self.dim, self.p_batch_2d, self.p_batch_3d, generator)
+        for step in self.open_steps if gate else self.closed_steps:
+            image, label = step(image, label, generator)
+        return image, label

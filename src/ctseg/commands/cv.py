@@ -20,20 +20,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only fold K (repeatable; default: all folds)")
     parser.add_argument("--cache", type=Path, help="preprocessed cache folder to share (default: OUT/cache)")
     parser.add_argument("--folds-file", type=Path, help="folds JSON to share or reuse (default: OUT/folds.json)")
-    parser.add_argument("--aug", choices=["ctia", "mia", "nnunet", "none"],
-                        help="augmentation: CTIA, the paper's MIA, nnU-Net's pipeline or none (default: augment.name)")
+    parser.add_argument("--aug", help="augmentation: ctia, mia, nnunet, none, robust or an arm of the config's "
+                        "augment.arms (default: augment.name)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's train.device)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     from ctseg.commands.report import summary_table
-    from ctseg.config import ExperimentConfig, load_config
+    from ctseg.config import ExperimentConfig, check_aug_names, load_config
     from ctseg.cv import RunIdentity, run_cv
 
     cfg = load_config(args.config) if args.config else ExperimentConfig()
     if args.aug:
-        cfg.augment.name = args.aug
+        cfg.augment.name = check_aug_names(cfg.augment, [args.aug], args.config)[0]
     console = stdout_console()
     ident = RunIdentity.of(cfg)
     console.print(f"cross-validating [bold]{ident.name}[/] on {escape(str(args.data))} -> {escape(str(args.out))}")

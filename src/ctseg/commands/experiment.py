@@ -18,21 +18,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help="named profile of the config to merge over it (e.g. small)")
     parser.add_argument("--data", type=Path, help="dataset folder (default: the config's data.path)")
     parser.add_argument("--out", type=Path, required=True, help="experiment folder (an existing one is continued)")
-    parser.add_argument("--aug", action="append", choices=["ctia", "mia", "nnunet", "none"],
-                        help="augmentation(s) to run instead of experiment.augs (repeat: --aug mia --aug ctia)")
+    parser.add_argument("--aug", action="append",
+                        help="augmentation(s) to run instead of experiment.augs (repeat: --aug mia --aug ctia); "
+                        "ctia, mia, nnunet, none, robust or an arm of the config's augment.arms")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's train.device)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     from ctseg.commands.report import summary_table
-    from ctseg.config import load_config
+    from ctseg.config import check_aug_names, load_config
     from ctseg.evaluate.report import load_results
     from ctseg.experiment import apply_profile, run_experiment
 
     cfg = apply_profile(load_config(args.config), args.profile)
     if args.aug:
-        cfg.experiment.augs = list(dict.fromkeys(args.aug))
+        cfg.experiment.augs = check_aug_names(cfg.augment, list(dict.fromkeys(args.aug)), args.config)
     data = args.data or (Path(cfg.data.path) if cfg.data.path else None)
     if data is None:
         raise CtsegError("no dataset: pass --data DIR or set data.path in the config", args.config)

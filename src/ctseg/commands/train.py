@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="experiment config YAML (default: built-in defaults)")
     parser.add_argument("--arch", choices=["unet", "msd"], help="network (default: the config's model.arch)")
     parser.add_argument("--dim", choices=["2d", "3d"], help="2D slices or 3D stacks (default: model.dim)")
-    parser.add_argument("--aug", choices=["ctia", "mia", "nnunet", "none"], help="augmentation (default: augment.name)")
+    parser.add_argument("--aug", help="augmentation: ctia, mia, nnunet, none, robust or an arm of the config's "
+                        "augment.arms (default: augment.name)")
     parser.add_argument("--target", choices=["multiclass", "foreground"], help="classes to learn (model.target)")
     parser.add_argument("--fold", type=nonnegative_int, metavar="K", help="hold out test fold K of the folds file")
     parser.add_argument("--epochs", type=positive_int, metavar="N", help="epochs (train.epochs)")

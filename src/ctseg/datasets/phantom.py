@@ -42,6 +42,53 @@ log = logging.getLogger(__name__)
 CLASSES = {"kidney": {0: "background", 1: "kidney", 2: "tumour"}, "liver": {0: "background", 1: "liver"}}
 LAYOUTS = ("kits19", "chaos", "nnunet")
 SIZES = {"full": 512, "small": 128}
+
+
+@dataclass(frozen=True)
+class Population:
+    """A shift of the phantom's patient and scanner population (`generate_case(population=...)`; identity =
+    the training population). Applied after every random draw, so a seed keeps its anatomy, acquisition and
+    noise pattern and only the shifted property changes (the counterfactual of one population difference).
+
+    habitus      > 1: a heavier patient: (habitus - 1) x the body half-width of extra subcutaneous fat all
+                 round; organs keep their size, the scanner's field of view grows with the body (as drawn)
+    fov          x the drawn pixel spacing (the field of view): < 1 cuts the body, > 1 adds air, coarser pixels
+    kidney_size  x both kidneys' radii
+    tumour_size  x every tumour's diameter (at most 100 mm)
+    phase        0 = the drawn (enhanced) phase, 1 = unenhanced: organ, vessel and tumour HU blended toward
+                 non-contrast values (kidney ~35 HU, close to muscle)
+    kernel       >= 1: a sharper reconstruction kernel: in-plane PSF sigma / kernel, noise std x sqrt(kernel)
+    """
+
+    habitus: float = 1.0
+    fov: float = 1.0
+    kidney_size: float = 1.0
+    tumour_size: float = 1.0
+    phase: float = 0.0
+    kernel: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = {"habitus": 1.0 <= self.habitus <= 3.0, "fov": 0.3 <= self.fov <= 3.0,
+                  "kidney_size": 0.3 <= self.kidney_size <= 3.0, "tumour_size": 0.1 <= self.tumour_size <= 5.0,
+                  "phase": 0.0 <= self.phase <= 1.0, "kernel": 1.0 <= self.kernel <= 8.0}
+        bad = [f"{k}={getattr(self, k):g}" for k, ok in checks.items() if not ok]
+        if bad:
+            raise CtsegError(f"population shift out of range: {', '.join(bad)} (habitus 1-3, fov 0.3-3, kidney_size "
+                             "0.3-3, tumour_size 0.1-5, phase 0-1, kernel 1-8)")
+
+    @classmethod
+    def of(cls, value: "Population | dict | None") -> "Population":
+        if value is None or isinstance(value, Population):
+            return value or cls()
+        unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise CtsegError(f"unknown population shift(s) {unknown}; choose from {list(cls.__dataclass_fields__)}")
+        return cls(**{k: float(v) for k, v in value.items()})
+
+
+#: HU of the unenhanced phase (`Population.phase` = 1), literature means for non-contrast CT.
+_UNENHANCED_HU = {"liver": 58.0, "spleen": 48.0, "cortex": 35.0, "medulla": 32.0, "aorta": 45.0, "ivc": 45.0,
+                  "heart": 45.0, "tumour": 38.0}
 _F32 = np.float32
 _T = TypeVar("_T")
 
@@ -669,8 +716,10 @@ def _kidney_rotation(side: int, yaw: float, pitch: float) -> np.ndarray:
     return np.stack([e0, np.cross(e2, e0), e2], axis=1)
 
 
-def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body, sz: float) -> _Anatomy:
-    """Every organ of one case (patient frame, mm) on `grid`; `sz` scales lengths along z."""
+def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body, sz: float,
+                  pop: Population = Population(), organ_ref_mm: float | None = None) -> _Anatomy:
+    """Every organ of one case (patient frame, mm) on `grid`; `sz` scales lengths along z; organs scale with
+    `organ_ref_mm` (the body half-width as drawn, before a habitus shift; default body.a)."""
     labels = {"kidney": 1 if task == "kidney" else 0, "tumour": 2 if task == "kidney" else 0,
               "liver": 1 if task == "liver" else 0}
     fat, muscle = body.hu_fat, body.hu_muscle
@@ -678,7 +727,7 @@ def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body,
     y_ant = -(body.b - 1.45 * body.fat - body.muscle)
     y_post = body.back - 0.55 * body.fat - body.muscle
     yc, D = (y_ant + y_post) / 2, (y_post - y_ant) / 2
-    s = body.a / 165.0
+    s = (organ_ref_mm or body.a) / 165.0
 
     # landmarks
     z_dome_r = _u(rng, 110, 150) * sz
@@ -698,6 +747,9 @@ def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body,
     hu = dict(lung=_u(rng, -900, -800), liver=_u(rng, 90, 120), spleen=_u(rng, 100, 130),
               cortex=_u(rng, 150, 220), medulla=_u(rng, 80, 140), pelvis=_u(rng, 0, 20), aorta=_u(rng, 150, 250),
               ivc=_u(rng, 100, 160), vb=_u(rng, 200, 350), cortical=_u(rng, 700, 1200), heart=_u(rng, 110, 170))
+    for organ, plain in _UNENHANCED_HU.items():
+        if organ in hu:
+            hu[organ] += pop.phase * (plain - hu[organ])
     painters: list[Painter] = []
     table = _Table(top=grid.shift[1] + body.back + _u(rng, 2, 25), centre_x=grid.shift[0],
                    hu_pad=_u(rng, -950, -850), hu_plate=_u(rng, 150, 400))
@@ -740,6 +792,7 @@ def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body,
     kidneys = []
     for side, zk in ((-1, z_r), (1, z_r + _u(rng, 5, 25) * sz)):
         radii = np.array([_u(rng, 24, 30), _u(rng, 22, 27), _u(rng, 48, 60)]) * _u(rng, 0.9, 1.1) * s
+        radii *= pop.kidney_size
         radii[2] *= sz / s
         centre = (side * _u(rng, 58, 72) * s, y_v + _u(rng, -8, 6) * s, zk)
         b = blob(centre, radii, _kidney_rotation(side, _u(rng, 0.4, 0.8), _u(rng, 0.1, 0.3)), hu["cortex"],
@@ -749,7 +802,7 @@ def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body,
     tumours = []
     for _ in range(int(rng.choice(4, p=[0.1, 0.6, 0.2, 0.1]))):
         k = kidneys[int(rng.integers(2))].blob
-        d = float(np.exp(rng.uniform(np.log(5), np.log(70))))
+        d = min(float(np.exp(rng.uniform(np.log(5), np.log(70)))) * pop.tumour_size, 100.0)
         v = rng.standard_normal(3)
         v /= np.linalg.norm(v)
         surface = k.centre + k.rot @ (k.radii * v)
@@ -758,8 +811,9 @@ def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body,
         kind = str(rng.choice(["inside", "exophytic", "detached"], p=[0.4, 0.45, 0.15]))
         offset = {"inside": -(d / 2 + _u(rng, 1, 6)), "exophytic": _u(rng, -0.4, 0.4) * d / 2,
                   "detached": d / 2 + _u(rng, 0.5, 3)}[kind]
+        hu_t = _u(rng, 30, 120)
         tb = blob(surface + offset * normal, d / 2 * rng.uniform(0.85, 1.15, 3), _rotation(*rng.uniform(-3, 3, 3)),
-                  _u(rng, 30, 120), labels["tumour"], amp=0.12, texture=_u(rng, 6, 18), step=max(d / 3, 4),
+                  hu_t + pop.phase * (_UNENHANCED_HU["tumour"] - hu_t), labels["tumour"], amp=0.12, texture=_u(rng, 6, 18), step=max(d / 3, 4),
                   channels=3)
         tumours.append(_Tumour(tb, _u(rng, 20, 60) if d > 30 else 0.0,
                                {"kind": kind, "diameter_mm": round(d, 1), "hu": round(tb.hu, 1)}))
@@ -990,7 +1044,7 @@ def _check_args(task: str, size: str, in_plane: int | None, num_slices: int | No
 
 
 def _draw_case(rng: np.random.Generator, task: str, size: str, in_plane: int | None, num_slices: int | None,
-               thickness: float | None) -> tuple[Acquisition, _Grid, _Anatomy]:
+               thickness: float | None, pop: Population = Population()) -> tuple[Acquisition, _Grid, _Anatomy]:
     a, b = _u(rng, 135, 195), _u(rng, 95, 140)
     sz = _u(rng, 0.9, 1.1)
     body = _Body(a=a, b=b, back=b * _u(rng, 0.85, 0.95),
@@ -998,25 +1052,31 @@ def _draw_case(rng: np.random.Generator, task: str, size: str, in_plane: int | N
                  fat=_u(rng, 6, 40) * a / 165, fat_profile=_Curve.draw(rng, -700, 700, 60, 7, 0.12),
                  muscle=_u(rng, 7, 13), hu_fat=_u(rng, -120, -80), hu_muscle=_u(rng, 40, 60),
                  hu_visceral=_u(rng, -120, -80))
+    extra = (pop.habitus - 1.0) * a   # habitus: fat added all round, the inner body (and organs) unchanged
+    body.a, body.b, body.back, body.fat = a + extra, b + extra, body.back + extra, body.fat + extra
     acq = _draw_acquisition(rng, size, body, in_plane)
+    acq.pixel_spacing = round(acq.pixel_spacing * pop.fov, 4)
+    acq.psf_sigma_px = round(acq.psf_sigma_px / pop.kernel, 4)
     grid = _Grid.make(acq.size, acq.pixel_spacing, (0.0, 0.0), acq.roll_deg, acq.table_shift_mm)
-    anatomy = _draw_anatomy(rng, task, grid, body, sz)
+    anatomy = _draw_anatomy(rng, task, grid, body, sz, pop, organ_ref_mm=a)
     _finish_z(acq, rng, task, size, anatomy.regions, num_slices, thickness)
+    acq.noise_sigma = round(acq.noise_sigma * math.sqrt(pop.kernel), 2)
     return acq, grid, anatomy
 
 
 def draw_acquisition(seed: int | np.random.SeedSequence | np.random.Generator = 0, task: str = "kidney",
                      size: str = "full", *, in_plane: int | None = None, num_slices: int | None = None,
-                     thickness: float | None = None) -> Acquisition:
+                     thickness: float | None = None, population: Population | dict | None = None) -> Acquisition:
     """The acquisition `generate_case` would use for these arguments, without rendering the volume."""
     _check_args(task, size, in_plane, num_slices, thickness)
-    return _draw_case(np.random.default_rng(seed), task, size, in_plane, num_slices, thickness)[0]
+    return _draw_case(np.random.default_rng(seed), task, size, in_plane, num_slices, thickness,
+                      Population.of(population))[0]
 
 
 def generate_case(seed: int | np.random.SeedSequence | np.random.Generator = 0, task: str = "kidney",
                   size: str = "full", *, in_plane: int | None = None, num_slices: int | None = None,
                   thickness: float | None = None, case_id: str = "phantom", workers: int | None = None,
-                  acquisition: dict | None = None) -> Case:
+                  acquisition: dict | None = None, population: Population | dict | None = None) -> Case:
     """One synthetic abdominal CT case, deterministic per seed.
 
     task: "kidney" (labels 0 background, 1 kidney, 2 tumour; KiTS19) or "liver" (0/1; CHAOS).
@@ -1028,13 +1088,16 @@ def generate_case(seed: int | np.random.SeedSequence | np.random.Generator = 0, 
     label_volumes_ml. workers: threads over slice blocks (default min(2, cores)); the result does not depend on it.
     acquisition: fields of the drawn `Acquisition` to replace before rendering (one of REACQUIRABLE, e.g.
     {"noise_sigma": 30.0}): the same anatomy and noise pattern re-acquired (`ctseg stress`); None = as drawn.
+    population: a `Population` shift (or a dict of its fields), e.g. {"habitus": 1.4}: the same case drawn from
+    a shifted patient / scanner population (`ctseg stress` population axes); None = the training population.
     """
     _check_args(task, size, in_plane, num_slices, thickness)
     unknown = sorted(set(acquisition or {}) - set(REACQUIRABLE))
     if unknown:
         raise CtsegError(f"acquisition overrides {unknown} not supported; choose from {list(REACQUIRABLE)}")
     rng = np.random.default_rng(seed)
-    acq, grid, anatomy = _draw_case(rng, task, size, in_plane, num_slices, thickness)
+    pop = Population.of(population)
+    acq, grid, anatomy = _draw_case(rng, task, size, in_plane, num_slices, thickness, pop)
     noise_seed = int(rng.integers(2 ** 63))
     streaks = _streak_pattern(rng, grid, anatomy.spine_xy) if acq.streaks else None
     streak_curve = _Curve.draw(rng, -700, 700, 40, 1, 1.0) if acq.streaks else None
@@ -1061,6 +1124,7 @@ def generate_case(seed: int | np.random.SeedSequence | np.random.Generator = 0, 
         "size": size,
         "acquisition": asdict(acq),
         "tumours": anatomy.tumours,
+        "population": asdict(pop),
         "label_volumes_ml": {name: round(float(counts[v]) * voxel_ml, 2) for v, name in CLASSES[task].items() if v},
     }
     return Case(case_id, image_vol, label_vol, metadata)

@@ -19,6 +19,9 @@ Axes (severity unit; the clean value first):
     rotation          in-plane patient rotation in degrees (0 = clean)
     pixel-spacing     in-plane pixel spacing in "512-matrix mm-equivalent" (0 = native = clean)
     phantom-dose / phantom-thickness   the phantom case re-rendered (`ctseg.stress.phantom_reacquire`)
+    pop-habitus, pop-fov, pop-kidney-size, pop-tumour-size, pop-phase, pop-kernel
+                      population shifts: the phantom case drawn from a shifted patient / scanner population
+                      (`ctseg.datasets.phantom.Population`), scored on its own grid
 """
 from __future__ import annotations
 
@@ -411,4 +414,21 @@ AXES: dict[str, Axis] = {a.name: a for a in (
          "phantom re-rendered with k x its noise sigma", needs_phantom=True),
     Axis("phantom-thickness", 1.0, (1.0, 1.5, 2.0, 3.0, 4.0), "x native", None,
          "phantom re-rendered with k x its slice thickness", needs_phantom=True),
+    # population shifts: the case drawn from a shifted patient / scanner population (ctseg.datasets.phantom.Population)
+    Axis("pop-habitus", 1.0, (1.0, 1.15, 1.3, 1.45, 1.6), "x body width", None,
+         "heavier patients: extra fat all round, organs unchanged", needs_phantom=True),
+    Axis("pop-fov", 1.0, (1.0, 0.7, 0.85, 1.25, 1.5), "x pixel spacing", None,
+         "field of view / pixel spacing: smaller cuts the body, larger adds air and coarser pixels",
+         needs_phantom=True),
+    Axis("pop-kidney-size", 1.0, (1.0, 0.7, 0.85, 1.2, 1.4), "x kidney radii", None,
+         "kidney size outside the training range", needs_phantom=True),
+    Axis("pop-tumour-size", 1.0, (1.0, 1.5, 2.0, 3.0, 4.0), "x tumour diameter", None,
+         "tumour burden: larger tumours (<= 100 mm)", needs_phantom=True),
+    Axis("pop-phase", 0.0, (0.0, 0.25, 0.5, 0.75, 1.0), "toward unenhanced", None,
+         "contrast phase: organ, vessel and tumour HU toward non-contrast values", needs_phantom=True),
+    Axis("pop-kernel", 1.0, (1.0, 1.5, 2.0, 3.0, 4.0), "x sharper", None,
+         "reconstruction kernel: less in-plane blur, finer and stronger noise", needs_phantom=True),
 )}
+
+#: The population-shift axes (issue 16 §3), in the order reports show them.
+POPULATION_AXES = ("pop-habitus", "pop-fov", "pop-kidney-size", "pop-tumour-size", "pop-phase", "pop-kernel")

@@ -19,6 +19,13 @@ from ctseg.stress.perturb import DegenerateSeverity, Perturbed
 
 PARAMETERS = {"phantom-dose": "noise_sigma", "phantom-thickness": "slice_thickness"}
 
+#: Population-shift axes (`ctseg.datasets.phantom.Population`): axis -> the shifted field. The case is drawn
+#: again from its seed in the shifted population: the draws before the first size-dependent one (body, scanner,
+#: organ HU) are the case's own; later ones (organ texture fields, z-extent) differ, so a shifted volume is a
+#: new patient of the shifted population, not an exact counterfactual. Labels are exact on its own grid.
+POPULATION_AXES = {"pop-habitus": "habitus", "pop-fov": "fov", "pop-kidney-size": "kidney_size",
+                   "pop-tumour-size": "tumour_size", "pop-phase": "phase", "pop-kernel": "kernel"}
+
 
 @dataclass(frozen=True)
 class PhantomRecipe:
@@ -51,12 +58,16 @@ def phantom_recipes(data_dir: str | Path) -> dict[str, PhantomRecipe] | None:
 
 def reacquire(recipe: PhantomRecipe, axis: str, factor: float, case_id: str) -> Perturbed:
     """The case re-rendered with its noise sigma (`phantom-dose`) or slice thickness (`phantom-thickness`)
-    multiplied by `factor`; canonical orientation, labels exact on the new grid (scored there)."""
+    multiplied by `factor`, or drawn from a shifted population (`POPULATION_AXES`, `factor` = the shift's
+    value); canonical orientation, labels exact on the new grid (scored there)."""
     from ctseg.datasets.phantom import generate_case
 
     seed = np.random.SeedSequence([recipe.seed, recipe.index])
     kwargs = dict(recipe.overrides)
-    if axis == "phantom-dose":
+    if axis in POPULATION_AXES:
+        kwargs["population"] = {**dict(kwargs.get("population") or {}), POPULATION_AXES[axis]: factor}
+        case = generate_case(seed, task=recipe.task, size=recipe.size, case_id=case_id, **kwargs)
+    elif axis == "phantom-dose":
         acq = {"noise_sigma": float(recipe.acquisition["noise_sigma"]) * factor}
         case = generate_case(seed, task=recipe.task, size=recipe.size, case_id=case_id, acquisition=acq, **kwargs)
     elif axis == "phantom-thickness":

@@ -264,7 +264,7 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
     from ctseg.cv import progress_bar
     from ctseg.datasets import open_dataset
     from ctseg.io import resample_to
-    from ctseg.stress.phantom_reacquire import phantom_recipes, reacquire
+    from ctseg.stress.phantom_reacquire import PARAMETERS, phantom_recipes, reacquire
     from ctseg.stress.summary import summarize, write_summary
     from ctseg.train.distributed import resolve_device
     from ctseg.train.trainer import load_trained
@@ -360,7 +360,8 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
                                 if recipes is None or cid not in recipes:
                                     raise CtsegError(f"case {cid} is not listed in phantom.json", data_dir)
                                 pert = reacquire(recipes[cid], axis_name, s, cid)
-                                _check_reacquired(pert, image, axis_name, cid, data_dir)
+                                if axis_name in PARAMETERS:  # re-acquisitions keep the grid; populations do not
+                                    _check_reacquired(pert, image, axis_name, cid, data_dir)
                             else:
                                 if axis_name.startswith("dose") and noise_hu is None:
                                     noise_hu = estimate_noise_hu(image)

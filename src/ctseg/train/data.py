@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ctseg.augment import acquisition_config
 from ctseg.config import CTIAConfig, ExperimentConfig, PredictConfig
 from ctseg.errors import CtsegError
 
@@ -161,8 +162,7 @@ class TrainStream(IterableDataset[dict[str, Any]]):
         self.start, self.stop = start, stop
         self.augment_here = augment_here
         self.augmenter = augmenter
-        ctia = cfg.augment.ctia
-        self.acquisition = ctia if cfg.augment.name == "ctia" and ctia.z_mode == "volume" else None
+        self.acquisition = acquisition_config(cfg.augment)
 
     def make_step(self, global_step: int) -> dict[str, Any]:
         epoch, step = divmod(global_step, self.steps_per_epoch)
