@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test typecheck install bench clean
+.PHONY: demo test typecheck install bench clean ablation ablation-length
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf demo-output .pytest_cache .mypy_cache
+
+# The augmentation ablation of docs/ABLATION.md (issue 16): ~90 min on 2 CPU cores; results in ablation-output/
+ablation: $(STAMP)
+	$(VENV)/bin/ctseg phantom --task kidney --cases 18 --seed 0 --out ablation-output/data
+	$(VENV)/bin/ctseg experiment --config configs/ablation.yaml --data ablation-output/data --out ablation-output --jobs 2
+
+# Training length of the two paper arms (1x, 2x, 4x the demo's steps), one folder each
+ablation-length: $(STAMP)
+	test -f ablation-output/data/phantom.json || $(VENV)/bin/ctseg phantom --task kidney --cases 18 --seed 0 --out ablation-output/data
+	for n in 1x 2x 4x; do $(VENV)/bin/ctseg experiment --config configs/ablation.yaml --profile length-$$n \
+		--data ablation-output/data --out ablation-output/length-$$n --jobs 2 || exit 1; done

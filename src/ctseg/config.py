@@ -209,6 +209,8 @@ class ArmConfig(_Section):
     step's p_batch_2d / p_batch_3d); CTIA's CWVRS stays outside the gate as in CTIA itself."""
     steps: list[ArmStep] = Field(min_length=1)
     description: str = Field("", description="display name in tables and plots")
+    reference: str | None = Field(None, description="the arm this one ablates (its effect = this arm minus the "
+                                  "reference); default: the family of its first step")
 
 
 def _robust_arm() -> ArmConfig:
@@ -373,6 +375,28 @@ def _paper_augs() -> list[str]:
     return ["mia", "ctia"]
 
 
+def _population_axes() -> list[str]:
+    return ["pop-habitus", "pop-fov", "pop-kidney-size", "pop-tumour-size", "pop-phase", "pop-kernel"]
+
+
+class SelectionConfig(_Section):
+    """The pre-registered rule that picks the recommended augmentation from an ablation (`ctseg.evaluate.ablation`,
+    docs/ABLATION.md). The stress test's volumes are split, within each CV fold, into validation and test
+    volumes by `seed`; the rule is applied on the validation volumes and the winner reported on the test ones:
+
+    score = mean Dice (headline structure, seeds averaged) over every non-clean severity of `axes`; the arm
+    with the highest score wins; arms within `tie_margin` of it are tied, and the tie goes to the smallest
+    robustness gap (clean minus score), then to the fewest transform steps, then to the name."""
+    enabled: bool = False
+    axes: list[str] = Field(default_factory=_population_axes, min_length=1,
+                            description="stress axes the score averages (default: the population shifts)")
+    validation_fraction: float = Field(0.5, gt=0, lt=1, description="share of each fold's volumes for validation")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    tie_margin: float = Field(0.005, ge=0, le=1)
+    candidates: list[str] | None = Field(None, description="arms the rule may pick (default: all experiment.augs)")
+    n_boot: int = Field(2000, ge=100, le=100000, description="bootstrap resamples of the paired CIs")
+
+
 class ExperimentMatrixConfig(_Section):
     """The paper's experiment (`ctseg experiment`): every combination of archs x dims x augs (x seeds) is
     cross-validated, then a stacked ensemble per augmentation. `profiles` are named partial configs
@@ -394,6 +418,7 @@ class ExperimentMatrixConfig(_Section):
         default_factory=lambda: [1.5, 3.0], min_length=1,
         description="upper edges of the slice-thickness groups in the report")
     profiles: dict[str, dict] = Field(default_factory=dict)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
 
 
 class StressConfig(_Section):
@@ -435,10 +460,16 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _check_augs(self):
-        unknown = [a for a in self.experiment.augs if a not in self.augment.known_names()]
+        sel = self.experiment.selection
+        unknown = [a for a in [*self.experiment.augs, *(sel.candidates or [])] if a not in self.augment.known_names()]
         if unknown:
-            raise ValueError(f"experiment.augs {unknown} are neither the paper's arms nor keys of augment.arms; "
+            raise ValueError(f"experiment.augs / selection.candidates {unknown} are neither the paper's arms nor keys of augment.arms; "
                              f"choose from {self.augment.known_names()}")
+        if sel.enabled:
+            missing = sorted(set(sel.axes) - set(self.stress.axes))
+            if not self.stress.enabled or missing:
+                raise ValueError(f"experiment.selection needs the stress test on (stress.enabled) with its axes "
+                                 f"{sorted(sel.axes)}; missing from stress.axes: {missing}")
         return self
 
 

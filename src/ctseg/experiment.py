@@ -100,9 +100,25 @@ def _warn_few_candidates(cfg: ExperimentConfig, runs: list[ExperimentConfig], au
                         "experiment.stack_seeds for a real selection)", aug, name, n, cfg.stack.top_k)
 
 
+def _cv_job(job: tuple[dict, str, str, str, str, str | None]) -> str:
+    """One cross-validation in a worker process of `run_experiment(jobs=N)`: one torch thread, no progress bars."""
+    from ctseg.cv import run_cv
+
+    cfg_dict, data_dir, run_dir, cache_dir, folds_file, device = job
+    torch.set_num_threads(1)
+    run_cv(parse_config(cfg_dict), data_dir, run_dir, cache_dir=cache_dir, folds_file=folds_file, device=device,
+           progress=False)
+    return run_dir
+
+
 def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, *, title: str | None = None,
-                   intro: str = "", device: str | torch.device | None = None, progress: bool = True) -> Path:
-    """Run (or continue) the whole experiment; returns the path of `report/index.html`."""
+                   intro: str = "", device: str | torch.device | None = None, progress: bool = True,
+                   jobs: int = 1) -> Path:
+    """Run (or continue) the whole experiment; returns the path of `report/index.html`.
+
+    jobs > 1: after the first cross-validation (which builds the shared caches and folds), the others run in
+    `jobs` worker processes of one torch thread each, and the stress test in `jobs` parts by volume (small
+    CPU networks train faster as N one-thread processes than as one N-thread process; results are identical)."""
     from ctseg.cv import RunIdentity, cv_log_csvs, load_cv_records, progress_bar, run_cv, run_stack
     from ctseg.evaluate.report import AUG_NAMES, display_name, stack_selection_section, write_report
 
@@ -119,12 +135,26 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
     with progress_bar(progress) as bar:
         task = bar.add_task("[bold magenta]experiment[/]", total=len(runs) + len(stack_augs))
         for rc in runs:
+            run_dirs[RunIdentity.of(rc).name] = out / "runs" / RunIdentity.of(rc).name
+        parallel = runs[1:] if jobs > 1 else []
+        for rc in runs[: len(runs) - len(parallel)]:
             ident = RunIdentity.of(rc)
-            run_dirs[ident.name] = out / "runs" / ident.name
             bar.update(task, description=f"[bold magenta]experiment[/] · {display_name(ident.arch, ident.dim, ident.aug, ident.variant)}")
             run_cv(rc, data_dir, run_dirs[ident.name], cache_dir=cache_dir, folds_file=folds_file, device=device,
                    progress=progress)
             bar.advance(task)
+        if parallel:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            bar.update(task, description=f"[bold magenta]experiment[/] · {len(parallel)} runs in {jobs} processes")
+            dev = None if device is None else str(device)
+            jobs_args = [(config_to_dict(rc), str(data_dir), str(run_dirs[RunIdentity.of(rc).name]), str(cache_dir),
+                          str(folds_file), dev) for rc in parallel]
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for done in as_completed([pool.submit(_cv_job, j) for j in jobs_args]):
+                    done.result()
+                    bar.advance(task)
         for aug in stack_augs:
             members = [run_dirs[RunIdentity.of(rc).name] for rc in runs if rc.augment.name == aug]
             _warn_few_candidates(cfg, [rc for rc in runs if rc.augment.name == aug], aug)
@@ -143,25 +173,72 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
     if not records:
         raise CtsegError("the experiment produced no results", out)
     selection = stack_selection_section([out / "stack" / aug for aug in stack_augs])
-    stress_dir = None
+    stress_dir = ablation_dir = None
     if cfg.stress.enabled:
         stress_dir = run_experiment_stress(cfg, [run_dirs[RunIdentity.of(rc).name] for rc in table], data_dir,
-                                           out / "stress", device=device, progress=progress)
+                                           out / "stress", device=device, progress=progress, jobs=jobs)
+    if cfg.experiment.selection.enabled and stress_dir is not None:
+        ablation_dir = run_experiment_ablation(cfg, table, stress_dir, folds_file, out / "ablation")
     augs = " vs ".join(AUG_NAMES.get(a, a) for a in cfg.experiment.augs)
     return write_report(records, out, config=config_to_dict(cfg), log_csvs=curves,
                         title=title or f"{cfg.name}: {augs}, slice-sorted {cfg.cv.n_folds}-fold cross-validation",
                         thickness_edges_mm=cfg.experiment.thickness_groups_mm, intro=intro,
-                        extra_sections=[selection] if selection is not None else [], stress_dir=stress_dir)
+                        extra_sections=[selection] if selection is not None else [], stress_dir=stress_dir,
+                        ablation_dir=ablation_dir)
+
+
+def _stress_job(job: tuple[list[str], str, str, dict, str, list[str], str]) -> str:
+    """One part (a subset of the volumes) of the experiment's stress test in a worker process."""
+    from ctseg.config import StressConfig
+    from ctseg.stress.runner import model_specs_from_cv, run_stress
+
+    cv_dirs, data_dir, out_dir, stress_cfg, layout, volumes, device = job
+    torch.set_num_threads(1)
+    specs, _ = model_specs_from_cv(cv_dirs)
+    run_stress(specs, data_dir, out_dir, StressConfig.model_validate(stress_cfg), layout=layout, case_ids=volumes,
+               device=device, progress=False)
+    return out_dir
 
 
 def run_experiment_stress(cfg: ExperimentConfig, cv_dirs: list[Path], data_dir: str | Path, out_dir: Path, *,
-                          device: str | torch.device | None = None, progress: bool = True) -> Path:
-    """The stress test of the experiment's table runs, out-of-fold (`ctseg.stress.runner`); returns its folder."""
+                          device: str | torch.device | None = None, progress: bool = True, jobs: int = 1) -> Path:
+    """The stress test of the experiment's table runs, out-of-fold (`ctseg.stress.runner`); returns its folder.
+    jobs > 1: the volumes in `jobs` parts (`out_dir/part-K`), run in parallel processes, then merged."""
     from ctseg.evaluate.folds import load_folds
-    from ctseg.stress.runner import model_specs_from_cv, run_stress
+    from ctseg.stress.runner import choose_volumes, merge_stress_parts, model_specs_from_cv, run_stress
 
     specs, manifest = model_specs_from_cv(cv_dirs)
     case_ids = [cid for fold in load_folds(manifest["folds_file"]).folds for cid in fold]
-    run_stress(specs, data_dir, out_dir, cfg.stress, layout=cfg.data.layout, case_ids=case_ids,
-               device=device if device is not None else cfg.train.device, progress=progress)
+    dev = device if device is not None else cfg.train.device
+    if jobs <= 1:
+        run_stress(specs, data_dir, out_dir, cfg.stress, layout=cfg.data.layout, case_ids=case_ids,
+                   device=dev, progress=progress)
+        return out_dir
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    volumes = choose_volumes(case_ids, cfg.stress.max_volumes, cfg.stress.seed)
+    parts = [volumes[i::jobs] for i in range(jobs) if volumes[i::jobs]]
+    part_cfg = cfg.stress.model_copy(update={"max_volumes": None}).model_dump()
+    args = [([str(d) for d in cv_dirs], str(data_dir), str(out_dir / f"part-{i}"), part_cfg, cfg.data.layout, part,
+             str(dev)) for i, part in enumerate(parts)]
+    with ProcessPoolExecutor(len(args), mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_stress_job, args))
+    merge_stress_parts([out_dir / f"part-{i}" for i in range(len(parts))], specs, out_dir, cfg.stress)
+    return out_dir
+
+
+def run_experiment_ablation(cfg: ExperimentConfig, table: list[ExperimentConfig], stress_dir: Path, folds_file: Path,
+                            out_dir: Path) -> Path:
+    """The ablation of the table runs' stress test and the pre-registered choice (`ctseg.evaluate.ablation`);
+    one architecture and dimension, so that the arms differ in their augmentation only."""
+    from ctseg.evaluate.ablation import run_ablation
+    from ctseg.evaluate.folds import load_folds
+
+    kinds = sorted({f"{rc.model.arch}-{rc.model.dim}-{rc.model.target}" for rc in table})
+    if len(kinds) != 1:
+        raise CtsegError(f"experiment.selection compares augmentations of one model; the table has {kinds}")
+    result = run_ablation(stress_dir, load_folds(folds_file).folds, cfg.augment, cfg.experiment.selection,
+                          list(cfg.experiment.augs), out_dir, failure_dice=cfg.stress.failure_dice)
+    log.info("ablation: the rule chose %s", result["chosen"])
     return out_dir

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from ctseg.commands._output import stdout_console
+from ctseg.commands._types import positive_int
 from ctseg.errors import CtsegError
 
 HELP = "run the paper's matrix {U-Net, MS-D} x {2D, 3D} x augmentations (MIA, nnU-Net DA, CTIA, none) x folds + stacking, and write the report"
@@ -22,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="augmentation(s) to run instead of experiment.augs (repeat: --aug mia --aug ctia); "
                         "ctia, mia, nnunet, none, robust or an arm of the config's augment.arms")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's train.device)")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="cross-validations (and stress-test parts) run in N processes of one thread each "
+                        "(CPU; default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise CtsegError("no dataset: pass --data DIR or set data.path in the config", args.config)
     console = stdout_console()
     t0 = time.perf_counter()
-    html = run_experiment(cfg, data, args.out, device=args.device, progress=not args.no_progress)
+    html = run_experiment(cfg, data, args.out, device=args.device, progress=not args.no_progress, jobs=args.jobs)
     console.print(summary_table(load_results(args.out / "results.json")))
     console.print(f"finished in {time.perf_counter() - t0:.0f} s; report: [bold]{escape(str(html))}[/]")
     return 0

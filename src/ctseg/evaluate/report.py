@@ -569,13 +569,14 @@ def build_report(records: Sequence[VolumeResult], *, title: str = "ctseg results
                  config: dict[str, Any] | None = None, thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM,
                  versions: dict[str, str] | None = None, flag_rule: FlagRule = FlagRule(),
                  extra_sections: Sequence[Section] = (),
-                 stress: dict[str, Any] | None = None) -> Report:
+                 stress: dict[str, Any] | None = None, headline_extra: Sequence[str] = ()) -> Report:
     """Compute everything the report shows from the per-volume records (at least one).
 
     versions: package versions (default: `software_versions()` of this process).
     flag_rule: thresholds of the ensemble quality flag (flags only when records carry `agreement`).
     extra_sections: tables appended after the standard ones (e.g. `stack_selection_section`).
     stress: a stress-test summary (`ctseg.stress.summary`): its robustness gaps join the headline and tables.
+    headline_extra: lines added to the headline's details (e.g. the ablation's choice).
     """
     if not records:
         raise ValueError("no results to report")
@@ -589,6 +590,7 @@ def build_report(records: Sequence[VolumeResult], *, title: str = "ctseg results
 
         head.details += headline_lines(stress)
         sections += [Section(t, n, h, r, None) for t, n, h, r in report_tables(stress)]
+    head.details += list(headline_extra)
     return Report(title=title, created=datetime.now(timezone.utc), records=list(records),
                   models=models_in_order(records), classes=classes, headline=head, sections=sections, summary=summary,
                   std_ratios=ratios, flag_rule=flag_rule,
@@ -780,12 +782,14 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
                  log_csvs: dict[str, list[Path]] | None = None, title: str = "ctseg results",
                  thickness_edges_mm: Sequence[float] = DEFAULT_THICKNESS_EDGES_MM, intro: str = "",
                  flag_rule: FlagRule = FlagRule(), extra_sections: Sequence[Section] = (),
-                 stress_dir: str | Path | None = None) -> Path:
+                 stress_dir: str | Path | None = None, ablation_dir: str | Path | None = None) -> Path:
     """Results files + plots + `report/index.html` into `out_dir`, all from one `build_report`; returns the HTML path.
 
     log_csvs: display name -> training logs (`log.csv` of each fold's run) for the training curves.
     flag_rule: thresholds of the ensemble quality flag.
     stress_dir: a finished stress test (`summary.json`, `curves.png`; `ctseg.stress.runner`) to report.
+    ablation_dir: a finished augmentation ablation (`ctseg.evaluate.ablation`): its choice joins the headline,
+    its tables and effect figure the report.
     Overlay images come from each record's `overlay` file (relative paths resolve against `out_dir`).
     """
     from ctseg.evaluate import plots
@@ -801,8 +805,18 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
             "Stress test: Dice vs severity", f"Dice ({stress['headline_structure']}) per acquisition-shift axis vs "
             "severity, one line per model, band: 95% bootstrap CI over volumes; 'clean' = the scan as acquired (see "
             "docs/STRESS.md)", Path(stress_dir) / "curves.png"))
+    headline_extra: list[str] = []
+    if ablation_dir is not None:
+        from ctseg.evaluate.ablation import report_parts
+
+        headline_extra, tables, effects = report_parts(ablation_dir)
+        extra_sections = [*extra_sections, *(Section(t, n, h, r, None) for t, n, h, r in tables)]
+        stress_figures.append(("Ablation: effect of each augmentation component", "each ablated arm minus its "
+                               "reference (Dice, paired 95% bootstrap CI over volumes): clean, all population "
+                               "shifts, each shift; filled dot = CI excludes 0 (docs/ABLATION.md)", effects))
     report = build_report(records, title=title, config=config, thickness_edges_mm=thickness_edges_mm,
-                          flag_rule=flag_rule, extra_sections=extra_sections, stress=stress)
+                          flag_rule=flag_rule, extra_sections=extra_sections, stress=stress,
+                          headline_extra=headline_extra)
     write_results(report, out)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)

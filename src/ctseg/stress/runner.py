@@ -415,3 +415,30 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
                                  for r in rows if r.get("skipped")})
     write_summary(summary, out)
     return summary
+
+
+def merge_stress_parts(parts: Sequence[Path], models: Sequence[ModelSpec], out_dir: str | Path,
+                       cfg: StressConfig) -> dict:
+    """One stress-test folder (settings.json, rows.csv, summary.json, curves.png) from finished parts that ran
+    the same models and axes on disjoint volumes (`ctseg experiment --jobs`); returns the summary."""
+    from ctseg.stress.summary import summarize, write_summary
+
+    out = Path(out_dir)
+    settings = [json.loads((Path(p) / "settings.json").read_text()) for p in parts]
+    rows = [r for p in parts for r in _read_rows(Path(p) / "rows.csv")]
+    first = settings[0]
+    for p, st in zip(parts, settings):
+        if st["models"] != first["models"] or st["axes"] != first["axes"]:
+            raise CtsegError("stress-test parts ran other models or axes; delete the folder to start again", p)
+    merged = {**first, "volumes": sorted(v for st in settings for v in st["volumes"]), "max_volumes": cfg.max_volumes,
+              "parts": [str(Path(p).name) for p in parts]}
+    structures = [c[5:] for c in (rows[0].keys() if rows else []) if c.startswith("dice_")]
+    atomic_write_text(out / "settings.json", json.dumps(merged, indent=1))
+    _write_rows(out / "rows.csv", rows, structures)
+    axes = {a: [float(s) for s in sev] for a, sev in first["axes"].items()}
+    summary = summarize(rows, models, axes, structures, failure_dice=cfg.failure_dice, n_boot=cfg.n_boot,
+                        seed=cfg.seed)
+    summary["skipped"] = sorted({f"case {r['case_id']}: {r['axis']} {r['severity']}: {r['skipped']}"
+                                 for r in rows if r.get("skipped")})
+    write_summary(summary, out)
+    return summary
