@@ -59,7 +59,6 @@ def test_a_composed_arm_shares_one_gate_and_applies_every_step():
 def test_the_paper_arms_keep_their_names_and_behaviour():
     for name, cls in (("ctia", CTIAugmenter), ("mia", PaperMIAugmenter)):
         assert type(build_augmenter(AugmentConfig(name=name), "2d")) is cls
-    assert build_augmenter(AugmentConfig(name="robust"), "2d") is not None  # the shipped recommendation
     with pytest.raises(ValueError, match="reserved"):
         _aug({"ctia": {"steps": [{"family": "mia"}]}}, "ctia")
 

@@ -213,13 +213,9 @@ class ArmConfig(_Section):
                                   "reference); default: the family of its first step")
 
 
-def _robust_arm() -> ArmConfig:
-    """`robust`: the arm chosen by the pre-registered rule of docs/ABLATION.md (set from its measured winner)."""
-    return ArmConfig(steps=[ArmStep(family="mia")], description="robust (MIA, chosen by the ablation rule)")
-
-
-#: Arms every config knows besides its own `augment.arms`.
-BUILTIN_ARMS: dict[str, ArmConfig] = {"robust": _robust_arm()}
+#: Arms every config knows besides its own `augment.arms` (the ablation's recommendation is added here once the
+#: pre-registered rule of docs/ABLATION.md has chosen it).
+BUILTIN_ARMS: dict[str, ArmConfig] = {}
 
 
 class AugmentConfig(_Section):
