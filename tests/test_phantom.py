@@ -258,3 +258,14 @@ def test_population_stress_axes_redraw_the_case(tmp_path):
     pert = reacquire(recipe, "pop-kidney-size", 1.4, "case_00000")
     assert pert.score_on == "perturbed" and pert.label.shape == pert.image.shape
     assert (pert.label.array == 1).any()
+
+
+def test_cli_writes_a_held_out_population_and_refuses_a_bad_shift(tmp_path, capsys):
+    assert main(["phantom", "--cases", "1", "--out", str(tmp_path / "d"), "--population", "habitus=1.3,phase=0.5",
+                 "--no-progress"]) == 0
+    info = json.loads((tmp_path / "d" / "phantom.json").read_text())
+    assert info["overrides"]["population"] == {"habitus": 1.3, "phase": 0.5}
+    assert info["cases"]["case_00000"]["population"]["habitus"] == 1.3
+    with pytest.raises(SystemExit) as exit_info:
+        main(["phantom", "--cases", "1", "--out", str(tmp_path / "e"), "--population", "phase=3"])
+    assert exit_info.value.code == 2 and "population shift out of range: phase=3" in capsys.readouterr().err

@@ -26,8 +26,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed_int, default=0, help="dataset seed (case i uses SeedSequence([seed, i]))")
     parser.add_argument("--size", choices=["small", "full"], default="small",
                         help="small: 128 x 128 in-plane, tens of slices; full: 512 x 512, 20..600 slices")
+    parser.add_argument("--population", type=_population, default=None, metavar="SHIFT=V[,SHIFT=V]",
+                        help="draw the cases from a shifted population (a held-out test set), e.g. habitus=1.3,phase=1; "
+                        "shifts: habitus, fov, kidney_size, tumour_size, phase, kernel (docs/ABLATION.md)")
     parser.add_argument("--overwrite", action="store_true", help="write into a folder that already holds files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _population(text: str) -> dict[str, float]:
+    """'habitus=1.3,phase=1' -> {'habitus': 1.3, 'phase': 1.0}, checked by `Population`."""
+    from ctseg.datasets.phantom import Population
+
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected SHIFT=VALUE, got {part!r}") from None
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected SHIFT=VALUE, got {part!r}")
+    try:
+        Population.of(out)
+    except CtsegError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return out
 
 
 def check_dataset_out(out: Path, overwrite: bool) -> None:
@@ -67,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     with progress:
         task_id = progress.add_task("cases", total=args.cases)
         out = write_phantom_dataset(args.out, task=args.task, n_cases=args.cases, layout=args.layout,
-                                    seed=args.seed, size=args.size, on_case=on_case)
+                                    seed=args.seed, size=args.size, on_case=on_case,
+                                    **({"population": args.population} if args.population else {}))
     console.print(table)
     console.print(f"wrote {args.cases} cases to {escape(str(out))}")
     return 0

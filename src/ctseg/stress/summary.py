@@ -207,16 +207,36 @@ def _gap_text(g: dict) -> str:
     return f"{g['gap']:+.3f}{ci}"
 
 
+def shifted_mean(entry: dict, structure: str) -> float | None:
+    """Mean over the non-clean severities of one model's mean Dice on one axis (absolute, not a gap)."""
+    vals = [p["dice"].get(structure, {}).get("mean") for p in entry["severities"][1:]]
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
 def headline_lines(summary: dict) -> list[str]:
-    """One line per axis: the robustness gap of every model (headline structure) with its 95 % CI."""
+    """A line with each model's clean and mean shifted Dice over all axes, then one line per axis: each model's
+    absolute shifted Dice and its robustness gap (headline structure) with the gap's 95 % CI. A smaller gap from
+    a lower start is not robustness, so the absolute figure comes first."""
     head = summary["headline_structure"]
     names = {m["name"]: m["display"] for m in summary["models"]}
     n = max((p["dice"].get(head, {}).get("n") or 0 for a in summary["axes"].values()
              for e in a["models"].values() for p in e["severities"][:1]), default=0)
-    lines = [f"Stress test, robustness gap (Dice {head}: clean minus mean over the shifted severities; 95% bootstrap "
-             f"CI over {n} volumes{', out-of-fold' if summary.get('out_of_fold') else ''}):"]
+    overall = []
+    for m in summary["models"]:
+        entries = [a["models"][m["name"]] for a in summary["axes"].values() if m["name"] in a["models"]]
+        shifted = [v for v in (shifted_mean(e, head) for e in entries) if v is not None]
+        clean = entries[0]["severities"][0]["dice"].get(head, {}).get("mean") if entries else None
+        if shifted and clean is not None:
+            overall.append(f"{m['display']} {clean:.3f} → {float(np.mean(shifted)):.3f}")
+    lines = [f"Stress test, Dice {head} clean → mean over every shifted severity of every axis "
+             f"({n} volumes{', out-of-fold' if summary.get('out_of_fold') else ''}): " + "; ".join(overall) + ".",
+             f"Per axis, mean shifted Dice {head} (robustness gap: clean minus shifted, 95% bootstrap CI):"]
     for axis, a in summary["axes"].items():
-        parts = [f"{names[m]} {_gap_text(e['gap'].get(head))}" for m, e in a["models"].items()]
+        parts = []
+        for m, e in a["models"].items():
+            sm = shifted_mean(e, head)
+            parts.append(f"{names[m]} {'–' if sm is None else f'{sm:.3f}'} (gap {_gap_text(e['gap'].get(head))})")
         lines.append(f"{axis} ({', '.join(_tick(axis, s) for s in a['severities'])} {a['unit']}): " + "; ".join(parts))
     return lines
 
@@ -226,9 +246,12 @@ def report_tables(summary: dict) -> list[tuple[str, str, list[str], list[list[st
     one column per model."""
     head = summary["headline_structure"]
     models = summary["models"]
-    gap_rows, fail_rows = [], []
+    gap_rows, fail_rows, abs_rows = [], [], []
     for axis, a in summary["axes"].items():
         label = f"{axis} ({a['unit']})"
+        abs_rows.append([label, *(f"{e['severities'][0]['dice'].get(head, {}).get('mean') or 0:.3f} → "
+                                  f"{shifted_mean(e, head) or 0:.3f}" if (e := a["models"].get(m["name"])) else "–"
+                                  for m in models)])
         gap_rows.append([label, *(_gap_text(a["models"].get(m["name"], {}).get("gap", {}).get(head)) for m in models)])
         cells = []
         for m in models:
@@ -238,6 +261,9 @@ def report_tables(summary: dict) -> list[tuple[str, str, list[str], list[list[st
         fail_rows.append([label, *cells])
     header = ["axis", *(m["display"] for m in models)]
     return [
+        (f"{STRESS_TITLE} — Dice {head}, clean → shifted",
+         "mean Dice of the clean volumes → mean over the non-clean severities of the mean Dice (absolute: a small gap "
+         "from a low start is not robustness)", header, abs_rows),
         (f"{STRESS_TITLE} — robustness gap (Dice {head})",
          "clean mean Dice minus the mean over the non-clean severities of the mean Dice (RAMP 2026); positive = "
          "worse under the shift; [95% bootstrap CI over volumes]", header, gap_rows),
