@@ -36,10 +36,10 @@ bench: $(STAMP)
 clean:
 	rm -rf demo-output .pytest_cache .mypy_cache
 
-# The augmentation ablation of docs/ABLATION.md (issue 16): ~90 min on 2 CPU cores; results in ablation-output/
+# The augmentation ablation of docs/ABLATION.md (issue 16) on 2 CPU cores; results in ablation-output/
 ablation: $(STAMP)
-	$(VENV)/bin/ctseg phantom --task kidney --cases 18 --seed 0 --out ablation-output/data
-	$(VENV)/bin/ctseg experiment --config configs/ablation.yaml --data ablation-output/data --out ablation-output --jobs 2
+	OMP_NUM_THREADS=1 $(VENV)/bin/ctseg phantom --task kidney --cases 18 --seed 0 --out ablation-output/data
+	OMP_NUM_THREADS=1 $(VENV)/bin/ctseg experiment --config configs/ablation.yaml --data ablation-output/data --out ablation-output --jobs 3
 
 # Training length of the two paper arms (1x, 2x, 4x the demo's steps), one folder each
 ablation-length: $(STAMP)
