@@ -12,6 +12,7 @@ from rich.table import Table
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_int, seed_int
 from ctseg.errors import CtsegError
+from ctseg.fileutil import output_lock
 
 HELP = "write a synthetic abdominal CT dataset (KiTS19, CHAOS or nnU-Net raw layout) with labels"
 
@@ -46,9 +47,15 @@ def check_dataset_out(out: Path, overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with output_lock(args.out):
+        check_dataset_out(args.out, args.overwrite)  # under the lock: a run that just finished has filled it
+        return _write(args)
+
+
+def _write(args: argparse.Namespace) -> int:
+    """Write the dataset and print its table (under the lock of `run`)."""
     from ctseg.datasets.phantom import CLASSES, write_phantom_dataset
 
-    check_dataset_out(args.out, args.overwrite)
     console = stdout_console()
     table = Table(title=f"phantom {args.task} dataset: {escape(str(args.out))}")
     for col in ("case", "slices", "spacing z/y/x mm", "thick mm", "region", "noise HU",

