@@ -120,3 +120,107 @@ def test_second_writer_of_an_output_folder_is_refused(tmp_path, capsys):
     assert not busy.exists() and not list(tmp_path.glob(".*lock"))
     with output_lock(busy):  # released: the next writer gets it
         pass
+
+
+# --- special files, ambiguous lists -------------------------------------------------------------------------
+
+def label_file(path: Path) -> Path:
+    from ctseg.io import write_volume
+
+    hu = ct_array()
+    return write_volume(Volume(np.where(hu > 400, 2, np.where(hu > 100, 1, 0)).astype(np.uint8), (2.0, 0.8, 0.8)),
+                        path)
+
+
+def test_writers_refuse_to_replace_a_fifo(tmp_path, capsys):
+    from ctseg.errors import CtsegError
+    from ctseg.fileutil import atomic_write_text
+
+    fifo = tmp_path / "results.json"
+    os.mkfifo(fifo)
+    with pytest.raises(CtsegError, match="device, FIFO or socket"):
+        atomic_write_text(fifo, "{}")
+    seg = label_file(tmp_path / "seg.nii.gz")
+    assert cli_main(["evaluate", "--pred", str(seg), "--ref", str(seg), "--out", str(fifo), "--overwrite",
+                     "--no-distances"]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert str(fifo) in err and "FIFO" in err
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "seg.nii.gz"]
+
+
+@pytest.mark.parametrize("classes, message", [("1=a,2=a", "name 'a' empty or given twice"),
+                                              ("1=a,1=b", "value 1 given twice"), ("0=x,1=a", "value 0 given twice")])
+def test_evaluate_refuses_ambiguous_classes(classes, message, tmp_path, capsys):
+    seg = label_file(tmp_path / "seg.nii.gz")
+    assert cli_main(["evaluate", "--pred", str(seg), "--ref", str(seg), "--classes", classes, "--no-distances"]) == 2
+    assert message in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--severity", "dose=-2"], "dose severities must be > 0 and <= 20, got -2"),
+    (["--severity", "dose=0"], "dose severities must be > 0"),
+    (["--axes", "thickness", "--severity", "thickness=-5"], "thickness severities must be 0 (native) to 50 mm"),
+    (["--axes", "rotation", "--severity", "rotation=1e6"], "rotation severities must be -180 to 180"),
+    (["--axes", "pixel-spacing", "--severity", "pixel-spacing=0.001"], "pixel-spacing severities must be 0"),
+    (["--axes", "hu-gain", "--severity", "hu-gain=-1"], "hu-gain severities must be > 0"),
+    (["--severity", "dose=2,,3"], "no empty items"),
+    (["--axes", "dose", "--severity", "thickness=3"], "axis 'thickness' is not among the axes to run"),
+])
+def test_stress_severities_are_range_checked(extra, message, tmp_path, capsys):
+    argv = ["stress", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+            "--no-progress"]
+    assert cli_main(argv + (["--axes", "dose"] if "--axes" not in extra else []) + extra) == 2
+    assert message in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option", [["--seed", "-1"], ["--batch-size", "0"], ["--max-volumes", "0"]])
+def test_stress_numeric_options_are_usage_errors(option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["stress", "--model", "m", "--data", "d", "--out", str(tmp_path / "o"), *option])
+    assert exc.value.code == 2 and option[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stress: {seed: -1}\n", "stress.seed"),
+    ("stress: {n_boot: 1000000000}\n", "stress.n_boot"),
+    ("train: {loss_tanimoto_weight: 0, loss_ce_weight: 0}\n", "both 0"),
+    ("train:\n  epochs: 2\n  epochs: 3\n", "duplicate key 'epochs'"),
+    ("experiment:\n  profiles: {x: {train: {epochs: 0}}}\n", "profile 'x'"),
+    ("experiment:\n  profiles: {x: {}}\n", "unknown profile 'y'"),
+])
+def test_bad_configs_are_one_line_naming_the_file(text, message, tmp_path, capsys):
+    cfg = config(tmp_path, text)
+    profile = ["--profile", "y" if "unknown" in message else "x"] if "profile" in text else []
+    assert cli_main(["stress", "--model", "m", "--data", "d", "--out", str(tmp_path / "o"), "--config", str(cfg),
+                     *profile, "--axes", "dose"]) == 2
+    err = capsys.readouterr().err  # a configuration's errors are listed one a line under the file's name
+    assert err.startswith(f"error: {cfg}") and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_plan_json_holding_a_list_is_one_line(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert cli_main(["preprocess", str(kits(tmp_path / "kits")), "--out", str(cache), "--config",
+                     str(config(tmp_path)), "--no-progress"]) == 0
+    (cache / "plan.json").write_text("[1, 2]")
+    assert cli_main(["train", "--data", str(cache), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "damaged (a JSON list" in err and str(cache / "plan.json") in err
+    from ctseg.errors import CtsegError
+    from ctseg.preprocess.windowing import IntensityPlan
+
+    with pytest.raises(CtsegError, match="must be a JSON object") as exc:
+        IntensityPlan.from_dict([1, 2], cache / "plan.json")
+    assert str(cache / "plan.json") in str(exc.value)
+
+
+def test_train_ids_with_a_bom_and_duplicate_lines(tmp_path, caplog):
+    data, cache = kits(tmp_path / "kits", n=3), tmp_path / "cache"
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes("\ufeffcase_00000\ncase_00001\ncase_00000\n".encode("utf-8"))
+    assert cli_main(["preprocess", str(data), "--out", str(cache), "--config", str(config(tmp_path)),
+                     "--train-ids", str(ids), "--no-progress"]) == 0
+    plan = json.loads((cache / "plan.json").read_text())
+    assert plan["train_ids"] == ["case_00000", "case_00001"] and plan["subset"] == ["case_00000", "case_00001"]
+    assert "1 duplicate line(s) ignored (case_00000)" in caplog.text and str(ids) in caplog.text

@@ -386,8 +386,9 @@ def read_cv_manifest(run_dir: str | Path) -> dict:
         raise CtsegError("not a cross-validation folder (no cv.json); run `ctseg cv` first", run_dir) from None
     except ValueError as err:
         raise CtsegError(f"unreadable ({err})", path) from None
-    if info.get("format") != CV_FORMAT:
-        raise CtsegError(f"format {info.get('format')!r}, expected {CV_FORMAT!r}", path)
+    if not isinstance(info, dict) or info.get("format") != CV_FORMAT:
+        raise CtsegError(f"not a cv.json of ctseg (format {info.get('format') if isinstance(info, dict) else info!r:.40}, "
+                         f"expected {CV_FORMAT!r})", path)
     return info
 
 

@@ -46,6 +46,11 @@ def parse_classes(text: str) -> dict[int, str]:
     try:
         for part in text.split(","):
             value, name = part.split("=", 1)
+            if int(value) in classes:
+                raise CtsegError(f"--classes: value {int(value)} given twice (or 0, the background), in {text!r}")
+            if not name.strip() or name.strip() in classes.values():
+                raise CtsegError(f"--classes: class name {name.strip()!r} empty or given twice, in {text!r}; "
+                                 "every class needs its own name")
             classes[int(value)] = name.strip()
     except ValueError:
         raise CtsegError(f"--classes: expected kits, chaos or 'VALUE=NAME,...', got {text!r}") from None

@@ -156,6 +156,9 @@ class CaseCache:
             info = json.loads(plan_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CtsegError(f"unreadable ({err}); re-run `ctseg preprocess` to rebuild the cache", plan_path) from None
+        if not isinstance(info, dict):
+            raise CtsegError(f"damaged (a JSON {type(info).__name__}, not an object); re-run `ctseg preprocess` to "
+                             "rebuild the cache", plan_path)
         if info.get("format") != CACHE_FORMAT:
             raise CtsegError(f"cache format {info.get('format')!r}, this ctseg reads {CACHE_FORMAT}; "
                              "re-run `ctseg preprocess` to rebuild the cache", plan_path)
@@ -203,7 +206,7 @@ class CaseCache:
             raise CtsegError("missing; re-run `ctseg preprocess` to rebuild the cache", path) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CtsegError(f"unreadable ({err}); re-run `ctseg preprocess` to rebuild it", path) from None
-        if meta.get("fingerprint") != self.fingerprint:
+        if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint:
             raise CtsegError("built with other settings than this cache's plan.json (stale); re-run "
                              "`ctseg preprocess` to rebuild it", path)
         self._meta[case_id] = meta
@@ -261,6 +264,8 @@ def _case_state(cases_dir: Path, case_id: str, fingerprint: str, source: str | N
     except FileNotFoundError:
         return "missing"
     except (json.JSONDecodeError, UnicodeDecodeError):
+        return "corrupt"
+    if not isinstance(meta, dict):
         return "corrupt"
     if meta.get("fingerprint") != fingerprint:
         return "stale"
@@ -345,7 +350,7 @@ def _read_plan_json(path: Path) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("%s is unreadable: recomputing the intensity plan", path)
         return None
-    return info if info.get("format") == CACHE_FORMAT else None
+    return info if isinstance(info, dict) and info.get("format") == CACHE_FORMAT else None
 
 
 def _load_and_write(dataset: Dataset, case_id: str, cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig,
@@ -406,7 +411,7 @@ def build_cache(dataset: Dataset, out_dir: str | Path, cfg: ExperimentConfig, rn
     bad = [i for i in ids if not _SAFE_ID.match(i)]
     if bad:
         raise CtsegError(f"case ids unusable as file names: {', '.join(bad[:5])}", dataset_root)
-    pool = list(train_ids) if train_ids is not None else ids
+    pool = list(dict.fromkeys(train_ids)) if train_ids is not None else ids
     unknown = sorted(set(pool) - set(ids))
     if unknown:
         raise CtsegError(f"training case ids not in the dataset: {', '.join(unknown[:10])}", dataset_root)

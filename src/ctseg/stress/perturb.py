@@ -412,3 +412,19 @@ AXES: dict[str, Axis] = {a.name: a for a in (
     Axis("phantom-thickness", 1.0, (1.0, 1.5, 2.0, 3.0, 4.0), "x native", None,
          "phantom re-rendered with k x its slice thickness", needs_phantom=True),
 )}
+
+#: The severities each axis can take at all (checked when the settings are read); a plausible value that one
+#: volume cannot take (slices thinner than native) is skipped for that volume instead (`DegenerateSeverity`).
+VALID_SEVERITY: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "thickness": ("0 (native) to 50 mm", lambda s: 0 <= s <= 50),
+    "thickness-factor": ("> 0 and <= 20", lambda s: 0 < s <= 20),
+    "dose": ("> 0 and <= 20", lambda s: 0 < s <= 20),
+    "dose-projection": ("> 0 and <= 20", lambda s: 0 < s <= 20),
+    "hu-offset": ("-1000 to 1000 HU", lambda s: -1000 <= s <= 1000),
+    "hu-gain": ("> 0 and <= 10", lambda s: 0 < s <= 10),
+    "contrast": ("-5 to 5", lambda s: -5 <= s <= 5),
+    "rotation": ("-180 to 180 degrees", lambda s: -180 <= s <= 180),
+    "pixel-spacing": ("0 (native) or 0.1 to 5 mm", lambda s: s == 0 or 0.1 <= s <= 5),
+    "phantom-dose": ("> 0 and <= 20", lambda s: 0 < s <= 20),
+    "phantom-thickness": ("> 0 and <= 20", lambda s: 0 < s <= 20),
+}
