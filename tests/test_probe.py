@@ -14,7 +14,7 @@ import pytest
 from ctseg.cli import main as cli_main
 from ctseg.datasets.kits19 import write_kits19_case
 from ctseg.io import Volume
-from test_bad_inputs import REPO, ct_array, one_line_error
+from test_bad_inputs import REPO, ct_array, leftovers, model, one_line_error, predict  # noqa: F401 (fixture)
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 SMALL = "preprocess: {in_plane_size: 32, subset_size: 2}\n"
@@ -224,3 +224,62 @@ def test_train_ids_with_a_bom_and_duplicate_lines(tmp_path, caplog):
     plan = json.loads((cache / "plan.json").read_text())
     assert plan["train_ids"] == ["case_00000", "case_00001"] and plan["subset"] == ["case_00000", "case_00001"]
     assert "1 duplicate line(s) ignored (case_00000)" in caplog.text and str(ids) in caplog.text
+
+
+# --- values and geometry that reading must refuse ----------------------------------------------------------------
+
+def _slope_nifti(path: Path) -> Path:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(ct_array().T), np.diag([0.8, 0.8, 2.0, 1.0]))
+    img.header.set_slope_inter(1e38, 0)
+    nib.save(img, path)
+    return path
+
+
+def _huge_mha(path: Path) -> Path:
+    import SimpleITK as sitk
+
+    array = ct_array().astype(np.float64)
+    array[3, 10, 10] = 1e300
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return path
+
+
+def _zero_pixdim(path: Path) -> Path:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(ct_array().T), None)
+    img.header.set_sform(None, code=0)
+    img.header.set_qform(None, code=0)
+    img.header["pixdim"][1:4] = 0
+    nib.save(img, path)
+    return path
+
+
+@pytest.mark.parametrize("build, name, message", [
+    (_slope_nifti, "slope.nii.gz", "voxels are beyond the float32 range"),
+    (_huge_mha, "huge.mha", "1 voxels are beyond the float32 range"),
+    (_zero_pixdim, "zero.nii", "voxel size (pixdim) [0.0, 0.0, 0.0] has a zero and neither sform nor qform"),
+])
+def test_unrepresentable_values_and_unknown_voxel_size_are_refused(build, name, message, tmp_path, model, capsys):
+    path = build(tmp_path / name)
+    assert predict(path, tmp_path / "out" / "seg.nii.gz", model) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert message in err and str(path) in err
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_damaged_dicom_slice_is_named(tmp_path, caplog):
+    from ctseg.dicom import write_dicom_series
+    from ctseg.errors import CtsegError
+    from ctseg.io import read_dicom_files, read_volume
+
+    paths = write_dicom_series(Volume(ct_array((6, 24, 24)), (2.0, 0.8, 0.8)), tmp_path / "series")
+    damaged = Path(paths[2])
+    damaged.write_bytes(b"\0" * 128 + b"DICM" + np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    read_volume(tmp_path / "series")
+    assert f"{damaged}: skipped: damaged: a DICOM preamble (DICM) but no readable DICOM header" in caplog.text
+    with pytest.raises(CtsegError, match="damaged") as exc:
+        read_dicom_files(paths)
+    assert str(damaged) in str(exc.value)
