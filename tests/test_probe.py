@@ -283,3 +283,32 @@ def test_damaged_dicom_slice_is_named(tmp_path, caplog):
     with pytest.raises(CtsegError, match="damaged") as exc:
         read_dicom_files(paths)
     assert str(damaged) in str(exc.value)
+
+
+# --- tracebacks that become one line ------------------------------------------------------------------------
+
+_ULIMIT_V_SCRIPT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_AS)[1]))
+from ctseg.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_training_under_ulimit_v_is_refused_by_the_memory_guard(tmp_path):
+    """A step estimated at ~5 GiB under a 3.5 GiB address-space limit: refused with the limit as what is available
+    (not MemAvailable, which may be far larger), before torch fails to allocate."""
+    import re
+
+    from test_bad_inputs import tiny_cache
+
+    root = tiny_cache(tmp_path / "cache")
+    cfg = config(tmp_path, SMALL + "model: {arch: msd, msd: {depth: 2, max_dilation: 2}}\n"
+                 "train: {batch_size_2d: 60000, epochs: 1, steps_per_epoch: 1, device: cpu}\n")
+    proc = subprocess.run([sys.executable, "-c", _ULIMIT_V_SCRIPT, str(int(3.5 * 2**30)), "train", "--data",
+                           str(root), "--out", str(tmp_path / "run"), "--config", str(cfg), "--no-progress"],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = one_line_error(proc.stderr)
+    available = float(re.search(r"but ([\d.]+) GiB are available", err).group(1))
+    assert "train.batch_size_2d" in err and available < 3.5, err
