@@ -312,3 +312,28 @@ def test_training_under_ulimit_v_is_refused_by_the_memory_guard(tmp_path):
     err = one_line_error(proc.stderr)
     available = float(re.search(r"but ([\d.]+) GiB are available", err).group(1))
     assert "train.batch_size_2d" in err and available < 3.5, err
+
+
+def test_phantom_case_count_is_bounded(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["phantom", "--out", str(tmp_path / "p"), "--cases", "100000000"])
+    assert exc.value.code == 2 and "--cases: must be in 1..10000, got 100000000" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_non_ascii_path_on_an_ascii_terminal_and_each_log_line_once(tmp_path):
+    """`inspect` of a folder named 'dätä' with PYTHONIOENCODING=ascii prints escapes instead of a traceback; the
+    warning nibabel logs (pixdim 0 with an sform) comes out once, not once per handler."""
+    import nibabel as nib
+
+    data = kits(tmp_path / "dätä", n=1)
+    image = data / "case_00000" / "imaging.nii.gz"
+    img = nib.load(image)
+    fixed = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, header=img.header)
+    fixed.header["pixdim"][1:4] = 0
+    nib.save(fixed, image)
+    proc = subprocess.run([sys.executable, "-m", "ctseg.cli", "inspect", str(data)], capture_output=True,
+                          env={**ENV, "PYTHONIOENCODING": "ascii", "COLUMNS": "200"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "d\\xe4t\\xe4" in proc.stdout.decode("ascii")
+    assert proc.stderr.decode("ascii").count("pixdim[1,2,3] should be non-zero") == 1, proc.stderr
