@@ -337,3 +337,16 @@ def test_non_ascii_path_on_an_ascii_terminal_and_each_log_line_once(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "d\\xe4t\\xe4" in proc.stdout.decode("ascii")
     assert proc.stderr.decode("ascii").count("pixdim[1,2,3] should be non-zero") == 1, proc.stderr
+
+
+def test_dicom_seg_of_a_chaos_patient_is_one_line(tmp_path, model, capsys):
+    from ctseg.datasets.chaos import write_chaos_case
+
+    hu = ct_array((6, 24, 24))
+    patient = write_chaos_case(tmp_path / "CT", "1", Volume(hu, (2.0, 0.8, 0.8)),
+                               Volume((hu > 100).astype(np.uint8), (2.0, 0.8, 0.8)))
+    out = tmp_path / "out"
+    assert predict(patient, out / "seg.dcm", model, "--output-type", "dicom-seg") == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "a DICOM-SEG references one series, but these 6 slices carry 6 SeriesInstanceUIDs" in err, err
+    assert str(patient) in err and leftovers(out) == []
