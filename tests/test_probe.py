@@ -350,3 +350,24 @@ def test_dicom_seg_of_a_chaos_patient_is_one_line(tmp_path, model, capsys):
     err = one_line_error(capsys.readouterr().err)
     assert "a DICOM-SEG references one series, but these 6 slices carry 6 SeriesInstanceUIDs" in err, err
     assert str(patient) in err and leftovers(out) == []
+
+
+# --- outputs written into datasets ----------------------------------------------------------------------------
+
+def test_outputs_inside_or_around_a_dataset_are_refused(tmp_path, capsys):
+    data = kits(tmp_path / "kits")
+    before = leftovers(data)
+    for argv, message in [
+        (["preprocess", str(data), "--out", str(data / "case_00000")], "--out is inside the dataset folder"),
+        (["preprocess", str(data), "--out", str(tmp_path)], "--out contains the dataset folder"),
+        (["train", "--data", str(data), "--cache", str(data), "--out", str(tmp_path / "run")],
+         "--cache is inside the dataset folder"),
+        (["train", "--data", str(data), "--out", str(data / "run")], "--out is inside the dataset folder"),
+        (["cv", "--data", str(data), "--cache", str(data), "--out", str(tmp_path / "cv")],
+         "--cache is inside the dataset folder"),
+        (["demo", "--out", str(data), "--profile", "ci"], "--out is a dataset folder"),
+    ]:
+        assert cli_main([*argv, "--no-progress"]) == 2, argv
+        err = one_line_error(capsys.readouterr().err)
+        assert message in err, err
+    assert leftovers(data) == before and sorted(p.name for p in tmp_path.iterdir()) == ["kits"]

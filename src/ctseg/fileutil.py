@@ -71,6 +71,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def refuse_overlap(out: str | Path, dataset: str | Path, option: str) -> None:
+    """CtsegError when the output `out` (given as `option`) is the dataset folder, lies inside it or contains it:
+    ctseg never writes into a dataset, and a dataset inside an output folder would be mixed with results."""
+    o, d = Path(out).resolve(), Path(dataset).resolve()
+    if o == d or d in o.parents:
+        raise CtsegError(f"{option} is inside the dataset folder {dataset}: the output would be written into the "
+                         "dataset; give a folder outside it", out)
+    if o in d.parents:
+        raise CtsegError(f"{option} contains the dataset folder {dataset}: outputs would be mixed with the data; "
+                         "give a folder beside it", out)
+
+
 def _lock_path(folder: Path) -> Path:
     folder = folder.resolve()
     return folder.parent / f".{folder.name}.ctseg-lock"

@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import nonnegative_int
-from ctseg.fileutil import output_lock
+from ctseg.fileutil import output_lock, refuse_overlap
 
 HELP = "cross-validate one configuration (slice-sorted folds); folds can run as separate jobs with --fold"
 
@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     console = stdout_console()
     ident = RunIdentity.of(cfg)
     console.print(f"cross-validating [bold]{ident.name}[/] on {escape(str(args.data))} -> {escape(str(args.out))}")
+    for option, path in (("--out", args.out), ("--cache", args.cache), ("--folds-file", args.folds_file)):
+        if path is not None:
+            refuse_overlap(path, args.data, option)
     folds = sorted(set(args.fold)) if args.fold else list(range(cfg.cv.n_folds))
     with ExitStack() as locks:  # a lock per fold: separate jobs may run other folds of the same run at once
         for k in folds:

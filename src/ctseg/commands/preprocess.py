@@ -13,7 +13,7 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import seed_int
 from ctseg.config import ExperimentConfig, load_config, save_config
 from ctseg.errors import CtsegError
-from ctseg.fileutil import output_lock
+from ctseg.fileutil import output_lock, refuse_overlap
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.out.is_dir():
         raise CtsegError("--out is a file; give a folder for the cache", args.out)
-    if args.dataset.exists() and args.out.resolve() == args.dataset.resolve():
-        raise CtsegError("--out is the dataset folder: the cache would be written into the dataset; give another "
-                         "folder", args.out)
+    refuse_overlap(args.out, args.dataset, "--out")
     cfg = load_config(args.config) if args.config else ExperimentConfig()
     if args.seed is not None:
         cfg.seed = args.seed

@@ -23,7 +23,7 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import nonnegative_int, positive_int, seed_int
 from ctseg.config import ExperimentConfig, load_config
 from ctseg.errors import CtsegError
-from ctseg.fileutil import output_lock
+from ctseg.fileutil import output_lock, refuse_overlap
 
 if TYPE_CHECKING:
     from ctseg.evaluate.folds import Folds
@@ -81,6 +81,8 @@ def _open_cache(args: argparse.Namespace, cfg: ExperimentConfig, ctx: DistContex
     if (args.data / PLAN_FILE).is_file():
         return CaseCache(args.data, expected=cfg), args.data.resolve().parent / FOLDS_FILE
     cache_dir = args.cache or args.out.resolve().parent / "cache"
+    refuse_overlap(args.out, args.data, "--out")
+    refuse_overlap(cache_dir, args.data, "--cache" if args.cache else "the cache (default <out>/../cache)")
     folds_file = Path(cache_dir).resolve().parent / FOLDS_FILE
     cfg.data.path = str(args.data)
     if args.fold is not None:
