@@ -4,6 +4,7 @@ into datasets. Every bad input is built here; every failure is one line naming t
 nothing half-written."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,10 +90,18 @@ def test_train_on_other_data_with_the_same_cache_rebuilds_it(tmp_path):
         assert cached_label(cache, "case_00000").shape[0] == (6 if name == "a" else 8)
 
 
-def test_cv_on_other_data_into_the_same_folder_is_refused(tmp_path, capsys):
-    out, cfg = tmp_path / "cv", config(tmp_path, TINY_TRAIN)
-    assert cli_main(["cv", "--data", str(kits(tmp_path / "a", n=4)), "--out", str(out), "--config", str(cfg),
-                     "--no-progress"]) == 0
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory) -> Path:
+    """A finished 2-fold cross-validation of a depth-2 MS-D Net on 4 tiny KiTS19 cases."""
+    root = tmp_path_factory.mktemp("cv")
+    out = root / "cv"
+    assert cli_main(["cv", "--data", str(kits(root / "a", n=4)), "--out", str(out), "--config",
+                     str(config(root, TINY_TRAIN)), "--no-progress"]) == 0
+    return out
+
+
+def test_cv_on_other_data_into_the_same_folder_is_refused(cv_run, tmp_path, capsys):
+    out, cfg = cv_run, config(tmp_path, TINY_TRAIN)
     before = (out / "cv.json").read_text()
     assert cli_main(["cv", "--data", str(kits(tmp_path / "b", n=4, seed=9)), "--out", str(out), "--config",
                      str(cfg), "--no-progress"]) == 2
@@ -371,3 +380,62 @@ def test_outputs_inside_or_around_a_dataset_are_refused(tmp_path, capsys):
         err = one_line_error(capsys.readouterr().err)
         assert message in err, err
     assert leftovers(data) == before and sorted(p.name for p in tmp_path.iterdir()) == ["kits"]
+
+
+# --- full disk and partial output -------------------------------------------------------------------------------
+
+_FSIZE_SCRIPT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+from ctseg.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_with_file_size_limit(limit: int, *argv: str) -> subprocess.CompletedProcess:
+    """The CLI with every write past `limit` bytes failing (EFBIG), as a full disk (ENOSPC) would."""
+    return subprocess.run([sys.executable, "-c", _FSIZE_SCRIPT, str(limit), *argv], capture_output=True, text=True,
+                          env=ENV, timeout=120)
+
+
+def hidden(folder: Path) -> list[str]:
+    return [str(p) for p in folder.rglob(".*")] if folder.exists() else []
+
+
+def test_preprocess_on_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path):
+    """The cached image (6 x 32 x 32 float16, 12 kB) does not fit under 8 kB: ENOSPC-like, never SIGBUS."""
+    cache = tmp_path / "cache"
+    proc = run_with_file_size_limit(8000, "preprocess", str(kits(tmp_path / "kits")), "--out", str(cache),
+                                    "--config", str(config(tmp_path)), "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    err = one_line_error(proc.stderr)
+    assert "cannot write (File too large)" in err and str(cache / "cases") in err and ".tmp" not in err
+    assert hidden(cache) == [] and not (cache / "plan.json").exists()
+
+
+def test_phantom_on_a_full_disk_names_the_file_and_leaves_no_folder(tmp_path):
+    out = tmp_path / "phantom"
+    proc = run_with_file_size_limit(20000, "phantom", "--out", str(out), "--cases", "2", "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    err = one_line_error(proc.stderr)
+    assert "cannot write (File too large)" in err and str(out) in err and ".tmp" not in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_report_that_fails_leaves_nothing_new(cv_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    proc = run_with_file_size_limit(3000, "report", str(cv_run), "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    err = one_line_error(proc.stderr)
+    assert "cannot write (File too large)" in err and str(out) in err and ".tmp" not in err
+    assert not out.exists()
+    moved = tmp_path / "cv"
+    shutil.copytree(cv_run, moved)
+    overlay = next(moved.glob("fold_0/overlays/*.npz"))
+    overlay.unlink()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli_main(["report", str(moved), "--out", str(out)]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert str(overlay) in err
+    assert sorted(p.name for p in out.rglob("*")) == ["notes.txt"]

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import shutil
 import stat
 import uuid
 import zlib
@@ -27,6 +28,44 @@ from ctseg.errors import CtsegError
 
 #: Bytes of each input file hashed by `content_signature` (the header, and more for small files).
 SIGNATURE_HEAD = 64 * 1024
+
+
+#: errno values that mean "this output cannot be written here", whatever the writer.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+class WriteError(CtsegError, OSError):
+    """An output that could not be written (disk full, ...): a CtsegError naming the output, and still an
+    OSError for code that handles failed writes."""
+
+
+def _write_error(exc: OSError, path: Path) -> OSError:
+    """`exc` as a WriteError naming `path` when it is a failed write, else `exc` itself."""
+    if isinstance(exc, CtsegError) or exc.errno not in _WRITE_ERRNOS:
+        return exc
+    return WriteError(f"cannot write ({exc.strerror})", path)
+
+
+@contextmanager
+def removed_on_failure(folder: str | Path) -> Iterator[None]:
+    """Remove what the block added under `folder` (files and folders that were not there before; `folder`
+    itself if it did not exist) when the block raises, so that a failed run leaves no partial output. Files
+    that existed are left to the atomic writers: each is the old or the new version, whole."""
+    folder = Path(folder)
+    existed = folder.exists()
+    before = set(folder.rglob("*")) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.is_dir():
+            for path in sorted(set(folder.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
 
 
 def refuse_special_file(path: str | Path) -> None:
@@ -46,15 +85,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; renamed onto `path` when the block succeeds.
 
     Creates the parent folder. The temporary is unique per call (concurrent writers never share it)
-    and is deleted if the block raises.
+    and is deleted if the block raises. A full disk, a file-size or quota limit, a read-only or failing
+    file system become a `WriteError` naming `path` (not the temporary).
     """
     path = Path(path)
     refuse_special_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(exc, path) from exc
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(exc, path) from exc
     finally:
         tmp.unlink(missing_ok=True)
 

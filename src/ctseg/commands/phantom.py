@@ -12,7 +12,7 @@ from rich.table import Table
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import int_range, seed_int
 from ctseg.errors import CtsegError
-from ctseg.fileutil import output_lock
+from ctseg.fileutil import output_lock, removed_on_failure
 
 #: More cases than any public CT dataset holds (KiTS19: 300); a larger count is a typo, not a dataset.
 MAX_CASES = 10_000
@@ -53,7 +53,8 @@ def check_dataset_out(out: Path, overwrite: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     with output_lock(args.out):
         check_dataset_out(args.out, args.overwrite)  # under the lock: a run that just finished has filled it
-        return _write(args)
+        with removed_on_failure(args.out):
+            return _write(args)
 
 
 def _write(args: argparse.Namespace) -> int:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import errno
 import multiprocessing
+import os
 import re
 import time
 import zlib
@@ -278,10 +280,22 @@ def _case_state(cases_dir: Path, case_id: str, fingerprint: str, source: str | N
     return "ok"
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the blocks of the (sparse) file a memmap writes, so that a full disk is ENOSPC now rather than
+    SIGBUS when a page is written; file systems without fallocate are left as they are."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+
+
 def _write_image(final: Path, volume_hu: np.ndarray, plan: IntensityPlan, size: int, dtype: str,
                  box: Box | None) -> None:
     with atomic_path(final) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(volume_hu.shape[0], size, size))
+        _reserve(tmp)
         preprocess_volume(volume_hu, plan, size, out=out, box=box)
         out.flush()
         del out
