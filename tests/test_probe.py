@@ -439,3 +439,12 @@ def test_report_that_fails_leaves_nothing_new(cv_run, tmp_path, capsys):
     err = one_line_error(capsys.readouterr().err)
     assert str(overlay) in err
     assert sorted(p.name for p in out.rglob("*")) == ["notes.txt"]
+
+
+def test_write_errors_name_the_output_not_its_temporary(tmp_path, capsys):
+    """A 245-character name is valid; its temporary (`.tmp-<hex>-` before it) is too long for the file system."""
+    seg = label_file(tmp_path / "seg.nii.gz")
+    out = tmp_path / ("e" * 240 + ".json")
+    assert cli_main(["evaluate", "--pred", str(seg), "--ref", str(seg), "--out", str(out), "--no-distances"]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert str(out) in err and ".tmp" not in err and "File name too long" in err

@@ -21,7 +21,7 @@ import stat
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ctseg.errors import CtsegError
@@ -39,11 +39,13 @@ class WriteError(CtsegError, OSError):
     OSError for code that handles failed writes."""
 
 
-def _write_error(exc: OSError, path: Path) -> OSError:
-    """`exc` as a WriteError naming `path` when it is a failed write, else `exc` itself."""
-    if isinstance(exc, CtsegError) or exc.errno not in _WRITE_ERRNOS:
+def _write_error(exc: OSError, path: Path, tmp: Path | None = None) -> OSError:
+    """`exc` as a WriteError naming `path` when it is a failed write or names the temporary `tmp` (a message
+    must name the user's file, never `.tmp-…`), else `exc` itself."""
+    about_tmp = tmp is not None and exc.filename is not None and Path(os.fsdecode(exc.filename)) == tmp
+    if isinstance(exc, CtsegError) or not (exc.errno in _WRITE_ERRNOS or about_tmp):
         return exc
-    return WriteError(f"cannot write ({exc.strerror})", path)
+    return WriteError(f"cannot write ({exc.strerror or exc})", path)
 
 
 @contextmanager
@@ -99,9 +101,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
-        raise _write_error(exc, path) from exc
+        raise _write_error(exc, path, tmp) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # e.g. a name too long to exist: the error above says what went wrong
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
