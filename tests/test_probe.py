@@ -448,3 +448,13 @@ def test_write_errors_name_the_output_not_its_temporary(tmp_path, capsys):
     assert cli_main(["evaluate", "--pred", str(seg), "--ref", str(seg), "--out", str(out), "--no-distances"]) == 2
     err = one_line_error(capsys.readouterr().err)
     assert str(out) in err and ".tmp" not in err and "File name too long" in err
+
+
+def test_stress_skips_unlabelled_cases_with_a_count(tmp_path, model, caplog):
+    data = kits(tmp_path / "kits", n=2)
+    write_kits19_case(data, "case_00002", Volume(ct_array((6, 32, 32)), (2.0, 1.0, 1.0)), None)
+    out = tmp_path / "stress"
+    assert cli_main(["stress", "--model", str(model), "--data", str(data), "--out", str(out), "--axes", "hu-offset",
+                     "--severity", "hu-offset=30", "--device", "cpu", "--no-progress"]) == 0
+    assert "1 unlabelled case(s) skipped" in caplog.text and "2 left" in caplog.text
+    assert json.loads((out / "settings.json").read_text())["volumes"] == ["case_00000", "case_00001"]

@@ -75,6 +75,10 @@ class FolderDataset(Generic[Source]):
     def load(self, case_id: str) -> Case:
         raise NotImplementedError
 
+    def has_label(self, case_id: str) -> bool:
+        """Whether the case has a label (known without reading it)."""
+        raise NotImplementedError
+
     def source_files(self, case_id: str) -> list[Path]:
         """Every file a case is read from (files of its folders, hidden ones excepted), for
         `case_signature`."""
