@@ -118,15 +118,15 @@ def test_second_writer_of_an_output_folder_is_refused(tmp_path, capsys):
     data = kits(tmp_path / "kits")
     busy = tmp_path / "busy"
     argvs = [["train", "--data", str(data), "--out", str(busy), "--no-progress"],
-             ["cv", "--data", str(data), "--out", str(busy.parent), "--fold", "0", "--no-progress"],
+             ["cv", "--data", str(data), "--out", str(tmp_path / "cv"), "--fold", "0", "--no-progress"],
              ["phantom", "--out", str(busy), "--cases", "1", "--no-progress"],
              ["preprocess", str(data), "--out", str(busy), "--no-progress"]]
-    with output_lock(busy), output_lock(tmp_path / "fold_0"):
+    with output_lock(busy), output_lock(tmp_path / "cv" / "fold_0"):
         for argv in argvs:
             assert cli_main(argv) == 2, argv
             err = one_line_error(capsys.readouterr().err)
             assert "another ctseg process (pid %d) is writing into this folder" % os.getpid() in err, err
-    assert not busy.exists() and not list(tmp_path.glob(".*lock"))
+    assert not busy.exists() and not list(tmp_path.rglob(".*lock"))
     with output_lock(busy):  # released: the next writer gets it
         pass
 
