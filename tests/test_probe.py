@@ -168,7 +168,7 @@ def test_evaluate_refuses_ambiguous_classes(classes, message, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--severity", "dose=-2"], "dose severities must be > 0 and <= 20, got -2"),
     (["--severity", "dose=0"], "dose severities must be > 0"),
-    (["--axes", "thickness", "--severity", "thickness=-5"], "thickness severities must be 0 (native) to 50 mm"),
+    (["--axes", "thickness", "--severity", "thickness=-5"], "thickness severities must be 0 (native) to 100 mm"),
     (["--axes", "rotation", "--severity", "rotation=1e6"], "rotation severities must be -180 to 180"),
     (["--axes", "pixel-spacing", "--severity", "pixel-spacing=0.001"], "pixel-spacing severities must be 0"),
     (["--axes", "hu-gain", "--severity", "hu-gain=-1"], "hu-gain severities must be > 0"),

@@ -416,8 +416,8 @@ AXES: dict[str, Axis] = {a.name: a for a in (
 #: The severities each axis can take at all (checked when the settings are read); a plausible value that one
 #: volume cannot take (slices thinner than native) is skipped for that volume instead (`DegenerateSeverity`).
 VALID_SEVERITY: dict[str, tuple[str, Callable[[float], bool]]] = {
-    "thickness": ("0 (native) to 50 mm", lambda s: 0 <= s <= 50),
-    "thickness-factor": ("> 0 and <= 20", lambda s: 0 < s <= 20),
+    "thickness": ("0 (native) to 100 mm", lambda s: 0 <= s <= 100),
+    "thickness-factor": ("> 0 and <= 100", lambda s: 0 < s <= 100),
     "dose": ("> 0 and <= 20", lambda s: 0 < s <= 20),
     "dose-projection": ("> 0 and <= 20", lambda s: 0 < s <= 20),
     "hu-offset": ("-1000 to 1000 HU", lambda s: -1000 <= s <= 1000),
