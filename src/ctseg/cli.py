@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import pkgutil
 import signal
@@ -102,12 +103,33 @@ def print_error(message: object) -> None:
     console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
+def _unencodable_as_escapes() -> None:
+    """Characters that stdout/stderr's encoding cannot hold (a non-ASCII path under PYTHONIOENCODING=ascii or
+    a C locale) are printed as backslash escapes instead of raising UnicodeEncodeError mid-output."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _log_once_through_root(level: int) -> None:
+    """One handler, rich on stderr, at the root logger; a library logger that prints to stderr itself and also
+    passes its records on to the root (nibabel's `nibabel.global`) would print each line twice: its own stream
+    handlers are removed. Python warnings go through logging too."""
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    for logger in [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]:
+        if isinstance(logger, logging.Logger) and logger.propagate:
+            for handler in list(logger.handlers):
+                if type(handler) is logging.StreamHandler:
+                    logger.removeHandler(handler)
+    logging.captureWarnings(True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _unencodable_as_escapes()
     parser = build_parser()
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
-    logging.captureWarnings(True)
+    _log_once_through_root(level)
     tune_malloc()
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -1,8 +1,9 @@
 """One typed experiment configuration: YAML in, validated, saved beside every result.
 
 Every section is a pydantic model with defaults from the paper (`shared/design/METHOD.md`);
-unknown keys are refused so that a typo never silently falls back to a default.
-Load with `load_config(path)`, save with `save_config(cfg, path)` (atomic).
+unknown keys, and a key given twice in one mapping, are refused so that a typo never silently falls back to
+a default or to the last value. Load with `load_config(path)` (which remembers the file in `cfg.source`, for
+messages about it), save with `save_config(cfg, path)` (atomic).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_write_text
@@ -316,6 +317,13 @@ class TrainConfig(_Section):
     device: str = "auto"
     tensorboard: bool = False
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.loss_tanimoto_weight == 0 and self.loss_ce_weight == 0:
+            raise ValueError("loss_tanimoto_weight and loss_ce_weight are both 0: the loss would be 0 and nothing "
+                             "would be learned")
+        return self
+
 
 class PredictConfig(_Section):
     """How a 3D model sees z at inference (`ctseg.predict`, validation, CV test predictions): saved with every
@@ -426,17 +434,22 @@ class StressConfig(_Section):
                                                      "rotation", "pixel-spacing"], min_length=1)
     severities: dict[str, list[float]] = Field(default_factory=dict, description="axis -> severities")
     max_volumes: int | None = Field(None, ge=1, description="volumes drawn by `seed` (None: all)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     failure_dice: float = Field(0.5, ge=0, le=1, description="a volume fails below this headline Dice")
-    n_boot: int = Field(1000, ge=100, description="bootstrap resamples for the CIs")
+    n_boot: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
 
     @model_validator(mode="after")
     def _check(self):
-        from ctseg.stress.perturb import AXES
+        from ctseg.stress.perturb import AXES, VALID_SEVERITY
 
         unknown = sorted((set(self.axes) | set(self.severities)) - set(AXES))
         if unknown:
             raise ValueError(f"unknown stress axes {unknown}; choose from {list(AXES)}")
+        for axis, values in self.severities.items():
+            text, valid = VALID_SEVERITY[axis]
+            bad = [v for v in values if not valid(v)]
+            if bad:
+                raise ValueError(f"{axis} severities must be {text}, got {', '.join(f'{v:g}' for v in bad)}")
         return self
 
 
@@ -453,6 +466,12 @@ class ExperimentConfig(_Section):
     stack: StackConfig = Field(default_factory=StackConfig)
     experiment: ExperimentMatrixConfig = Field(default_factory=ExperimentMatrixConfig)
     stress: StressConfig = Field(default_factory=StressConfig)
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The YAML file this config was loaded from (None when made in code)."""
+        return self._source
 
     @model_validator(mode="after")
     def _check_augs(self):
@@ -493,19 +512,43 @@ def parse_config(data: dict, source: str | Path | None = None) -> ExperimentConf
         raise CtsegError(_format_validation_error(err), source) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping holding one key twice (PyYAML would keep the last value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader refuses it below
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> object:
+    """YAML text as Python data; a key given twice in a mapping is a `yaml.YAMLError`."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
     path = Path(path)
     if not path.is_file():
         raise CtsegError("config file not found", path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise CtsegError("not a text (UTF-8 YAML) file", path) from None
     except yaml.YAMLError as err:
         raise CtsegError(f"not valid YAML: {err}", path) from None
     if data is not None and not isinstance(data, dict):
         raise CtsegError(f"expected a mapping at the top level, got {type(data).__name__}", path)
-    return parse_config(data or {}, path)
+    cfg = parse_config(data or {}, path)
+    cfg._source = path
+    return cfg
 
 
 def config_to_dict(cfg: BaseModel) -> dict:

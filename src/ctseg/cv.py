@@ -6,7 +6,8 @@ cases only (one cache folder per plan, `cache/plan-<digest>/`, shared by every r
 plan), trains on the other folds, predicts the fold's test volumes, keeps their out-of-fold probabilities
 and scores them. A CV run folder::
 
-    cv.json                    identity (arch, dim, target, aug, seed), data / cache / folds paths
+    cv.json                    identity (arch, dim, target, aug, seed), data / cache / folds paths, and the
+                               signature of every case's files (`case_signature`): other data are refused
     config.yaml                the exact configuration
     fold_<k>/model/            the training run (`ctseg.train.trainer`: run.json, log.csv, weights)
     fold_<k>/oof/<case>.npy    out-of-fold softmax (C, z, S, S) float16 at network resolution
@@ -272,8 +273,13 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
     bad = [k for k in wanted if not 0 <= k < cfg.cv.n_folds]
     if bad:
         raise CtsegError(f"fold(s) {bad} out of range: the config has {cfg.cv.n_folds} folds (0..{cfg.cv.n_folds - 1})")
-    _claim_run_dir(out, cfg, ident, data_dir, cache_dir, folds_file)
+    from ctseg.datasets import open_dataset
+    from ctseg.datasets.base import dataset_sources
+
+    sources = dataset_sources(open_dataset(data_dir, cfg.data.layout))
+    _check_run_dir(out, cfg, sources)
     dataset, fold_set = prepare_data(cfg, data_dir, folds_file, progress)
+    _claim_run_dir(out, cfg, ident, data_dir, cache_dir, folds_file, sources)
     dev = resolve_device(device if device is not None else cfg.train.device)
     records: list[VolumeResult] = []
     with progress_bar(progress) as bar:
@@ -332,9 +338,19 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(tmp, array)
 
 
-def _claim_run_dir(out: Path, cfg: ExperimentConfig, ident: RunIdentity, data_dir: str | Path, cache_dir: Path,
-                   folds_file: Path) -> None:
-    """Write cv.json + config.yaml, or check that an existing run folder holds this same configuration."""
+def _check_run_dir(out: Path, cfg: ExperimentConfig, sources: dict[str, str | None]) -> None:
+    """CtsegError unless the run folder `out` is new or holds a run of this same configuration on the same data
+    (`sources`: the `dataset_sources` of the data now)."""
+    try:
+        old_sources = json.loads((out / "cv.json").read_text()).get("sources")
+    except (OSError, ValueError, AttributeError):
+        old_sources = None
+    if isinstance(old_sources, dict) and old_sources != sources:
+        changed = sorted(k for k in set(old_sources) | set(sources) if old_sources.get(k) != sources.get(k))
+        raise CtsegError(f"this folder holds a cross-validation of other data: {len(changed)} case(s) differ "
+                         f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}: added, removed or their "
+                         "files changed); its finished folds would be reported for these data. Choose another "
+                         "output folder", out / "cv.json")
     cfg_path = out / "config.yaml"
     if cfg_path.is_file():
         try:
@@ -348,11 +364,17 @@ def _claim_run_dir(out: Path, cfg: ExperimentConfig, ident: RunIdentity, data_di
             diffs = config_differences(a, b, ignore=())
             raise CtsegError("this folder holds a cross-validation of another configuration; choose another "
                              "output folder. Differences:\n  " + "\n  ".join(diffs[:20]), out)
+
+
+def _claim_run_dir(out: Path, cfg: ExperimentConfig, ident: RunIdentity, data_dir: str | Path, cache_dir: Path,
+                   folds_file: Path, sources: dict[str, str | None]) -> None:
+    """Write cv.json + config.yaml (after `_check_run_dir`)."""
+    cfg_path = out / "config.yaml"
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg_path)
     manifest = {"format": CV_FORMAT, **ident.__dict__, "data": str(Path(data_dir).resolve()),
                 "layout": cfg.data.layout, "cache": str(Path(cache_dir).resolve()),
-                "folds_file": str(Path(folds_file).resolve()), "n_folds": cfg.cv.n_folds}
+                "folds_file": str(Path(folds_file).resolve()), "n_folds": cfg.cv.n_folds, "sources": sources}
     atomic_write_text(out / "cv.json", json.dumps(manifest, indent=1))
 
 
@@ -364,8 +386,9 @@ def read_cv_manifest(run_dir: str | Path) -> dict:
         raise CtsegError("not a cross-validation folder (no cv.json); run `ctseg cv` first", run_dir) from None
     except ValueError as err:
         raise CtsegError(f"unreadable ({err})", path) from None
-    if info.get("format") != CV_FORMAT:
-        raise CtsegError(f"format {info.get('format')!r}, expected {CV_FORMAT!r}", path)
+    if not isinstance(info, dict) or info.get("format") != CV_FORMAT:
+        raise CtsegError(f"not a cv.json of ctseg (format {info.get('format') if isinstance(info, dict) else info!r:.40}, "
+                         f"expected {CV_FORMAT!r})", path)
     return info
 
 

@@ -53,7 +53,9 @@ class SeriesInfo:
 
 
 def _dcmread(path: Path, headers_only: bool) -> Dataset | None:
-    """The dataset of an image slice, or None for DICOMDIR, non-image objects and non-DICOM files."""
+    """The dataset of an image slice, or None for DICOMDIR, non-image objects and non-DICOM files. A file that
+    declares itself DICOM (preamble and DICM) but holds no readable header is named: a warning when listing
+    (`headers_only`), else a CtsegError."""
     if path.name.upper() == "DICOMDIR":
         return None
     try:
@@ -71,6 +73,12 @@ def _dcmread(path: Path, headers_only: bool) -> Dataset | None:
             return None
         raise CtsegError(f"cannot read DICOM file ({type(exc).__name__}: {exc})", path) from exc
     meta = getattr(ds, "file_meta", None)
+    if getattr(ds, "preamble", None) is not None and (meta is None or "TransferSyntaxUID" not in meta):
+        message = "damaged: a DICOM preamble (DICM) but no readable DICOM header after it"
+        if not headers_only:
+            raise CtsegError(message, path)
+        log.warning("%s: skipped: %s", path, message)
+        return None
     if meta is not None and meta.get("MediaStorageSOPClassUID") == _MEDIA_DIRECTORY_STORAGE:
         return None
     try:

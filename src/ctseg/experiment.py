@@ -43,10 +43,11 @@ def apply_profile(cfg: ExperimentConfig, profile: str | None) -> ExperimentConfi
         return cfg
     profiles = cfg.experiment.profiles
     if profile not in profiles:
-        raise CtsegError(f"unknown profile {profile!r}; this config defines: {', '.join(profiles) or 'none'}")
+        raise CtsegError(f"unknown profile {profile!r}; this config defines: {', '.join(profiles) or 'none'}",
+                         cfg.source)
     merged = _merge(config_to_dict(cfg), profiles[profile])
     merged["experiment"]["profiles"] = {}
-    return parse_config(merged, f"profile {profile!r}")
+    return parse_config(merged, f"{cfg.source or 'config'}, profile {profile!r}")
 
 
 def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[ExperimentConfig]]:

@@ -113,6 +113,10 @@ def write_dicom_seg(label: Volume, source_folder: str | Path, out_path: str | Pa
     import highdicom as hd
 
     sources = source_series(source_folder, series_uid)
+    series = {str(ds.SeriesInstanceUID) for ds in sources}
+    if len(series) > 1:
+        raise CtsegError(f"a DICOM-SEG references one series, but these {len(sources)} slices carry {len(series)} "
+                         "SeriesInstanceUIDs (one per file, as in CHAOS); use --output-type nifti", source_folder)
     fg = _foreground_classes(classes)
     if not fg:
         raise CtsegError("no foreground class to export")
@@ -129,11 +133,15 @@ def write_dicom_seg(label: Volume, source_folder: str | Path, out_path: str | Pa
             segment_number=number, segment_label=name, segmented_property_category=category,
             segmented_property_type=prop, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm))
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="ctseg", manufacturer_model_name="ctseg",
-        software_versions=__version__, device_serial_number="0", series_description=series_description)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="ctseg", manufacturer_model_name="ctseg",
+            software_versions=__version__, device_serial_number="0", series_description=series_description)
+    except (ValueError, TypeError, AttributeError) as exc:  # highdicom's checks of the source headers
+        raise CtsegError(f"cannot make a DICOM-SEG of this series ({exc}); use --output-type nifti",
+                         source_folder) from None
     return _atomic_save(seg, Path(out_path))
 
 

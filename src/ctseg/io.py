@@ -75,7 +75,8 @@ def _suffix(path: Path) -> str:
 
 
 def _check_volume(array: np.ndarray, path: Path) -> np.ndarray:
-    """Drop trailing singleton axes beyond 3 and refuse 2D images and non-finite voxels."""
+    """Drop trailing singleton axes beyond 3 and refuse 2D images, non-finite voxels and voxels that float32
+    (the type every computation casts to) cannot hold."""
     if array.dtype.kind not in "biuf":
         raise CtsegError(f"expected scalar grey values, got voxels of type {array.dtype} (RGB or complex image?)",
                          path)
@@ -89,6 +90,12 @@ def _check_volume(array: np.ndarray, path: Path) -> np.ndarray:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = np.count_nonzero(~np.isfinite(array))
         raise CtsegError(f"{bad} voxels are NaN or infinite", path)
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4 and array.size:
+        limit = float(np.finfo(np.float32).max)
+        if max(float(array.max()), -float(array.min())) > limit:
+            bad = np.count_nonzero(array > limit) + np.count_nonzero(array < -limit)
+            raise CtsegError(f"{bad} voxels are beyond the float32 range (|value| > {limit:.3g}): they would "
+                             "become infinite", path)
     return array
 
 
@@ -173,6 +180,7 @@ def _read_nifti(path: Path) -> Volume:
     except Exception as exc:  # nibabel raises many types for corrupt / truncated files
         raise CtsegError(f"cannot read NIfTI ({type(exc).__name__}: {exc})", path) from exc
     data = _check_volume(data, path)
+    _check_voxel_size_known(img, path)
     warnings = _nifti_form_warnings(img, path)
     with np.errstate(invalid="ignore", over="ignore"):
         affine_lps = _LPS_FROM_RAS @ img.affine
@@ -186,6 +194,22 @@ def _read_nifti(path: Path) -> Volume:
         direction=direction,
         meta={"path": str(path), "nifti_header": img.header.copy(), "warnings": warnings},
     )
+
+
+def _check_voxel_size_known(img: nib.Nifti1Image | nib.Nifti2Image, path: Path) -> None:
+    """Refuse a NIfTI whose only geometry, pixdim, has a zero voxel size: nibabel reads it as 1 mm (a volume
+    of 0.8 mm voxels would come out in the wrong size without a word)."""
+    header = img.header
+    if int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0:
+        return
+    opener = igzip.open if _suffix(path) == ".nii.gz" else open
+    with opener(path, "rb") as stream:
+        raw = stream.read(544)
+    raw_header = type(header).from_fileobj(io.BytesIO(raw.ljust(544, b"\0")), check=False)
+    pixdim = [float(v) for v in raw_header["pixdim"][1:4]]
+    if 0.0 in pixdim:
+        raise CtsegError(f"voxel size (pixdim) {pixdim} has a zero and neither sform nor qform is set: the voxel "
+                         "size is unknown; set pixdim or an sform", path)
 
 
 def _nifti_form_warnings(img: nib.Nifti1Image | nib.Nifti2Image, path: Path) -> list[str]:

@@ -12,11 +12,14 @@ The estimates are analytic (nothing is allocated to make them) and deliberately 
 - inference adds the network-resolution probabilities (classes x z x S x S float32, once per
   ensemble accumulator) and the full-resolution label map.
 
-Available memory: free GPU memory (`torch.cuda.mem_get_info`) on CUDA, else Linux `MemAvailable`
-(None elsewhere: no check).
+Available memory: free GPU memory (`torch.cuda.mem_get_info`) on CUDA; on the CPU the least of Linux
+`MemAvailable`, the address space left under `ulimit -v` (RLIMIT_AS minus this process's VmSize) and the
+container's cgroup memory limit minus its usage (v2 `memory.max`, v1 `memory.limit_in_bytes`); None when
+none of them can be read (no check).
 """
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import torch
@@ -27,18 +30,62 @@ from ctseg.errors import CtsegError
 GIB = 2**30
 
 
+def _proc_field(path: str, name: str) -> int | None:
+    """A 'Name:  N kB' field of a /proc file, in bytes."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _address_space_left() -> int | None:
+    """Bytes this process may still map under RLIMIT_AS (`ulimit -v`), or None without a limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    used = _proc_field("/proc/self/status", "VmSize")
+    return max(0, soft - (used or 0))
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _cgroup_memory_left() -> int | None:
+    """The cgroup's memory limit minus its usage (v2, then v1), or None without a limit."""
+    try:
+        paths = [line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                 if line.count(":") >= 2]
+    except OSError:
+        paths = []
+    root = Path("/sys/fs/cgroup")
+    candidates = [(root / p.lstrip("/") / "memory.max", root / p.lstrip("/") / "memory.current") for p in paths]
+    candidates += [(root / "memory.max", root / "memory.current")]
+    candidates += [(root / "memory" / p.lstrip("/") / "memory.limit_in_bytes",
+                    root / "memory" / p.lstrip("/") / "memory.usage_in_bytes") for p in paths]
+    candidates += [(root / "memory" / "memory.limit_in_bytes", root / "memory" / "memory.usage_in_bytes")]
+    for limit_path, usage_path in candidates:
+        limit, usage = _read_int(limit_path), _read_int(usage_path)
+        if limit is not None and usage is not None:
+            return max(0, limit - usage) if limit < 2**60 else None  # v1 says "no limit" with ~2**63
+    return None
+
+
 def available_memory_bytes(device: torch.device) -> int | None:
-    """Free memory on `device` in bytes, or None when it cannot be known."""
+    """Free memory on `device` in bytes, or None when it cannot be known (see the module doc)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    known = [v for v in (_proc_field("/proc/meminfo", "MemAvailable"), _address_space_left(), _cgroup_memory_left())
+             if v is not None]
+    return min(known) if known else None
 
 
 def _unet_stages(model: ModelConfig) -> list[tuple[int, float]]:

@@ -30,6 +30,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high."""
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        return value
+    return parse
+
+
 def nonnegative_int(text: str) -> int:
     """An integer >= 0 (fold index, worker count)."""
     value = _number(text, int)

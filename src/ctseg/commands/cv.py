@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 from pathlib import Path
 
 from rich.markup import escape
 
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import nonnegative_int
+from ctseg.fileutil import output_lock, refuse_overlap
 
 HELP = "cross-validate one configuration (slice-sorted folds); folds can run as separate jobs with --fold"
 
@@ -37,8 +39,15 @@ def run(args: argparse.Namespace) -> int:
     console = stdout_console()
     ident = RunIdentity.of(cfg)
     console.print(f"cross-validating [bold]{ident.name}[/] on {escape(str(args.data))} -> {escape(str(args.out))}")
-    records = run_cv(cfg, args.data, args.out, args.fold, cache_dir=args.cache, folds_file=args.folds_file,
-                     device=args.device, progress=not args.no_progress)
+    for option, path in (("--out", args.out), ("--cache", args.cache), ("--folds-file", args.folds_file)):
+        if path is not None:
+            refuse_overlap(path, args.data, option)
+    folds = sorted(set(args.fold)) if args.fold else list(range(cfg.cv.n_folds))
+    with ExitStack() as locks:  # a lock per fold: separate jobs may run other folds of the same run at once
+        for k in folds:
+            locks.enter_context(output_lock(args.out / f"fold_{k}"))
+        records = run_cv(cfg, args.data, args.out, args.fold, cache_dir=args.cache, folds_file=args.folds_file,
+                         device=args.device, progress=not args.no_progress)
     folds = sorted({r.fold for r in records})
     console.print(summary_table(records, f"{ident.name}: folds {folds}, Dice (paper protocol)"))
     out = escape(str(args.out))

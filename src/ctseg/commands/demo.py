@@ -78,6 +78,12 @@ def run(args: argparse.Namespace) -> int:
     from ctseg.evaluate.report import load_results
     from ctseg.experiment import apply_profile, run_experiment
 
+    from ctseg.datasets import LAYOUTS
+
+    own_data = (args.out / "data" / "phantom.json").is_file()  # an earlier demo's phantom data, continued
+    if args.out.is_dir() and not own_data and any(layout.matches(args.out) for layout in LAYOUTS.values()):
+        raise CtsegError("--out is a dataset folder: the demo would write its phantom data and runs into it; give "
+                         "an empty or new folder", args.out)
     console = stdout_console()
     cfg_path = args.config or default_config_path()
     if not cfg_path.is_file():

@@ -43,10 +43,20 @@ def parse_classes(text: str) -> dict[int, str]:
     if text.lower() in PRESETS:
         return dict(PRESETS[text.lower()])
     classes = {0: "background"}
+    names: dict[str, int] = {}
     try:
         for part in text.split(","):
-            value, name = part.split("=", 1)
-            classes[int(value)] = name.strip()
+            value_text, sep, name = part.partition("=")
+            if not sep:
+                raise ValueError(part)
+            value, name = int(value_text), name.strip()
+            if value in names.values():
+                raise CtsegError(f"--classes: value {value} given twice, in {text!r}")
+            if not name or name in names:
+                raise CtsegError(f"--classes: class name {name!r} empty or given twice, in {text!r}; "
+                                 "every class needs its own name")
+            names[name] = value
+            classes[value] = name
     except ValueError:
         raise CtsegError(f"--classes: expected kits, chaos or 'VALUE=NAME,...', got {text!r}") from None
     if len(classes) < 2 or any(v < 0 or v > 255 for v in classes):

@@ -10,8 +10,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ctseg.commands._output import stdout_console
-from ctseg.commands._types import positive_int, seed_int
+from ctseg.commands._types import int_range, seed_int
 from ctseg.errors import CtsegError
+from ctseg.fileutil import output_lock, removed_on_failure
+
+#: More cases than any public CT dataset holds (KiTS19: 300); a larger count is a typo, not a dataset.
+MAX_CASES = 10_000
 
 HELP = "write a synthetic abdominal CT dataset (KiTS19, CHAOS or nnU-Net raw layout) with labels"
 
@@ -19,7 +23,8 @@ HELP = "write a synthetic abdominal CT dataset (KiTS19, CHAOS or nnU-Net raw lay
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=["kidney", "liver"], default="kidney",
                         help="kidney: labels kidney + tumour (KiTS19); liver: liver mask (CHAOS)")
-    parser.add_argument("--cases", type=positive_int, default=10, help="number of cases (default 10)")
+    parser.add_argument("--cases", type=int_range(1, MAX_CASES), default=10,
+                        help=f"number of cases (default 10, at most {MAX_CASES})")
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to write")
     parser.add_argument("--layout", choices=["kits19", "chaos", "nnunet"],
                         help="default: kits19 for --task kidney, chaos for --task liver")
@@ -69,9 +74,16 @@ def check_dataset_out(out: Path, overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with output_lock(args.out):
+        check_dataset_out(args.out, args.overwrite)  # under the lock: a run that just finished has filled it
+        with removed_on_failure(args.out):
+            return _write(args)
+
+
+def _write(args: argparse.Namespace) -> int:
+    """Write the dataset and print its table (under the lock of `run`)."""
     from ctseg.datasets.phantom import CLASSES, write_phantom_dataset
 
-    check_dataset_out(args.out, args.overwrite)
     console = stdout_console()
     table = Table(title=f"phantom {args.task} dataset: {escape(str(args.out))}")
     for col in ("case", "slices", "spacing z/y/x mm", "thick mm", "region", "noise HU",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import seed_int
 from ctseg.config import ExperimentConfig, load_config, save_config
 from ctseg.errors import CtsegError
+from ctseg.fileutil import output_lock, refuse_overlap
+
+log = logging.getLogger(__name__)
 
 HELP = "window, z-score (statistics from a random subset) and resize a dataset into a training cache"
 
@@ -31,13 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _read_ids(path: Path) -> list[str]:
+def read_ids(path: Path) -> list[str]:
+    """Case ids of a text file, one a line (a UTF-8 byte-order mark, blank lines and '#' comments ignored); an id
+    listed twice counts once, with a warning."""
     if not path.is_file():
         raise CtsegError("training id list not found", path)
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not ids:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise CtsegError("not a UTF-8 text file of case ids", path) from None
+    lines = [line.strip() for line in text.splitlines()]
+    ids = [line for line in lines if line and not line.startswith("#")]
+    unique = list(dict.fromkeys(ids))
+    if len(unique) < len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        log.warning("%s: %d duplicate line(s) ignored (%s): each case counts once", path, len(ids) - len(unique),
+                    ", ".join(twice[:5]))
+    if not unique:
         raise CtsegError("no case ids in the file", path)
-    return ids
+    return unique
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,25 +62,25 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.out.is_dir():
         raise CtsegError("--out is a file; give a folder for the cache", args.out)
-    if args.dataset.exists() and args.out.resolve() == args.dataset.resolve():
-        raise CtsegError("--out is the dataset folder: the cache would be written into the dataset; give another "
-                         "folder", args.out)
+    refuse_overlap(args.out, args.dataset, "--out")
     cfg = load_config(args.config) if args.config else ExperimentConfig()
     if args.seed is not None:
         cfg.seed = args.seed
     if args.layout is not None:
         cfg.data.layout = args.layout
     cfg.data.path = str(args.dataset)
-    train_ids = _read_ids(args.train_ids) if args.train_ids else None
+    train_ids = read_ids(args.train_ids) if args.train_ids else None
     dataset = open_dataset(args.dataset, layout=cfg.data.layout)
-    report = build_cache(dataset, args.out, cfg, np.random.default_rng(cfg.seed), train_ids=train_ids,
-                         progress=not args.no_progress, force=args.force, workers=args.workers)
-    save_config(cfg, args.out / "config.yaml")
+    with output_lock(args.out):
+        report = build_cache(dataset, args.out, cfg, np.random.default_rng(cfg.seed), train_ids=train_ids,
+                             progress=not args.no_progress, force=args.force, workers=args.workers)
+        save_config(cfg, args.out / "config.yaml")
 
     plan = report.plan
     table = Table(title=f"preprocessed cache {escape(str(args.out))}", show_header=False)
     table.add_row("cases", f"{len(report.built)} built, {len(report.skipped)} up to date"
-                  + (f", {len(report.repaired)} corrupted and rebuilt" if report.repaired else ""))
+                  + (f", {len(report.repaired)} corrupted and rebuilt" if report.repaired else "")
+                  + (f", {len(report.changed)} rebuilt as their files changed" if report.changed else ""))
     window = f"{plan.mode} [{plan.lower:.1f}, {plan.upper:.1f}] HU"
     if plan.percentiles is not None:
         window += f" ({plan.percentiles[0]:g}th / {plan.percentiles[1]:g}th percentile of foreground)"

@@ -10,6 +10,7 @@ from rich.table import Table
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_float
 from ctseg.errors import CtsegError
+from ctseg.fileutil import output_lock, removed_on_failure
 
 HELP = "write results tables, plots and report/index.html from finished cross-validation / stack / experiment folders"
 
@@ -83,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
     console = stdout_console()
     records, curves = collect(args.runs)
-    html = write_report(records, args.out, log_csvs=curves, title=args.title,
-                        thickness_edges_mm=args.thickness_groups or DEFAULT_THICKNESS_EDGES_MM)
+    with output_lock(args.out), removed_on_failure(args.out):
+        html = write_report(records, args.out, log_csvs=curves, title=args.title,
+                            thickness_edges_mm=args.thickness_groups or DEFAULT_THICKNESS_EDGES_MM)
     console.print(summary_table(records))
     console.print(f"report: [bold]{escape(str(html))}[/]")
     return 0

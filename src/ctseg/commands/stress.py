@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ctseg.commands._output import stdout_console
+from ctseg.commands._types import positive_int, seed_int
 from ctseg.errors import CtsegError
+from ctseg.fileutil import output_lock
 
 HELP = "score trained models under acquisition shifts (slice thickness, dose, calibration, contrast, position)"
 
@@ -40,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axes", nargs="+", metavar="AXIS", help=f"axes to run, from: {', '.join(AXES)}")
     parser.add_argument("--severity", action="append", default=[], metavar="AXIS=V1,V2,...",
                         help="severities of one axis (the clean value is added), e.g. dose=2,4; repeatable")
-    parser.add_argument("--max-volumes", type=int, help="at most this many volumes, drawn by --seed")
-    parser.add_argument("--seed", type=int, help="volume choice and noise seed")
+    parser.add_argument("--max-volumes", type=positive_int, help="at most this many volumes, drawn by --seed")
+    parser.add_argument("--seed", type=seed_int, help="volume choice and noise seed")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--batch-size", type=int, help="slices (2D) or windows (3D) per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, help="slices (2D) or windows (3D) per forward pass")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -65,15 +67,14 @@ def _stress_config(args: argparse.Namespace):
     for item in args.severity:
         name, _, values = item.partition("=")
         try:
-            sev[name.strip()] = [float(v) for v in values.split(",") if v.strip()]
+            sev[name.strip()] = [float(v) for v in values.split(",")]
         except ValueError:
-            raise CtsegError(f"--severity {item!r}: expected AXIS=V1,V2,... with numbers") from None
-        if not sev[name.strip()]:
-            raise CtsegError(f"--severity {item!r}: no values")
+            raise CtsegError(f"--severity {item!r}: expected AXIS=V1,V2,... with numbers (no empty items)") from None
+        if name.strip() not in d["axes"]:
+            raise CtsegError(f"--severity {item!r}: axis {name.strip()!r} is not among the axes to run "
+                             f"({', '.join(d['axes'])}); add it to --axes")
     d["severities"] = sev
     if args.max_volumes is not None:
-        if args.max_volumes < 1:
-            raise CtsegError(f"--max-volumes must be >= 1, got {args.max_volumes}")
         d["max_volumes"] = args.max_volumes
     if args.seed is not None:
         d["seed"] = args.seed
@@ -82,7 +83,7 @@ def _stress_config(args: argparse.Namespace):
     try:
         return StressConfig.model_validate(d)
     except ValidationError as err:
-        raise CtsegError(f"invalid stress settings: {err.errors()[0]['msg']}") from None
+        raise CtsegError(f"invalid stress settings: {err.errors()[0]['msg']}", args.config) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
         specs = model_specs_from_dirs(args.model)
         data = args.data
     messages: list[str] = []
-    summary = run_stress(specs, data, args.out, cfg, layout=layout, case_ids=case_ids, device=args.device,
-                         batch_size=args.batch_size, progress=not args.no_progress, messages=messages)
+    with output_lock(args.out):
+        summary = run_stress(specs, data, args.out, cfg, layout=layout, case_ids=case_ids, device=args.device,
+                             batch_size=args.batch_size, progress=not args.no_progress, messages=messages)
     console = stdout_console()
     head = summary["headline_structure"]
     table = Table(title=f"robustness gap, Dice {head} (clean − mean shifted) [95% CI]; "

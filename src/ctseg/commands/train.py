@@ -11,6 +11,7 @@ a random subset of all its cases (no test fold); `ctseg preprocess --train-ids` 
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import nonnegative_int, positive_int, seed_int
 from ctseg.config import ExperimentConfig, load_config
 from ctseg.errors import CtsegError
+from ctseg.fileutil import output_lock, refuse_overlap
 
 if TYPE_CHECKING:
     from ctseg.evaluate.folds import Folds
@@ -80,6 +82,8 @@ def _open_cache(args: argparse.Namespace, cfg: ExperimentConfig, ctx: DistContex
     if (args.data / PLAN_FILE).is_file():
         return CaseCache(args.data, expected=cfg), args.data.resolve().parent / FOLDS_FILE
     cache_dir = args.cache or args.out.resolve().parent / "cache"
+    refuse_overlap(args.out, args.data, "--out")
+    refuse_overlap(cache_dir, args.data, "--cache" if args.cache else "the cache (default <out>/../cache)")
     folds_file = Path(cache_dir).resolve().parent / FOLDS_FILE
     cfg.data.path = str(args.data)
     if args.fold is not None:
@@ -142,10 +146,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = _apply_overrides(load_config(args.config) if args.config else ExperimentConfig(), args)
     ctx = D.init_distributed(cfg.train.device)
     try:
-        cache, folds_file = _open_cache(args, cfg, ctx)
-        train_ids, test_ids = _split(args, cfg, cache, folds_file, ctx)
-        result = train_model(cfg, cache, train_ids, None, args.out, resume=args.resume,
-                             progress=not args.no_progress, device=cfg.train.device)
+        with output_lock(args.out) if ctx.is_main else nullcontext():  # the other ranks write into rank 0's run
+            cache, folds_file = _open_cache(args, cfg, ctx)
+            train_ids, test_ids = _split(args, cfg, cache, folds_file, ctx)
+            result = train_model(cfg, cache, train_ids, None, args.out, resume=args.resume,
+                                 progress=not args.no_progress, device=cfg.train.device)
     finally:
         D.shutdown(ctx)
     if ctx.is_main:

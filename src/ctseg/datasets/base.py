@@ -9,6 +9,7 @@ from typing import Generic, Iterator, Protocol, TypeVar
 import numpy as np
 
 from ctseg.errors import CtsegError
+from ctseg.fileutil import content_signature
 from ctseg.io import Volume, check_hu_plausibility, resample_to, to_canonical
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,25 @@ class FolderDataset(Generic[Source]):
     def load(self, case_id: str) -> Case:
         raise NotImplementedError
 
+    def has_label(self, case_id: str) -> bool:
+        """Whether the case has a label (known without reading it)."""
+        raise NotImplementedError
+
+    def source_files(self, case_id: str) -> list[Path]:
+        """Every file a case is read from (files of its folders, hidden ones excepted), for
+        `case_signature`."""
+        source: object = self._source(case_id)
+        files: list[Path] = []
+        for item in source if isinstance(source, tuple) else (source,):
+            if item is None:
+                continue
+            path = Path(str(item))
+            if path.is_dir():
+                files += (f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+            elif path.exists():
+                files.append(path)
+        return files
+
     def _source(self, case_id: str) -> Source:
         if case_id not in self._cases:
             raise CtsegError(f"no case {case_id!r} in this {self.layout} dataset", self.root)
@@ -88,6 +108,24 @@ class FolderDataset(Generic[Source]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r}, {len(self)} cases)"
+
+
+def case_signature(dataset: Dataset, case_id: str) -> str | None:
+    """`ctseg.fileutil.content_signature` of the files a case is read from (None for a dataset that does not
+    say which files those are, such as one held in memory)."""
+    files = getattr(dataset, "source_files", None)
+    if files is None:
+        return None
+    root = getattr(dataset, "root", None)
+    try:
+        return content_signature(files(case_id), Path(root) if root is not None else None)
+    except OSError as exc:
+        raise CtsegError(f"case {case_id}: cannot read its files ({exc.strerror or exc})", exc.filename) from None
+
+
+def dataset_sources(dataset: Dataset) -> dict[str, str | None]:
+    """`case_signature` of every case: what a run on the dataset records to refuse other data later."""
+    return {case_id: case_signature(dataset, case_id) for case_id in dataset.case_ids()}
 
 
 def count_labels(label: np.ndarray, minlength: int = 256, chunk: int = 1 << 22) -> np.ndarray:

@@ -57,6 +57,9 @@ class ChaosDataset(FolderDataset[Path]):
     def matches(root: Path) -> bool:
         return bool(_patient_dirs(_resolve_root(root)))
 
+    def has_label(self, case_id: str) -> bool:
+        return (self._source(case_id) / "Ground").is_dir()
+
     def load(self, case_id: str) -> Case:
         folder = self._source(case_id)
         files = sorted((p for p in (folder / "DICOM_anon").iterdir()

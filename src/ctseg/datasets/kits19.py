@@ -52,6 +52,9 @@ class KiTS19Dataset(FolderDataset[Path]):
     def matches(root: Path) -> bool:
         return bool(_case_dirs(root) or _case_dirs(root / "data"))
 
+    def has_label(self, case_id: str) -> bool:
+        return (self._source(case_id) / "segmentation.nii.gz").is_file()
+
     def load(self, case_id: str) -> Case:
         folder = self._source(case_id)
         seg = folder / "segmentation.nii.gz"

@@ -80,6 +80,9 @@ class NnUNetRawDataset(FolderDataset[tuple[Path, "Path | None"]]):
     def matches(root: Path) -> bool:
         return (root / "dataset.json").is_file()
 
+    def has_label(self, case_id: str) -> bool:
+        return self._source(case_id)[1] is not None
+
     def load(self, case_id: str) -> Case:
         image_path, label_path = self._source(case_id)
         label = read_volume(label_path) if label_path is not None else None

@@ -8,8 +8,10 @@ Layout of a cache folder::
     cases/<id>.json           original shape/spacing/thickness/geometry, foreground slices, file checksums
 
 Every file is written under a temporary name and renamed; a case's JSON is written last and
-records the settings fingerprint and the CRC-32 and size of its arrays. `build_cache` skips cases
-that are up to date, rebuilds stale or corrupted ones; `CaseCache.load` refuses stale or corrupted
+records the settings fingerprint, the CRC-32 and size of its arrays and the signature of the input files
+it was read from (`ctseg.datasets.base.case_signature`: size, mtime and a hash of each file's head). The
+intensity plan is keyed on the signatures of its subset too. `build_cache` skips cases that are up to
+date, rebuilds stale, corrupted or changed ones (a label edited since); `CaseCache.load` refuses stale or corrupted
 files with a message to re-run `ctseg preprocess`.
 """
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import errno
 import multiprocessing
+import os
 import re
 import time
 import zlib
@@ -35,7 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import ctseg
 from ctseg.config import ExperimentConfig, PreprocessConfig
-from ctseg.datasets.base import Case, Dataset
+from ctseg.datasets.base import Case, Dataset, case_signature
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path, atomic_write_text
 from ctseg.preprocess.slices import Box, foreground_slices, network_grid, preprocess_label, preprocess_volume
@@ -154,6 +158,9 @@ class CaseCache:
             info = json.loads(plan_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CtsegError(f"unreadable ({err}); re-run `ctseg preprocess` to rebuild the cache", plan_path) from None
+        if not isinstance(info, dict):
+            raise CtsegError(f"damaged (a JSON {type(info).__name__}, not an object); re-run `ctseg preprocess` to "
+                             "rebuild the cache", plan_path)
         if info.get("format") != CACHE_FORMAT:
             raise CtsegError(f"cache format {info.get('format')!r}, this ctseg reads {CACHE_FORMAT}; "
                              "re-run `ctseg preprocess` to rebuild the cache", plan_path)
@@ -201,7 +208,7 @@ class CaseCache:
             raise CtsegError("missing; re-run `ctseg preprocess` to rebuild the cache", path) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CtsegError(f"unreadable ({err}); re-run `ctseg preprocess` to rebuild it", path) from None
-        if meta.get("fingerprint") != self.fingerprint:
+        if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint:
             raise CtsegError("built with other settings than this cache's plan.json (stale); re-run "
                              "`ctseg preprocess` to rebuild it", path)
         self._meta[case_id] = meta
@@ -237,7 +244,8 @@ class CaseCache:
 
 @dataclass
 class BuildReport:
-    """What `build_cache` did: cases built, skipped as up to date, rebuilt after corruption."""
+    """What `build_cache` did: cases built, skipped as up to date, rebuilt after corruption or after their
+    input files changed."""
 
     root: Path
     plan: IntensityPlan
@@ -245,11 +253,13 @@ class BuildReport:
     built: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
-def _case_state(cases_dir: Path, case_id: str, fingerprint: str) -> str:
-    """'ok', 'missing', 'stale' (other settings) or 'corrupt' (a file does not match its record)."""
+def _case_state(cases_dir: Path, case_id: str, fingerprint: str, source: str | None) -> str:
+    """'ok', 'missing', 'stale' (other settings), 'changed' (its input files are not those it was built from:
+    `source`, their `case_signature`) or 'corrupt' (a file does not match its record)."""
     meta_path = cases_dir / f"{case_id}.json"
     try:
         meta = json.loads(meta_path.read_text())
@@ -257,8 +267,12 @@ def _case_state(cases_dir: Path, case_id: str, fingerprint: str) -> str:
         return "missing"
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "corrupt"
+    if not isinstance(meta, dict):
+        return "corrupt"
     if meta.get("fingerprint") != fingerprint:
         return "stale"
+    if source is not None and meta.get("source") != source:
+        return "changed"
     for record in meta.get("files", {}).values():
         path = cases_dir / record["name"]
         if not path.is_file() or path.stat().st_size != record["size"] or file_crc32(path) != record["crc32"]:
@@ -266,10 +280,22 @@ def _case_state(cases_dir: Path, case_id: str, fingerprint: str) -> str:
     return "ok"
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the blocks of the (sparse) file a memmap writes, so that a full disk is ENOSPC now rather than
+    SIGBUS when a page is written; file systems without fallocate are left as they are."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+
+
 def _write_image(final: Path, volume_hu: np.ndarray, plan: IntensityPlan, size: int, dtype: str,
                  box: Box | None) -> None:
     with atomic_path(final) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(volume_hu.shape[0], size, size))
+        _reserve(tmp)
         preprocess_volume(volume_hu, plan, size, out=out, box=box)
         out.flush()
         del out
@@ -285,8 +311,10 @@ def _file_record(path: Path, array_shape: Sequence[int], dtype: DTypeLike) -> di
             "size": path.stat().st_size, "crc32": file_crc32(path)}
 
 
-def write_case(case: Case, cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig, fingerprint: str) -> dict:
-    """Preprocess one case into `cases_dir` (image, label, then the JSON record); returns the record."""
+def write_case(case: Case, cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig, fingerprint: str,
+               source: str | None = None) -> dict:
+    """Preprocess one case into `cases_dir` (image, label, then the JSON record); returns the record.
+    `source`: the `case_signature` of the files the case was read from, kept to detect later edits."""
     image = case.image.array
     z, h, w = image.shape
     size = pp.in_plane_size
@@ -309,6 +337,7 @@ def write_case(case: Case, cases_dir: Path, plan: IntensityPlan, pp: PreprocessC
     meta = {
         "case_id": case.case_id,
         "fingerprint": fingerprint,
+        "source": source,
         "original_shape": [z, h, w],
         "spacing": list(vol.spacing),
         "origin": list(vol.origin),
@@ -335,13 +364,13 @@ def _read_plan_json(path: Path) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("%s is unreadable: recomputing the intensity plan", path)
         return None
-    return info if info.get("format") == CACHE_FORMAT else None
+    return info if isinstance(info, dict) and info.get("format") == CACHE_FORMAT else None
 
 
 def _load_and_write(dataset: Dataset, case_id: str, cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig,
-                    fingerprint: str) -> None:
+                    fingerprint: str, source: str | None) -> None:
     """Load one case and write it into the cache (also the task of a `build_cache` worker process)."""
-    write_case(dataset.load(case_id), cases_dir, plan, pp, fingerprint)
+    write_case(dataset.load(case_id), cases_dir, plan, pp, fingerprint, source)
 
 
 def _worker_init() -> None:
@@ -349,16 +378,17 @@ def _worker_init() -> None:
 
 
 def _write_cases(dataset: Dataset, case_ids: list[str], cases_dir: Path, plan: IntensityPlan, pp: PreprocessConfig,
-                 fingerprint: str, workers: int, advance: Callable[[], object]) -> None:
+                 fingerprint: str, sources: dict[str, str | None], workers: int, advance: Callable[[], object]
+                 ) -> None:
     """Write `case_ids` one after the other, or in `workers` spawned processes (same files either way)."""
     if workers <= 1 or len(case_ids) <= 1:
         for case_id in case_ids:
-            _load_and_write(dataset, case_id, cases_dir, plan, pp, fingerprint)
+            _load_and_write(dataset, case_id, cases_dir, plan, pp, fingerprint, sources[case_id])
             advance()
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     with ProcessPoolExecutor(min(workers, len(case_ids)), mp_context=context, initializer=_worker_init) as pool:
-        futures = [pool.submit(_load_and_write, dataset, case_id, cases_dir, plan, pp, fingerprint)
+        futures = [pool.submit(_load_and_write, dataset, case_id, cases_dir, plan, pp, fingerprint, sources[case_id])
                    for case_id in case_ids]
         try:
             for future in as_completed(futures):
@@ -395,7 +425,7 @@ def build_cache(dataset: Dataset, out_dir: str | Path, cfg: ExperimentConfig, rn
     bad = [i for i in ids if not _SAFE_ID.match(i)]
     if bad:
         raise CtsegError(f"case ids unusable as file names: {', '.join(bad[:5])}", dataset_root)
-    pool = list(train_ids) if train_ids is not None else ids
+    pool = list(dict.fromkeys(train_ids)) if train_ids is not None else ids
     unknown = sorted(set(pool) - set(ids))
     if unknown:
         raise CtsegError(f"training case ids not in the dataset: {', '.join(unknown[:10])}", dataset_root)
@@ -406,7 +436,9 @@ def build_cache(dataset: Dataset, out_dir: str | Path, cfg: ExperimentConfig, rn
                          f"{', '.join(sorted(set(subset) - set(pool))[:10])}", dataset_root)
     subset = sorted(subset)
     settings = cache_settings(pp)
-    plan_key = _digest({"format": CACHE_FORMAT, "settings": settings, "subset": subset})
+    sources = {case_id: case_signature(dataset, case_id) for case_id in ids}
+    plan_key = _digest({"format": CACHE_FORMAT, "settings": settings, "subset": subset,
+                        "sources": [sources[case_id] for case_id in subset]})
     previous = _read_plan_json(root / PLAN_FILE)
     cases_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale_in_folder(cases_dir)
@@ -431,7 +463,7 @@ def build_cache(dataset: Dataset, out_dir: str | Path, cfg: ExperimentConfig, rn
         report = BuildReport(root, plan, reused)
         task = bar.add_task("preprocessing", total=len(ids))
         for case_id in ids:
-            state = "rebuild" if force else _case_state(cases_dir, case_id, fingerprint)
+            state = "rebuild" if force else _case_state(cases_dir, case_id, fingerprint, sources[case_id])
             if state == "ok":
                 report.skipped.append(case_id)
                 bar.advance(task)
@@ -439,8 +471,12 @@ def build_cache(dataset: Dataset, out_dir: str | Path, cfg: ExperimentConfig, rn
                 if state == "corrupt":
                     log.warning("cached case %s is corrupted: rebuilding it", case_id)
                     report.repaired.append(case_id)
+                elif state == "changed":
+                    log.warning("case %s: its files changed since it was cached: rebuilding it", case_id)
+                    report.changed.append(case_id)
                 report.built.append(case_id)
-        _write_cases(dataset, report.built, cases_dir, plan, pp, fingerprint, workers, lambda: bar.advance(task))
+        _write_cases(dataset, report.built, cases_dir, plan, pp, fingerprint, sources, workers,
+                     lambda: bar.advance(task))
 
     info = {
         "format": CACHE_FORMAT,

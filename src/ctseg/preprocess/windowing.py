@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -82,8 +83,10 @@ class IntensityPlan:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict, source=None) -> "IntensityPlan":
+    def from_dict(cls, data: object, source: str | Path | None = None) -> "IntensityPlan":
         """Inverse of `to_dict`; `source` (a path) is named in the error for missing/invalid keys."""
+        if not isinstance(data, dict):
+            raise CtsegError(f"intensity plan must be a JSON object, got {type(data).__name__}", source)
         required = ("mode", "lower", "upper", "mean", "std")
         missing = [k for k in required if k not in data]
         if missing:
@@ -95,6 +98,8 @@ class IntensityPlan:
                        subset_ids=tuple(data.get("subset_ids", ())), n_voxels=int(data.get("n_voxels", 0)))
         except CtsegError as err:
             raise CtsegError(str(err), source) from None
+        except (TypeError, ValueError) as err:
+            raise CtsegError(f"intensity plan: {err}", source) from None
 
 
 def window_bounds(cfg: PreprocessConfig) -> tuple[float, float]:

@@ -432,3 +432,26 @@ AXES: dict[str, Axis] = {a.name: a for a in (
 
 #: The population-shift axes (issue 16 §3), in the order reports show them.
 POPULATION_AXES = ("pop-habitus", "pop-fov", "pop-kidney-size", "pop-tumour-size", "pop-phase", "pop-kernel")
+
+#: The severities each axis can take at all (checked when the settings are read); a plausible value that one
+#: volume cannot take (slices thinner than native) is skipped for that volume instead (`DegenerateSeverity`).
+VALID_SEVERITY: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "thickness": ("0 (native) to 100 mm", lambda s: 0 <= s <= 100),
+    "thickness-factor": ("> 0 and <= 100", lambda s: 0 < s <= 100),
+    "dose": ("> 0 and <= 20", lambda s: 0 < s <= 20),
+    "dose-projection": ("> 0 and <= 20", lambda s: 0 < s <= 20),
+    "hu-offset": ("-1000 to 1000 HU", lambda s: -1000 <= s <= 1000),
+    "hu-gain": ("> 0 and <= 10", lambda s: 0 < s <= 10),
+    "contrast": ("-5 to 5", lambda s: -5 <= s <= 5),
+    "rotation": ("-180 to 180 degrees", lambda s: -180 <= s <= 180),
+    "pixel-spacing": ("0 (native) or 0.1 to 5 mm", lambda s: s == 0 or 0.1 <= s <= 5),
+    "phantom-dose": ("> 0 and <= 20", lambda s: 0 < s <= 20),
+    "phantom-thickness": ("> 0 and <= 20", lambda s: 0 < s <= 20),
+    # the population shifts take what `ctseg.datasets.phantom.Population` takes
+    "pop-habitus": ("1 to 3", lambda s: 1 <= s <= 3),
+    "pop-fov": ("0.3 to 3", lambda s: 0.3 <= s <= 3),
+    "pop-kidney-size": ("0.3 to 3", lambda s: 0.3 <= s <= 3),
+    "pop-tumour-size": ("0.1 to 5", lambda s: 0.1 <= s <= 5),
+    "pop-phase": ("0 to 1", lambda s: 0 <= s <= 1),
+    "pop-kernel": ("1 to 8", lambda s: 1 <= s <= 8),
+}

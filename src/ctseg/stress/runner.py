@@ -275,6 +275,15 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
     recipes = phantom_recipes(data_dir)
     axes = resolve_axes(cfg, recipes is not None)
     pool = list(case_ids) if case_ids is not None else dataset.case_ids()
+    has_label = getattr(dataset, "has_label", None)
+    if case_ids is None and has_label is not None:
+        unlabelled = set(cid for cid in pool if not has_label(cid))
+        if unlabelled:
+            pool = [cid for cid in pool if cid not in unlabelled]
+            log.warning("%s: %d unlabelled case(s) skipped (test cases: nothing to score against), %d left",
+                        data_dir, len(unlabelled), len(pool))
+        if not pool:
+            raise CtsegError("no labelled case: the stress test scores against labels", data_dir)
     missing = sorted(set(pool) - set(dataset.case_ids()))
     if missing:
         raise CtsegError(f"cases {missing[:5]} of the models' folds are not in the dataset", data_dir)

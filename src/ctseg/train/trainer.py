@@ -580,7 +580,7 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> Tra
         if info.get("format") != RUN_FORMAT:
             raise ValueError(f"format {info.get('format')!r}, expected {RUN_FORMAT!r}")
         cfg = parse_config(info["config"], info_path)
-        plan = IntensityPlan.from_dict(info["intensity_plan"])
+        plan = IntensityPlan.from_dict(info["intensity_plan"], info_path)
         classes = {int(k): str(v) for k, v in info["classes"].items()}
         dataset_classes = {int(k): str(v) for k, v in info.get("dataset_classes", {}).items()}
         in_channels, num_classes = int(info["in_channels"]), int(info["num_classes"])
