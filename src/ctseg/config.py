@@ -220,6 +220,9 @@ class TrainConfig(_Section):
     loss_smooth: float = Field(1e-5, gt=0)
     val_fraction: float = Field(0.2, ge=0, lt=1)
     val_every: int = Field(1, ge=1, description="validate every N epochs")
+    val_slices: Literal["foreground", "all"] = Field(
+        "foreground", description="slices the checkpoint-selection Dice is computed on: foreground (the reference's "
+        "foreground slices, as Table 2's paper protocol scores the test cases) or all (the whole volume)")
     amp: Literal["none", "bf16", "fp16"] = "none"
     compile: bool = False
     num_workers: int = Field(0, ge=0)
@@ -254,8 +257,9 @@ class StackMemberSetConfig(_Section):
 
 
 class StackConfig(_Section):
-    """Stacked CNN (`ctseg.models.stacking`): top_k members per set by validation score, meta-model trained on
-    out-of-fold member maps for meta_epochs x steps_per_epoch Adam steps of batch_size axial slices."""
+    """Stacked CNN (`ctseg.models.stacking`): per test fold, the top_k members per set by the validation score of
+    that fold's models; a meta-model trained (see `meta_training`) for meta_epochs x steps_per_epoch Adam steps of
+    batch_size axial slices."""
     top_k: int = Field(5, ge=1)
     members: list[StackMemberSetConfig] = Field(
         default_factory=lambda: [StackMemberSetConfig(arch="msd", dim="3d", target="foreground"),
@@ -267,6 +271,10 @@ class StackConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     hidden: int = Field(16, ge=1, description="channels of the meta-model's 3x3 context branch")
     foreground_fraction: float = Field(0.5, ge=0, le=1, description="share of slices with foreground per batch")
+    meta_training: Literal["nested", "oof"] = Field(
+        "nested", description="what the meta-model scored on fold k learns from: nested (the fold-k members' maps "
+        "of their own validation cases: nothing it sees has seen fold k) or oof (the other folds' out-of-fold maps, "
+        "made by models that trained on fold k: not nested, a leak `ctseg check-leaks` reports; for comparison)")
 
 
 # typed default factories: a lambda's list literal would be a list[str] to the type checker

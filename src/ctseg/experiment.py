@@ -148,10 +148,14 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
         stress_dir = run_experiment_stress(cfg, [run_dirs[RunIdentity.of(rc).name] for rc in table], data_dir,
                                            out / "stress", device=device, progress=progress)
     augs = " vs ".join(AUG_NAMES.get(a, a) for a in cfg.experiment.augs)
-    return write_report(records, out, config=config_to_dict(cfg), log_csvs=curves,
+    html = write_report(records, out, config=config_to_dict(cfg), log_csvs=curves,
                         title=title or f"{cfg.name}: {augs}, slice-sorted {cfg.cv.n_folds}-fold cross-validation",
                         thickness_edges_mm=cfg.experiment.thickness_groups_mm, intro=intro,
                         extra_sections=[selection] if selection is not None else [], stress_dir=stress_dir)
+    from ctseg.evaluate.provenance import enforce_no_leak
+
+    enforce_no_leak(out)  # leak_check.json; a leak fails the experiment, naming the file and the cases
+    return html
 
 
 def run_experiment_stress(cfg: ExperimentConfig, cv_dirs: list[Path], data_dir: str | Path, out_dir: Path, *,
