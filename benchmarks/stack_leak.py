@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--meta-training", default=None, help="stack.meta_training (after the fix only): nested | oof")
     p.add_argument("--stack-dir", default="stack", help="name of the stack folder under --out")
+    p.add_argument("--meta-epochs", type=int, default=None, help="stack.meta_epochs (default: the ci profile's 1)")
     args = p.parse_args()
     torch.set_num_threads(1)
     from ctseg.config import config_to_dict, load_config, parse_config
@@ -41,6 +42,8 @@ def main() -> None:
     d["stress"]["enabled"] = False
     d["train"].update(epochs=args.epochs, steps_per_epoch=args.steps)
     d["stack"].update(top_k=1)
+    if args.meta_epochs:
+        d["stack"]["meta_epochs"] = args.meta_epochs
     if args.meta_training:
         d["stack"]["meta_training"] = args.meta_training
     cfg = parse_config(d)

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ctseg.cli import main
@@ -22,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_config(**stack):
     cfg = apply_profile(load_config(REPO / "configs" / "demo.yaml"), "ci")
     d = config_to_dict(cfg)
-    d["experiment"].update(archs=["unet"], dims=["2d"], augs=["ctia"], seeds=[0], stack_seeds=[1], stack=True)
+    d["experiment"].update(archs=["unet"], dims=["2d"], augs=["ctia"], seeds=[0], stack_seeds=[1], stack=True,
+                           variants={"nowindow": {"preprocess": {"window": "none"}}})
     d["stack"].update(top_k=1, members=[{"arch": "unet", "dim": "2d", "target": "multiclass"}], **stack)
     d["stress"]["enabled"] = False
     return parse_config(d)
@@ -41,7 +43,7 @@ def test_clean_experiment_with_stacking_passes(tiny):
     data, out = tiny
     result = check_leaks(out)
     assert result.status == "clean", [str(f) for f in result.findings]
-    assert result.exit_code == 0 and len(result.checked) == 3 * 2  # 2 CV runs + 1 stack, 2 folds each
+    assert result.exit_code == 0 and len(result.checked) == 4 * 2  # 3 CV runs + 1 stack, 2 folds each
     saved = json.loads((out / "leak_check.json").read_text())  # written by the experiment itself
     assert saved["status"] == "clean"
     folds = load_folds(out / "folds.json")
@@ -64,7 +66,7 @@ def test_clean_experiment_with_stacking_passes(tiny):
 def test_checker_catches_the_non_nested_meta_model(tiny, tmp_path):
     data, out = tiny
     cfg = tiny_config(meta_training="oof")
-    runs = sorted((out / "runs").iterdir())
+    runs = [p for p in sorted((out / "runs").iterdir()) if not p.name.endswith("-nowindow")]
     stack = tmp_path / "stack-oof"
     run_stack(runs, stack, cfg.stack, progress=False)
     result = check_leaks(stack)
@@ -124,3 +126,26 @@ def test_old_folders_without_provenance_cannot_be_proven(tiny, tmp_path, capsys)
     assert "cannot prove" in capsys.readouterr().out
     with pytest.raises(CtsegError, match="neither an experiment folder"):
         check_leaks(tmp_path)
+
+
+def test_no_windowing_arm_runs_with_the_windowed_arms_crop(tiny):
+    """The `nowindow` variant arm: its own run (reported, not stacked), a plan without clipping whose crop boxes
+    are the windowed arm's for every case."""
+    from ctseg.evaluate.report import load_results
+    from ctseg.preprocess.cache import CaseCache
+
+    data, out = tiny
+    models = {r.model for r in load_results(out / "results.json")}
+    assert "unet-2d-ctia-nowindow" in models and "unet-2d-ctia" in models
+    stack = json.loads((out / "stack" / "ctia" / "stack.json").read_text())
+    assert all(not c["name"].endswith("nowindow") for c in stack["candidates"])
+    for k in range(2):
+        plain = json.loads((out / "runs" / "unet-2d-ctia" / f"fold_{k}" / "provenance.json").read_text())
+        raw = json.loads((out / "runs" / "unet-2d-ctia-nowindow" / f"fold_{k}" / "provenance.json").read_text())
+        a, b = CaseCache(plain["scored_with"]["cache"]), CaseCache(raw["scored_with"]["cache"])
+        assert a.root != b.root and b.plan.mode == "none" and a.plan.mode == "percentile"
+        assert b.plan.subset_ids == a.plan.subset_ids and b.plan.lower == a.plan.lower
+        for cid in a.case_ids():
+            assert a.meta(cid)["in_plane"] == b.meta(cid)["in_plane"]  # the same crop
+        img = np.asarray(b.load(a.case_ids()[0]).image, dtype=np.float32)
+        assert img.min() < (a.plan.lower - b.plan.mean) / b.plan.std - 1.0  # air below the window: not clipped

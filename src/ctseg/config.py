@@ -27,12 +27,17 @@ class DataConfig(_Section):
 
 
 class PreprocessConfig(_Section):
-    window: Literal["percentile", "organ", "bone", "lung", "custom"] = "percentile"
+    window: Literal["percentile", "organ", "bone", "lung", "custom", "none"] = Field(
+        "percentile", description="percentile (paper), a preset, custom, or none: no HU clipping, raw HU z-scored "
+        "(the paper's no-windowing experiment, Supplementary Tables S2/S3), cropped as the percentile window would")
     percentiles: tuple[float, float] = (0.6, 99.0)
     presets: dict[str, tuple[float, float]] = Field(default_factory=lambda: {
         "organ": (-160.0, 240.0), "bone": (-450.0, 1050.0), "lung": (-1350.0, 150.0)})
     custom_window: tuple[float, float] | None = None
     subset_size: int = Field(8, ge=1, description="training cases drawn at random for intensity statistics")
+    crop_hu: float | None = Field(
+        None, description="window none only: HU threshold of the crop box; None: the percentile window's lower bound "
+        "(the same crop as the windowed arm, as the paper did), a number (e.g. -500): a fixed air threshold")
     in_plane_size: int = Field(128, ge=8)
     crop: Literal["window", "none"] = Field(
         "window", description="window: cut each volume to a square box around what survives the window's lower "
@@ -305,11 +310,26 @@ class ExperimentMatrixConfig(_Section):
                                "e.g. ['unet-3d']")
     overrides: dict[str, dict] = Field(default_factory=dict, description="partial configs merged into the runs of "
                                        "one 'arch-dim', e.g. {'msd-3d': {'train': {'epochs': 2}}}")
+    variants: dict[str, dict] = Field(default_factory=dict, description="extra arms: name -> partial config merged "
+                                      "into every table run, e.g. {'nowindow': {'preprocess': {'window': 'none'}}}; "
+                                      "runs named '<run>-<name>', reported beside the table, not stacked")
+    variant: str = Field("", description="set by the experiment on a variant arm's runs (its name); empty otherwise")
     stack: bool = True
     thickness_groups_mm: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [1.5, 3.0], min_length=1,
         description="upper edges of the slice-thickness groups in the report")
     profiles: dict[str, dict] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_variants(self):
+        import re
+
+        for name, over in self.variants.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", name):
+                raise ValueError(f"experiment.variants name {name!r}: use lower-case letters, digits and _")
+            if "experiment" in over:
+                raise ValueError(f"experiment.variants.{name} may not change the experiment section")
+        return self
 
 
 class StressConfig(_Section):

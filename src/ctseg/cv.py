@@ -69,7 +69,8 @@ STACK_FORMAT = "ctseg.stack"
 # ------------------------------------------------------------------------------------------- identity
 @dataclass(frozen=True)
 class RunIdentity:
-    """What a CV run is, for tables and stacking: name e.g. 'unet-2d-ctia', 'msd-3d-ctia-fg-s1'."""
+    """What a CV run is, for tables and stacking: name e.g. 'unet-2d-ctia', 'msd-3d-ctia-fg-s1',
+    'unet-2d-ctia-nowindow' (an `experiment.variants` arm)."""
 
     name: str
     arch: str
@@ -90,6 +91,9 @@ class RunIdentity:
         if cfg.seed != 0:
             name += f"-s{cfg.seed}"
             variant.append(f"seed {cfg.seed}")
+        if cfg.experiment.variant:  # an arm of `experiment.variants`, e.g. nowindow
+            name += f"-{cfg.experiment.variant}"
+            variant.append(cfg.experiment.variant)
         return cls(name, m.arch, m.dim, m.target, cfg.augment.name, cfg.seed, ", ".join(variant))
 
     @property

@@ -51,7 +51,7 @@ def apply_profile(cfg: ExperimentConfig, profile: str | None) -> ExperimentConfi
 
 def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[ExperimentConfig]]:
     """(table runs, extra runs only the stack needs): one config per arch x dim x aug x seed, with the
-    matrix's per-'arch-dim' overrides merged in. The stack's member sets are trained for every seed in
+    matrix's per-'arch-dim' overrides merged in, and each of them once more per `experiment.variants` arm. The stack's member sets are trained for every seed in
     `seeds` and `stack_seeds`: the candidates `stack.top_k` chooses from."""
     e = cfg.experiment
     table, keys = [], set()
@@ -75,6 +75,11 @@ def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[Exp
                 for seed in e.seeds:
                     table.append(variant(arch, dim, aug, seed, cfg.model.target))
                     keys.add((arch, dim, cfg.model.target, aug, seed))
+    for name, over in e.variants.items():  # extra arms (e.g. no windowing): every table run once more
+        for rc in list(table):
+            d = _merge(config_to_dict(rc), over)
+            d["experiment"]["variant"] = name
+            table.append(parse_config(d, f"experiment.variants.{name}"))
     extra = []
     if e.stack:
         for s in cfg.stack.members:
@@ -89,7 +94,8 @@ def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[Exp
 def candidates_per_set(cfg: ExperimentConfig, runs: list[ExperimentConfig], aug: str) -> dict[str, int]:
     """Number of runs of augmentation `aug` in each stack member set ('arch-dim-target'): top_k's candidates."""
     return {f"{s.arch}-{s.dim}-{s.target}": sum((rc.model.arch, rc.model.dim, rc.model.target, rc.augment.name)
-                                                == (s.arch, s.dim, s.target, aug) for rc in runs)
+                                                == (s.arch, s.dim, s.target, aug) and not rc.experiment.variant
+                                                for rc in runs)
             for s in cfg.stack.members}
 
 
@@ -126,7 +132,8 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
                    progress=progress)
             bar.advance(task)
         for aug in stack_augs:
-            members = [run_dirs[RunIdentity.of(rc).name] for rc in runs if rc.augment.name == aug]
+            members = [run_dirs[RunIdentity.of(rc).name] for rc in runs
+                       if rc.augment.name == aug and not rc.experiment.variant]  # variant arms are not stacked
             _warn_few_candidates(cfg, [rc for rc in runs if rc.augment.name == aug], aug)
             bar.update(task, description=f"[bold magenta]experiment[/] · stacked ensemble + {AUG_NAMES.get(aug, aug)}")
             run_stack(members, out / "stack" / aug, cfg.stack, seed=cfg.seed, distances=cfg.cv.distances,

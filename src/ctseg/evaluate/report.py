@@ -496,15 +496,19 @@ def stack_selection_section(stack_dirs: Sequence[str | Path]) -> Section | None:
         cands = sorted(info.get("candidates", []), key=lambda c: (c["set"], -(c["val_score"] or -1.0), c["name"]))
         for c in cands:
             score = "–" if c["val_score"] is None else f"{c['val_score']:.4f}"
-            rows.append([aug, c["set"], c["name"], score, "yes" if c["selected"] else "no"])
+            kept = c.get("selected_folds")  # per-fold selection (issue 17); older stacks: one global choice
+            chosen = ("folds " + ", ".join(map(str, kept)) if kept else "no") if kept is not None else \
+                ("yes" if c["selected"] else "no")
+            rows.append([aug, c["set"], c["name"], score, chosen])
     if not rows:
         return None
     top_k = {json.loads((Path(d) / "stack.json").read_text()).get("top_k") for d in stack_dirs
              if (Path(d) / "stack.json").is_file()}
     return Section("Stacked CNN: candidates and the top-k kept", f"top_k = {', '.join(map(str, sorted(top_k)))} per "
-                   "member set by validation score (mean over folds of each run's best validation Dice, on its "
-                   "training folds' validation split; out-of-fold protection unchanged)",
-                   ["stack", "member set", "candidate run", "validation score", "selected"], rows, None)
+                   "member set and test fold k, by the best validation Dice of each candidate's fold-k model on "
+                   "fold k's validation split (seeded by the fold: the same cases for every candidate, none in fold "
+                   "k); the score shown is the mean over folds",
+                   ["stack", "member set", "candidate run", "validation score", "kept for test fold"], rows, None)
 
 
 # ---------------------------------------------------------------------------------------- the report
