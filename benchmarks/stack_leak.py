@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--meta-training", default=None, help="stack.meta_training (after the fix only): nested | oof")
     p.add_argument("--stack-dir", default="stack", help="name of the stack folder under --out")
+    p.add_argument("--val-slices", default=None, help="train.val_slices (after the fix only): foreground | all")
     p.add_argument("--meta-epochs", type=int, default=None, help="stack.meta_epochs (default: the ci profile's 1)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -42,6 +43,8 @@ def main() -> None:
     d["stress"]["enabled"] = False
     d["train"].update(epochs=args.epochs, steps_per_epoch=args.steps)
     d["stack"].update(top_k=1)
+    if args.val_slices:
+        d["train"]["val_slices"] = args.val_slices
     if args.meta_epochs:
         d["stack"]["meta_epochs"] = args.meta_epochs
     if args.meta_training:
@@ -70,8 +73,16 @@ def main() -> None:
             for k in sorted({r.fold for r in mine}):
                 row[f"{c}_fold{k}"] = round(float(np.mean([r.dice_paper[c] for r in mine if r.fold == k])), 4)
         out[model] = row
+    runs = {}
+    for run_dir in dirs:
+        mine = load_cv_records(run_dir, require_all=True)
+        best = [json.loads((run_dir / f"fold_{k}" / "model" / "run.json").read_text()).get("best_epoch")
+                for k in range(cfg.cv.n_folds)]
+        runs[run_dir.name] = {"total": round(float(np.mean([r.dice_paper["total"] for r in mine])), 4),
+                              "kidney": round(float(np.mean([r.dice_paper["kidney"] for r in mine])), 4),
+                              "best_epochs": best}
     stack = json.loads((args.out / args.stack_dir / "stack.json").read_text())
-    print(json.dumps({"results": out, "cv_seconds": round(t_cv), "stack_seconds": round(t_stack),
+    print(json.dumps({"results": out, "runs": runs, "cv_seconds": round(t_cv), "stack_seconds": round(t_stack),
                       "members": stack.get("members"), "folds": stack.get("folds")}, indent=1, default=str))
 
 
