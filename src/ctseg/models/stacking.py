@@ -141,7 +141,8 @@ class MemberPrediction:
     """One member's out-of-fold probabilities for one case.
 
     path: .npy (C_member, Z, S, S) float16 softmax at network resolution; fold: the CV fold whose model
-    produced it; trained_on: every case id that model was trained or validated on.
+    produced it; trained_on: every case id that model's weights were fitted on (its validation cases may be
+    inputs of the nested meta-model).
     """
 
     case_id: str
