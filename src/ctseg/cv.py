@@ -296,9 +296,11 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
             model_dir = fdir / "model"
             cache = fold_cache(dataset, cfg, cache_dir, fold_set, k, progress)
             if not _training_completed(model_dir):
-                fit_ids, val_ids = fold_validation_split(fold_set.train_ids(k), cfg.train.val_fraction, k)
-                train_model(cfg, cache, fit_ids, val_ids, model_dir,
-                            resume=(model_dir / "checkpoint.pt").is_file(), progress=progress, device=dev)
+                resume = (model_dir / "checkpoint.pt").is_file()
+                fit_ids, val_ids = _started_split(model_dir, fold_set.train_ids(k)) if resume else (None, None)
+                if fit_ids is None or val_ids is None:
+                    fit_ids, val_ids = fold_validation_split(fold_set.train_ids(k), cfg.train.val_fraction, k)
+                train_model(cfg, cache, fit_ids, val_ids, model_dir, resume=resume, progress=progress, device=dev)
             trained = load_trained(model_dir, dev)
             test_ids = fold_set.test_ids(k)
             task = bar.add_task(f"fold {k}: predict + score", total=len(test_ids))
@@ -318,6 +320,17 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
                                                       "intensity_plan_fitted_on": list(cache.plan.subset_ids)})
             records += _close_fold(done, fold_records, bar, task, overall)
     return records
+
+
+def _started_split(model_dir: Path, train_ids: Sequence[str]) -> tuple[list[str] | None, list[str] | None]:
+    """The (fit, validation) split an interrupted training of this fold started with, so that it resumes with it
+    (one started before validation splits were seeded by the fold keeps its own; its provenance says which)."""
+    try:
+        run = json.loads((model_dir / "run.json").read_text())
+        fit, val = list(run["train_ids"]), list(run.get("val_ids") or [])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    return (fit, val) if sorted(fit + val) == sorted(train_ids) else (None, None)
 
 
 def write_fold_provenance(fdir: Path, k: int, test_ids: Sequence[str], scored_with: dict) -> None:
