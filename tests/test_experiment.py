@@ -40,6 +40,15 @@ def test_profiles_and_matrix():
     assert sorted({(c.model.arch, c.model.dim, c.model.target) for c in extra}) == [
         ("msd", "3d", "foreground"), ("unet", "2d", "multiclass")]
     assert len(extra) == 4 * (8 + 7)
+    # the full profile's no-windowing arm (Supplementary Tables S2/S3): every table run again, raw HU, not stacked
+    full_table, full_extra = run_configs(apply_profile(cfg, "full"))
+    arm = [c for c in full_table if c.experiment.variant == "nowindow"]
+    assert len(full_table) == 32 and len(arm) == 16 and len(full_extra) == len(extra)
+    assert all(c.preprocess.window == "none" and c.preprocess.crop == "window" for c in arm)
+    from ctseg.cv import RunIdentity
+    assert {RunIdentity.of(c).name for c in arm} == {RunIdentity.of(c).name + "-nowindow" for c in table}
+    assert candidates_per_set(apply_profile(cfg, "full"), full_table + full_extra, "ctia") == \
+        candidates_per_set(cfg, table + extra, "ctia")  # the arm adds no stack candidates
     small = apply_profile(cfg, "small")
     assert small.cv.n_folds == 2 and small.preprocess.in_plane_size == 32 and small.experiment.profiles == {}
     assert small.model.msd.width == cfg.model.msd.width  # untouched keys survive the merge
@@ -77,7 +86,8 @@ def test_small_experiment_table_has_every_row(experiment):
     sel = md.split("## Stacked CNN: candidates and the top-k kept")[1].split("\n## ")[0]
     for aug in ("MIA", "nnU-Net DA", "CTIA", "no augmentation"):
         rows = [r for r in sel.splitlines() if r.startswith(f"| {aug} |")]
-        assert len(rows) == 4 and sum(r.endswith("| yes |") for r in rows) == 2, rows  # top 1 of 2, two sets
+        # top 1 of 2 per set and test fold: each fold keeps one run of each of the two sets
+        assert len(rows) == 4 and sum(r.count(",") + 1 for r in rows if "| folds " in r) == 2 * 2, rows
     records = load_results(out / "results.json")
     n_cases = len(json.loads((data / "phantom.json").read_text())["cases"])
     by_model = {}
@@ -98,33 +108,44 @@ def test_small_experiment_table_has_every_row(experiment):
     assert (out / "config.yaml").is_file() and (out / "results.csv").is_file()
 
 
-def test_stacking_trains_only_on_out_of_fold_maps(experiment):
-    """Every map the meta-model saw comes from a member model that never saw that volume, and the meta-model
-    evaluated on fold k saw no volume of fold k. Checked against the members' own training records."""
+def test_stacking_is_selected_per_fold_and_nested(experiment):
+    """For each test fold k: the members are the top-1 per set by their fold-k models' validation Dice, all
+    candidates ranked on the same validation cases (none in fold k); the meta-model learnt only from maps of those
+    validation cases made by the fold-k members (nothing it saw has seen fold k). Checked against the members' own
+    training records; the leak checker proves the whole experiment clean."""
+    from ctseg.evaluate.provenance import check_leaks
+
     cfg, data, out, _ = experiment
     folds = load_folds(out / "folds.json")
     for aug in ("mia", "nnunet", "ctia", "none"):
         stack = json.loads((out / "stack" / aug / "stack.json").read_text())
-        kept = [c for c in stack["candidates"] if c["selected"]]
-        assert len(stack["candidates"]) == 4 and len(kept) == 2
-        for c in kept:  # top-1 by validation score within its set
-            assert c["val_score"] == max(o["val_score"] for o in stack["candidates"] if o["set"] == c["set"])
-        members = {m["name"]: Path(m["path"]) for m in stack["members"]}
-        assert {m["target"] for m in stack["members"]} == {"foreground", "multiclass"}
-        for k in range(folds.n_folds):
+        assert len(stack["candidates"]) == 4 and stack["meta_training"] == "nested"
+        paths = {c["name"]: Path(c["path"]) for c in stack["candidates"]}
+        for k, entry in enumerate(stack["folds"]):
+            test = set(folds.test_ids(k))
+            kept = [c for c in entry["candidates"] if c["selected"]]
+            assert len(kept) == 2 and sorted(c["name"] for c in kept) == sorted(entry["members"])
+            for c in kept:  # top-1 by the fold-k validation score within its set
+                assert c["val_score"] == max(o["val_score"] for o in entry["candidates"] if o["set"] == c["set"])
+            val = {tuple(c["selected_on"]) for c in entry["candidates"]}
+            assert len(val) == 1 and not set(next(iter(val))) & test  # same cases for all, none in fold k
+            for c in entry["candidates"]:
+                run = json.loads((paths[c["name"]] / f"fold_{k}" / "model" / "run.json").read_text())
+                assert tuple(run["val_ids"]) == tuple(c["selected_on"])
+                assert c["val_score"] == pytest.approx(run["best_metric"])
             meta = json.loads((out / "stack" / aug / f"fold_{k}" / "meta_training.json").read_text())
-            assert meta["eval_fold"] == k
-            assert set(meta["test_cases"]) == set(folds.test_ids(k))
-            assert set(meta["training_cases"]) == set(folds.train_ids(k))
-            assert not set(meta["training_cases"]) & set(folds.test_ids(k))
+            assert meta["eval_fold"] == k and set(meta["test_cases"]) == test
+            assert set(meta["training_cases"]) == set(next(iter(val)))  # the members' validation cases
             for case, maps in meta["maps"].items():
-                assert {m["member"] for m in maps} == set(members)
+                assert {m["member"] for m in maps} == set(entry["members"])
                 for m in maps:
-                    run = json.loads((members[m["member"]] / f"fold_{m['fold']}" / "model" / "run.json").read_text())
-                    seen = set(run["train_ids"]) | set(run["val_ids"])
-                    assert case not in seen
-                    assert seen == set(m["member_trained_on"])
-                    assert m["fold"] == folds.fold_of(case)
+                    run = json.loads((paths[m["member"]] / f"fold_{m['fold']}" / "model" / "run.json").read_text())
+                    assert m["fold"] == k and case not in run["train_ids"]
+                    assert not (set(run["train_ids"]) | set(run["val_ids"])) & test
+                    assert set(run["train_ids"]) == set(m["member_trained_on"])
+    result = check_leaks(out)
+    assert result.status == "clean", [str(f) for f in result.findings]
+    assert json.loads((out / "leak_check.json").read_text())["status"] == "clean"
 
 
 def test_finished_parts_are_skipped(experiment):

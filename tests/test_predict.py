@@ -183,6 +183,11 @@ def test_ensemble_agreement_and_refusals(rng):
         return float(2 * (p & q).sum() / (p.sum() + q.sum()))
 
     assert mixed.agreement == pytest.approx(dice(*own), abs=1e-6) != pytest.approx(dice(own[0], shared), abs=1e-3)
+    # a member whose plan crops this volume to another box (window lower bound -500 HU: the body only) is refused
+    tight = IntensityPlan(mode="custom", lower=-500.0, upper=1000.0, mean=0.0, std=100.0)
+    assert network_grid(hu, tight, 32, "window").box != box
+    with pytest.raises(CtsegError, match="crop this volume to different boxes"):
+        predict_volume(vol, [a, _member(Threshold(2), size=32, plan=tight)], device="cpu")
     with pytest.raises(CtsegError, match="classes"):
         predict_volume(vol, [a, _member(Threshold(2, n_out=2), size=32, classes={0: "bg", 1: "liver"})],
                        device="cpu")

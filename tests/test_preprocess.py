@@ -353,3 +353,29 @@ def test_oversampling_puts_a_rare_class_into_the_stack():
     assert all(len(np.unique(s)) == 8 and np.all(np.diff(s) > 0) for s in over)
     rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
     np.testing.assert_array_equal(sample_slices(label, 8, rng_a), sample_slices(label, 8, rng_b, oversample=0.0))
+
+
+# ---------------------------------------------------------------- no windowing (Supplementary Tables S2/S3)
+
+def test_window_none_keeps_raw_hu_and_the_windowed_arms_crop():
+    """window none: nothing clipped, z-score of the raw foreground HU of the same subset, and the same crop box
+    as the percentile window of the same cases (the paper: 'cropped ... to the same regions as obtained from
+    windowing'); crop_hu replaces it by a fixed air threshold."""
+    cases = [blob_case(f"c{i}", np.random.default_rng(i), fg_mean=100.0 + 40 * i) for i in range(3)]
+    windowed = compute_intensity_plan(cases, PreprocessConfig(window="percentile"), np.random.default_rng(7))
+    raw = compute_intensity_plan(cases, PreprocessConfig(window="none"), np.random.default_rng(7))
+    assert raw.mode == "none" and not raw.clips and windowed.clips
+    assert (raw.lower, raw.upper) == (windowed.lower, windowed.upper)  # the crop's window
+    fg = np.concatenate([c.image.array[c.label.array > 0] for c in cases]).astype(np.float64)
+    assert raw.mean == pytest.approx(fg.mean(), rel=1e-6) and raw.std == pytest.approx(fg.std(), rel=1e-6)
+    assert raw.std > windowed.std  # the windowed statistics are those of clipped values
+    image = cases[0].image.array
+    x = normalize(image, raw)
+    np.testing.assert_allclose(x, (image - raw.mean) / raw.std, rtol=1e-5, atol=1e-5)  # air stays at -1000 HU
+    assert x.min() < (windowed.lower - raw.mean) / raw.std
+    assert slices.network_grid(image, raw, 16, "window").box == slices.network_grid(image, windowed, 16, "window").box
+    out = preprocess_volume(image, raw, 16, box=(-4, 28, -4, 28))  # padding outside the image reads as air
+    assert out[0, 0, 0] == pytest.approx((-1000.0 - raw.mean) / raw.std, rel=1e-3)
+    fixed = compute_intensity_plan(cases, PreprocessConfig(window="none", crop_hu=-500.0), np.random.default_rng(7))
+    assert fixed.lower == -500.0 and fixed.mean == pytest.approx(raw.mean)
+    assert IntensityPlan.from_dict(raw.to_dict()) == raw

@@ -9,7 +9,8 @@ from ctseg.config import StackMemberSetConfig
 from ctseg.errors import CtsegError
 from ctseg.evaluate.metrics import dice_per_class
 from ctseg.models.stacking import (MemberPrediction, MemberRun, StackingMetaModel, average_members,
-                                   check_out_of_fold, load_meta_model, meta_training_cases, predict_meta,
+                                   check_out_of_fold, load_meta_model, meta_training_cases, nested_meta_cases,
+                                   predict_meta,
                                    save_meta_model, select_members, stack_inputs, train_meta_model,
                                    vote_matrix)
 from ctseg.train.losses import TanimotoCELoss
@@ -77,6 +78,27 @@ def test_select_members_top_k_per_set():
     assert [m.name for m in select_members(runs, sets, top_k=2)] == ["msd-0", "unet-1", "unet-2"]
     with pytest.raises(CtsegError, match="no finished run for stack member set msd-2d"):
         select_members(runs, [StackMemberSetConfig(arch="msd", dim="2d")], top_k=2)
+
+
+def test_select_members_per_fold_uses_only_that_folds_scores():
+    """Per-fold selection (issue 17): the ranking for test fold k uses the fold-k models' validation scores only;
+    the mean over folds would pick another member here."""
+    a = MemberRun("unet-a", Path("."), "unet", "2d", "multiclass", "ctia", 0.75, (0.9, 0.6), (("c1",), ("c4",)))
+    b = MemberRun("unet-b", Path("."), "unet", "2d", "multiclass", "ctia", 0.80, (0.7, 0.9), (("c1",), ("c4",)))
+    sets = [StackMemberSetConfig(arch="unet", dim="2d", target="multiclass")]
+    assert [m.name for m in select_members([a, b], sets, top_k=1)] == ["unet-b"]  # mean over folds
+    assert [m.name for m in select_members([a, b], sets, top_k=1, fold=0)] == ["unet-a"]
+    assert [m.name for m in select_members([a, b], sets, top_k=1, fold=1)] == ["unet-b"]
+    with pytest.raises(CtsegError, match="no validation score for fold 2"):
+        select_members([a, b], sets, top_k=1, fold=2)
+
+
+def test_nested_meta_cases_are_held_out_from_every_member():
+    train = ["a", "b", "c", "d", "e"]
+    assert nested_meta_cases(train, [["a", "b", "c"], ["a", "b", "c"]], 0) == ["d", "e"]
+    assert nested_meta_cases(train, [["a", "b", "c"], ["a", "b", "d"]], 0) == ["e"]  # any member's weights exclude
+    with pytest.raises(CtsegError, match="val_fraction"):
+        nested_meta_cases(train, [train], 0)
 
 
 def test_select_members_top5_by_validation_score_among_8():

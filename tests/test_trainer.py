@@ -21,8 +21,8 @@ from ctseg.errors import CtsegError
 from ctseg.io import Volume
 from ctseg.preprocess.cache import CaseCache, build_cache
 from ctseg.train.checkpoint import capture_rng_state, load_resume_state, restore_rng_state, save_resume_state
-from ctseg.train.data import BatchPlan, TrainStream, dice_scores, predict_cached
-from ctseg.train.trainer import load_trained, split_validation, train_model
+from ctseg.train.data import BatchPlan, TrainStream, dice_scores, predict_cached, validate_cases
+from ctseg.train.trainer import fold_validation_split, load_trained, split_validation, train_model
 
 SPACING = (2.0, 1.0, 1.0)
 
@@ -152,6 +152,17 @@ def test_validation_helpers():
     assert len(val) == 2 and not set(train) & set(val) and len(train) == 8
     assert split_validation([f"c{i}" for i in range(10)], 0.2, seed=0) == (train, val)
     assert split_validation(["a"], 0.2, seed=0) == (["a"], [])
+
+
+def test_fold_validation_split_depends_on_fold_and_data_not_on_model_seed():
+    ids = [f"c{i:02d}" for i in range(40)]
+    fit, val = fold_validation_split(ids, 0.2, fold=1)
+    assert len(val) == 8 and sorted(fit + val) == ids and not set(fit) & set(val)
+    assert fold_validation_split(list(reversed(ids)), 0.2, fold=1) == (fit, val)  # order of the ids is irrelevant
+    others = [fold_validation_split(ids, 0.2, fold=k)[1] for k in (0, 2, 3)]
+    assert all(o != val for o in others)  # another fold draws another split
+    assert fold_validation_split(ids[:-1], 0.2, fold=1)[1] != val  # other training cases, other draw
+    assert fold_validation_split(ids, 0.0, fold=1) == (ids, [])
 
 
 def test_rng_state_round_trip_is_weights_only_loadable(tmp_path):
@@ -353,6 +364,10 @@ def test_cli_trains_a_fold_from_a_cache(cache, tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert sorted(info["train_ids"] + info["val_ids"]) == sorted(folds[0])
     assert not set(info["train_ids"] + info["val_ids"]) & set(folds[1])
+    # the fold's validation split, the one `ctseg cv` uses for every run of the fold
+    assert (info["train_ids"], info["val_ids"]) == fold_validation_split(folds[0], cfg.train.val_fraction, 1)
+    assert info["provenance"]["checkpoint_selected_on"] == info["val_ids"]
+    assert info["provenance"]["weights_fitted_on"] == info["train_ids"]
     assert cli_main(argv + ["--epochs", "2", "--resume"]) == 0
     assert json.loads((out / "run.json").read_text())["epochs_run"] == 2
     assert cli_main(base + ["--fold", "2", "--out", str(tmp_path / "r2")]) == 2  # fold out of range
@@ -407,3 +422,30 @@ def test_cli_fold_on_a_raw_dataset_uses_the_folds_own_intensity_plan(tmp_path):
     subset = json.loads(plans[0].read_text())["subset"]
     assert info["intensity_plan"]["subset_ids"] == subset and not set(subset) & set(folds[1])
     assert not set(info["train_ids"] + info["val_ids"]) & set(folds[1])
+
+
+class _Says(torch.nn.Module):
+    """A 2D 'network' whose argmax is class 1 inside a fixed square of every slice (background elsewhere)."""
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        out[:, 1, 8:24, 8:24] = 5.0
+        return out
+
+
+@pytest.mark.parametrize("slices", ["foreground", "all"])
+def test_checkpoint_selection_dice_on_the_paper_protocols_slices(cache, slices):
+    """train.val_slices foreground: the validation Dice ignores the reference's background slices (as Table 2's
+    paper protocol does), so false positives there do not change it; all: the whole volume."""
+    cfg = tiny_config()
+    cfg.train.val_slices = slices
+    got = validate_cases(_Says(), cache, ["case00"], cfg, torch.device("cpu"), 3)["case00"]
+    label = np.asarray(cache.load("case00").label).astype(np.int64)
+    pred = np.zeros_like(label)
+    pred[:, 8:24, 8:24] = 1
+    keep = label.reshape(label.shape[0], -1).any(1)
+    assert 0 < keep.sum() < len(keep)  # the case has background slices: the two protocols differ
+    want = dice_scores(pred[keep], label[keep], [1, 2]) if slices == "foreground" else dice_scores(pred, label, [1, 2])
+    assert got == pytest.approx(want)
+    other = dice_scores(pred, label, [1, 2]) if slices == "foreground" else dice_scores(pred[keep], label[keep], [1, 2])
+    assert got[1] != pytest.approx(other[1])

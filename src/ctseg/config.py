@@ -28,12 +28,17 @@ class DataConfig(_Section):
 
 
 class PreprocessConfig(_Section):
-    window: Literal["percentile", "organ", "bone", "lung", "custom"] = "percentile"
+    window: Literal["percentile", "organ", "bone", "lung", "custom", "none"] = Field(
+        "percentile", description="percentile (paper), a preset, custom, or none: no HU clipping, raw HU z-scored "
+        "(the paper's no-windowing experiment, Supplementary Tables S2/S3), cropped as the percentile window would")
     percentiles: tuple[float, float] = (0.6, 99.0)
     presets: dict[str, tuple[float, float]] = Field(default_factory=lambda: {
         "organ": (-160.0, 240.0), "bone": (-450.0, 1050.0), "lung": (-1350.0, 150.0)})
     custom_window: tuple[float, float] | None = None
     subset_size: int = Field(8, ge=1, description="training cases drawn at random for intensity statistics")
+    crop_hu: float | None = Field(
+        None, description="window none only: HU threshold of the crop box; None: the percentile window's lower bound "
+        "(the same crop as the windowed arm, as the paper did), a number (e.g. -500): a fixed air threshold")
     in_plane_size: int = Field(128, ge=8)
     crop: Literal["window", "none"] = Field(
         "window", description="window: cut each volume to a square box around what survives the window's lower "
@@ -310,6 +315,9 @@ class TrainConfig(_Section):
     loss_smooth: float = Field(1e-5, gt=0)
     val_fraction: float = Field(0.2, ge=0, lt=1)
     val_every: int = Field(1, ge=1, description="validate every N epochs")
+    val_slices: Literal["foreground", "all"] = Field(
+        "foreground", description="slices the checkpoint-selection Dice is computed on: foreground (the reference's "
+        "foreground slices, as Table 2's paper protocol scores the test cases) or all (the whole volume)")
     amp: Literal["none", "bf16", "fp16"] = "none"
     compile: bool = False
     num_workers: int = Field(0, ge=0)
@@ -351,8 +359,9 @@ class StackMemberSetConfig(_Section):
 
 
 class StackConfig(_Section):
-    """Stacked CNN (`ctseg.models.stacking`): top_k members per set by validation score, meta-model trained on
-    out-of-fold member maps for meta_epochs x steps_per_epoch Adam steps of batch_size axial slices."""
+    """Stacked CNN (`ctseg.models.stacking`): per test fold, the top_k members per set by the validation score of
+    that fold's models; a meta-model trained (see `meta_training`) for meta_epochs x steps_per_epoch Adam steps of
+    batch_size axial slices."""
     top_k: int = Field(5, ge=1)
     members: list[StackMemberSetConfig] = Field(
         default_factory=lambda: [StackMemberSetConfig(arch="msd", dim="3d", target="foreground"),
@@ -364,6 +373,10 @@ class StackConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     hidden: int = Field(16, ge=1, description="channels of the meta-model's 3x3 context branch")
     foreground_fraction: float = Field(0.5, ge=0, le=1, description="share of slices with foreground per batch")
+    meta_training: Literal["nested", "oof"] = Field(
+        "nested", description="what the meta-model scored on fold k learns from: nested (the fold-k members' maps "
+        "of their own validation cases: nothing it sees has seen fold k) or oof (the other folds' out-of-fold maps, "
+        "made by models that trained on fold k: not nested, a leak `ctseg check-leaks` reports; for comparison)")
 
 
 # typed default factories: a lambda's list literal would be a list[str] to the type checker
@@ -417,12 +430,27 @@ class ExperimentMatrixConfig(_Section):
                                "e.g. ['unet-3d']")
     overrides: dict[str, dict] = Field(default_factory=dict, description="partial configs merged into the runs of "
                                        "one 'arch-dim', e.g. {'msd-3d': {'train': {'epochs': 2}}}")
+    variants: dict[str, dict] = Field(default_factory=dict, description="extra arms: name -> partial config merged "
+                                      "into every table run, e.g. {'nowindow': {'preprocess': {'window': 'none'}}}; "
+                                      "runs named '<run>-<name>', reported beside the table, not stacked")
+    variant: str = Field("", description="set by the experiment on a variant arm's runs (its name); empty otherwise")
     stack: bool = True
     thickness_groups_mm: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [1.5, 3.0], min_length=1,
         description="upper edges of the slice-thickness groups in the report")
     profiles: dict[str, dict] = Field(default_factory=dict)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+
+    @model_validator(mode="after")
+    def _check_variants(self):
+        import re
+
+        for name, over in self.variants.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", name):
+                raise ValueError(f"experiment.variants name {name!r}: use lower-case letters, digits and _")
+            if "experiment" in over:
+                raise ValueError(f"experiment.variants.{name} may not change the experiment section")
+        return self
 
 
 class StressConfig(_Section):

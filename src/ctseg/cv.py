@@ -12,9 +12,11 @@ and scores them. A CV run folder::
     fold_<k>/model/            the training run (`ctseg.train.trainer`: run.json, log.csv, weights)
     fold_<k>/oof/<case>.npy    out-of-fold softmax (C, z, S, S) float16 at network resolution
     fold_<k>/overlays/<case>.npz   one axial slice (image, reference, prediction) for the report
+    fold_<k>/provenance.json   the fold's test cases and what scored them (`ctseg.evaluate.provenance`)
     fold_<k>/results.json      `VolumeResult` records of the fold; written last, it marks the fold done
 
-Finished parts are skipped: a fold with its results file is done, a completed training is reused and an
+Each fold's model selects its checkpoint on a validation split of the fold's training cases seeded by the fold
+(`ctseg.train.trainer.fold_validation_split`), the same for every run of the fold. Finished parts are skipped: a fold with its results file is done, a completed training is reused and an
 interrupted one resumes from its checkpoint. Folds can run as separate jobs (`folds=[k]`).
 
 Inference runs once per test volume at network resolution (`ctseg.predict.predict_network` on the cached,
@@ -25,8 +27,9 @@ Scores: Dice per structure on the full volume and HD95 (`evaluate_volume`), and 
 (`dice_paper_protocol`: network resolution, foreground slices). No test-fold statistics: a clinic never has
 its future scans' intensities, so no test case of fold k enters fold k's intensity plan.
 
-`run_stack(cv_dirs, out_dir)` builds the stacked CNN from finished CV runs (see `ctseg.models.stacking`)
-and scores it, and the plain average of the same members, on the same folds. Both records of a test volume
+`run_stack(cv_dirs, out_dir)` builds the stacked CNN from finished CV runs (see `ctseg.models.stacking`), its
+members chosen per test fold and its meta-model nested, and scores it, and the plain average of the same
+members, on the same folds. Both records of a test volume
 carry the members' agreement on it (`ctseg.evaluate.quality.member_agreement` of their out-of-fold maps),
 the report's quality flag.
 """
@@ -67,7 +70,8 @@ STACK_FORMAT = "ctseg.stack"
 # ------------------------------------------------------------------------------------------- identity
 @dataclass(frozen=True)
 class RunIdentity:
-    """What a CV run is, for tables and stacking: name e.g. 'unet-2d-ctia', 'msd-3d-ctia-fg-s1'."""
+    """What a CV run is, for tables and stacking: name e.g. 'unet-2d-ctia', 'msd-3d-ctia-fg-s1',
+    'unet-2d-ctia-nowindow' (an `experiment.variants` arm)."""
 
     name: str
     arch: str
@@ -88,6 +92,9 @@ class RunIdentity:
         if cfg.seed != 0:
             name += f"-s{cfg.seed}"
             variant.append(f"seed {cfg.seed}")
+        if cfg.experiment.variant:  # an arm of `experiment.variants`, e.g. nowindow
+            name += f"-{cfg.experiment.variant}"
+            variant.append(cfg.experiment.variant)
         return cls(name, m.arch, m.dim, m.target, cfg.augment.name, cfg.seed, ", ".join(variant))
 
     @property
@@ -263,7 +270,7 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
     `out_dir/folds.json`; experiments share them between runs.
     """
     from ctseg.predict import predict_network
-    from ctseg.train.trainer import load_trained, train_model
+    from ctseg.train.trainer import fold_validation_split, load_trained, train_model
 
     out = Path(out_dir)
     ident = RunIdentity.of(cfg)
@@ -295,8 +302,11 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
             model_dir = fdir / "model"
             cache = fold_cache(dataset, cfg, cache_dir, fold_set, k, progress)
             if not _training_completed(model_dir):
-                train_model(cfg, cache, fold_set.train_ids(k), None, model_dir,
-                            resume=(model_dir / "checkpoint.pt").is_file(), progress=progress, device=dev)
+                resume = (model_dir / "checkpoint.pt").is_file()
+                fit_ids, val_ids = _started_split(model_dir, fold_set.train_ids(k)) if resume else (None, None)
+                if fit_ids is None or val_ids is None:
+                    fit_ids, val_ids = fold_validation_split(fold_set.train_ids(k), cfg.train.val_fraction, k)
+                train_model(cfg, cache, fit_ids, val_ids, model_dir, resume=resume, progress=progress, device=dev)
             trained = load_trained(model_dir, dev)
             test_ids = fold_set.test_ids(k)
             task = bar.add_task(f"fold {k}: predict + score", total=len(test_ids))
@@ -312,8 +322,30 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
                 rec.overlay = os.path.relpath(overlay, out)
                 fold_records.append(rec)
                 bar.advance(task)
+            write_fold_provenance(fdir, k, test_ids, {"model": "model/run.json", "cache": str(cache.root),
+                                                      "intensity_plan_fitted_on": list(cache.plan.subset_ids)})
             records += _close_fold(done, fold_records, bar, task, overall)
     return records
+
+
+def _started_split(model_dir: Path, train_ids: Sequence[str]) -> tuple[list[str] | None, list[str] | None]:
+    """The (fit, validation) split an interrupted training of this fold started with, so that it resumes with it
+    (one started before validation splits were seeded by the fold keeps its own; its provenance says which)."""
+    try:
+        run = json.loads((model_dir / "run.json").read_text())
+        fit, val = list(run["train_ids"]), list(run.get("val_ids") or [])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    return (fit, val) if sorted(fit + val) == sorted(train_ids) else (None, None)
+
+
+def write_fold_provenance(fdir: Path, k: int, test_ids: Sequence[str], scored_with: dict) -> None:
+    """`fold_<k>/provenance.json`: the fold's test cases and what scored them (`ctseg.evaluate.provenance`)."""
+    from ctseg.evaluate.provenance import PROVENANCE_VERSION
+
+    atomic_write_text(fdir / "provenance.json", json.dumps({
+        "version": PROVENANCE_VERSION, "fold": k, "test_cases": sorted(test_ids), "scored_with": scored_with},
+        indent=1))
 
 
 def _close_fold(done: Path, fold_records: list[VolumeResult], bar: Progress, task: TaskID,
@@ -418,43 +450,94 @@ def cv_log_csvs(run_dir: str | Path) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------- stacking
 def member_run(run_dir: str | Path) -> MemberRun:
-    """A finished CV folder as a `MemberRun` (validation score: mean over folds of the best validation Dice)."""
+    """A finished CV folder as a `MemberRun`: each fold model's best validation Dice and the cases it was
+    computed on (per-fold selection), and their mean (the report's summary)."""
     from ctseg.models.stacking import MemberRun
 
     info = read_cv_manifest(run_dir)
-    scores = []
+    scores, val_ids = [], []
     for k in range(int(info["n_folds"])):
-        run_json = _fold_dir(Path(run_dir), k) / "model" / "run.json"
         if not (_fold_dir(Path(run_dir), k) / "results.json").is_file():
             raise CtsegError(f"fold {k} of this cross-validation has not finished; finish it before stacking",
                              run_dir)
-        best = json.loads(run_json.read_text()).get("best_metric")
+        run = _run_json(Path(run_dir), k)
+        best = run.get("best_metric")
         scores.append(math.nan if best is None else float(best))
+        val_ids.append(tuple(sorted(run.get("val_ids") or [])))
     finite = [s for s in scores if math.isfinite(s)]
     return MemberRun(info["name"], Path(run_dir).resolve(), info["arch"], info["dim"], info["target"], info["aug"],
-                     float(np.mean(finite)) if finite else math.nan)
+                     float(np.mean(finite)) if finite else math.nan, tuple(scores), tuple(val_ids))
+
+
+def _run_json(run_dir: Path, k: int) -> dict:
+    path = _fold_dir(run_dir, k) / "model" / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CtsegError(f"unreadable training record ({type(err).__name__}: {err})", path) from None
+
+
+def _model_lineage(run_dir: Path, k: int) -> dict[str, list[str]]:
+    """What fold k's model of a CV run was fitted and chosen on: weights, checkpoint selection, intensity plan."""
+    run = _run_json(run_dir, k)
+    return {"weights_fitted_on": sorted(run["train_ids"]), "checkpoint_selected_on": sorted(run.get("val_ids") or []),
+            "intensity_plan_fitted_on": sorted(run.get("intensity_plan", {}).get("subset_ids") or [])}
 
 
 def _trained_on(run_dir: Path, k: int) -> frozenset[str]:
-    info = json.loads((_fold_dir(run_dir, k) / "model" / "run.json").read_text())
-    return frozenset(info["train_ids"]) | frozenset(info.get("val_ids") or [])
+    """The cases fold k's model of a CV run has seen in any way (weights, checkpoint selection, plan)."""
+    return frozenset().union(*(set(v) for v in _model_lineage(run_dir, k).values()))
+
+
+def _heldout_maps(member: MemberRun, k: int, cases: Sequence[str], cache: CaseCache, out: Path,
+                  dev: torch.device) -> dict[str, Path]:
+    """Fold k's model of `member` applied to `cases` (its validation cases, on fold k's cache): the nested
+    meta-model's inputs, kept under `out` (`<member>/<case>.npy`, float16) and reused when present."""
+    from ctseg.predict import predict_network
+    from ctseg.train.trainer import load_trained
+
+    paths = {cid: out / member.name / f"{cid}.npy" for cid in cases}
+    missing = [cid for cid, p in paths.items() if not p.is_file()]
+    if missing:
+        trained = load_trained(_fold_dir(member.path, k) / "model", dev)
+        for cid in missing:
+            probs, _, _ = predict_network(np.asarray(cache.load(cid).image, dtype=np.float32), [trained], dev)
+            _save_npy(paths[cid], probs.cpu().numpy().astype(np.float16))
+    return paths
+
+
+def _unique_members(per_fold: Sequence[Sequence[MemberRun]]) -> list[MemberRun]:
+    seen: dict[str, MemberRun] = {}
+    for members in per_fold:
+        for m in members:
+            seen.setdefault(m.name, m)
+    return list(seen.values())
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: StackConfig | None = None, *,
               seed: int = 0, distances: bool | None = None, device: str | torch.device | None = None,
               progress: bool = True) -> list[VolumeResult]:
-    """Stacked CNN and plain average of the top-k members per set, evaluated on the members' folds.
+    """Stacked CNN and plain average of the top-k members per set, per test fold, evaluated on the members' folds.
 
-    For each fold k the meta-model is trained on the out-of-fold maps of the cases of the other folds and
-    scored on fold k (`fold_<k>/meta_training.json` records exactly which maps it was trained on).
+    For each fold k the members are the top_k of each set by the validation Dice of their fold-k models (the
+    fold's validation split, inside its training side). The meta-model scored on fold k learns, with
+    `stack.meta_training: nested` (default), from those members' maps of their validation cases, or with `oof`
+    from the other folds' out-of-fold maps (not nested: those maps come from models trained on fold k).
+    `stack.json` records each fold's selection and the cases it was made on, `fold_<k>/meta_training.json`
+    exactly which maps and cases the meta-model learnt from (`ctseg.evaluate.provenance` checks them).
     Writes `stack.json`, per-fold `results.json`, `meta.pt` and overlays into `out_dir`; skips done folds.
     """
     from ctseg.datasets import open_dataset
     from ctseg.evaluate.folds import load_folds
+    from ctseg.evaluate.provenance import PROVENANCE_VERSION
     from ctseg.evaluate.quality import member_agreement
-    from ctseg.models.stacking import (MemberPrediction, average_members, meta_training_cases, predict_meta,
-                                       save_meta_model, select_members, stack_inputs, train_meta_model,
-                                       vote_matrix)
+    from ctseg.models.stacking import (MemberPrediction, average_members, meta_training_cases, nested_meta_cases,
+                                       predict_meta, save_meta_model, select_members, stack_inputs,
+                                       train_meta_model, vote_matrix)
     from ctseg.preprocess.cache import CaseCache
     from ctseg.train.losses import TanimotoCELoss
 
@@ -470,31 +553,41 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
             raise CtsegError(f"the runs to stack differ in {key}: {sorted(values)}; stack runs of one experiment")
     sets = {(s.arch, s.dim, s.target) for s in stack_cfg.members}
     candidates = [c for c in (member_run(d) for d in cv_dirs) if (c.arch, c.dim, c.target) in sets]
-    members = select_members(candidates, stack_cfg.members, stack_cfg.top_k)
-    augs = sorted({m.aug for m in members})
-    aug = augs[0] if len(augs) == 1 else "+".join(augs)
     base = manifests[0]
     dataset = open_dataset(base["data"], base["layout"])
     fold_set = load_folds(base["folds_file"])
     fold_of = {cid: k for k, ids in enumerate(fold_set.folds) for cid in ids}
+    per_fold = [select_members(candidates, stack_cfg.members, stack_cfg.top_k, fold=k)
+                for k in range(fold_set.n_folds)]
+    all_members = _unique_members(per_fold)
+    augs = sorted({m.aug for m in all_members})
+    aug = augs[0] if len(augs) == 1 else "+".join(augs)
     # a case's label and maps come from its own test fold's cache (the plan its members' predictions used)
     caches = [CaseCache(fold_cache_dir(first_cfg, base["cache"], fold_set, k)) for k in range(fold_set.n_folds)]
-    cache = caches[0]
-    n_classes = len(cache.classes)
-    names = [m.name for m in members]
-    oof = {cid: [MemberPrediction(cid, m.name, k, _fold_dir(m.path, k) / "oof" / f"{cid}.npy", _trained_on(m.path, k))
-                 for m in members] for cid, k in fold_of.items()}
+    n_classes = len(caches[0].classes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stacked = ModelIdentity(f"stacked-{aug}", "stacked", "", aug)
     averaged = ModelIdentity(f"average-{aug}", "average", "", aug)
+    mode = stack_cfg.meta_training
+    folds_info = []
+    for k, members in enumerate(per_fold):
+        folds_info.append({"fold": k, "test_cases": fold_set.test_ids(k), "members": [m.name for m in members],
+                           "candidates": [{"name": c.name, "set": f"{c.arch}-{c.dim}-{c.target}",
+                                           "val_score": _finite(c.score(k)), "selected": c in members,
+                                           "selected_on": list(c.fold_val_ids[k])} for c in candidates]})
     atomic_write_text(out / "stack.json", json.dumps({
         "format": STACK_FORMAT, "aug": aug, "n_folds": fold_set.n_folds, "top_k": stack_cfg.top_k,
+        "selection": "per fold", "meta_training": mode, "folds_file": str(Path(base["folds_file"]).resolve()),
+        "provenance": {"version": PROVENANCE_VERSION},
         "members": [{"name": m.name, "path": str(m.path), "arch": m.arch, "dim": m.dim, "target": m.target,
-                     "val_score": m.val_score if math.isfinite(m.val_score) else None} for m in members],
-        "candidates": [{"name": c.name, "set": f"{c.arch}-{c.dim}-{c.target}", "selected": c in members,
-                        "val_score": c.val_score if math.isfinite(c.val_score) else None} for c in candidates],
-        "stack": stack_cfg.model_dump(mode="json")}, indent=1))
+                     "val_score": _finite(m.val_score), "folds": [k for k, ms in enumerate(per_fold) if m in ms]}
+                    for m in all_members],
+        "candidates": [{"name": c.name, "path": str(c.path), "set": f"{c.arch}-{c.dim}-{c.target}",
+                        "selected": any(c in ms for ms in per_fold),
+                        "selected_folds": [k for k, ms in enumerate(per_fold) if c in ms],
+                        "val_score": _finite(c.val_score)} for c in candidates],
+        "folds": folds_info, "stack": stack_cfg.model_dump(mode="json")}, indent=1))
     dev = resolve_device(device if device is not None else "auto")
     loss = TanimotoCELoss()
     records: list[VolumeResult] = []
@@ -508,21 +601,45 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
                 records += _read_records(done)
                 bar.advance(overall)
                 continue
-            train_cases = meta_training_cases(fold_of, k)
+            members = per_fold[k]
+            names = [m.name for m in members]
             test_cases = fold_set.test_ids(k)
+            lineage = {(m.name, j): _model_lineage(m.path, j) for m in members for j in range(fold_set.n_folds)}
+            test_maps = {cid: [MemberPrediction(cid, m.name, k, _fold_dir(m.path, k) / "oof" / f"{cid}.npy",
+                                                frozenset(lineage[m.name, k]["weights_fitted_on"]))
+                               for m in members] for cid in test_cases}
+            if mode == "nested":
+                train_cases = nested_meta_cases(fold_set.train_ids(k), [lineage[m.name, k]["weights_fitted_on"]
+                                                                        for m in members], k)
+                held = {m.name: _heldout_maps(m, k, train_cases, caches[k], fdir / "heldout", dev) for m in members}
+                train_maps = {cid: [MemberPrediction(cid, m.name, k, held[m.name][cid],
+                                                     frozenset(lineage[m.name, k]["weights_fitted_on"]))
+                                    for m in members] for cid in train_cases}
+                label_cache = {cid: caches[k] for cid in train_cases}
+            else:
+                train_cases = meta_training_cases(fold_of, k)
+                train_maps = {cid: [MemberPrediction(cid, m.name, fold_of[cid],
+                                                     _fold_dir(m.path, fold_of[cid]) / "oof" / f"{cid}.npy",
+                                                     frozenset(lineage[m.name, fold_of[cid]]["weights_fitted_on"]))
+                                    for m in members] for cid in train_cases}
+                label_cache = {cid: caches[fold_of[cid]] for cid in train_cases}
             leaked = sorted(set(train_cases) & set(test_cases))
             if leaked:
                 raise CtsegError(f"fold {k}: meta-model training cases include test cases {leaked}")
-            inputs, labels, provenance = [], [], {}
+            inputs, labels, maps_used = [], [], {}
             for cid in train_cases:
-                x, used = stack_inputs(cid, oof, names)
+                x, used = stack_inputs(cid, train_maps, names)
                 inputs.append(x)
-                labels.append(np.asarray(caches[fold_of[cid]].load(cid).label))
-                provenance[cid] = [{"member": p.member, "fold": p.fold, "member_trained_on": sorted(p.trained_on)}
-                                   for p in used]
+                labels.append(np.asarray(label_cache[cid].load(cid).label))
+                maps_used[cid] = [{"member": p.member, "fold": p.fold, "map": os.path.relpath(p.path, out),
+                                   "member_trained_on": lineage[p.member, p.fold]["weights_fitted_on"],
+                                   "member_selected_on": lineage[p.member, p.fold]["checkpoint_selected_on"],
+                                   "member_plan_fitted_on": lineage[p.member, p.fold]["intensity_plan_fitted_on"]}
+                                  for p in used]
             atomic_write_text(fdir / "meta_training.json", json.dumps(
-                {"eval_fold": k, "test_cases": test_cases, "training_cases": train_cases, "members": names,
-                 "maps": provenance}, indent=1))
+                {"eval_fold": k, "mode": mode, "test_cases": test_cases, "training_cases": train_cases,
+                 "members": names, "maps": maps_used,
+                 "provenance": {"version": PROVENANCE_VERSION, "meta_model_fitted_on": train_cases}}, indent=1))
             task = bar.add_task(f"fold {k}: meta-model", total=steps)
             gen = torch.Generator().manual_seed(int(seed) * 1000 + k)
             meta = train_meta_model(inputs, labels, n_classes, loss=loss, steps=steps, batch_size=stack_cfg.batch_size,
@@ -530,12 +647,13 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
                                     foreground_fraction=stack_cfg.foreground_fraction, generator=gen,
                                     init_weight=vote_matrix([m.target for m in members], n_classes), device=dev,
                                     on_step=(lambda s, v: bar.update(task, advance=1)) if progress else None)
+            del inputs, labels
             save_meta_model(meta, fdir / "meta.pt")
             bar.remove_task(task)
             task = bar.add_task(f"fold {k}: predict + score", total=len(test_cases))
             fold_records = []
             for cid in test_cases:
-                x, used = stack_inputs(cid, oof, names)
+                x, used = stack_inputs(cid, test_maps, names)
                 case, cached = dataset.load(cid), caches[k].load(cid)
                 p_meta = predict_meta(meta, x, dev)
                 maps = [np.asarray(p.load(), dtype=np.float32) for p in used]
@@ -544,10 +662,13 @@ def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: Sta
                 del maps
                 for ident, p in ((stacked, p_meta), (averaged, p_avg)):
                     overlay = fdir / "overlays" / ident.name / f"{cid}.npz"
-                    rec = score_volume(ident, case, cached, p, k, cache.classes, "multiclass", overlay, distances)
+                    rec = score_volume(ident, case, cached, p, k, caches[k].classes, "multiclass", overlay, distances)
                     rec.overlay = os.path.relpath(overlay, out)
                     rec.agreement = agreement
                     fold_records.append(rec)
                 bar.advance(task)
+            write_fold_provenance(fdir, k, test_cases, {
+                "members": {m.name: str(_fold_dir(m.path, k) / "model" / "run.json") for m in members},
+                "meta_model": "meta.pt", "meta_training": "meta_training.json"})
             records += _close_fold(done, fold_records, bar, task, overall)
     return records

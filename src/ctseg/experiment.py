@@ -52,7 +52,7 @@ def apply_profile(cfg: ExperimentConfig, profile: str | None) -> ExperimentConfi
 
 def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[ExperimentConfig]]:
     """(table runs, extra runs only the stack needs): one config per arch x dim x aug x seed, with the
-    matrix's per-'arch-dim' overrides merged in. The stack's member sets are trained for every seed in
+    matrix's per-'arch-dim' overrides merged in, and each of them once more per `experiment.variants` arm. The stack's member sets are trained for every seed in
     `seeds` and `stack_seeds`: the candidates `stack.top_k` chooses from."""
     e = cfg.experiment
     table, keys = [], set()
@@ -76,6 +76,11 @@ def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[Exp
                 for seed in e.seeds:
                     table.append(variant(arch, dim, aug, seed, cfg.model.target))
                     keys.add((arch, dim, cfg.model.target, aug, seed))
+    for name, over in e.variants.items():  # extra arms (e.g. no windowing): every table run once more
+        for rc in list(table):
+            d = _merge(config_to_dict(rc), over)
+            d["experiment"]["variant"] = name
+            table.append(parse_config(d, f"experiment.variants.{name}"))
     extra = []
     if e.stack:
         for s in cfg.stack.members:
@@ -90,7 +95,8 @@ def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[Exp
 def candidates_per_set(cfg: ExperimentConfig, runs: list[ExperimentConfig], aug: str) -> dict[str, int]:
     """Number of runs of augmentation `aug` in each stack member set ('arch-dim-target'): top_k's candidates."""
     return {f"{s.arch}-{s.dim}-{s.target}": sum((rc.model.arch, rc.model.dim, rc.model.target, rc.augment.name)
-                                                == (s.arch, s.dim, s.target, aug) for rc in runs)
+                                                == (s.arch, s.dim, s.target, aug) and not rc.experiment.variant
+                                                for rc in runs)
             for s in cfg.stack.members}
 
 
@@ -157,7 +163,8 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
                     done.result()
                     bar.advance(task)
         for aug in stack_augs:
-            members = [run_dirs[RunIdentity.of(rc).name] for rc in runs if rc.augment.name == aug]
+            members = [run_dirs[RunIdentity.of(rc).name] for rc in runs
+                       if rc.augment.name == aug and not rc.experiment.variant]  # variant arms are not stacked
             _warn_few_candidates(cfg, [rc for rc in runs if rc.augment.name == aug], aug)
             bar.update(task, description=f"[bold magenta]experiment[/] · stacked ensemble + {AUG_NAMES.get(aug, aug)}")
             run_stack(members, out / "stack" / aug, cfg.stack, seed=cfg.seed, distances=cfg.cv.distances,
@@ -181,11 +188,15 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
     if cfg.experiment.selection.enabled and stress_dir is not None:
         ablation_dir = run_experiment_ablation(cfg, table, stress_dir, folds_file, out / "ablation")
     augs = " vs ".join(AUG_NAMES.get(a, a) for a in cfg.experiment.augs)
-    return write_report(records, out, config=config_to_dict(cfg), log_csvs=curves,
+    html = write_report(records, out, config=config_to_dict(cfg), log_csvs=curves,
                         title=title or f"{cfg.name}: {augs}, slice-sorted {cfg.cv.n_folds}-fold cross-validation",
                         thickness_edges_mm=cfg.experiment.thickness_groups_mm, intro=intro,
                         extra_sections=[selection] if selection is not None else [], stress_dir=stress_dir,
                         ablation_dir=ablation_dir)
+    from ctseg.evaluate.provenance import enforce_no_leak
+
+    enforce_no_leak(out)  # leak_check.json; a leak fails the experiment, naming the file and the cases
+    return html
 
 
 def _stress_job(job: tuple[list[str], str, str, dict, str, list[str], str]) -> str:

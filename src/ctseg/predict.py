@@ -28,8 +28,9 @@ Memory on a 512 x 512 x z volume: the input, the uint8 label map, network-resolu
 only kept when `return_probabilities=True`.
 
 Ensembles: members must share the dataset classes, the in-plane crop mode and size
-(else CtsegError). A member may be "multiclass" (all dataset classes) or "foreground" (background
-vs the union of all foreground classes, e.g. the paper's 3D MS-D Nets for kidney+tumour). They are
+(else CtsegError). Members with different intensity plans (the folds of a CV) are each normalised with their
+own plan, and must crop the volume to the same box (else CtsegError). A member may be "multiclass" (all
+dataset classes) or "foreground" (background vs the union of all foreground classes, e.g. the paper's 3D MS-D Nets for kidney+tumour). They are
 combined hierarchically at network resolution:
 
     P(background)   = mean over all members of their background probability
@@ -377,8 +378,17 @@ def predict_volume(volume: Volume, models, device: str | torch.device = "auto", 
     # canonical views, no copies: the network input is made slab by slab from the input's voxels, and
     # the label (and probabilities) are written through canonical views into arrays in the input's order
     canon = to_canonical(volume, copy=False)[0]
-    # one crop box for all members (the first one's plan decides it), each member's own normalisation
+    # one crop box for all members, each member's own normalisation; members whose plans crop this volume to
+    # another box would see another field of view than in training: refused (docs/PAPER_FIDELITY.md §8)
     grid = network_grid(canon.array, models[0].plan, _in_plane_size(models[0]), models[0].cfg.preprocess.crop)
+    for m in models[1:]:
+        if m.plan != models[0].plan:
+            box = network_grid(canon.array, m.plan, _in_plane_size(m), m.cfg.preprocess.crop).box
+            if box != grid.box:
+                raise CtsegError(f"ensemble members' intensity plans crop this volume to different boxes ({grid.box} "
+                                 f"vs {box}; window lower bounds {models[0].plan.lower:g} / {m.plan.lower:g} HU), so "
+                                 "a member would not see its training crop; ensemble models of one plan (e.g. one "
+                                 "fold's) or models trained with preprocess.crop none", getattr(m, "run_dir", None))
     by_plan: dict = {}
     for m in models:
         if m.plan not in by_plan:

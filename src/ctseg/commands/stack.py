@@ -39,4 +39,7 @@ def run(args: argparse.Namespace) -> int:
     records = run_stack(args.cv_dirs, args.out, stack_cfg, device=args.device, progress=not args.no_progress)
     console.print(summary_table(records, "stacked CNN vs plain average, Dice (paper protocol)"))
     console.print(f"members and settings: {escape(str(args.out))}/stack.json")
+    from ctseg.evaluate.provenance import enforce_no_leak
+
+    console.print(enforce_no_leak(args.out).summary(), highlight=False)  # a leak: an error naming file and cases
     return 0

@@ -149,14 +149,19 @@ def run(args: argparse.Namespace) -> int:
         with output_lock(args.out) if ctx.is_main else nullcontext():  # the other ranks write into rank 0's run
             cache, folds_file = _open_cache(args, cfg, ctx)
             train_ids, test_ids = _split(args, cfg, cache, folds_file, ctx)
-            result = train_model(cfg, cache, train_ids, None, args.out, resume=args.resume,
+            val_ids = None  # without --fold: val_fraction of the cases, drawn with the model seed
+            if args.fold is not None:  # the fold's validation split, the one `ctseg cv` uses (seeded by the fold)
+                from ctseg.train.trainer import fold_validation_split
+
+                train_ids, val_ids = fold_validation_split(train_ids, cfg.train.val_fraction, args.fold)
+            result = train_model(cfg, cache, train_ids, val_ids, args.out, resume=args.resume,
                                  progress=not args.no_progress, device=cfg.train.device)
     finally:
         D.shutdown(ctx)
     if ctx.is_main:
         table = Table(title=f"training run {escape(str(args.out))}", show_header=False)
         table.add_row("model", f"{cfg.model.arch} {cfg.model.dim}, {cfg.model.target}, augmentation {cfg.augment.name}")
-        table.add_row("cases", f"{len(train_ids)} (training + validation)"
+        table.add_row("cases", f"{len(train_ids) + len(val_ids or [])} (training + validation)"
                       + (f", fold {args.fold} held out: {len(test_ids)}" if args.fold is not None else ""))
         table.add_row("epochs", f"{result.epochs_run} x {cfg.train.steps_per_epoch} steps")
         last = result.history[-1] if result.history else {}

@@ -5,12 +5,15 @@ background, 2D U-Nets on background/kidney/tumour; liver: both binary); the `top
 validation score are kept. The meta-model sees the concatenation of the members' softmax maps of one
 axial slice at network resolution, (B, C_total, S, S), and predicts the dataset's classes.
 
-Out-of-fold discipline (our interpretation of the paper, METHOD.md): the meta-model never sees a volume
-one of its members trained on. For each case, the member maps come from that member's model of the fold
-in which the case was a test case (`MemberPrediction.trained_on` lists what that model saw, and
-`check_out_of_fold` refuses any map of a case in it); the meta-model evaluated on fold k is trained only on
-cases of the other folds (`meta_training_cases`). Plain averaging of the members (`average_members`) is the
-reference beside it.
+Selection and fold discipline (issue 17; docs/PAPER_FIDELITY.md §6): the top_k members are chosen per test fold
+k, by the best validation Dice of each candidate's fold-k model, on the fold's validation split (seeded by the
+fold, so every candidate is scored on the same cases, none of them in fold k). The meta-model scored on fold k
+is nested by default: it learns from the fold-k members' maps of their validation cases (held out from their
+weights, inside fold k's training side), so nothing it learns from has seen fold k (`nested_meta_cases`). The
+`oof` mode trains it on the other folds' out-of-fold maps instead, made by models that trained on fold k: kept
+for comparison, and reported as a leak by `ctseg check-leaks`. For each map, `MemberPrediction.trained_on` lists
+what its producing model was fitted on, and `check_out_of_fold` refuses any map of a case in it. Plain averaging
+of the members (`average_members`) is the reference beside it.
 """
 from __future__ import annotations
 
@@ -75,7 +78,9 @@ class StackingMetaModel(nn.Module):
 class MemberRun:
     """A finished cross-validation run that can be a stack member.
 
-    val_score: mean over folds of the run's best validation Dice; target: 'multiclass' | 'foreground'.
+    val_score: mean over folds of the run's best validation Dice (the report's summary); fold_scores: the best
+    validation Dice of each fold's model (what per-fold selection uses); fold_val_ids: the cases each fold's
+    score was computed on; target: 'multiclass' | 'foreground'.
     """
 
     name: str
@@ -85,6 +90,16 @@ class MemberRun:
     target: str
     aug: str
     val_score: float
+    fold_scores: tuple[float, ...] = ()
+    fold_val_ids: tuple[tuple[str, ...], ...] = ()
+
+    def score(self, fold: int | None) -> float:
+        """The selection score: of fold `fold`'s model, or the mean over folds (None)."""
+        if fold is None:
+            return self.val_score
+        if not 0 <= fold < len(self.fold_scores):
+            raise CtsegError(f"run {self.name!r} has no validation score for fold {fold}", self.path)
+        return self.fold_scores[fold]
 
 
 class MemberSet(Protocol):
@@ -100,10 +115,14 @@ class MemberSet(Protocol):
     def target(self) -> str: ...
 
 
-def select_members(candidates: Sequence[MemberRun], sets: Sequence[MemberSet], top_k: int) -> list[MemberRun]:
+def select_members(candidates: Sequence[MemberRun], sets: Sequence[MemberSet], top_k: int,
+                   fold: int | None = None) -> list[MemberRun]:
     """The `top_k` candidates of each set (objects with arch, dim, target) by validation score, set by set.
 
-    Raises CtsegError when a set has no candidate (the stack would silently lose a member type).
+    fold: rank by the validation score of each candidate's model of that fold (the selection for test fold
+    `fold`: it sees only that fold's validation cases); None: by the mean over folds (no test fold to protect,
+    e.g. a final ensemble). Raises CtsegError when a set has no candidate (the stack would silently lose a
+    member type).
     """
     chosen: list[MemberRun] = []
     for s in sets:
@@ -111,7 +130,7 @@ def select_members(candidates: Sequence[MemberRun], sets: Sequence[MemberSet], t
         if not pool:
             have = ", ".join(sorted({f"{c.arch}-{c.dim}-{c.target}" for c in candidates})) or "none"
             raise CtsegError(f"no finished run for stack member set {s.arch}-{s.dim}-{s.target} (have: {have})")
-        pool.sort(key=lambda c: (-np.nan_to_num(c.val_score, nan=-1.0), c.name))
+        pool.sort(key=lambda c: (-np.nan_to_num(c.score(fold), nan=-1.0), c.name))
         chosen.extend(pool[:top_k])
     return chosen
 
@@ -122,7 +141,8 @@ class MemberPrediction:
     """One member's out-of-fold probabilities for one case.
 
     path: .npy (C_member, Z, S, S) float16 softmax at network resolution; fold: the CV fold whose model
-    produced it; trained_on: every case id that model was trained or validated on.
+    produced it; trained_on: every case id that model's weights were fitted on (its validation cases may be
+    inputs of the nested meta-model).
     """
 
     case_id: str
@@ -157,6 +177,19 @@ def meta_training_cases(fold_of: Mapping[str, int], eval_fold: int) -> list[str]
     cases = sorted(c for c, k in fold_of.items() if k != eval_fold)
     if not cases:
         raise CtsegError(f"no cases outside fold {eval_fold} to train the stacking meta-model on")
+    return cases
+
+
+def nested_meta_cases(train_ids: Sequence[str], fitted_on: Sequence[Iterable[str]], eval_fold: int) -> list[str]:
+    """Cases the nested meta-model of `eval_fold` learns from: the fold's training cases that no member's model
+    of that fold was fitted on (their validation split; the same for every member when the split is seeded by
+    the fold). CtsegError when there is none (e.g. train.val_fraction 0)."""
+    fitted = set().union(*(set(f) for f in fitted_on)) if fitted_on else set()
+    cases = sorted(c for c in train_ids if c not in fitted)
+    if not cases:
+        raise CtsegError(f"fold {eval_fold}: no training case is held out from every member's weights, so the nested "
+                         "meta-model has nothing to learn from; set train.val_fraction > 0 (the members' validation "
+                         "split) or stack.meta_training: oof (not nested)")
     return cases
 
 

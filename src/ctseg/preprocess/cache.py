@@ -57,8 +57,12 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def cache_settings(pp: PreprocessConfig) -> dict:
-    """The preprocess settings a cache depends on, as JSON-normalised data."""
-    return json.loads(json.dumps(pp.model_dump(mode="json", exclude=set(_SAMPLING_ONLY))))
+    """The preprocess settings a cache depends on, as JSON-normalised data. Settings added later that are at
+    their neutral default (`crop_hu` None) are left out, so caches made before them keep their folder and digest."""
+    settings = json.loads(json.dumps(pp.model_dump(mode="json", exclude=set(_SAMPLING_ONLY))))
+    if settings.get("crop_hu") is None:
+        settings.pop("crop_hu", None)
+    return settings
 
 
 def _digest(obj: object) -> str:

@@ -235,7 +235,7 @@ def resize_in_plane(array_zyx: np.ndarray, size: int | tuple[int, int], is_label
 def preprocess_volume(volume_hu: np.ndarray, plan: IntensityPlan, size: int | tuple[int, int],
                       out: np.ndarray | None = None, box: Box | None = None) -> np.ndarray:
     """HU (z, H, W) -> network input (z, S, S) float32: clip + z-score (`normalize`), crop to `box` (pixels
-    outside the image read as the window's lower bound), then area resize.
+    outside the image read as `plan.fill_hu`: the window's lower bound, air without a window), then area resize.
 
     Chunked along z; `out` (e.g. a float16 memmap of shape (z, S, S)) receives the result in place.
     """
@@ -251,7 +251,7 @@ def preprocess_volume(volume_hu: np.ndarray, plan: IntensityPlan, size: int | tu
     for z0 in range(0, z, step):
         chunk = normalize(volume_hu[z0:z0 + step], plan)
         if box is not None:
-            chunk = crop_in_plane(chunk, box, np.float32((plan.lower - plan.mean) / plan.std))
+            chunk = crop_in_plane(chunk, box, np.float32((plan.fill_hu - plan.mean) / plan.std))
         out[z0:z0 + step] = _resize_image_chunk(torch.from_numpy(chunk)[:, None], out_hw)[:, 0].numpy()
     return out
 

@@ -1,7 +1,9 @@
 """CT intensity windowing and z-scoring with statistics from a random subset of training cases.
 
-The window is either a fixed HU preset (organ, bone, lung, or a custom range) or the percentile
-window of the paper: the 0.6th and 99th percentiles of the *foreground* (label > 0) voxels of a
+The window is either a fixed HU preset (organ, bone, lung, or a custom range), no window at all (`none`: the
+paper's no-windowing experiment, Supplementary Tables S2/S3: raw HU z-scored, nothing clipped; the plan still
+holds the percentile window, or `crop_hu`, as the crop's threshold, so the crop is the windowed arm's) or the
+percentile window of the paper: the 0.6th and 99th percentiles of the *foreground* (label > 0) voxels of a
 random subset of training cases (adapted from nnU-Net's `CTNormalization`, which uses 0.5/99.5).
 Mean and std for the z-score are those of the subset's foreground voxels after clipping to the
 window (nnU-Net uses the unclipped voxels; clipped statistics are what the network actually sees).
@@ -30,7 +32,8 @@ from ctseg.errors import CtsegError
 
 log = logging.getLogger(__name__)
 
-MODES = ("percentile", "organ", "bone", "lung", "custom")
+MODES = ("percentile", "organ", "bone", "lung", "custom", "none")
+AIR_HU = -1000.0  # what lies outside the image for the unclipped (window none) input
 ORGAN_WINDOW = (-160.0, 240.0)  # fallback when no case has foreground and presets lack "organ"
 DEFAULT_MAX_VOXELS_PER_CASE = 100_000
 _MIN_STD = 1e-8
@@ -40,8 +43,8 @@ _MIN_STD = 1e-8
 class IntensityPlan:
     """How to map HU to network input: clip to [lower, upper] HU, then (x - mean) / std.
 
-    mode: window mode ("percentile", a preset name, or "custom"); percentiles: (low, high) in
-    percent for the percentile mode, else None; subset_ids: the training cases the statistics came
+    mode: window mode ("percentile", a preset name, "custom", or "none": no clipping, [lower, upper] is then
+    only the crop's window); percentiles: (low, high) in percent for the percentile (and none) mode, else None; subset_ids: the training cases the statistics came
     from; n_voxels: how many (sampled, foreground) voxels they were computed on.
     """
 
@@ -75,6 +78,16 @@ class IntensityPlan:
             object.__setattr__(self, "percentiles", (lo, hi))
         if self.n_voxels < 0:
             raise CtsegError(f"intensity plan: n_voxels must be >= 0, got {self.n_voxels}")
+
+    @property
+    def clips(self) -> bool:
+        """Whether `normalize` clips to [lower, upper] (every mode but none)."""
+        return self.mode != "none"
+
+    @property
+    def fill_hu(self) -> float:
+        """HU of what lies outside the image (crop padding): the window's lower bound, or air when not clipped."""
+        return self.lower if self.clips else min(AIR_HU, self.lower)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -119,9 +132,11 @@ def window_bounds(cfg: PreprocessConfig) -> tuple[float, float]:
 
 
 def normalize(image_hu: np.ndarray, plan: IntensityPlan) -> np.ndarray:
-    """Clip HU to [plan.lower, plan.upper], then z-score: (x - mean) / std. Any shape -> float32."""
+    """Clip HU to [plan.lower, plan.upper] (not for window none), then z-score: (x - mean) / std. Any shape ->
+    float32."""
     out = np.array(image_hu, dtype=np.float32)  # always a copy: the input is never modified
-    np.clip(out, plan.lower, plan.upper, out=out)
+    if plan.clips:
+        np.clip(out, plan.lower, plan.upper, out=out)
     out -= np.float32(plan.mean)
     out *= np.float32(1.0 / plan.std)
     return out
@@ -189,9 +204,14 @@ def compute_intensity_plan(cases: Iterable[Case], cfg: PreprocessConfig, rng: np
                     ", ".join(ids), ", window falls back to the organ preset" if mode == "percentile" else "")
         if mode == "percentile":
             mode = "organ"
-    if mode == "percentile":
+    if mode == "none" and not samples and cfg.crop_hu is None:
+        raise CtsegError(f"window none: no case of the subset ({', '.join(ids)}) has foreground voxels, so there is "
+                         "no percentile window to take the crop from; set preprocess.crop_hu (e.g. -500)")
+    if mode in ("percentile", "none"):
         percentiles = (float(cfg.percentiles[0]), float(cfg.percentiles[1]))
         lower, upper = (float(v) for v in np.percentile(values, percentiles))
+        if mode == "none" and cfg.crop_hu is not None:  # a fixed air threshold instead of the window's crop
+            lower, upper = float(cfg.crop_hu), max(upper, float(cfg.crop_hu) + 1.0)
         if not lower < upper:
             raise CtsegError(f"percentile window is empty: the {percentiles[0]}th and {percentiles[1]}th "
                              f"percentiles of the foreground voxels are both {lower} HU (subset: {', '.join(ids)})")
@@ -199,7 +219,8 @@ def compute_intensity_plan(cases: Iterable[Case], cfg: PreprocessConfig, rng: np
         lower, upper = (float(v) for v in cfg.presets.get("organ", ORGAN_WINDOW))
     else:
         lower, upper = window_bounds(cfg)
-    clipped = np.clip(values, lower, upper).astype(np.float64)
+    # the z-score of what the network sees: clipped values, or the raw HU without a window
+    clipped = (np.clip(values, lower, upper) if mode != "none" else values).astype(np.float64)
     std = float(clipped.std())
     if std < _MIN_STD:
         log.warning("foreground intensity std is %.3g after clipping to [%g, %g] HU; using %g",

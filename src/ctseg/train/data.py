@@ -237,7 +237,8 @@ def dice_scores(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> dict
 def validate_cases(model: torch.nn.Module, cache: SliceCache, case_ids: list[str], cfg: ExperimentConfig,
                    device: torch.device, num_classes: int, autocast_dtype: torch.dtype | None = None
                    ) -> dict[str, dict[int, float]]:
-    """Dice per foreground class of each case in `case_ids` (all slices, network resolution)."""
+    """Dice per foreground class of each case in `case_ids` at network resolution, on the slices
+    `cfg.train.val_slices` names: the reference's foreground slices (the paper protocol of Table 2) or all."""
     was_training = model.training
     model.eval()
     results = {}
@@ -248,6 +249,9 @@ def validate_cases(model: torch.nn.Module, cache: SliceCache, case_ids: list[str
                                   batch_size=cfg.train.batch_size_2d, chunk=cfg.preprocess.num_slices,
                                   autocast_dtype=autocast_dtype, predict=cfg.predict)
             truth = map_label(np.asarray(case.label), cfg.model.target)
+            if cfg.train.val_slices == "foreground":
+                keep = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))
+                pred, truth = pred[keep], truth[keep]
             results[cid] = dice_scores(pred, truth, list(range(1, num_classes)))
     finally:
         model.train(was_training)

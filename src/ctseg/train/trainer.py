@@ -21,10 +21,11 @@ import logging
 import math
 import platform
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Sequence, cast
 
 import numpy as np
 import torch
@@ -164,8 +165,10 @@ def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = RES
     return diffs
 
 
-def split_validation(train_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Hold out round(val_fraction * n) of `train_ids` (at least one if val_fraction > 0), chosen with `seed`."""
+def split_validation(train_ids: list[str], val_fraction: float, seed: int | Sequence[int]
+                     ) -> tuple[list[str], list[str]]:
+    """Hold out round(val_fraction * n) of `train_ids` (at least one if val_fraction > 0), chosen with `seed`
+    (an int or a sequence of ints for `numpy.random.default_rng`)."""
     ids = sorted(train_ids)
     n_val = int(round(val_fraction * len(ids)))
     if val_fraction > 0 and len(ids) >= 2:
@@ -173,9 +176,19 @@ def split_validation(train_ids: list[str], val_fraction: float, seed: int) -> tu
     n_val = min(n_val, len(ids) - 1)
     if n_val <= 0:
         return ids, []
-    perm = np.random.default_rng([seed, 0x5EED]).permutation(len(ids))
+    entropy = [int(seed), 0x5EED] if isinstance(seed, (int, np.integer)) else [*(int(s) for s in seed), 0x5EED]
+    perm = np.random.default_rng(entropy).permutation(len(ids))
     val = sorted(ids[i] for i in perm[:n_val])
     return [c for c in ids if c not in set(val)], val
+
+
+def fold_validation_split(train_ids: Sequence[str], val_fraction: float, fold: int) -> tuple[list[str], list[str]]:
+    """The validation split of cross-validation fold `fold`: seeded by the fold index and the fold's training
+    cases, never by the model seed, so every run of an experiment (any architecture, augmentation or seed)
+    selects its checkpoint on the same cases of a fold and stack candidates are compared on the same cases."""
+    ids = sorted(train_ids)
+    digest = zlib.crc32("\n".join(ids).encode())
+    return split_validation(ids, val_fraction, [0xF01D, int(fold), digest])
 
 
 def dataset_fingerprint(cache: TrainingCache, case_ids: list[str]) -> str:
@@ -349,6 +362,14 @@ class Trainer:
                 "dataset_fingerprint": self.fingerprint, "world_size": self.ctx.world_size,
                 "rng": capture_rng_state()}
 
+    def provenance(self) -> dict:
+        """The cases each part of this model was fitted or chosen on (`ctseg.evaluate.provenance`)."""
+        from ctseg.evaluate.provenance import PROVENANCE_VERSION
+
+        return {"version": PROVENANCE_VERSION, "weights_fitted_on": list(self.train_ids),
+                "checkpoint_selected_on": list(self.val_ids),
+                "intensity_plan_fitted_on": list(self.cache.plan.subset_ids)}
+
     def _write_run_json(self, status: str, error: str | None = None) -> None:
         info = {
             "format": RUN_FORMAT, "status": status,
@@ -361,6 +382,7 @@ class Trainer:
             "epochs_run": len(self.history), "global_step": self.global_step,
             "best_metric": self.best_metric, "best_epoch": self.best_epoch,
             "world_size": self.ctx.world_size, "device": str(self.device),
+            "provenance": self.provenance(),
         }
         if error:
             info["error"] = error
