@@ -64,16 +64,19 @@ def test_ctseg_names_in_the_doc_resolve():
 
 
 def test_acquisition_fallback_is_as_documented():
-    """§4: with fewer than 16 foreground slices on the simulated grid, the 16 are drawn uniformly among all its
-    slices (a foreground slice can be left out); with enough, only foreground slices."""
-    from ctseg.augment.acquisition import choose_slices
+    """§4: with fewer than 16 foreground slices on the simulated grid, all of them are kept and topped up with the
+    grid slices nearest to them (the plain sampler's rule); with enough, only foreground slices."""
+    from ctseg.augment.acquisition import SKIP, acquire_stack
 
-    assert "16 drawn uniformly among *all* its slices" in DOC
-    fg = np.zeros(40, bool)
-    fg[10:13] = True
+    assert "topped up with the grid slices nearest to them (`top_up_slices`)" in DOC
+    z = 40
+    image = np.broadcast_to(np.arange(z, dtype=np.float32)[:, None, None], (z, 2, 2)).copy()
+    label = np.zeros((z, 2, 2), np.uint8)
+    label[10:13] = 1
     rng = np.random.default_rng(0)
-    draws = [choose_slices(fg, 16, rng) for _ in range(200)]
-    assert all(len(d) == 16 and np.all(np.diff(d) > 0) for d in draws)
-    assert any(not set(range(10, 13)) <= set(d.tolist()) for d in draws)  # foreground can be left out
-    fg[5:30] = True
-    assert all(fg[choose_slices(fg, 16, rng)].all() for _ in range(50))
+    for _ in range(50):  # factor 1.0001: the grid is the source grid, a slab's mean is its slice index
+        out, lab = acquire_stack(image, label, 16, SKIP, 1.0001, 0.0, rng)
+        picked = np.rint(out.mean(axis=(1, 2))).astype(int)
+        assert lab.any(axis=(1, 2)).sum() == 3 and np.all(np.diff(picked) == 1)  # every foreground slice, neighbours
+    label[5:30] = 1
+    assert all(acquire_stack(image, label, 16, SKIP, 1.0001, 0.0, rng)[1].any(axis=(1, 2)).all() for _ in range(50))
