@@ -168,11 +168,15 @@ def _check_channels(logits: torch.Tensor, expected: int, where: Path | None) -> 
     check_finite_output(logits, where)
 
 
+class NonFiniteOutput(CtsegError):
+    """A network's output holds NaN or infinite values (its weights may be finite)."""
+
+
 def check_finite_output(output: torch.Tensor, where: Path | str | None) -> None:
-    """CtsegError naming the model when its output holds NaN or infinite values."""
+    """NonFiniteOutput naming the model when its output holds NaN or infinite values."""
     if not bool(torch.isfinite(output).all()):
         bad = int((~torch.isfinite(output)).sum())
-        raise CtsegError(f"the model's output holds NaN or infinite values ({bad} of {output.numel()}) although its "
+        raise NonFiniteOutput(f"the model's output holds NaN or infinite values ({bad} of {output.numel()}) although its "
                          "weights are finite: it is unusable (diverged training?); retrain it or leave it out of the "
                          "ensemble", where)
 
