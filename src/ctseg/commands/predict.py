@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ctseg.commands._output import stdout_console
-from ctseg.commands._types import overlap_fraction, positive_int
+from ctseg.commands._types import add_threads_argument, overlap_fraction, positive_int
 from ctseg.errors import CtsegError
 
 HELP = "segment a CT volume (NIfTI / NRRD / MHA file or DICOM folder) or a folder of cases with trained model(s)"
@@ -44,8 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, nargs="+", required=True, metavar="MODEL",
                         help=f"model folder(s): {KINDS_HELP}; several = one ensemble (a stack is used alone)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--threads", type=positive_int,
-                        help="torch CPU threads (default: OMP_NUM_THREADS, else half the CPUs; see BENCHMARKS.md)")
+    add_threads_argument(parser)
     parser.add_argument("--probabilities", type=Path, metavar="FILE",
                         help="also write class probabilities (4D NIfTI on the input grid)")
     parser.add_argument("--stats", type=Path, metavar="FILE",

@@ -14,18 +14,20 @@ from rich.console import Console
 from rich.table import Table
 
 from ctseg.commands._output import stdout_console
+from ctseg.commands._types import add_threads_argument
 from ctseg.errors import CtsegError
 
 HELP = "score trained models under acquisition shifts (slice thickness, dose, calibration, contrast, position)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ctseg.inference.models import KINDS_HELP
     from ctseg.stress.perturb import AXES
 
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, nargs="+", action="append", metavar="RUN_DIR",
-                     help="trained model folder(s) (run.json, or a CV fold folder with model/); several after one "
-                          "--model form an ensemble; repeat --model to compare models")
+    src.add_argument("--model", type=Path, nargs="+", action="append", metavar="MODEL",
+                     help=f"model folder(s): {KINDS_HELP}; several after one --model form an ensemble (a stack "
+                          "stands alone); repeat --model to compare models")
     src.add_argument("--cv-dir", type=Path, nargs="+", metavar="CV_RUN",
                      help="cross-validation run folder(s) (cv.json), e.g. OUT/runs/unet-2d-ctia: out-of-fold, "
                           "one model per run")
@@ -44,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="volume choice and noise seed")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, help="slices (2D) or windows (3D) per forward pass")
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -86,8 +89,10 @@ def _stress_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctseg.runtime import set_threads
     from ctseg.stress.runner import model_specs_from_cv, model_specs_from_dirs, run_stress
 
+    set_threads(args.threads)
     cfg = _stress_config(args)
     case_ids, layout = None, args.layout
     if args.cv_dir:

@@ -270,8 +270,6 @@ def check_file_options(input: Path, output: Path, options: PredictOptions, proba
             raise CtsegError(f"--output-type {options.output_type} writes a DICOM file: use a .dcm name", output)
     if probabilities is not None and not probabilities.name.lower().endswith(NIFTI_SUFFIXES):
         raise CtsegError("probability maps are written as NIfTI: use a .nii.gz or .nii name", probabilities)
-    if stats is not None:
-        stats_format(stats)
     if not input.exists():
         raise CtsegError("no such file or folder", input)
     if input.is_dir():
@@ -286,6 +284,8 @@ def check_file_options(input: Path, output: Path, options: PredictOptions, proba
         raise CtsegError("output would overwrite the input", input)
     for p in outputs:
         check_target(p, options.overwrite)
+    if stats is not None:
+        stats_format(stats)
 
 
 def _segment(volume: Volume, input_path: Path, models: Models, device: torch.device, options: PredictOptions,
@@ -348,16 +348,17 @@ def case_name(path: Path) -> str:
 
 # -------------------------------------------------------------------------------------------- folder
 def prefetch_plan(peaks: Sequence[float | None], inputs: Sequence[float | None]) -> list[bool]:
-    """Whether case i+1 may be read while case i is computed, for every i: only when case i's peak plus case
-    i+1's input fit in the budget of the largest case alone (max over cases of peak + input). Unknown sizes
-    (None: a DICOM folder, an unreadable header) are never prefetched nor prefetched beside."""
+    """Whether case i+1 may be read while case i is computed, for every i: only when case i (its peak and its
+    input) and case i+1's input fit in the budget of the largest case alone (max over cases of peak + input).
+    With any size unknown (None: a DICOM folder, an unreadable header) nothing is prefetched."""
     known = [p + x for p, x in zip(peaks, inputs) if p is not None and x is not None]
     budget = max(known, default=0.0)
     plan = []
     for i in range(len(peaks)):
         nxt = i + 1
         ok = (nxt < len(peaks) and len(known) == len(peaks) and peaks[i] is not None
-              and inputs[nxt] is not None and peaks[i] + inputs[nxt] <= budget)  # type: ignore[operator]
+              and inputs[nxt] is not None
+              and peaks[i] + inputs[i] + inputs[nxt] <= budget)  # type: ignore[operator]
         plan.append(bool(ok))
     return plan
 
