@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder; an existing one is continued if its settings match, else refused")
     parser.add_argument("--config", type=Path, help="config whose `stress:` section sets the defaults below")
-    parser.add_argument("--profile", help="profile of --config to merge over it")
+    parser.add_argument("--profile", help="profile of --config to merge over it: ci, cpu or full (the config's "
+                        "experiment.profiles)")
     parser.add_argument("--axes", nargs="+", metavar="AXIS", help=f"axes to run, from: {', '.join(AXES)}")
     parser.add_argument("--severity", action="append", default=[], metavar="AXIS=V1,V2,...",
                         help="severities of one axis (the clean value is added), e.g. dose=2,4; repeatable")
