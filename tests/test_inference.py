@@ -145,6 +145,19 @@ def test_model_folder_messages_point_to_what_works(experiment, tmp_path, capsys)
     assert _predict(case, tmp_path / "b.nii.gz", cv) == 2
     assert "give the finished fold folders (fold_<k>)" in one_line_error(capsys.readouterr().err)
     assert _predict(case, tmp_path / "b.nii.gz", cv / "fold_0") == 0
+    # load_trained on a CV folder points to load_models, which loads it
+    from ctseg.train.trainer import load_trained
+
+    with pytest.raises(CtsegError, match="load it with ctseg.inference.load_models"):
+        load_trained(out / "runs" / "unet-2d-none")
+    assert len(load_models(out / "runs" / "unet-2d-none")) == 2
+    assert load_trained(out / "runs" / "unet-2d-none" / "fold_1").run_dir.name == "model"
+    # a stack with an unfinished fold
+    half = tmp_path / "half"
+    shutil.copytree(out / "stack" / "none", half)
+    (half / "fold_1" / "meta.pt").unlink()
+    assert _predict(case, tmp_path / "f.nii.gz", half) == 2
+    assert "has no meta-model (meta.pt)" in one_line_error(capsys.readouterr().err)
     # a stack is used alone
     assert _predict(case, tmp_path / "c.nii.gz", out / "stack" / "none", cv / "fold_0") == 2
     assert "used alone" in one_line_error(capsys.readouterr().err)
@@ -242,6 +255,13 @@ def test_resumed_folder_run_tables_every_case(tmp_path, model, capsys):
     assert _predict(cases, tmp_path / "fresh", model, extra=("--stats", str(tmp_path / "fresh.csv"))) == 0
     resumed, fresh = (tmp_path / "resumed.csv").read_text(), (tmp_path / "fresh.csv").read_text()
     assert resumed == fresh and {r["case"] for r in csv.DictReader(fresh.splitlines())} == {"a", "b"}
+    # an existing output on another grid cannot be measured: that case fails, and --overwrite (as said) redoes it
+    write_volume(Volume(np.zeros((3, 24, 24), np.uint8), (2.0, 0.8, 0.8)), tmp_path / "segs" / "a.nii.gz")
+    assert _predict(cases, tmp_path / "segs", model, extra=("--stats", str(tmp_path / "third.csv"))) == 1
+    assert "pass --overwrite to segment again" in " ".join(capsys.readouterr().out.split())
+    assert _predict(cases, tmp_path / "segs", model, extra=("--stats", str(tmp_path / "third.csv"),
+                                                            "--overwrite")) == 0
+    assert (tmp_path / "third.csv").read_text() == fresh
 
 
 def test_stats_of_one_file_follow_the_suffix(tmp_path, model, capsys):
@@ -298,6 +318,7 @@ def test_finite_weights_with_non_finite_outputs_fail_loudly(tmp_path, model, cap
     nifti(cases / "a.nii.gz")
     assert _predict(cases, tmp_path / "segs", bad) == 1
     assert "NaN or infinite" in " ".join(capsys.readouterr().out.split())
+    assert _predict(src, tmp_path / "seg.nii.gz", model) == 0  # left out of the ensemble, as the message says
 
 
 def test_validation_with_non_finite_outputs_ends_diverged(tmp_path, capsys):
@@ -312,6 +333,10 @@ def test_validation_with_non_finite_outputs_ends_diverged(tmp_path, capsys):
     err = one_line_error(capsys.readouterr().err)
     assert "training diverged" in err and "NaN or infinite" in err and "validation case" in err
     assert json.loads((run / "run.json").read_text())["status"] == "diverged"
+    config.write_text(config.read_text().replace("1.0e+37", "1.0e-3"))  # "lower train.lr"
+    assert cli_main(["train", "--data", str(tmp_path / "cache"), "--out", str(tmp_path / "run2"), "--config",
+                     str(config), "--no-progress", "--threads", "1"]) == 0
+    assert json.loads((tmp_path / "run2" / "run.json").read_text())["status"] == "completed"
 
 
 # --- memory and threads ------------------------------------------------------------------------------------
