@@ -123,14 +123,12 @@ def _run_folder(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ctseg.inference import predict_folder
-    from ctseg.inference.api import check_folder_options
 
     console = Console(stderr=True)
     for option, name in ((args.probabilities, "--probabilities"), (args.series, "--series")):
         if option is not None:
             raise CtsegError(f"{name} applies to one input file; not supported for a folder of cases",
                              args.probabilities if name == "--probabilities" else args.input)
-    check_folder_options(args.input, args.output, args.stats, args.overwrite)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, disable=args.no_progress, transient=True)
     with progress as bar:

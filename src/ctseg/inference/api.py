@@ -489,13 +489,16 @@ def _run_cases(todo: list[CaseInput], targets: dict[str, Path], models: Models, 
         for i, case in enumerate(todo):
             if on_start is not None:
                 on_start(case)
-            current = upcoming if upcoming is not None else reader.submit(case.read)
-            upcoming = reader.submit(todo[i + 1].read) if plan[i] else None
+            current, upcoming = upcoming, None
             target = targets[case.case_id]
             try:
                 check_target(target, True)
-                volume = current.result()
+                # a case not prefetched is read here, in this thread: the reader thread's malloc arena would
+                # keep its decompression buffers beside the main thread's (measured: +0.11 GiB at 1059 slices)
+                volume = current.result() if current is not None else case.read()
                 del current
+                if plan[i]:
+                    upcoming = reader.submit(todo[i + 1].read)  # read while this case is computed
                 for w in check_ct(volume, case.path, options.force):
                     if on_warning is not None:
                         on_warning(case.path, w)
