@@ -202,6 +202,15 @@ def test_nnunet_raw_dataset_and_images_ts_folder_named_by_case_id(tmp_path, mode
     capsys.readouterr()
 
 
+def test_one_kits19_case_folder_is_one_case(tmp_path, model):
+    from ctseg.datasets.kits19 import write_kits19_case
+
+    image = Volume(ct_array((6, 24, 24), seed=4), (2.0, 0.8, 0.8))
+    folder = write_kits19_case(tmp_path / "kits", "case_00007", image, Volume(_expected(image.array), image.spacing))
+    assert _predict(folder, tmp_path / "seg.nii.gz", model) == 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "seg.nii.gz").array, _expected(image.array))
+
+
 def test_chaos_dataset_predicted_per_patient(tmp_path, model):
     image = Volume(ct_array((6, 24, 24), seed=3), (2.0, 0.8, 0.8))
     write_chaos_case(tmp_path / "CT", "7", image, Volume(_expected(image.array), image.spacing))

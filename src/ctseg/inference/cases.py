@@ -49,11 +49,14 @@ def output_name(case_id: str, source: Path) -> str:
 
 
 def read_case_input(path: Path, series: str | None = None, in_folder: bool = False) -> Volume:
-    """The image of a file or DICOM folder. A folder of image files is not a DICOM series: the message says
-    how to segment it (its own folder run; from inside a folder of cases, a run on that sub-folder)."""
+    """The image of a file, a DICOM folder or a KiTS19 case folder (`imaging.nii.gz`). Another folder of image
+    files is not a DICOM series: the message says how to segment it (its own folder run; from inside a folder of
+    cases, a run on that sub-folder)."""
     from ctseg.io import list_dicom_series, read_dicom_series, read_volume
 
     if path.is_dir():
+        if (path / "imaging.nii.gz").is_file():  # a KiTS19 case folder: its image
+            return read_volume(path / "imaging.nii.gz")
         if any(image_suffix(p.name) for p in path.iterdir()) and not list_dicom_series(path):
             if in_folder:
                 raise CtsegError("a sub-folder with image files, not a DICOM series: segment it on its own "
