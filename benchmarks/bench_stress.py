@@ -32,7 +32,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", type=int, default=3)
     p.add_argument("--models", type=int, default=3, help="run configurations the demo stress-tests")
-    p.add_argument("--profile", default=None, help="demo.yaml profile (default: the base `small` settings)")
+    p.add_argument("--profile", default=None, help="demo.yaml profile (default: the base settings, = `cpu`)")
     args = p.parse_args()
     torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "2")))
     cfg = apply_profile(load_config(REPO / "configs" / "demo.yaml"), args.profile)

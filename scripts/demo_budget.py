@@ -2,7 +2,7 @@
 
     python scripts/demo_budget.py --cases 54 --epochs 24 --out /tmp/demo-budget [--aug ctia] [--in-plane 72]
 
-The demo (`configs/demo.yaml`, small profile) trains nine models in about ten CPU minutes; this script runs one
+The demo (`configs/demo.yaml`, cpu profile) trains nine models in about ten CPU minutes; this script runs one
 of them (fold 0, one augmentation) with more phantom cases, more steps or a finer in-plane grid, and prints the
 paper-protocol Dice per class on the fold's test volumes (mean ± std, and each volume) with the training time.
 It answers "what would the demo need to learn tumours", measured rather than guessed (docs/DEMO_BUDGET.md).

@@ -1,4 +1,4 @@
-"""The paper's experiment, small profile, end to end on phantom data: every Table 2 row, out-of-fold stacking,
+"""The paper's experiment, ci profile, end to end on phantom data: every Table 2 row, out-of-fold stacking,
 finished parts skipped."""
 import json
 from pathlib import Path
@@ -23,7 +23,7 @@ PAPER_ROWS = ["nnU-Net + MIA 2D", "nnU-Net + CTIA 2D", "nnU-Net + MIA 3D", "nnU-
 def experiment(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiment")
     data = write_phantom_dataset(root / "data", task="kidney", n_cases=5, layout="kits19", seed=3, size="small")
-    cfg = apply_profile(load_config(REPO / "configs" / "paper-kits19.yaml"), "small")
+    cfg = apply_profile(load_config(REPO / "configs" / "paper-kits19.yaml"), "ci")
     out = root / "out"
     html = run_experiment(cfg, data, out, progress=False)
     return cfg, data, out, html
@@ -49,9 +49,9 @@ def test_profiles_and_matrix():
     assert {RunIdentity.of(c).name for c in arm} == {RunIdentity.of(c).name + "-nowindow" for c in table}
     assert candidates_per_set(apply_profile(cfg, "full"), full_table + full_extra, "ctia") == \
         candidates_per_set(cfg, table + extra, "ctia")  # the arm adds no stack candidates
-    small = apply_profile(cfg, "small")
-    assert small.cv.n_folds == 2 and small.preprocess.in_plane_size == 32 and small.experiment.profiles == {}
-    assert small.model.msd.width == cfg.model.msd.width  # untouched keys survive the merge
+    ci = apply_profile(cfg, "ci")
+    assert ci.cv.n_folds == 2 and ci.preprocess.in_plane_size == 32 and ci.experiment.profiles == {}
+    assert ci.model.msd.width == cfg.model.msd.width  # untouched keys survive the merge
     with pytest.raises(CtsegError, match="unknown profile 'huge'"):
         apply_profile(cfg, "huge")
     for name in ("paper-chaos.yaml", "demo.yaml"):

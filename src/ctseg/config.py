@@ -417,7 +417,7 @@ class SelectionConfig(_Section):
 class ExperimentMatrixConfig(_Section):
     """The paper's experiment (`ctseg experiment`): every combination of archs x dims x augs (x seeds) is
     cross-validated, then a stacked ensemble per augmentation. `profiles` are named partial configs
-    (same nesting as this file) merged over the config by `--profile NAME`, e.g. a small CPU variant."""
+    (same nesting as this file) merged over the config by `--profile NAME`, in every shipped config: ci (tiny smoke run), cpu (2-core CPU size), full (paper size)."""
     archs: list[Literal["unet", "msd"]] = Field(default_factory=_paper_archs, min_length=1)
     dims: list[Literal["2d", "3d"]] = Field(default_factory=_paper_dims, min_length=1)
     augs: list[str] = Field(default_factory=_paper_augs, min_length=1,

@@ -42,6 +42,10 @@ With only foreground members the output has two classes, background and foregrou
 single foreground class when it has one). Disagreement: each member's foreground mask (argmax != 0
 at network resolution); `agreement` is the mean pairwise Dice between members (1.0 = identical),
 a per-volume quality flag (low values deserve a human look; `ctseg.evaluate.quality`).
+
+A stacked ensemble (`StackedModel`) combines each member's folds by this rule, concatenates the members'
+maps in `stack.json` order and averages the softmax of its fold meta-models; `agreement` is then between
+its members (CV runs). Every network output is checked to be finite (`check_finite_output`).
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ import torch
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path
 from ctseg.io import Volume
-from ctseg.models.stacking import combine_members
+from ctseg.models.stacking import StackingMetaModel, combine_members
 from ctseg.preprocess.zstacks import Blend, ZStacks, inference_stride, sampled_stacks, z_stacks
 from ctseg.runtime import release_free_memory, resolve_device
 
@@ -67,8 +71,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: One trained model or an ensemble of them (`ctseg.train.trainer.load_trained`).
-Models = Union["TrainedModel", list["TrainedModel"], tuple["TrainedModel", ...]]
+
+
+@dataclass
+class StackedModel:
+    """The stacked ensemble (`ctseg.cv.run_stack`) ready for inference: each member is a cross-validation run
+    whose fold models are averaged (`members[i]`, one list of fold models per member, in `stack.json` order),
+    the members' maps are concatenated and every fold's meta-model is applied; their softmax is averaged (as
+    nnU-Net averages its folds). source: the stack folder (for messages)."""
+
+    members: list[list["TrainedModel"]]
+    metas: list[StackingMetaModel]
+    source: Path | None = None
+
+    @property
+    def models(self) -> list["TrainedModel"]:
+        """Every fold model of every member, in order."""
+        return [m for group in self.members for m in group]
+
+
+#: One trained model, an ensemble of them (`ctseg.inference.load_models`), or a stacked ensemble.
+Models = Union["TrainedModel", list["TrainedModel"], tuple["TrainedModel", ...], StackedModel]
 
 FOREGROUND_NAME = "foreground"
 ZContext = Literal["sampled", "strided", "contiguous"]
@@ -102,6 +125,13 @@ def _in_plane_size(model: TrainedModel) -> int:
     return int(model.cfg.preprocess.in_plane_size)
 
 
+def flat_models(models: Models) -> list[TrainedModel]:
+    """The networks that see the image: the members of an ensemble, or every fold model of a stack's members."""
+    if isinstance(models, StackedModel):
+        return models.models
+    return list(models) if isinstance(models, (list, tuple)) else [models]
+
+
 def check_members(models: Sequence[TrainedModel]) -> tuple[dict[int, str], dict[int, str]]:
     """Validate an ensemble; returns (dataset classes, output classes). CtsegError names the odd member."""
     if not models:
@@ -132,8 +162,24 @@ def check_members(models: Sequence[TrainedModel]) -> tuple[dict[int, str], dict[
 
 
 def _check_channels(logits: torch.Tensor, expected: int, where: Path | None) -> None:
+    """The right number of channels, and finite values: a network with finite weights can still overflow
+    (e.g. after one step at a huge learning rate); its NaN would silently become background in an ensemble."""
     if logits.shape[1] != expected:
         raise CtsegError(f"the model outputs {logits.shape[1]} channels but its classes need {expected}", where)
+    check_finite_output(logits, where)
+
+
+class NonFiniteOutput(CtsegError):
+    """A network's output holds NaN or infinite values (its weights may be finite)."""
+
+
+def check_finite_output(output: torch.Tensor, where: Path | str | None) -> None:
+    """NonFiniteOutput naming the model when its output holds NaN or infinite values."""
+    if not bool(torch.isfinite(output).all()):
+        bad = int((~torch.isfinite(output)).sum())
+        raise NonFiniteOutput(f"the model's output holds NaN or infinite values ({bad} of {output.numel()}) although its "
+                         "weights are finite: it is unusable (diverged training?); retrain it or leave it out of the "
+                         "ensemble", where)
 
 
 def _softmax_2d(module: torch.nn.Module, image: torch.Tensor, batch_size: int, out: torch.Tensor, where: Path | None,
@@ -250,6 +296,59 @@ def _member_softmax(model: TrainedModel, image: torch.Tensor, device: torch.devi
     return out
 
 
+def _ensemble_softmax(models: Sequence[TrainedModel], xs: Sequence[torch.Tensor], out_classes: dict[int, str],
+                      dev: torch.device, batch_size: int | None, overlap: float, blend: Blend,
+                      tick: Callable[[], None], z_context: ZContext | None) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """Combined probabilities (C, z, S, S) of an ensemble (the rule of the module docstring), and each
+    member's foreground mask (argmax != 0)."""
+    if len(models) == 1:
+        p = _member_softmax(models[0], xs[0], dev, batch_size, overlap, blend, tick, z_context)
+        return p, [(_argmax_uint8(p) != 0).cpu().numpy()]
+    n_fg = len(out_classes) - 1
+    bg = torch.zeros(xs[0].shape, dtype=torch.float32, device=dev)
+    fg = torch.zeros((n_fg, *xs[0].shape), dtype=torch.float32, device=dev) if \
+        any(m.target == "multiclass" for m in models) else None
+    fg_masks = []
+    for m, xm in zip(models, xs):
+        p = _member_softmax(m, xm, dev, batch_size, overlap, blend, tick, z_context)
+        bg += p[0]
+        if m.target == "multiclass" and fg is not None:  # fg exists when any member is multiclass
+            fg += p[1:]
+        fg_masks.append((_argmax_uint8(p) != 0).cpu().numpy())
+        del p
+    bg /= len(models)
+    return combine_members(bg, fg, len(out_classes)), fg_masks
+
+
+def _stacked_softmax(stack: StackedModel, xs: Sequence[torch.Tensor], dev: torch.device, batch_size: int | None,
+                     overlap: float, blend: Blend, tick: Callable[[], None], z_context: ZContext | None
+                     ) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """The stack's probabilities (K, z, S, S): each member's folds averaged, maps concatenated in member order,
+    the meta-models' softmax averaged; and each member's foreground mask."""
+    maps, masks, i = [], [], 0
+    for group in stack.members:
+        _, group_classes = check_members(group)
+        p, _ = _ensemble_softmax(group, xs[i:i + len(group)], group_classes, dev, batch_size, overlap, blend, tick,
+                                 z_context)
+        i += len(group)
+        masks.append((_argmax_uint8(p) != 0).cpu().numpy())
+        maps.append(p)
+    x = torch.cat(maps)
+    del maps
+    n_cls = stack.metas[0].num_classes
+    out = torch.zeros((n_cls, *x.shape[1:]), dtype=torch.float32, device=dev)
+    step = batch_size or 32
+    with torch.inference_mode():
+        for meta in stack.metas:
+            meta.to(dev).eval()
+            for z0 in range(0, x.shape[1], step):
+                logits = meta(x[:, z0:z0 + step].movedim(1, 0))
+                check_finite_output(logits, stack.source)
+                out[:, z0:z0 + step] += torch.softmax(logits.float(), dim=1).movedim(0, 1)
+    out /= len(stack.metas)
+    return out, masks
+
+
 def predict_network(image: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor], models: Models,
                     device: str | torch.device = "auto", batch_size: int | None = None, overlap: float = 0.5,
                     blend: Literal["gaussian", "linear"] = "gaussian", progress: bool = False,
@@ -257,47 +356,38 @@ def predict_network(image: np.ndarray | torch.Tensor | Sequence[np.ndarray | tor
     """Combined class probabilities at network resolution.
 
     image: (z, S, S) preprocessed network input (e.g. `CachedCase.image` or `preprocess_volume`), or one
-    such input per model (members normalised with their own intensity plans, e.g. the folds of a CV).
-    z_context: how 3D members see z (`softmax_3d`); None: each member's own `cfg.predict.z_context`.
-    Returns (probabilities (C, z, S, S) float32 tensor on `device`, output classes, member Dice
-    matrix (M, M) or None for a single model).
+    such input per network of `flat_models(models)` (members normalised with their own intensity plans,
+    e.g. the folds of a CV). z_context: how 3D members see z (`softmax_3d`); None: each member's own
+    `cfg.predict.z_context`. Returns (probabilities (C, z, S, S) float32 tensor on `device`, output classes,
+    member Dice matrix (M, M) or None for a single model; a stack's members are its CV runs).
     """
-    models = list(models) if isinstance(models, (list, tuple)) else [models]
-    _, out_classes = check_members(models)
+    flat = flat_models(models)
+    ds_classes, out_classes = check_members(flat)
+    if isinstance(models, StackedModel):
+        out_classes = ds_classes
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
-    inputs = list(image) if isinstance(image, (list, tuple)) else [image] * len(models)
-    if len(inputs) != len(models):
-        raise ValueError(f"{len(inputs)} inputs for {len(models)} models")
+    inputs = list(image) if isinstance(image, (list, tuple)) else [image] * len(flat)
+    if len(inputs) != len(flat):
+        raise ValueError(f"{len(inputs)} inputs for {len(flat)} models")
     as_tensor = {}  # id -> tensor on the device: members sharing an input share one copy
     for img in inputs:
         if id(img) not in as_tensor:
             t = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.asarray(img, dtype=np.float32))
             as_tensor[id(img)] = t.to(device=dev, dtype=torch.float32)
     xs = [as_tensor[id(img)] for img in inputs]
-    x = xs[0]
-    if any(t.shape != x.shape for t in xs):
+    if any(t.shape != xs[0].shape for t in xs):
         raise ValueError(f"member inputs differ in shape: {sorted({tuple(t.shape) for t in xs})}")
-    total = sum(_n_batches(m, x.shape[0], batch_size, overlap, z_context) for m in models)
-    with _Progress(progress, total, f"inference ({len(models)} model{'s' if len(models) > 1 else ''})") as tick:
-        if len(models) == 1:
-            return (_member_softmax(models[0], x, dev, batch_size, overlap, blend, tick, z_context), out_classes,
-                    None)
-        n_fg = len(out_classes) - 1
-        bg = torch.zeros(x.shape, dtype=torch.float32, device=dev)
-        fg = torch.zeros((n_fg, *x.shape), dtype=torch.float32, device=dev) if \
-            any(m.target == "multiclass" for m in models) else None
-        fg_masks = []
-        for m, xm in zip(models, xs):
-            p = _member_softmax(m, xm, dev, batch_size, overlap, blend, tick, z_context)
-            bg += p[0]
-            if m.target == "multiclass" and fg is not None:  # fg exists when any member is multiclass
-                fg += p[1:]
-            fg_masks.append((_argmax_uint8(p) != 0).cpu().numpy())
-            del p
-    bg /= len(models)
-    probs = combine_members(bg, fg, len(out_classes))
+    total = sum(_n_batches(m, xs[0].shape[0], batch_size, overlap, z_context) for m in flat)
+    with _Progress(progress, total, f"inference ({len(flat)} model{'s' if len(flat) > 1 else ''})") as tick:
+        if isinstance(models, StackedModel):
+            probs, fg_masks = _stacked_softmax(models, xs, dev, batch_size, overlap, blend, tick, z_context)
+        else:
+            probs, fg_masks = _ensemble_softmax(flat, xs, out_classes, dev, batch_size, overlap, blend, tick,
+                                                z_context)
+    if len(fg_masks) == 1:
+        return probs, out_classes, None
     from ctseg.evaluate.quality import member_dice_matrix
 
     return probs, out_classes, member_dice_matrix(fg_masks)
@@ -356,44 +446,44 @@ def restore_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int]
             out[z0:z0 + step] = chunk[c].to(torch.float16).cpu().numpy()
 
 
-def predict_volume(volume: Volume, models, device: str | torch.device = "auto", return_probabilities: bool = False,
+def predict_volume(volume: Volume, models: Models, device: str | torch.device = "auto", return_probabilities: bool = False,
                    batch_size: int | None = None, overlap: float = 0.5,
                    blend: Literal["gaussian", "linear"] = "gaussian", progress: bool = False,
                    z_context: ZContext | None = None) -> PredictionResult:
     """Segment a CT volume (HU) with one model or an ensemble; the label comes back on the input grid.
 
-    volume: HU, any orientation. models: a TrainedModel or a list (see module docstring for the
-    ensemble rule). batch_size: slices (2D) or stacks (3D) per forward pass (default 32 / 2).
+    volume: HU, any orientation. models: a TrainedModel, a list (see module docstring for the
+    ensemble rule) or a `StackedModel`. batch_size: slices (2D) or stacks (3D) per forward pass (default 32 / 2).
     overlap: fraction of a 3D window shared with the next (contiguous and strided stacks). z_context: how 3D
     models see z (`softmax_3d`); None: each model's own `cfg.predict.z_context`. Modules are moved to `device`.
     """
     from ctseg.io import to_canonical
     from ctseg.preprocess.slices import network_grid, preprocess_volume
 
-    models = list(models) if isinstance(models, (list, tuple)) else [models]
-    check_members(models)
+    flat = flat_models(models)
+    check_members(flat)
     dev = resolve_device(device)
     seconds = {}
     t0 = time.perf_counter()
     # canonical views, no copies: the network input is made slab by slab from the input's voxels, and
     # the label (and probabilities) are written through canonical views into arrays in the input's order
     canon = to_canonical(volume, copy=False)[0]
-    # one crop box for all members, each member's own normalisation; members whose plans crop this volume to
-    # another box would see another field of view than in training: refused (docs/PAPER_FIDELITY.md §8)
-    grid = network_grid(canon.array, models[0].plan, _in_plane_size(models[0]), models[0].cfg.preprocess.crop)
-    for m in models[1:]:
-        if m.plan != models[0].plan:
+    # one crop box for all members (the first one's plan decides it), each member's own normalisation; a member
+    # whose plan would crop this volume to another box (e.g. another fold's window) is named in a warning
+    # (docs/PAPER_FIDELITY.md §8)
+    grid = network_grid(canon.array, flat[0].plan, _in_plane_size(flat[0]), flat[0].cfg.preprocess.crop)
+    for m in flat[1:]:
+        if m.plan != flat[0].plan:
             box = network_grid(canon.array, m.plan, _in_plane_size(m), m.cfg.preprocess.crop).box
             if box != grid.box:
-                raise CtsegError(f"ensemble members' intensity plans crop this volume to different boxes ({grid.box} "
-                                 f"vs {box}; window lower bounds {models[0].plan.lower:g} / {m.plan.lower:g} HU), so "
-                                 "a member would not see its training crop; ensemble models of one plan (e.g. one "
-                                 "fold's) or models trained with preprocess.crop none", getattr(m, "run_dir", None))
+                log.warning("ensemble member %s: its plan would crop this volume to %s, the ensemble uses %s "
+                            "(window lower bounds %g / %g HU)", getattr(m, "run_dir", "?"), box, grid.box,
+                            m.plan.lower, flat[0].plan.lower)
     by_plan: dict = {}
-    for m in models:
+    for m in flat:
         if m.plan not in by_plan:
             by_plan[m.plan] = preprocess_volume(canon.array, m.plan, _in_plane_size(m), box=grid.box)
-    image = [by_plan[m.plan] for m in models]
+    image = [by_plan[m.plan] for m in flat]
     z, h, w = canon.shape
     del canon
     label = np.empty(volume.shape, dtype=np.uint8)

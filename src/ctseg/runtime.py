@@ -72,3 +72,30 @@ def resolve_device(name: str | torch.device | None, local_rank: int = 0) -> torc
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
+
+
+def default_threads() -> int:
+    """Torch CPU threads when none are asked for: OMP_NUM_THREADS when set, else half the CPUs this process may
+    use, at least 1. On a shared 2-core machine 2 spinning OpenMP threads made inference up to 5x slower than 1
+    while another job ran, and only 1.5x faster when quiet (BENCHMARKS.md, "torch threads")."""
+    import os
+
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op CPU threads (`threads`, else `default_threads()`); returns the number set."""
+    import torch
+
+    n = threads if threads is not None else default_threads()
+    if n < 1:
+        raise CtsegError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n

@@ -70,3 +70,10 @@ def overlap_fraction(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
     return value
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """`--threads N`: torch CPU threads (`ctseg.runtime.set_threads`)."""
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="torch CPU threads (default: OMP_NUM_THREADS if set, else half the CPUs: on a shared "
+                        "machine extra spinning threads slow inference; see BENCHMARKS.md)")

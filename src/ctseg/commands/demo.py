@@ -1,8 +1,9 @@
-"""`ctseg demo [--profile small|ci|full] --out DIR`: the whole method on phantom data, ending in a report.
+"""`ctseg demo [--profile ci|cpu|full] --out DIR`: the whole method on phantom data, ending in a report.
 
 Phantom kidney CTs (KiTS19 layout) -> slice-sorted cross-validation of a 2D U-Net with no augmentation, MIA
 and CTIA -> out-of-fold acquisition-shift stress test -> results tables, stress curves and report/index.html.
-Settings: `configs/demo.yaml` (its profiles); `small` fits a 2-core CPU in about twelve minutes, `ci` is a
+Settings: `configs/demo.yaml` (its profiles); `cpu` (the default, the config's base settings; `small` is its
+old name) fits a 2-core CPU in about twelve minutes, `ci` is a
 smoke run of a minute or two, `full` is the paper's matrix (U-Net and MS-D Net, 2D and 3D, MIA, nnU-Net DA,
 CTIA and none, stacked top-5 ensembles) on full-size phantoms for a GPU.
 An existing output folder is continued (finished parts are skipped).
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,10 +25,17 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_int, seed_int
 from ctseg.errors import CtsegError
 
+if TYPE_CHECKING:
+    from ctseg.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
 HELP = "phantom data -> none / MIA / CTIA cross-validation -> stress test -> report (the README's first command)"
 
 #: profile -> (phantom cases, phantom size)
-PHANTOM = {"ci": (6, "small"), "small": (18, "small"), "full": (60, "full")}
+PHANTOM = {"ci": (6, "small"), "cpu": (18, "small"), "full": (60, "full")}
+#: old profile names that still work -> today's
+DEPRECATED = {"small": "cpu"}
 
 
 def default_config_path() -> Path:
@@ -35,10 +45,23 @@ def default_config_path() -> Path:
     return Path(ctseg.__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
+def demo_config(path: Path, profile: str) -> tuple[ExperimentConfig, str]:
+    """The demo's configuration for `profile` and the profile's current name (`small` -> `cpu`, with a warning).
+    The config's base settings are the cpu size."""
+    from ctseg.config import load_config
+    from ctseg.experiment import apply_profile
+
+    if profile in DEPRECATED:
+        log.warning("--profile %s is deprecated: it is now called %s", profile, DEPRECATED[profile])
+        profile = DEPRECATED[profile]
+    return apply_profile(load_config(path), None if profile == "cpu" else profile), profile
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", choices=sorted(PHANTOM), default="small",
-                        help="small: 2-core CPU, ~12 min (default); ci: 1-2 min smoke run; full: the paper's matrix "
-                        "on a GPU")
+    parser.add_argument("--profile", choices=[*PHANTOM, *DEPRECATED], default="cpu",
+                        help="cpu: 2-core CPU, ~12 min (default; the base settings of the config); ci: 1-2 min smoke "
+                        "run; full: the paper's matrix on a GPU; small: old name of cpu. The profiles are "
+                        "experiment.profiles in configs/demo.yaml (or --config)")
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     parser.add_argument("--config", type=Path, help="demo config (default: configs/demo.yaml of this checkout)")
     parser.add_argument("--cases", type=positive_int, help="number of phantom cases (default: by profile)")
@@ -74,9 +97,8 @@ def _phantom(out: Path, n_cases: int, size: str, seed: int, progress: bool, cons
 
 def run(args: argparse.Namespace) -> int:
     from ctseg.commands.report import summary_table
-    from ctseg.config import load_config
     from ctseg.evaluate.report import load_results
-    from ctseg.experiment import apply_profile, run_experiment
+    from ctseg.experiment import run_experiment
 
     from ctseg.datasets import LAYOUTS
 
@@ -88,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
     cfg_path = args.config or default_config_path()
     if not cfg_path.is_file():
         raise CtsegError("demo config not found (run from a source checkout, or pass --config)", cfg_path)
-    cfg = load_config(cfg_path)
-    cfg = apply_profile(cfg, None if args.profile == "small" else args.profile)
+    cfg, args.profile = demo_config(cfg_path, args.profile)
     n_cases, size = PHANTOM[args.profile]
     n_cases = args.cases or n_cases
     if n_cases < 2 * cfg.cv.n_folds:

@@ -16,7 +16,9 @@ HELP = "run the paper's matrix {U-Net, MS-D} x {2D, 3D} x augmentations (MIA, nn
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="experiment config, e.g. configs/paper-kits19.yaml")
-    parser.add_argument("--profile", help="named profile of the config to merge over it (e.g. small)")
+    parser.add_argument("--profile", help="named profile of the config to merge over it: ci (tiny smoke run), "
+                        "cpu (2-core CPU size), full (paper size, GPU); a config lists its own under "
+                        "experiment.profiles")
     parser.add_argument("--data", type=Path, help="dataset folder (default: the config's data.path)")
     parser.add_argument("--out", type=Path, required=True, help="experiment folder (an existing one is continued)")
     parser.add_argument("--aug", action="append",

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ctseg.commands._output import stdout_console
-from ctseg.commands._types import positive_int, seed_int
+from ctseg.commands._types import add_threads_argument, positive_int, seed_int
 from ctseg.errors import CtsegError
 from ctseg.fileutil import output_lock
 
@@ -22,12 +22,13 @@ HELP = "score trained models under acquisition shifts (slice thickness, dose, ca
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ctseg.inference.models import KINDS_HELP
     from ctseg.stress.perturb import AXES
 
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, nargs="+", action="append", metavar="RUN_DIR",
-                     help="trained model folder(s) (run.json, or a CV fold folder with model/); several after one "
-                          "--model form an ensemble; repeat --model to compare models")
+    src.add_argument("--model", type=Path, nargs="+", action="append", metavar="MODEL",
+                     help=f"model folder(s): {KINDS_HELP}; several after one --model form an ensemble (a stack "
+                          "stands alone); repeat --model to compare models")
     src.add_argument("--cv-dir", type=Path, nargs="+", metavar="CV_RUN",
                      help="cross-validation run folder(s) (cv.json), e.g. OUT/runs/unet-2d-ctia: out-of-fold, "
                           "one model per run")
@@ -38,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder; an existing one is continued if its settings match, else refused")
     parser.add_argument("--config", type=Path, help="config whose `stress:` section sets the defaults below")
-    parser.add_argument("--profile", help="profile of --config to merge over it")
+    parser.add_argument("--profile", help="profile of --config to merge over it: ci, cpu or full (the config's "
+                        "experiment.profiles)")
     parser.add_argument("--axes", nargs="+", metavar="AXIS", help=f"axes to run, from: {', '.join(AXES)}")
     parser.add_argument("--severity", action="append", default=[], metavar="AXIS=V1,V2,...",
                         help="severities of one axis (the clean value is added), e.g. dose=2,4; repeatable")
@@ -46,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed_int, help="volume choice and noise seed")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=positive_int, help="slices (2D) or windows (3D) per forward pass")
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -87,8 +90,10 @@ def _stress_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctseg.runtime import set_threads
     from ctseg.stress.runner import model_specs_from_cv, model_specs_from_dirs, run_stress
 
+    set_threads(args.threads)
     cfg = _stress_config(args)
     case_ids, layout = None, args.layout
     if args.cv_dir:

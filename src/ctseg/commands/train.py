@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ctseg.commands._output import stdout_console
-from ctseg.commands._types import nonnegative_int, positive_int, seed_int
+from ctseg.commands._types import add_threads_argument, nonnegative_int, positive_int, seed_int
 from ctseg.config import ExperimentConfig, load_config
 from ctseg.errors import CtsegError
 from ctseg.fileutil import output_lock, refuse_overlap
@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data loader processes (train.num_workers)")
     parser.add_argument("--seed", type=seed_int, help="seed (default: the config's seed)")
     parser.add_argument("--cache", type=Path, help="cache folder for a raw --data (default: <out>/../cache)")
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -143,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
     from ctseg.train import distributed as D
     from ctseg.train.trainer import train_model
 
+    from ctseg.runtime import set_threads
+
+    set_threads(args.threads)
     cfg = _apply_overrides(load_config(args.config) if args.config else ExperimentConfig(), args)
     ctx = D.init_distributed(cfg.train.device)
     try:

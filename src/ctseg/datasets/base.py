@@ -46,6 +46,10 @@ class Dataset(Protocol):
 
     def load(self, case_id: str) -> Case: ...
 
+    def image_path(self, case_id: str) -> Path: ...
+
+    def read_image(self, case_id: str) -> Volume: ...
+
     def __iter__(self) -> Iterator[Case]: ...
 
     def __len__(self) -> int: ...
@@ -93,6 +97,14 @@ class FolderDataset(Generic[Source]):
             elif path.exists():
                 files.append(path)
         return files
+
+    def image_path(self, case_id: str) -> Path:
+        """The file (or DICOM folder) holding the case's image."""
+        raise NotImplementedError
+
+    def read_image(self, case_id: str) -> Volume:
+        """The case's image alone, in its file's own geometry and voxel order (what `ctseg predict` segments)."""
+        raise NotImplementedError
 
     def _source(self, case_id: str) -> Source:
         if case_id not in self._cases:

@@ -61,14 +61,22 @@ class ChaosDataset(FolderDataset[Path]):
         return (self._source(case_id) / "Ground").is_dir()
 
     def load(self, case_id: str) -> Case:
-        folder = self._source(case_id)
-        files = sorted((p for p in (folder / "DICOM_anon").iterdir()
-                        if p.is_file() and p.suffix.lower() == ".dcm"), key=_index)
-        image = read_dicom_files(files)
-        image.meta["path"] = str(folder / "DICOM_anon")
-        ground = folder / "Ground"
-        label = _read_masks(ground, files, image) if ground.is_dir() else None
+        image = self.read_image(case_id)
+        ground = self._source(case_id) / "Ground"
+        label = _read_masks(ground, self._dicom_files(case_id), image) if ground.is_dir() else None
         return finish_case(case_id, image, label, self.classes)
+
+    def _dicom_files(self, case_id: str) -> list[Path]:
+        folder = self.image_path(case_id)
+        return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm"), key=_index)
+
+    def image_path(self, case_id: str) -> Path:
+        return self._source(case_id) / "DICOM_anon"
+
+    def read_image(self, case_id: str) -> Volume:
+        image = read_dicom_files(self._dicom_files(case_id))
+        image.meta["path"] = str(self.image_path(case_id))
+        return image
 
 
 def _sorted_by_index(paths: list[Path]) -> list[Path]:

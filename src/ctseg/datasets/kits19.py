@@ -56,10 +56,15 @@ class KiTS19Dataset(FolderDataset[Path]):
         return (self._source(case_id) / "segmentation.nii.gz").is_file()
 
     def load(self, case_id: str) -> Case:
-        folder = self._source(case_id)
-        seg = folder / "segmentation.nii.gz"
+        seg = self._source(case_id) / "segmentation.nii.gz"
         label = read_volume(seg) if seg.is_file() else None
-        return finish_case(case_id, read_volume(folder / "imaging.nii.gz"), label, self.classes)
+        return finish_case(case_id, self.read_image(case_id), label, self.classes)
+
+    def image_path(self, case_id: str) -> Path:
+        return self._source(case_id) / "imaging.nii.gz"
+
+    def read_image(self, case_id: str) -> Volume:
+        return read_volume(self.image_path(case_id))
 
 
 def write_kits19_case(root: str | Path, case_id: str, image: Volume, label: Volume | None) -> Path:

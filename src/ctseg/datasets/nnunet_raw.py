@@ -84,9 +84,15 @@ class NnUNetRawDataset(FolderDataset[tuple[Path, "Path | None"]]):
         return self._source(case_id)[1] is not None
 
     def load(self, case_id: str) -> Case:
-        image_path, label_path = self._source(case_id)
+        _, label_path = self._source(case_id)
         label = read_volume(label_path) if label_path is not None else None
-        return finish_case(case_id, read_volume(image_path), label, self.classes)
+        return finish_case(case_id, self.read_image(case_id), label, self.classes)
+
+    def image_path(self, case_id: str) -> Path:
+        return self._source(case_id)[0]
+
+    def read_image(self, case_id: str) -> Volume:
+        return read_volume(self.image_path(case_id))
 
 
 def write_nnunet_dataset_json(root: str | Path, classes: dict[int, str], num_training: int,

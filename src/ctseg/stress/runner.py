@@ -3,7 +3,8 @@
 Models come in two ways:
 
 - `model_specs_from_dirs([[RUN, ...], ...])`: each inner list is one model (several folders = an ensemble via
-  `ctseg.predict`); a folder is a training run (`run.json`) or a CV fold folder holding `model/`.
+  `ctseg.predict`); a folder is a training run, a CV fold folder, a whole CV run (all its folds) or a stacked
+  ensemble (`ctseg.inference.models`).
 - `model_specs_from_cv([CV_RUN, ...])`: each cross-validation run is one model, and every volume is predicted
   by the fold model that did not train on it (out-of-fold; the fold's `run.json` train/val ids are checked).
 
@@ -45,6 +46,7 @@ from ctseg.stress.perturb import AXES, DegenerateSeverity, estimate_noise_hu
 
 if TYPE_CHECKING:
     from ctseg.io import Volume
+    from ctseg.predict import Models
     from ctseg.stress.perturb import Perturbed
     from ctseg.train.trainer import TrainedModel
 
@@ -67,20 +69,13 @@ class ModelSpec:
     folds: dict[int, Path] | None = None
     test_of: dict[str, int] | None = None
     source: str = ""
+    stack: Path | None = None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "display": self.display, "aug": self.aug, "source": self.source,
-                "members": [str(p) for p in self.members],
-                "folds": {str(k): str(v) for k, v in (self.folds or {}).items()} or None}
-
-
-def _model_dir(path: Path) -> Path:
-    path = Path(path)
-    if (path / "run.json").is_file():
-        return path
-    if (path / "model" / "run.json").is_file():
-        return path / "model"
-    raise CtsegError("not a trained model folder (no run.json here or in model/)", path)
+        d = {"name": self.name, "display": self.display, "aug": self.aug, "source": self.source,
+             "members": [str(p) for p in self.members],
+             "folds": {str(k): str(v) for k, v in (self.folds or {}).items()} or None}
+        return {**d, "stack": str(self.stack)} if self.stack is not None else d
 
 
 def _run_info(model_dir: Path) -> dict:
@@ -91,15 +86,29 @@ def _run_info(model_dir: Path) -> dict:
 
 
 def model_specs_from_dirs(groups: Sequence[Sequence[str | Path]]) -> list[ModelSpec]:
-    """One `ModelSpec` per group of model folders (a group of several is an ensemble)."""
+    """One `ModelSpec` per group of model folders (a group of several is an ensemble; a stack is used alone)."""
     from ctseg.evaluate.report import display_name
+    from ctseg.inference.models import resolve_model
 
     specs, names = [], set()
     for group in groups:
-        dirs = [_model_dir(Path(p).resolve()) for p in group]
+        sources = [resolve_model(Path(p).resolve()) for p in group]
+        stacks = [s for s in sources if s.kind == "stack"]
+        if stacks and len(sources) > 1:
+            raise CtsegError("a stacked ensemble is used alone: give it after its own --model", stacks[0].path)
+        dirs = [d for s in sources for d in s.run_dirs]
         cfg = _run_info(dirs[0]).get("config", {})
         arch, dim = cfg.get("model", {}).get("arch", "?"), cfg.get("model", {}).get("dim", "")
         aug = str(cfg.get("augment", {}).get("name", "?"))
+        if stacks:
+            name = stacks[0].name
+            base, i = name, 2
+            while name in names:
+                name, i = f"{base}-{i}", i + 1
+            names.add(name)
+            specs.append(ModelSpec(name, display_name("stacked", "", aug), aug, members=dirs, source="stack",
+                                   stack=stacks[0].path))
+            continue
         name = f"{arch}-{dim}-{aug}" + (f"-ens{len(dirs)}" if len(dirs) > 1 else "")
         base, i = name, 2
         while name in names:
@@ -238,7 +247,7 @@ def _check_reacquired(pert: Perturbed, image: Volume, axis: str, case_id: str, d
                          "with generation overrides by an older ctseg?", data_dir)
 
 
-def _predict(models: list[TrainedModel], image: Volume, device: torch.device, batch_size: int | None) -> Volume:
+def _predict(models: Models, image: Volume, device: torch.device, batch_size: int | None) -> Volume:
     from ctseg.predict import predict_volume
 
     return predict_volume(image, models, device=device, batch_size=batch_size).label
@@ -321,10 +330,17 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
     from ctseg.cv import _eval_classes
     from ctseg.predict import check_members
 
+    stacks: dict[str, Models] = {}
     for spec in models:
-        trained = [load(d) for d in member_dirs[spec.name]]
-        _, out_classes = check_members(trained[:1] if spec.folds is not None else trained)
-        target = "multiclass" if out_classes == classes else "foreground"
+        if spec.stack is not None:  # the meta-model predicts the dataset's classes
+            from ctseg.inference.models import load_models
+
+            stacks[spec.name] = load_models([spec.stack], dev)
+            target = "multiclass"
+        else:
+            trained = [load(d) for d in member_dirs[spec.name]]
+            _, out_classes = check_members(trained[:1] if spec.folds is not None else trained)
+            target = "multiclass" if out_classes == classes else "foreground"
         eval_classes[spec.name], merges[spec.name] = _eval_classes(target, classes)
         from ctseg.evaluate.metrics import structures as _structs
 
@@ -332,7 +348,9 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
             if name not in structures:
                 structures.append(name)
 
-    def members_for(spec: ModelSpec, cid: str) -> list[TrainedModel]:
+    def members_for(spec: ModelSpec, cid: str) -> Models:
+        if spec.name in stacks:
+            return stacks[spec.name]
         if spec.folds is None or spec.test_of is None:  # both set (cross-validation) or both None
             return [load(d) for d in spec.members]
         return [load(spec.folds[spec.test_of[cid]])]

@@ -203,7 +203,7 @@ def predict_cached(model: torch.nn.Module, image: np.ndarray, dim: str, device: 
     (default `PredictConfig()`), by `ctseg.predict.softmax_3d`: the same stacks, blending and passes as
     `ctseg.predict.predict_network` with its default overlap, one stack per forward pass.
     """
-    from ctseg.predict import softmax_3d
+    from ctseg.predict import check_finite_output, softmax_3d
 
     vol = torch.from_numpy(np.asarray(image, dtype=np.float32))
     z = vol.shape[0]
@@ -214,6 +214,7 @@ def predict_cached(model: torch.nn.Module, image: np.ndarray, dim: str, device: 
             x = vol[i:i + batch_size, None].to(device)
             with amp:
                 logits = model(x)
+            check_finite_output(logits, None)
             out.append(logits.float().argmax(1).to("cpu", torch.uint8))
         return torch.cat(out).numpy()
     pc = predict or PredictConfig()
@@ -238,16 +239,24 @@ def validate_cases(model: torch.nn.Module, cache: SliceCache, case_ids: list[str
                    device: torch.device, num_classes: int, autocast_dtype: torch.dtype | None = None
                    ) -> dict[str, dict[int, float]]:
     """Dice per foreground class of each case in `case_ids` at network resolution, on the slices
-    `cfg.train.val_slices` names: the reference's foreground slices (the paper protocol of Table 2) or all."""
+    `cfg.train.val_slices` names: the reference's foreground slices (the paper protocol of Table 2) or all.
+    NonFiniteOutput naming the case when the network's output is NaN or infinite (finite weights that overflow)."""
+    from ctseg.predict import NonFiniteOutput
+
     was_training = model.training
     model.eval()
     results = {}
     try:
         for cid in case_ids:
             case = cache.load(cid)
-            pred = predict_cached(model, case.image, cfg.model.dim, device, num_classes,
-                                  batch_size=cfg.train.batch_size_2d, chunk=cfg.preprocess.num_slices,
-                                  autocast_dtype=autocast_dtype, predict=cfg.predict)
+            try:
+                pred = predict_cached(model, case.image, cfg.model.dim, device, num_classes,
+                                      batch_size=cfg.train.batch_size_2d, chunk=cfg.preprocess.num_slices,
+                                      autocast_dtype=autocast_dtype, predict=cfg.predict)
+            except NonFiniteOutput as err:
+                raise NonFiniteOutput(f"training diverged: on validation case {cid} the network outputs NaN or "
+                                      f"infinite values; lower train.lr (now {cfg.train.lr:g}) or check the data"
+                                      ) from err
             truth = map_label(np.asarray(case.label), cfg.model.target)
             if cfg.train.val_slices == "foreground":
                 keep = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))

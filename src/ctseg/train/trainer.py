@@ -136,7 +136,9 @@ def _check_model_metadata(cfg: ExperimentConfig, classes: dict[int, str], info_p
 
 def _final_status(err: BaseException) -> str:
     """run.json status for a training that ended with `err`."""
-    if isinstance(err, TrainingDiverged):
+    from ctseg.predict import NonFiniteOutput
+
+    if isinstance(err, (TrainingDiverged, NonFiniteOutput)):
         return "diverged"
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"
@@ -587,16 +589,22 @@ def train_model(cfg: ExperimentConfig, cache: TrainingCache, train_ids: list[str
 
 
 def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
-    """The best model of a finished (or running) training folder, in eval mode on `device`."""
+    """The best model of a finished (or running) training folder, in eval mode on `device`. A CV fold folder
+    (`fold_<k>/` holding `model/`) stands for its training run; cross-validation and stack folders are loaded
+    by `ctseg.inference.load_models`."""
     from ctseg.models import build_model
     from ctseg.preprocess.windowing import IntensityPlan
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CtsegError("model folder not found", run_dir)
+    if not (run_dir / "run.json").is_file() and (run_dir / "model" / "run.json").is_file():
+        run_dir = run_dir / "model"
     info_path = run_dir / "run.json"
     if not info_path.is_file():
-        raise CtsegError("not a ctseg model folder: run.json is missing", run_dir)
+        hint = (": a cross-validation or stack folder; load it with ctseg.inference.load_models"
+                if (run_dir / "cv.json").is_file() or (run_dir / "stack.json").is_file() else "")
+        raise CtsegError(f"not a ctseg model folder: run.json is missing{hint}", run_dir)
     try:
         info = json.loads(info_path.read_text())
         if info.get("format") != RUN_FORMAT:
