@@ -359,7 +359,7 @@ def test_config_validation():
         parse_config({"augment": {"ctia": {"slice_skip_p": 0.7, "slice_interp_p": 0.5}}})
     with pytest.raises(CtsegError, match="noise_sigma"):
         parse_config({"augment": {"ctia": {"noise_sigma": [0.2, 0.1]}}})
-    with pytest.raises(CtsegError, match="name"):
+    with pytest.raises(CtsegError, match="unknown augmentation .monai.; choose from"):
         parse_config({"augment": {"name": "monai"}})
     with pytest.raises(ValueError, match="dim"):
         build_augmenter(AugmentConfig(), "4d")
