@@ -219,9 +219,13 @@ class ArmConfig(_Section):
                                   "reference); default: the family of its first step")
 
 
-#: Arms every config knows besides its own `augment.arms` (the ablation's recommendation is added here once the
-#: pre-registered rule of docs/ABLATION.md has chosen it).
-BUILTIN_ARMS: dict[str, ArmConfig] = {}
+#: Arms every config knows besides its own `augment.arms`. `robust` is what the pre-registered rule of
+#: docs/ABLATION.md chose from the 2026-12-03 ablation (`mia-no-rotation` there): the paper's MIA without its
+#: unrestricted in-plane rotation; measured reason in docs/ABLATION.md §5.
+BUILTIN_ARMS: dict[str, ArmConfig] = {
+    "robust": ArmConfig(steps=[ArmStep(family="mia", drop=["rotation"])],
+                        description="robust (MIA − rotation, chosen by the ablation rule)"),
+}
 
 
 class AugmentConfig(_Section):

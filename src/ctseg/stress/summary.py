@@ -222,6 +222,10 @@ def headline_lines(summary: dict) -> list[str]:
     names = {m["name"]: m["display"] for m in summary["models"]}
     n = max((p["dice"].get(head, {}).get("n") or 0 for a in summary["axes"].values()
              for e in a["models"].values() for p in e["severities"][:1]), default=0)
+    if len(summary["models"]) > 6:  # an ablation: a headline line per model would be unreadable
+        return [f"Stress test: {len(summary['models'])} models on {n} volumes"
+                f"{', out-of-fold' if summary.get('out_of_fold') else ''}; clean → shifted Dice per model and axis in "
+                "the stress tables below."]
     overall = []
     for m in summary["models"]:
         entries = [a["models"][m["name"]] for a in summary["axes"].values() if m["name"] in a["models"]]
