@@ -274,7 +274,6 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
     from ctseg.datasets import open_dataset
     from ctseg.io import resample_to
     from ctseg.stress.phantom_reacquire import PARAMETERS, phantom_recipes, reacquire
-    from ctseg.stress.summary import summarize, write_summary
     from ctseg.train.distributed import resolve_device
     from ctseg.train.trainer import load_trained
 
@@ -436,6 +435,14 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
                         done.add((spec.name, cid, axis_name, key_s))
                     bar.advance(task)
             _write_rows(rows_path, rows, structures)
+    return _summarize(rows, models, axes, structures, cfg, out)
+
+
+def _summarize(rows: list[dict], models: Sequence[ModelSpec], axes: dict[str, list[float]], structures: list[str],
+               cfg: StressConfig, out: Path) -> dict:
+    """summary.json + curves.png of the rows, with the skipped severities listed; returns the summary."""
+    from ctseg.stress.summary import summarize, write_summary
+
     summary = summarize(rows, models, axes, structures, failure_dice=cfg.failure_dice, n_boot=cfg.n_boot,
                         seed=cfg.seed)
     summary["skipped"] = sorted({f"case {r['case_id']}: {r['axis']} {r['severity']}: {r['skipped']}"
@@ -448,8 +455,6 @@ def merge_stress_parts(parts: Sequence[Path], models: Sequence[ModelSpec], out_d
                        cfg: StressConfig) -> dict:
     """One stress-test folder (settings.json, rows.csv, summary.json, curves.png) from finished parts that ran
     the same models and axes on disjoint volumes (`ctseg experiment --jobs`); returns the summary."""
-    from ctseg.stress.summary import summarize, write_summary
-
     out = Path(out_dir)
     settings = [json.loads((Path(p) / "settings.json").read_text()) for p in parts]
     rows = [r for p in parts for r in _read_rows(Path(p) / "rows.csv")]
@@ -463,9 +468,4 @@ def merge_stress_parts(parts: Sequence[Path], models: Sequence[ModelSpec], out_d
     atomic_write_text(out / "settings.json", json.dumps(merged, indent=1))
     _write_rows(out / "rows.csv", rows, structures)
     axes = {a: [float(s) for s in sev] for a, sev in first["axes"].items()}
-    summary = summarize(rows, models, axes, structures, failure_dice=cfg.failure_dice, n_boot=cfg.n_boot,
-                        seed=cfg.seed)
-    summary["skipped"] = sorted({f"case {r['case_id']}: {r['axis']} {r['severity']}: {r['skipped']}"
-                                 for r in rows if r.get("skipped")})
-    write_summary(summary, out)
-    return summary
+    return _summarize(rows, models, axes, structures, cfg, out)
