@@ -44,6 +44,11 @@ LAYOUTS = ("kits19", "chaos", "nnunet")
 SIZES = {"full": 512, "small": 128}
 
 
+#: The values each population shift can take (inclusive); the identity is 1, or 0 for phase.
+POPULATION_RANGES = {"habitus": (1.0, 3.0), "fov": (0.3, 3.0), "kidney_size": (0.3, 3.0), "tumour_size": (0.1, 5.0),
+                     "phase": (0.0, 1.0), "kernel": (1.0, 8.0)}
+
+
 @dataclass(frozen=True)
 class Population:
     """A shift of the phantom's patient and scanner population (`generate_case(population=...)`; identity =
@@ -68,13 +73,11 @@ class Population:
     kernel: float = 1.0
 
     def __post_init__(self) -> None:
-        checks = {"habitus": 1.0 <= self.habitus <= 3.0, "fov": 0.3 <= self.fov <= 3.0,
-                  "kidney_size": 0.3 <= self.kidney_size <= 3.0, "tumour_size": 0.1 <= self.tumour_size <= 5.0,
-                  "phase": 0.0 <= self.phase <= 1.0, "kernel": 1.0 <= self.kernel <= 8.0}
-        bad = [f"{k}={getattr(self, k):g}" for k, ok in checks.items() if not ok]
+        bad = [f"{k}={getattr(self, k):g}" for k, (lo, hi) in POPULATION_RANGES.items()
+               if not lo <= getattr(self, k) <= hi]
         if bad:
-            raise CtsegError(f"population shift out of range: {', '.join(bad)} (habitus 1-3, fov 0.3-3, kidney_size "
-                             "0.3-3, tumour_size 0.1-5, phase 0-1, kernel 1-8)")
+            ranges = ", ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in POPULATION_RANGES.items())
+            raise CtsegError(f"population shift out of range: {', '.join(bad)} ({ranges})")
 
     @classmethod
     def of(cls, value: "Population | dict | None") -> "Population":

@@ -447,11 +447,19 @@ VALID_SEVERITY: dict[str, tuple[str, Callable[[float], bool]]] = {
     "pixel-spacing": ("0 (native) or 0.1 to 5 mm", lambda s: s == 0 or 0.1 <= s <= 5),
     "phantom-dose": ("> 0 and <= 20", lambda s: 0 < s <= 20),
     "phantom-thickness": ("> 0 and <= 20", lambda s: 0 < s <= 20),
-    # the population shifts take what `ctseg.datasets.phantom.Population` takes
-    "pop-habitus": ("1 to 3", lambda s: 1 <= s <= 3),
-    "pop-fov": ("0.3 to 3", lambda s: 0.3 <= s <= 3),
-    "pop-kidney-size": ("0.3 to 3", lambda s: 0.3 <= s <= 3),
-    "pop-tumour-size": ("0.1 to 5", lambda s: 0.1 <= s <= 5),
-    "pop-phase": ("0 to 1", lambda s: 0 <= s <= 1),
-    "pop-kernel": ("1 to 8", lambda s: 1 <= s <= 8),
 }
+
+
+def _within(lo: float, hi: float) -> tuple[str, Callable[[float], bool]]:
+    return f"{lo:g} to {hi:g}", lambda s: lo <= s <= hi
+
+
+def _population_valid() -> dict[str, tuple[str, Callable[[float], bool]]]:
+    """The pop-* axes take what `ctseg.datasets.phantom.Population` takes (one table: POPULATION_RANGES;
+    axis pop-kidney-size is field kidney_size)."""
+    from ctseg.datasets.phantom import POPULATION_RANGES
+
+    return {axis: _within(*POPULATION_RANGES[axis[4:].replace("-", "_")]) for axis in POPULATION_AXES}
+
+
+VALID_SEVERITY.update(_population_valid())
