@@ -41,8 +41,10 @@ ablation: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/ctseg phantom --task kidney --cases 18 --seed 0 --out ablation-output/data
 	OMP_NUM_THREADS=1 $(VENV)/bin/ctseg experiment --config configs/ablation.yaml --data ablation-output/data --out ablation-output --jobs 3
 
-# Training length of the two paper arms (1x, 2x, 4x the demo's steps), one folder each
+# Training length of the two paper arms (1x, 2x, 4x the demo's steps), one folder and one process each (in parallel)
 ablation-length: $(STAMP)
 	test -f ablation-output/data/phantom.json || $(VENV)/bin/ctseg phantom --task kidney --cases 18 --seed 0 --out ablation-output/data
-	for n in 1x 2x 4x; do $(VENV)/bin/ctseg experiment --config configs/ablation.yaml --profile length-$$n \
-		--data ablation-output/data --out ablation-output/length-$$n --jobs 2 || exit 1; done
+	pids=""; for n in 1x 2x 4x; do OMP_NUM_THREADS=1 $(VENV)/bin/ctseg experiment --config configs/ablation.yaml \
+		--profile length-$$n --data ablation-output/data --out ablation-output/length-$$n --no-progress \
+		> ablation-output/length-$$n.log 2>&1 & pids="$$pids $$!"; done; \
+	for p in $$pids; do wait $$p || { echo "a length run failed: see ablation-output/length-*.log"; exit 1; }; done
