@@ -19,6 +19,7 @@ pixels [i * H / S, (i + 1) * H / S)).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +139,13 @@ def window_crop_box(volume_hu: np.ndarray, lower_hu: float, margin: float = 0.05
     side = int(min(max(np.ceil(side), 8), max(h, w)))
     y0, x0 = int(round(cy - side / 2)), int(round(cx - side / 2))
     return (y0, y0 + side, x0, x0 + side)
+
+
+def box_same_for_integers(lower_hu: float) -> bool:
+    """Whether `window_crop_box(v, lower_hu)` of integer HU equals that of the same HU as float32: integers
+    compare with `lower_hu` exactly, float32 with `lower_hu` rounded to float32; the same integers pass both
+    when the two bounds round up to the same integer."""
+    return math.ceil(lower_hu) == math.ceil(float(np.float32(lower_hu)))
 
 
 def crop_in_plane(array_zyx: np.ndarray, box: Box, fill) -> np.ndarray:

@@ -318,11 +318,15 @@ def contrast_shift_map(image: Volume, label: Volume, classes: dict[int, str]) ->
     (`CONTRAST_CLASS_SHIFTS_HU`); fat, air and bone (> 400 HU) do not change. Smoothed (sigma 1 px) so that
     no artificial edge appears at a class border.
     """
-    hu = np.asarray(image.array, dtype=np.float32)
-    shift = np.zeros(hu.shape, dtype=np.float32)
-    step = max(1, _CHUNK_BYTES // (4 * max(1, hu[:1].size)))
-    for z0 in range(0, hu.shape[0], step):  # bool masks of a few slices at a time
-        h, sh = hu[z0:z0 + step], shift[z0:z0 + step]
+    shift = np.zeros(image.shape, dtype=np.float32)
+    step = max(1, _CHUNK_BYTES // (4 * max(1, int(np.prod(image.shape[1:])))))
+
+    def slabs():  # (float32 HU, shift, label) a few slices at a time: masks and float32 HU stay small
+        for z0 in range(0, shift.shape[0], step):
+            yield (np.asarray(image.array[z0:z0 + step], dtype=np.float32), shift[z0:z0 + step],
+                   label.array[z0:z0 + step])
+
+    for h, sh, _ in slabs():
         for lo, hi, s in CONTRAST_CLASS_SHIFTS_HU:
             sh[(h >= lo) & (h < hi)] = s
     lab = label.array
@@ -334,9 +338,11 @@ def contrast_shift_map(image: Volume, label: Volume, classes: dict[int, str]) ->
             continue
         lname = str(name).lower()
         if lname.startswith("kidney"):
-            med = float(np.median(hu[mask]))
-            shift[mask & (hu > med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_cortex"]
-            shift[mask & (hu <= med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_medulla"]
+            med = float(np.median(image.array[mask].astype(np.float32)))
+            for h, sh, lb in slabs():
+                m = lb == int(value)
+                sh[m & (h > med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_cortex"]
+                sh[m & (h <= med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_medulla"]
         elif lname.startswith(("tumour", "tumor", "lesion")):
             shift[mask] = CONTRAST_LABEL_SHIFTS_HU["tumour"]
         elif lname.startswith("liver"):
@@ -361,8 +367,8 @@ def rotate_in_plane(image: Volume, label: Volume, degrees: float) -> Perturbed:
     if degrees == 0:
         return Perturbed(_with(image, image.array.astype(np.float32)), _with(label, label.array))
     a, b = in_plane_axes(image)
-    img = ndimage.rotate(np.asarray(image.array, dtype=np.float32), degrees, axes=(b, a), reshape=False, order=1,
-                         mode="constant", cval=AIR_HU)
+    img = ndimage.rotate(image.array, degrees, axes=(b, a), reshape=False, output=np.float32, order=1,
+                         mode="constant", cval=AIR_HU)  # interpolated in float64 from any input dtype
     lab = ndimage.rotate(label.array, degrees, axes=(b, a), reshape=False, order=0, mode="constant", cval=0)
     return Perturbed(_with(image, img), _with(label, lab))
 
@@ -386,7 +392,7 @@ def resample_pixel_spacing(image: Volume, label: Volume, target_equivalent_mm: f
     scale[[a, b]] = factor
     centre = (np.asarray(image.shape, dtype=np.float64) - 1) / 2.0
     offset = centre - scale * centre
-    img = ndimage.affine_transform(np.asarray(image.array, dtype=np.float32), scale, offset, order=1, mode="constant",
+    img = ndimage.affine_transform(image.array, scale, offset, output=np.float32, order=1, mode="constant",
                                    cval=AIR_HU)
     lab = ndimage.affine_transform(label.array, scale, offset, order=0, mode="constant", cval=0)
     spacing = np.asarray(image.spacing) * scale

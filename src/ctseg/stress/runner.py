@@ -48,6 +48,7 @@ from ctseg.stress.perturb import AXES, DegenerateSeverity, estimate_noise_hu
 
 if TYPE_CHECKING:
     from ctseg.io import Volume
+    from ctseg.predict import Models
     from ctseg.stress.perturb import Perturbed
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,16 @@ class _Case:
     noise_hu: float | None = None
     clean_rows: dict[str, dict] = field(default_factory=dict)
 
-    def float32_image(self) -> Volume:
-        """The image as float32, what the models have always been given for the clean severity."""
+    def clean_image(self, models: Models) -> Volume:
+        """The image for the clean prediction: as stored when the models' predictions of it equal those of its
+        float32 copy (what they have always been given), else that copy. The only dtype-dependent step of
+        `predict_volume` is the crop box's `volume >= plan.lower` (`box_same_for_integers`)."""
+        from ctseg.predict import flat_models
+        from ctseg.preprocess.slices import box_same_for_integers
+
+        if np.issubdtype(self.image.array.dtype, np.integer) and all(
+                box_same_for_integers(float(m.plan.lower)) for m in flat_models(models)):
+            return self.image
         return self.image.with_array(np.asarray(self.image.array, dtype=np.float32))
 
 
@@ -294,8 +303,9 @@ def _stress_severity(run: _Run, case: _Case, axis_name: str, severity: float) ->
                "seconds_predict": "", "skipped": skipped}
         if is_clean:
             if spec.name not in case.clean_rows:
-                case.clean_rows[spec.name] = _predict_and_score(run, spec, case, case.float32_image(), case.label,
-                                                                False)
+                clean = case.clean_image(run.loaded.members(spec, case.case_id))
+                case.clean_rows[spec.name] = _predict_and_score(run, spec, case, clean, case.label, False)
+                del clean
             row.update(case.clean_rows[spec.name], score_on="original")
         elif pert is not None:
             original = pert.score_on == "original"
