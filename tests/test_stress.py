@@ -240,6 +240,7 @@ def test_cli_stress_cv_out_of_fold_continue_refuse(trained, capsys):
     assert ax["severities"][0]["failure_rate"] == pytest.approx(np.mean(np.array(clean_total) < 0.5))
     assert ax["severities"][0]["dice"]["total"]["worst"] == pytest.approx(min(clean_total), abs=1e-6)
     assert {r["score_on"] for r in rows if r["axis"] == "thickness-factor" and not r["skipped"]} == {"original"}
+    assert not list(out.glob(".scratch-*"))  # the memory-mapped volumes are removed with their folder
     # continue: nothing recomputed; other settings: refused, folder untouched
     before = (out / "rows.csv").read_text()
     assert main(args) == 0 and (out / "rows.csv").read_text() == before

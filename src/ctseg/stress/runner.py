@@ -31,11 +31,13 @@ import csv
 import io
 import json
 import logging
+import os
+import shutil
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -190,14 +192,26 @@ class _Run:
 @dataclass
 class _Case:
     """One volume of the stress test: its image (HU: int16 as stored when float32 holds every value exactly,
-    else float32; perturbations compute in float32 or float64 either way), its label, the scan's noise
-    (estimated on first need) and the clean rows per model (predicted once, every axis's clean severity)."""
+    else float32; perturbations compute in float32 or float64 either way) and label, the scan's noise
+    (estimated on first need) and the clean rows per model (predicted once, every axis's clean severity).
+
+    Image and label live in `.npy` files of a scratch folder, memory-mapped on each use (`image`, `label`): the
+    pages read to perturb the volume leave this process's resident memory when the map is dropped, so a
+    perturbed copy is predicted with neither the clean volume nor its label resident."""
 
     case_id: str
-    image: Volume
-    label: Volume
+    scratch: Path
+    geometry: tuple[Volume, Volume]  # image and label with 1-voxel arrays: spacing, origin, direction, meta
     noise_hu: float | None = None
     clean_rows: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def image(self) -> Volume:
+        return replace(self.geometry[0], array=np.load(self.scratch / "image.npy", mmap_mode="r"))
+
+    @property
+    def label(self) -> Volume:
+        return replace(self.geometry[1], array=np.load(self.scratch / "label.npy", mmap_mode="r"))
 
     def clean_image(self, models: Models) -> Volume:
         """The image for the clean prediction: as stored when the models' predictions of it equal those of its
@@ -212,15 +226,19 @@ class _Case:
         return self.image.with_array(np.asarray(self.image.array, dtype=np.float32))
 
 
-def _load_case(run: _Run, case_id: str) -> _Case:
-    """Read one labelled volume; the stored image is kept in its own dtype when that is exact in float32."""
+def _load_case(run: _Run, case_id: str, scratch: Path) -> _Case:
+    """Read one labelled volume into the scratch folder (the image in its own dtype when that is exact in
+    float32, else as float32)."""
     case = run.dataset.load(case_id)  # type: ignore[attr-defined]
     if case.label is None:
         raise CtsegError(f"case {case_id} has no label; the stress test needs labelled volumes", run.data_dir)
     array = case.image.array
     exact = array.dtype in (np.int8, np.uint8, np.int16, np.uint16, np.float32)
-    image = case.image if exact else case.image.with_array(array.astype(np.float32))
-    return _Case(case_id, image, case.label)
+    scratch.mkdir(parents=True, exist_ok=True)
+    np.save(scratch / "image.npy", array if exact else array.astype(np.float32))
+    np.save(scratch / "label.npy", case.label.array)
+    voxel = np.zeros((1, 1, 1), dtype=np.uint8)
+    return _Case(case_id, scratch, (replace(case.image, array=voxel), replace(case.label, array=voxel)))
 
 
 def _perturb(run: _Run, case: _Case, axis_name: str, severity: float) -> tuple[Perturbed | None, str]:
@@ -268,21 +286,38 @@ def _score(pred: np.ndarray, ref: np.ndarray, classes: dict[int, str], merge: bo
     return dice_from_confusion(counts, classes)
 
 
-def _predict_and_score(run: _Run, spec: ModelSpec, case: _Case, image: Volume, ref: Volume, resample: bool
-                       ) -> dict:
-    """One model's prediction of `image`, scored against `ref` (on `ref`'s grid when `resample`: nearest
-    neighbour by physical position); returns the row's seconds_predict and dice_* columns."""
+def _predict_and_score(run: _Run, spec: ModelSpec, case: _Case, image: Volume, reference: Callable[[], Volume],
+                       resample: bool) -> dict:
+    """One model's prediction of `image`, scored against `reference()` (opened after the prediction; on its grid
+    when `resample`: nearest neighbour by physical position); returns the row's seconds_predict and dice_*."""
     from ctseg.io import resample_to
     from ctseg.predict import predict_volume
 
     t0 = time.perf_counter()
     pred = predict_volume(image, run.loaded.members(spec, case.case_id), device=run.loaded.dev,
                           batch_size=run.batch_size).label
+    ref = reference()
     if resample:
         pred = resample_to(pred, ref, order=0)
     dice = _score(np.asarray(pred.array), np.asarray(ref.array), run.loaded.eval_classes[spec.name],
                   run.loaded.merge[spec.name])
     return {"seconds_predict": f"{time.perf_counter() - t0:.3f}", **{f"dice_{k}": f"{v:.6f}" for k, v in dice.items()}}
+
+
+def _scored_against(case: _Case, pert: Perturbed | None) -> tuple[Perturbed | None, Callable[[], Volume]]:
+    """What the predictions of a severity are scored against, opened on use: the volume's label (clean, scored on
+    the original grid, or a perturbation that kept the label), else the perturbed label, moved to the scratch
+    folder (`pert` keeps a 1-voxel label for its geometry)."""
+    if pert is None or pert.score_on == "original":
+        return pert, lambda: case.label
+    array = pert.label.array
+    kept = (case.scratch / "label.npy").resolve()
+    if isinstance(array, np.memmap) and array.filename and Path(array.filename) == kept:
+        return replace(pert, label=case.geometry[1]), lambda: case.label
+    path = case.scratch / "perturbed-label.npy"
+    np.save(path, array)
+    geometry = replace(pert.label, array=np.zeros((1, 1, 1), dtype=np.uint8))
+    return replace(pert, label=geometry), lambda: replace(geometry, array=np.load(path, mmap_mode="r"))
 
 
 def _stress_severity(run: _Run, case: _Case, axis_name: str, severity: float) -> list[dict]:
@@ -295,6 +330,7 @@ def _stress_severity(run: _Run, case: _Case, axis_name: str, severity: float) ->
     key = _severity_key(severity)
     t0 = time.perf_counter()
     pert, skipped = (None, "") if is_clean else _perturb(run, case, axis_name, severity)
+    pert, reference = _scored_against(case, pert)
     t_perturb = time.perf_counter() - t0
     rows = []
     for spec in specs:
@@ -304,13 +340,12 @@ def _stress_severity(run: _Run, case: _Case, axis_name: str, severity: float) ->
         if is_clean:
             if spec.name not in case.clean_rows:
                 clean = case.clean_image(run.loaded.members(spec, case.case_id))
-                case.clean_rows[spec.name] = _predict_and_score(run, spec, case, clean, case.label, False)
+                case.clean_rows[spec.name] = _predict_and_score(run, spec, case, clean, reference, False)
                 del clean
             row.update(case.clean_rows[spec.name], score_on="original")
         elif pert is not None:
-            original = pert.score_on == "original"
-            row.update(_predict_and_score(run, spec, case, pert.image, case.label if original else pert.label,
-                                          original), score_on=pert.score_on)
+            row.update(_predict_and_score(run, spec, case, pert.image, reference, pert.score_on == "original"),
+                       score_on=pert.score_on)
         rows.append(row)
     return rows
 
@@ -325,7 +360,8 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
 
     Steps: the volumes and settings (`_volume_pool`, `_claim`), the models (`LoadedModels`), then per volume
     (`_load_case`) and per severity (`_stress_severity`: `_perturb`, then `_predict_and_score` per model); the
-    rows are written after each volume. One volume, one perturbed copy and one prediction are alive at a time.
+    rows are written after each volume. At most one perturbed copy and one prediction are resident at a time;
+    the volume itself waits in a memory-mapped scratch folder (`out_dir/.scratch-PID`, removed at the end).
     """
     from ctseg.cv import progress_bar
     from ctseg.datasets import open_dataset
@@ -353,20 +389,23 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
     run = _Run(dataset, data_dir, classes, recipes, models, LoadedModels(models, classes, dev), cfg.seed,
                batch_size, done, messages if messages is not None else [])
     severities = [(a, s) for a, sev in axes.items() for s in sev]
+    scratch = out / f".scratch-{os.getpid()}"
     with progress_bar(progress) as bar:
         task = bar.add_task("[bold]stress test[/] volumes x severities", total=len(volumes) * len(severities))
-        for cid in volumes:
-            if not any(run.pending(cid, a, s) for a, s in severities):
-                bar.advance(task, len(severities))
-                continue
-            case = _load_case(run, cid)
-            for axis_name, s in severities:
-                new = _stress_severity(run, case, axis_name, s)
-                rows += new
-                done.update((r["model"], cid, axis_name, r["severity"]) for r in new)
-                bar.advance(task)
-            del case
-            _write_rows(rows_path, rows, run.loaded.structures)
+        try:
+            for cid in volumes:
+                if not any(run.pending(cid, a, s) for a, s in severities):
+                    bar.advance(task, len(severities))
+                    continue
+                case = _load_case(run, cid, scratch)
+                for axis_name, s in severities:
+                    new = _stress_severity(run, case, axis_name, s)
+                    rows += new
+                    done.update((r["model"], cid, axis_name, r["severity"]) for r in new)
+                    bar.advance(task)
+                _write_rows(rows_path, rows, run.loaded.structures)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return _summarize(rows, models, axes, run.loaded.structures, cfg, out)
 
 
