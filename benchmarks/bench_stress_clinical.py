@@ -89,7 +89,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=611)
-    ap.add_argument("--steps", type=int, default=4, help="training steps of the model")
+    ap.add_argument("--steps", type=int, default=40, help="training steps of the model")
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary folder)")
     ap.add_argument("--src", type=Path, default=REPO / "src", help="the ctseg sources to measure")
     ap.add_argument("--compare", type=Path, help="rows.csv of another run: assert the same Dice per row")
