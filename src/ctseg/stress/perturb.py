@@ -320,43 +320,47 @@ def contrast_shift_map(image: Volume, label: Volume, classes: dict[int, str]) ->
     """
     shift = np.zeros(image.shape, dtype=np.float32)
     step = max(1, _CHUNK_BYTES // (4 * max(1, int(np.prod(image.shape[1:])))))
+    slabs = [slice(z0, z0 + step) for z0 in range(0, shift.shape[0], step)]  # masks of a few slices at a time
 
-    def slabs():  # (float32 HU, shift, label) a few slices at a time: masks and float32 HU stay small
-        for z0 in range(0, shift.shape[0], step):
-            yield (np.asarray(image.array[z0:z0 + step], dtype=np.float32), shift[z0:z0 + step],
-                   label.array[z0:z0 + step])
+    def hu(sl: slice) -> np.ndarray:
+        return np.asarray(image.array[sl], dtype=np.float32)
 
-    for h, sh, _ in slabs():
+    for sl in slabs:
+        h = hu(sl)
         for lo, hi, s in CONTRAST_CLASS_SHIFTS_HU:
-            sh[(h >= lo) & (h < hi)] = s
-    lab = label.array
+            shift[sl][(h >= lo) & (h < hi)] = s
     for value, name in classes.items():
-        if int(value) == 0:
+        v, lname = int(value), str(name).lower()
+        if v == 0:
             continue
-        mask = lab == int(value)
-        if not mask.any():
-            continue
-        lname = str(name).lower()
         if lname.startswith("kidney"):
-            med = float(np.median(image.array[mask].astype(np.float32)))
-            for h, sh, lb in slabs():
-                m = lb == int(value)
-                sh[m & (h > med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_cortex"]
-                sh[m & (h <= med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_medulla"]
-        elif lname.startswith(("tumour", "tumor", "lesion")):
-            shift[mask] = CONTRAST_LABEL_SHIFTS_HU["tumour"]
-        elif lname.startswith("liver"):
-            shift[mask] = CONTRAST_LABEL_SHIFTS_HU["liver"]
+            inside = [image.array[sl][label.array[sl] == v] for sl in slabs]
+            if not any(x.size for x in inside):
+                continue
+            med = float(np.median(np.concatenate(inside).astype(np.float32)))
+            del inside
+            for sl in slabs:
+                h, m = hu(sl), label.array[sl] == v
+                shift[sl][m & (h > med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_cortex"]
+                shift[sl][m & (h <= med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_medulla"]
+            continue
+        key = ("tumour" if lname.startswith(("tumour", "tumor", "lesion")) else
+               "liver" if lname.startswith("liver") else None)
+        if key is not None:
+            for sl in slabs:
+                shift[sl][label.array[sl] == v] = CONTRAST_LABEL_SHIFTS_HU[key]
     return ndimage.gaussian_filter(shift, 1.0, output=shift)  # separable 1D passes: in place is exact
 
 
 def contrast_phase(image: Volume, label: Volume, fraction: float, classes: dict[int, str]) -> Perturbed:
     """HU + fraction x `contrast_shift_map` (fraction 0 = the scan's own phase, 1 = the full delayed pattern)."""
-    out = image.array.astype(np.float32)
-    if fraction != 0:
-        shift = contrast_shift_map(image, label, classes)
-        shift *= np.float32(fraction)
-        out += shift
+    if fraction == 0:
+        return Perturbed(_with(image, image.array.astype(np.float32)), _with(label, label.array))
+    out = contrast_shift_map(image, label, classes)  # one float32 volume: fraction x shift, then + HU slab by slab
+    out *= np.float32(fraction)
+    step = max(1, _CHUNK_BYTES // (4 * max(1, int(np.prod(image.shape[1:])))))
+    for z0 in range(0, out.shape[0], step):  # float32 addition commutes: the bits of HU + fraction x shift
+        out[z0:z0 + step] += np.asarray(image.array[z0:z0 + step], dtype=np.float32)
     return Perturbed(_with(image, out), _with(label, label.array))
 
 
