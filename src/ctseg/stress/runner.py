@@ -21,6 +21,7 @@ Output folder::
     summary.json    per model, axis, severity: Dice mean/std/worst per structure, failure rate, robustness gap
                     with a bootstrap CI over volumes
     curves.png      Dice (headline structure) vs severity per axis, one line per model, bootstrap 95 % band
+    .scratch-PID/   while running: the volume being tested as memory-mapped .npy files (bounded memory)
 
 A folder whose settings differ is refused; a matching one is continued (finished rows are skipped). Every
 file is written atomically (temporary name, then rename).
