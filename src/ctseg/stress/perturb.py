@@ -321,10 +321,7 @@ def contrast_shift_map(image: Volume, label: Volume, classes: dict[int, str]) ->
     shift = np.zeros(image.shape, dtype=np.float32)
     step = max(1, _CHUNK_BYTES // (4 * max(1, int(np.prod(image.shape[1:])))))
     slabs = [slice(z0, z0 + step) for z0 in range(0, shift.shape[0], step)]  # masks of a few slices at a time
-
-    def hu(sl: slice) -> np.ndarray:
-        return np.asarray(image.array[sl], dtype=np.float32)
-
+    hu = lambda sl: np.asarray(image.array[sl], dtype=np.float32)  # noqa: E731  (float32 HU of one slab)
     for sl in slabs:
         h = hu(sl)
         for lo, hi, s in CONTRAST_CLASS_SHIFTS_HU:
