@@ -20,7 +20,7 @@ from ctseg.datasets.chaos import write_chaos_case
 from ctseg.datasets.phantom import write_phantom_dataset
 from ctseg.errors import CtsegError
 from ctseg.inference import load_models, predict_file, predict_folder
-from ctseg.inference.api import prefetch_plan
+from ctseg.inference.folder import prefetch_plan
 from ctseg.inference.cases import find_cases, header_shape
 from ctseg.io import Volume, read_volume, write_volume
 from ctseg.predict import StackedModel, predict_network
@@ -356,7 +356,7 @@ def test_prefetch_only_within_the_largest_case_budget(tmp_path, model):
     dicom(folder / "e")
     cases, _, _ = find_cases(folder)
     assert [header_shape(c.path) for c in cases] == [(4, 24, 24), (40, 24, 24), (4, 24, 24), (4, 24, 24), None]
-    from ctseg.inference.api import _case_sizes
+    from ctseg.inference.folder import _case_sizes
 
     models = load_models(model, "cpu")
     peaks, inputs = _case_sizes(cases[:4], models, None)
@@ -365,6 +365,27 @@ def test_prefetch_only_within_the_largest_case_budget(tmp_path, model):
     assert prefetch_plan(*_case_sizes(cases, models, None)) == [False] * 5  # a size unknown: never
     big_alone = peaks[1] + inputs[1]
     assert peaks[0] + inputs[0] + inputs[1] <= big_alone < peaks[1] + inputs[1] + inputs[2]
+
+
+def test_prefetch_only_when_the_memory_available_now_holds_it():
+    """The prefetch check reads the real limits: under a `ulimit -v` leaving ~64 MiB of address space, a
+    prefetch of 1 GiB does not fit and a small one does; on CUDA the computation's peak does not count."""
+    import resource
+
+    from ctseg.inference.folder import prefetch_fits
+    from ctseg.resources import _proc_field
+
+    cpu = torch.device("cpu")
+    assert prefetch_fits(2**20, 2**20, cpu) and not prefetch_fits(None, 2**20, cpu)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    used = _proc_field("/proc/self/status", "VmSize")
+    resource.setrlimit(resource.RLIMIT_AS, (used + 64 * 2**20, hard))
+    try:
+        fits = [prefetch_fits(2**30, 2**20, cpu), prefetch_fits(2**20, 2**30, cpu), prefetch_fits(2**20, 2**20, cpu),
+                prefetch_fits(2**30, 2**20, torch.device("cuda"))]
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert fits == [False, False, True, True]
 
 
 def test_threads_option_and_default(tmp_path, model, monkeypatch):

@@ -166,3 +166,26 @@ def test_cli_evaluate_takes_the_slice_axis_from_the_geometry(tmp_path, slice_mm,
     assert rec["slice_thickness"] == pytest.approx(slice_mm)
     assert rec["thickness_group"] == group
     assert rec["dice"] == pytest.approx(18 / 21)
+
+
+def test_dice_per_class_counts_equal_masks(monkeypatch):
+    """The chunked count of value pairs gives the masks' Dice exactly, chunk size and absent classes included;
+    values outside 0..255 fall back to the masks."""
+    import ctseg.evaluate.metrics as metrics
+
+    rng = np.random.default_rng(2)
+    pred = rng.choice([0, 0, 1, 2], size=(7, 11, 13)).astype(np.uint8)
+    ref = rng.choice([0, 1, 1, 3], size=(7, 11, 13)).astype(np.int16)
+    classes = {0: "background", 1: "kidney", 2: "tumour", 3: "cyst", 4: "absent"}
+
+    def by_masks(p, r):
+        return {name: dice(metrics._mask(p, v), metrics._mask(r, v)) for name, v in metrics.structures(classes).items()}
+
+    monkeypatch.setattr(metrics, "_CONFUSION_CHUNK", 50)
+    assert dice_per_class(pred, ref, classes) == by_masks(pred, ref)
+    assert dice_per_class(pred, pred, classes)["absent"] == 1.0
+    assert metrics.label_confusion(pred, ref).sum() == pred.size
+    big = ref.copy()
+    big[0, 0, 0] = 300
+    assert metrics.label_confusion(pred, big) is None
+    assert dice_per_class(pred, big, classes) == by_masks(pred, big)

@@ -341,6 +341,56 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("lower", [100.000003, 99.99999, 99.5, 100.0, -160.3])
+def test_integer_and_float32_volumes_get_the_same_box_when_the_bounds_agree(lower, rng):
+    """`box_same_for_integers` says exactly when an int16 volume and its float32 copy are cropped alike (the
+    stress test then predicts the stored int16 volume instead of a float32 copy: the same labels)."""
+    from ctseg.preprocess.slices import box_same_for_integers, window_crop_box
+
+    hu = np.full((6, 40, 40), -1000, np.int16)
+    hu[:, 5:35, 5:35] = 100
+    hu[:, 12:20, 12:20] = 300
+    same = window_crop_box(hu, lower) == window_crop_box(hu.astype(np.float32), lower)
+    assert same == box_same_for_integers(lower) and same == (lower != 100.000003)  # float32(100.000003) = 100
+    if same:
+        plan = IntensityPlan(mode="custom", lower=lower, upper=400.0, mean=0.0, std=100.0)
+        model = _member(Threshold(2), plan=plan)
+        model.cfg.preprocess.crop = "window"
+        vol = Volume(hu, (2.0, 0.8, 0.8))
+        a = predict_volume(vol, model, device="cpu").label.array
+        assert np.array_equal(a, predict_volume(vol.with_array(hu.astype(np.float32)), model, device="cpu").label.array)
+
+
+@pytest.mark.parametrize("box", [(3, 40, 5, 42), (-6, 31, 20, 57), (40, 60, -5, 10)])
+def test_network_input_normalises_only_the_box(box, rng):
+    """The same bits as normalising the whole slice and cropping it (the fill outside the grid included)."""
+    from ctseg.preprocess.slices import crop_in_plane, resize_in_plane
+    from ctseg.preprocess.windowing import normalize
+
+    hu = rng.integers(-1100, 1400, (5, 48, 44)).astype(np.int16)
+    plan = IntensityPlan(mode="organ", lower=-160.3, upper=240.0, mean=51.7, std=61.3)
+    ref = crop_in_plane(normalize(hu, plan), box, np.float32((plan.fill_hu - plan.mean) / plan.std))
+    assert np.array_equal(preprocess_volume(hu, plan, 16, box=box), resize_in_plane(ref, 16, is_label=False))
+
+
+@pytest.mark.parametrize("box", [(3, 40, 5, 42), (-6, 31, 20, 57), (40, 60, -5, 10)])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_label_restored_in_the_box_equals_the_full_grid_argmax(box, as_tensor, rng):
+    """The label is the argmax over the box only (background outside): the same labels as restoring every
+    class to the whole grid first (the path kept for --probabilities), boxes reaching outside the grid included."""
+    from ctseg.predict import restore_label
+
+    probs = torch.softmax(torch.from_numpy(rng.normal(0, 2, (3, 9, 12, 12)).astype(np.float32)), dim=0)
+    probs[:, 0] = 1 / 3  # exact ties: the lower class wins in both
+    probs[:, 5] = torch.tensor([0.9, 0.06, 0.04])[:, None, None]  # sure background: skipped, all 0
+    probs[:, 6, :6] = torch.tensor([0.4, 0.35, 0.25])[:, None, None]  # partly sure: resized
+    probs = probs if as_tensor else probs.numpy()
+    fast, full = np.full((9, 48, 44), 7, np.uint8), np.full((9, 48, 44), 7, np.uint8)
+    restore_label(probs, (48, 44), fast, box=box)
+    restore_label(probs, (48, 44), full, [np.empty((9, 48, 44), np.float16) for _ in range(3)], box=box)
+    assert np.array_equal(fast, full) and len(np.unique(fast)) > 1
+
+
 @pytest.mark.slow
 def test_memory_bounded_on_512x512x1000(tmp_path):
     """A 512 x 512 x 1000 int16 CT (500 MB) predicts with peak RSS <= 2.0 GiB (input included)."""

@@ -81,6 +81,26 @@ def test_checker_catches_the_non_nested_meta_model(tiny, tmp_path):
     assert main(["check-leaks", str(out), "--quiet"]) == 0
 
 
+def test_failed_stack_leaves_nothing_behind(tiny, tmp_path):
+    """A stack run that fails in its first fold (a member's out-of-fold map is missing) removes its fold folder,
+    stack.json and the output folder it made; into an existing folder, it leaves that folder as it was."""
+    data, out = tiny
+    runs = tmp_path / "runs"
+    shutil.copytree(out / "runs" / "unet-2d-ctia", runs / "unet-2d-ctia")
+    folds = load_folds(out / "folds.json")
+    (runs / "unet-2d-ctia" / "fold_0" / "oof" / f"{folds.test_ids(0)[0]}.npy").unlink()
+    stack = tmp_path / "stack"
+    with pytest.raises((CtsegError, OSError)):
+        run_stack([runs / "unet-2d-ctia"], stack, tiny_config().stack, progress=False)
+    assert not stack.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises((CtsegError, OSError)):
+        run_stack([runs / "unet-2d-ctia"], existing, tiny_config().stack, progress=False)
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+
+
 def test_checker_catches_an_edited_record_and_names_file_and_case(tiny, tmp_path):
     data, out = tiny
     copy = tmp_path / "exp"

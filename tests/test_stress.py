@@ -127,6 +127,63 @@ def test_rotation_and_pixel_spacing_keep_geometry():
     assert fov.label.array.sum() == pytest.approx(lab.array.sum() / 4, rel=0.15)
 
 
+def _kidney_volume(z=23, y=70, x=61):
+    rng = np.random.default_rng(4)
+    hu = rng.integers(-1000, 1500, (z, y, x)).astype(np.int16)
+    hu[:, 10:60, 8:55] = rng.normal(40, 12, (z, 50, 47)).round().astype(np.int16)
+    label = np.zeros(hu.shape, np.uint8)
+    label[3:19, 20:45, 15:40] = 1
+    label[6:12, 25:33, 20:30] = 2
+    spacing, direction = (2.5, 0.8, 0.7), np.array([[0.0, 0, 1], [0, 1, 0], [1, 0, 0]])  # slice axis: array axis 2
+    return Volume(hu, spacing, direction=direction), Volume(label, spacing, direction=direction)
+
+
+def test_perturbations_chunked_and_int16_match_whole_float32(monkeypatch):
+    """Every axis gives the same bits when computed in small chunks and from the stored int16 image as in one
+    piece from a float32 copy (what the stress test did before it kept the image as stored)."""
+    import ctseg.stress.perturb as perturb
+
+    img16, lab = _kidney_volume()
+    img32 = img16.with_array(img16.array.astype(np.float32))
+    kits = {0: "background", 1: "kidney", 2: "tumour"}
+    cases = [("thickness-factor", 2.0), ("dose", 3.0), ("hu-offset", 30.0), ("hu-gain", 0.9), ("contrast", 0.75),
+             ("rotation", 15.0), ("pixel-spacing", 0.7)]
+
+    def run(image):
+        noise = estimate_noise_hu(image)
+        return [perturb.AXES[a].apply(image, lab, s, rng=np.random.default_rng(7), classes=kits, noise_hu=noise)
+                for a, s in cases]
+
+    whole = run(img32)
+    monkeypatch.setattr(perturb, "_CHUNK_BYTES", 5000)  # a few rows / slices per chunk
+    for chunked in (run(img32), run(img16)):
+        for (a, _), p, q in zip(cases, whole, chunked):
+            assert p.image.array.dtype == q.image.array.dtype == np.float32, a
+            assert np.array_equal(p.image.array, q.image.array) and np.array_equal(p.label.array, q.label.array), a
+            assert p.image.same_geometry(q.image), a
+
+
+def test_thickness_and_contrast_work_memory_is_bounded():
+    """Reslicing and the contrast map allocate about their output, not float64 copies of the whole volume."""
+    import tracemalloc
+
+    import ctseg.stress.perturb as perturb
+
+    rng = np.random.default_rng(0)
+    img = Volume(rng.normal(40, 20, (200, 64, 64)).astype(np.float32), (1.0, 0.8, 0.8))  # 3.3 MB
+    lab = Volume((img.array > 60).astype(np.uint8), img.spacing)
+    chunk, perturb._CHUNK_BYTES = perturb._CHUNK_BYTES, 2**20
+    try:
+        for axis, severity in (("thickness-factor", 1.5), ("contrast", 1.0)):
+            tracemalloc.start()
+            perturb.AXES[axis].apply(img, lab, severity, classes={0: "background", 1: "kidney"})
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert peak < 2.5 * img.array.nbytes + 3 * 2**20, (axis, peak / img.array.nbytes)
+    finally:
+        perturb._CHUNK_BYTES = chunk
+
+
 # ------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -183,6 +240,7 @@ def test_cli_stress_cv_out_of_fold_continue_refuse(trained, capsys):
     assert ax["severities"][0]["failure_rate"] == pytest.approx(np.mean(np.array(clean_total) < 0.5))
     assert ax["severities"][0]["dice"]["total"]["worst"] == pytest.approx(min(clean_total), abs=1e-6)
     assert {r["score_on"] for r in rows if r["axis"] == "thickness-factor" and not r["skipped"]} == {"original"}
+    assert not list(out.glob(".scratch-*"))  # the memory-mapped volumes are removed with their folder
     # continue: nothing recomputed; other settings: refused, folder untouched
     before = (out / "rows.csv").read_text()
     assert main(args) == 0 and (out / "rows.csv").read_text() == before

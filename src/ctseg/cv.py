@@ -521,6 +521,36 @@ def _finite(x: float) -> float | None:
 def run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: StackConfig | None = None, *,
               seed: int = 0, distances: bool | None = None, device: str | torch.device | None = None,
               progress: bool = True) -> list[VolumeResult]:
+    """`_run_stack` (the stacked ensemble, see there); a run that fails (or is interrupted) removes what it
+    created and did not finish: the fold folders without `results.json` it made, `stack.json` when no fold is
+    done, and `out_dir` when it made it and left it empty. Finished folds stay (a rerun continues)."""
+    out = Path(out_dir)
+    made_out = not out.exists()
+    had_stack = (out / "stack.json").exists()
+    old_folds = set(out.glob("fold_*")) if not made_out else set()
+    try:
+        return _run_stack(cv_dirs, out, stack_cfg, seed=seed, distances=distances, device=device, progress=progress)
+    except BaseException:
+        _remove_unfinished_stack(out, made_out, had_stack, old_folds)
+        raise
+
+
+def _remove_unfinished_stack(out: Path, made_out: bool, had_stack: bool, old_folds: set[Path]) -> None:
+    import shutil
+
+    folds = [p for p in out.glob("fold_*") if p.is_dir()]
+    for fdir in folds:
+        if fdir not in old_folds and not (fdir / "results.json").is_file():
+            shutil.rmtree(fdir, ignore_errors=True)
+    if not had_stack and not any((f / "results.json").is_file() for f in folds):
+        (out / "stack.json").unlink(missing_ok=True)
+    if made_out and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: StackConfig | None = None, *,
+               seed: int = 0, distances: bool | None = None, device: str | torch.device | None = None,
+               progress: bool = True) -> list[VolumeResult]:
     """Stacked CNN and plain average of the top-k members per set, per test fold, evaluated on the members' folds.
 
     For each fold k the members are the top_k of each set by the validation Dice of their fold-k models (the

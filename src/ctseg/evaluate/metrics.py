@@ -65,8 +65,51 @@ def _mask(label: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
     return label == values[0] if len(values) == 1 else np.isin(label, values)
 
 
+_CONFUSION_CHUNK = 1 << 22  # voxels per bincount chunk (32 MiB of int64 indices)
+
+
+def label_confusion(pred_label: np.ndarray, ref_label: np.ndarray) -> np.ndarray | None:
+    """Voxel counts (K, K) int64 of (prediction value, reference value) pairs of two same-shape label maps
+    holding values 0..K-1 (K = 1 + the largest value, at most 256), or None for other values (negative, larger,
+    non-integer). Counted in chunks along axis 0: a few tens of MiB of work memory at any volume size."""
+    kinds = (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_ for a in (pred_label, ref_label))
+    if not all(kinds) or pred_label.size == 0:
+        return None
+    lo = min(int(pred_label.min()), int(ref_label.min()))
+    k = 1 + max(int(pred_label.max()), int(ref_label.max()))
+    if lo < 0 or k > 256:
+        return None
+    p, r = pred_label.reshape(pred_label.shape[0], -1), ref_label.reshape(ref_label.shape[0], -1)
+    step = max(1, _CONFUSION_CHUNK // max(1, p.shape[1]))
+    counts = np.zeros(k * k, dtype=np.int64)
+    for z0 in range(0, p.shape[0], step):
+        index = p[z0:z0 + step].astype(np.intp)
+        index *= k
+        index += r[z0:z0 + step]
+        counts += np.bincount(index.ravel(), minlength=k * k)
+    return counts.reshape(k, k)
+
+
+def dice_from_confusion(counts: np.ndarray, classes: dict[int, str]) -> dict[str, float]:
+    """Dice per structure (see `structures`) from `label_confusion` counts: the same numbers as the masks."""
+    out = {}
+    k = counts.shape[0]
+    for name, vals in structures(classes).items():
+        v = [x for x in vals if 0 <= x < k]
+        inter = float(counts[np.ix_(v, v)].sum())
+        denom = float(counts[v, :].sum() + counts[:, v].sum())
+        out[name] = 1.0 if denom == 0 else float(2.0 * inter / denom)
+    return out
+
+
 def dice_per_class(pred_label: np.ndarray, ref_label: np.ndarray, classes: dict[int, str]) -> dict[str, float]:
-    """Dice per structure (see `structures`) of two integer label maps of the same shape."""
+    """Dice per structure (see `structures`) of two integer label maps of the same shape (label values 0..255:
+    one chunked count of value pairs, `label_confusion`; other values: one mask per structure)."""
+    if pred_label.shape != ref_label.shape:
+        raise ValueError(f"shape mismatch: prediction {pred_label.shape} vs reference {ref_label.shape}")
+    counts = label_confusion(pred_label, ref_label)
+    if counts is not None:
+        return dice_from_confusion(counts, classes)
     return {name: dice(_mask(pred_label, vals), _mask(ref_label, vals))
             for name, vals in structures(classes).items()}
 

@@ -19,6 +19,7 @@ pixels [i * H / S, (i + 1) * H / S)).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,6 +141,13 @@ def window_crop_box(volume_hu: np.ndarray, lower_hu: float, margin: float = 0.05
     return (y0, y0 + side, x0, x0 + side)
 
 
+def box_same_for_integers(lower_hu: float) -> bool:
+    """Whether `window_crop_box(v, lower_hu)` of integer HU equals that of the same HU as float32: integers
+    compare with `lower_hu` exactly, float32 with `lower_hu` rounded to float32; the same integers pass both
+    when the two bounds round up to the same integer."""
+    return math.ceil(lower_hu) == math.ceil(float(np.float32(lower_hu)))
+
+
 def crop_in_plane(array_zyx: np.ndarray, box: Box, fill) -> np.ndarray:
     """(z, H, W) -> (z, y1 - y0, x1 - x0): the box's pixels, `fill` where the box leaves the grid."""
     y0, y1, x0, x1 = box
@@ -148,6 +156,18 @@ def crop_in_plane(array_zyx: np.ndarray, box: Box, fill) -> np.ndarray:
     sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
     if sy0 < sy1 and sx0 < sx1:
         out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = array_zyx[:, sy0:sy1, sx0:sx1]
+    return out
+
+
+def _normalized_box(chunk_hu: np.ndarray, plan: IntensityPlan, box: Box) -> np.ndarray:
+    """`crop_in_plane(normalize(chunk_hu, plan), box, fill)` (n, y1 - y0, x1 - x0) float32, normalising only the
+    part of the box inside the grid; fill = the plan's `fill_hu` normalised."""
+    y0, y1, x0, x1 = box
+    n, h, w = chunk_hu.shape
+    out = np.full((n, y1 - y0, x1 - x0), np.float32((plan.fill_hu - plan.mean) / plan.std), dtype=np.float32)
+    sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+    if sy0 < sy1 and sx0 < sx1:
+        out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = normalize(chunk_hu[:, sy0:sy1, sx0:sx1], plan)
     return out
 
 
@@ -249,9 +269,10 @@ def preprocess_volume(volume_hu: np.ndarray, plan: IntensityPlan, size: int | tu
         raise ValueError(f"out has shape {out.shape}, expected {(z, *out_hw)}")
     step = _chunk_len(h * w)
     for z0 in range(0, z, step):
-        chunk = normalize(volume_hu[z0:z0 + step], plan)
-        if box is not None:
-            chunk = crop_in_plane(chunk, box, np.float32((plan.fill_hu - plan.mean) / plan.std))
+        if box is None:
+            chunk = normalize(volume_hu[z0:z0 + step], plan)
+        else:  # only the pixels inside the box are normalised; the fill is the normalised lower bound
+            chunk = _normalized_box(volume_hu[z0:z0 + step], plan, box)
         out[z0:z0 + step] = _resize_image_chunk(torch.from_numpy(chunk)[:, None], out_hw)[:, 0].numpy()
     return out
 
@@ -327,24 +348,38 @@ def restore_in_plane(prob_czyx, original_yx: tuple[int, int], out_dtype=np.float
     c, z = prob_czyx.shape[:2]
     step = _chunk_len(max(out_hw[0] * out_hw[1], resize_hw[0] * resize_hw[1]), c)
 
-    def restore_chunk(x: torch.Tensor) -> torch.Tensor:  # (n, C, h, w) float32 -> (n, C, H, W)
-        resized = _resize_image_chunk(x, resize_hw)
+    def restore_chunk(chunk) -> torch.Tensor:  # (C, n, h, w) -> (n, C, H, W) float32
+        resized = _resize_chunk(chunk, resize_hw)
         if box is None:
             return resized
-        return _place_box(resized, box, out_hw, resized.new_empty((x.shape[0], c, *out_hw)))
+        return _place_box(resized, box, out_hw, resized.new_empty((resized.shape[0], c, *out_hw)))
 
     if isinstance(prob_czyx, torch.Tensor):
         tdtype = torch.float16 if np.dtype(out_dtype) == np.float16 else torch.float32
         out_t = torch.empty((c, z, *out_hw), dtype=tdtype, device=prob_czyx.device)
         for z0 in range(0, z, step):
-            x = prob_czyx[:, z0:z0 + step].to(torch.float32).transpose(0, 1)
-            out_t[:, z0:z0 + step] = restore_chunk(x).transpose(0, 1).to(tdtype)
+            out_t[:, z0:z0 + step] = restore_chunk(prob_czyx[:, z0:z0 + step]).transpose(0, 1).to(tdtype)
         return out_t
     out = np.empty((c, z, *out_hw), dtype=out_dtype)
     for z0 in range(0, z, step):
-        x = torch.from_numpy(np.asarray(prob_czyx[:, z0:z0 + step], dtype=np.float32)).transpose(0, 1)
-        out[:, z0:z0 + step] = restore_chunk(x).transpose(0, 1).numpy()
+        out[:, z0:z0 + step] = restore_chunk(prob_czyx[:, z0:z0 + step]).transpose(0, 1).numpy()
     return out
+
+
+def _resize_chunk(chunk, size_hw: tuple[int, int]) -> torch.Tensor:
+    """Probabilities (C, n, h, w) (numpy or tensor) -> (n, C, H, W) float32 tensor, `restore_in_plane`'s
+    interpolation."""
+    if isinstance(chunk, torch.Tensor):
+        x = chunk.to(torch.float32).transpose(0, 1)
+    else:
+        x = torch.from_numpy(np.asarray(chunk, dtype=np.float32)).transpose(0, 1)
+    return _resize_image_chunk(x, size_hw)
+
+
+def resize_box_chunk(chunk, box: Box) -> torch.Tensor:
+    """Probabilities (C, n, h, w) at network resolution -> (n, C, y1 - y0, x1 - x0) float32 on the crop `box`:
+    the values `restore_in_plane(box=box)` places in the box."""
+    return _resize_chunk(chunk, (box[1] - box[0], box[3] - box[2]))
 
 
 def network_grid(volume_hu: np.ndarray, plan: IntensityPlan, size: int, crop: str) -> InPlaneResize:

@@ -80,10 +80,24 @@ def _direction_of_array_axis(volume: Volume, axis: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- slice thickness
+_CHUNK_BYTES = 64 * 2**20  # float64 work memory per chunk of a whole-volume perturbation
+
+
 def _box_average_of_linear_interpolant(values: np.ndarray, spacing: float, lo: np.ndarray, hi: np.ndarray
                                        ) -> np.ndarray:
-    """Exact mean of the piecewise-linear interpolant of `values` (n, ...) at positions i * spacing over the
-    intervals [lo_j, hi_j] (mm, same frame); constant beyond the end slices. Returns (len(lo), ...) float64."""
+    """Exact mean of the piecewise-linear interpolant of `values` (n, a, b) at positions i * spacing over the
+    intervals [lo_j, hi_j] (mm, same frame); constant beyond the end slices. Returns (len(lo), a, b) float32,
+    computed in float64 a few rows of axis 1 at a time (each column is independent: ~64 MiB of work memory)."""
+    n, rows = values.shape[0], values.shape[1]
+    step = max(1, _CHUNK_BYTES // (8 * 3 * max(n, len(lo)) * int(np.prod(values.shape[2:], dtype=np.int64))))
+    out = np.empty((len(lo), *values.shape[1:]), dtype=np.float32)
+    for r0 in range(0, rows, step):
+        out[:, r0:r0 + step] = _box_average_columns(values[:, r0:r0 + step], spacing, lo, hi)
+    return out
+
+
+def _box_average_columns(values: np.ndarray, spacing: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """`_box_average_of_linear_interpolant` of one chunk of columns, float64."""
     v = values.astype(np.float64, copy=False)
     n = v.shape[0]
     # cumulative integral at the knots (trapezoids)
@@ -127,7 +141,7 @@ def reslice_thickness(image: Volume, label: Volume, thickness_mm: float) -> Pert
     hi = lo + thickness_mm
     centres = (lo + hi) / 2.0
     moved = np.moveaxis(image.array, k, 0)
-    new = _box_average_of_linear_interpolant(moved, s0, lo, hi).astype(np.float32)
+    new = _box_average_of_linear_interpolant(moved, s0, lo, hi)
     nearest = np.clip(np.floor(centres / s0 + 0.5).astype(int), 0, n0 - 1)
     new_label = np.moveaxis(label.array, k, 0)[nearest]
     spacing = list(image.spacing)
@@ -213,8 +227,11 @@ def add_dose_noise(image: Volume, label: Volume, k: float, rng: np.random.Genera
     Adds CT-like correlated noise of std sigma0 * sqrt(k^2 - 1) in-plane (independent noise adds in variance).
     noise_hu: the scan's noise when already known. Label and grid unchanged.
     """
-    def add(slices: np.ndarray, sigma: float) -> None:
-        slices += correlated_noise(slices.shape[1:], slices.shape[0], sigma, rng, peak_cycles_per_px)
+    def add(slices: np.ndarray, sigma: float) -> None:  # a few slices at a time: the same draws in the same order
+        step = max(1, _CHUNK_BYTES // (4 * slices.shape[1] * slices.shape[2]))
+        for z0 in range(0, slices.shape[0], step):
+            chunk = slices[z0:z0 + step]
+            chunk += correlated_noise(slices.shape[1:], chunk.shape[0], sigma, rng, peak_cycles_per_px)
 
     return _add_noise(image, label, k, noise_hu, add)
 
@@ -271,12 +288,16 @@ def _add_noise(image: Volume, label: Volume, k: float, noise_hu: float | None,
 # ------------------------------------------------------------------------------------------ calibration
 def hu_offset(image: Volume, label: Volume, offset_hu: float) -> Perturbed:
     """Scanner calibration: HU + offset (exact, float32)."""
-    return Perturbed(_with(image, image.array.astype(np.float32) + np.float32(offset_hu)), _with(label, label.array))
+    out = image.array.astype(np.float32)
+    out += np.float32(offset_hu)
+    return Perturbed(_with(image, out), _with(label, label.array))
 
 
 def hu_gain(image: Volume, label: Volume, gain: float) -> Perturbed:
     """Scanner calibration: HU x gain around water (0 HU fixed; exact, float32)."""
-    return Perturbed(_with(image, image.array.astype(np.float32) * np.float32(gain)), _with(label, label.array))
+    out = image.array.astype(np.float32)
+    out *= np.float32(gain)
+    return Perturbed(_with(image, out), _with(label, label.array))
 
 
 # --------------------------------------------------------------------------------------- contrast phase
@@ -297,34 +318,46 @@ def contrast_shift_map(image: Volume, label: Volume, classes: dict[int, str]) ->
     (`CONTRAST_CLASS_SHIFTS_HU`); fat, air and bone (> 400 HU) do not change. Smoothed (sigma 1 px) so that
     no artificial edge appears at a class border.
     """
-    hu = image.array.astype(np.float32)
-    shift = np.zeros(hu.shape, dtype=np.float32)
-    for lo, hi, s in CONTRAST_CLASS_SHIFTS_HU:
-        shift[(hu >= lo) & (hu < hi)] = s
-    lab = label.array
+    shift = np.zeros(image.shape, dtype=np.float32)
+    step = max(1, _CHUNK_BYTES // (4 * max(1, int(np.prod(image.shape[1:])))))
+    slabs = [slice(z0, z0 + step) for z0 in range(0, shift.shape[0], step)]  # masks of a few slices at a time
+    hu = lambda sl: np.asarray(image.array[sl], dtype=np.float32)  # noqa: E731  (float32 HU of one slab)
+    for sl in slabs:
+        h = hu(sl)
+        for lo, hi, s in CONTRAST_CLASS_SHIFTS_HU:
+            shift[sl][(h >= lo) & (h < hi)] = s
     for value, name in classes.items():
-        if int(value) == 0:
+        v, lname = int(value), str(name).lower()
+        if v == 0:
             continue
-        mask = lab == int(value)
-        if not mask.any():
-            continue
-        lname = str(name).lower()
         if lname.startswith("kidney"):
-            med = float(np.median(hu[mask]))
-            shift[mask & (hu > med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_cortex"]
-            shift[mask & (hu <= med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_medulla"]
-        elif lname.startswith(("tumour", "tumor", "lesion")):
-            shift[mask] = CONTRAST_LABEL_SHIFTS_HU["tumour"]
-        elif lname.startswith("liver"):
-            shift[mask] = CONTRAST_LABEL_SHIFTS_HU["liver"]
-    return ndimage.gaussian_filter(shift, 1.0)
+            inside = [image.array[sl][label.array[sl] == v] for sl in slabs]
+            if not any(x.size for x in inside):
+                continue
+            med = float(np.median(np.concatenate(inside).astype(np.float32)))
+            del inside
+            for sl in slabs:
+                h, m = hu(sl), label.array[sl] == v
+                shift[sl][m & (h > med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_cortex"]
+                shift[sl][m & (h <= med)] = CONTRAST_LABEL_SHIFTS_HU["kidney_medulla"]
+            continue
+        key = ("tumour" if lname.startswith(("tumour", "tumor", "lesion")) else
+               "liver" if lname.startswith("liver") else None)
+        if key is not None:
+            for sl in slabs:
+                shift[sl][label.array[sl] == v] = CONTRAST_LABEL_SHIFTS_HU[key]
+    return ndimage.gaussian_filter(shift, 1.0, output=shift)  # separable 1D passes: in place is exact
 
 
 def contrast_phase(image: Volume, label: Volume, fraction: float, classes: dict[int, str]) -> Perturbed:
     """HU + fraction x `contrast_shift_map` (fraction 0 = the scan's own phase, 1 = the full delayed pattern)."""
-    out = image.array.astype(np.float32)
-    if fraction != 0:
-        out = out + np.float32(fraction) * contrast_shift_map(image, label, classes)
+    if fraction == 0:
+        return Perturbed(_with(image, image.array.astype(np.float32)), _with(label, label.array))
+    out = contrast_shift_map(image, label, classes)  # one float32 volume: fraction x shift, then + HU slab by slab
+    out *= np.float32(fraction)
+    step = max(1, _CHUNK_BYTES // (4 * max(1, int(np.prod(image.shape[1:])))))
+    for z0 in range(0, out.shape[0], step):  # float32 addition commutes: the bits of HU + fraction x shift
+        out[z0:z0 + step] += np.asarray(image.array[z0:z0 + step], dtype=np.float32)
     return Perturbed(_with(image, out), _with(label, label.array))
 
 
@@ -335,8 +368,8 @@ def rotate_in_plane(image: Volume, label: Volume, degrees: float) -> Perturbed:
     if degrees == 0:
         return Perturbed(_with(image, image.array.astype(np.float32)), _with(label, label.array))
     a, b = in_plane_axes(image)
-    img = ndimage.rotate(image.array.astype(np.float32), degrees, axes=(b, a), reshape=False, order=1,
-                         mode="constant", cval=AIR_HU)
+    img = ndimage.rotate(image.array, degrees, axes=(b, a), reshape=False, output=np.float32, order=1,
+                         mode="constant", cval=AIR_HU)  # interpolated in float64 from any input dtype
     lab = ndimage.rotate(label.array, degrees, axes=(b, a), reshape=False, order=0, mode="constant", cval=0)
     return Perturbed(_with(image, img), _with(label, lab))
 
@@ -360,7 +393,7 @@ def resample_pixel_spacing(image: Volume, label: Volume, target_equivalent_mm: f
     scale[[a, b]] = factor
     centre = (np.asarray(image.shape, dtype=np.float64) - 1) / 2.0
     offset = centre - scale * centre
-    img = ndimage.affine_transform(image.array.astype(np.float32), scale, offset, order=1, mode="constant",
+    img = ndimage.affine_transform(image.array, scale, offset, output=np.float32, order=1, mode="constant",
                                    cval=AIR_HU)
     lab = ndimage.affine_transform(label.array, scale, offset, order=0, mode="constant", cval=0)
     spacing = np.asarray(image.spacing) * scale

@@ -21,6 +21,7 @@ Output folder::
     summary.json    per model, axis, severity: Dice mean/std/worst per structure, failure rate, robustness gap
                     with a bootstrap CI over volumes
     curves.png      Dice (headline structure) vs severity per axis, one line per model, bootstrap 95 % band
+    .scratch-PID/   while running: the volume being tested as memory-mapped .npy files (bounded memory)
 
 A folder whose settings differ is refused; a matching one is continued (finished rows are skipped). Every
 file is written atomically (temporary name, then rename).
@@ -31,137 +32,32 @@ import csv
 import io
 import json
 import logging
+import os
+import shutil
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ctseg.config import StressConfig, atomic_write_text
 from ctseg.errors import CtsegError
+from ctseg.stress.models import (LoadedModels, ModelSpec, check_classes, model_specs_from_cv,  # noqa: F401
+                                 model_specs_from_dirs)  # the model specs' public home is this module's API
 from ctseg.stress.perturb import AXES, DegenerateSeverity, estimate_noise_hu
 
 if TYPE_CHECKING:
     from ctseg.io import Volume
     from ctseg.predict import Models
     from ctseg.stress.perturb import Perturbed
-    from ctseg.train.trainer import TrainedModel
 
 log = logging.getLogger(__name__)
 
 STRESS_FORMAT = "ctseg.stress"
 _FIXED = ["model", "case_id", "axis", "severity", "clean", "score_on", "seconds_perturb", "seconds_predict", "skipped"]
-
-
-# ---------------------------------------------------------------------------------------------- models
-@dataclass
-class ModelSpec:
-    """One model of the stress test. folds: None (the same members for every volume) or fold index -> run dir
-    with `test_of`: case id -> fold whose model did not train on it (cross-validation runs)."""
-
-    name: str
-    display: str
-    aug: str
-    members: list[Path] = field(default_factory=list)
-    folds: dict[int, Path] | None = None
-    test_of: dict[str, int] | None = None
-    source: str = ""
-    stack: Path | None = None
-
-    def to_json(self) -> dict:
-        d = {"name": self.name, "display": self.display, "aug": self.aug, "source": self.source,
-             "members": [str(p) for p in self.members],
-             "folds": {str(k): str(v) for k, v in (self.folds or {}).items()} or None}
-        return {**d, "stack": str(self.stack)} if self.stack is not None else d
-
-
-def _run_info(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / "run.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CtsegError(f"run.json unreadable ({err})", model_dir) from None
-
-
-def model_specs_from_dirs(groups: Sequence[Sequence[str | Path]]) -> list[ModelSpec]:
-    """One `ModelSpec` per group of model folders (a group of several is an ensemble; a stack is used alone)."""
-    from ctseg.evaluate.report import display_name
-    from ctseg.inference.models import resolve_model
-
-    specs, names = [], set()
-    for group in groups:
-        sources = [resolve_model(Path(p).resolve()) for p in group]
-        stacks = [s for s in sources if s.kind == "stack"]
-        if stacks and len(sources) > 1:
-            raise CtsegError("a stacked ensemble is used alone: give it after its own --model", stacks[0].path)
-        dirs = [d for s in sources for d in s.run_dirs]
-        cfg = _run_info(dirs[0]).get("config", {})
-        arch, dim = cfg.get("model", {}).get("arch", "?"), cfg.get("model", {}).get("dim", "")
-        aug = str(cfg.get("augment", {}).get("name", "?"))
-        if stacks:
-            name = stacks[0].name
-            base, i = name, 2
-            while name in names:
-                name, i = f"{base}-{i}", i + 1
-            names.add(name)
-            specs.append(ModelSpec(name, display_name("stacked", "", aug), aug, members=dirs, source="stack",
-                                   stack=stacks[0].path))
-            continue
-        name = f"{arch}-{dim}-{aug}" + (f"-ens{len(dirs)}" if len(dirs) > 1 else "")
-        base, i = name, 2
-        while name in names:
-            name, i = f"{base}-{i}", i + 1
-        names.add(name)
-        display = display_name(arch, dim, aug) + (f" (ensemble of {len(dirs)})" if len(dirs) > 1 else "")
-        specs.append(ModelSpec(name, display, aug, members=dirs, source="model"))
-    return specs
-
-
-def model_specs_from_cv(cv_dirs: Sequence[str | Path]) -> tuple[list[ModelSpec], dict]:
-    """One out-of-fold `ModelSpec` per CV run, and the runs' common manifest (data, layout, folds file)."""
-    from ctseg.cv import _fold_dir, _trained_on, read_cv_manifest
-    from ctseg.evaluate.folds import load_folds
-    from ctseg.evaluate.report import display_name
-
-    specs, manifests = [], []
-    for d in cv_dirs:
-        d = Path(d).resolve()
-        info = read_cv_manifest(d)
-        manifests.append(info)
-        folds = load_folds(info["folds_file"])
-        fold_dirs, test_of = {}, {}
-        for k in range(int(info["n_folds"])):
-            mdir = _fold_dir(d, k) / "model"
-            if not (mdir / "model_best.pt").is_file():
-                raise CtsegError(f"fold {k} has no trained model (model_best.pt); finish the cross-validation first",
-                                 mdir)
-            fold_dirs[k] = mdir
-            trained = _trained_on(d, k)
-            for cid in folds.test_ids(k):
-                if cid in trained:
-                    raise CtsegError(f"fold {k}'s model trained on its own test case {cid}", mdir)
-                test_of[cid] = k
-        display = display_name(info["arch"], info["dim"], info["aug"], info.get("variant", ""))
-        specs.append(ModelSpec(info["name"], display, str(info["aug"]), folds=fold_dirs, test_of=test_of,
-                               source=str(d)))
-    for key in ("data", "layout", "folds_file"):
-        values = {str(m[key]) for m in manifests}
-        if len(values) != 1:
-            raise CtsegError(f"the cross-validation runs differ in {key}: {sorted(values)}; give runs of one "
-                             "experiment")
-    if len({s.name for s in specs}) != len(specs):
-        raise CtsegError("the same cross-validation run is given twice")
-    return specs, manifests[0]
-
-
-def _check_classes(spec: ModelSpec, run_dir: Path, dataset_classes: dict[int, str], data_dir: str | Path) -> None:
-    info = _run_info(run_dir)
-    model_classes = {int(k): str(v) for k, v in (info.get("dataset_classes") or info.get("classes") or {}).items()}
-    if model_classes != {int(k): str(v) for k, v in dataset_classes.items()}:
-        raise CtsegError(f"model {spec.name} ({run_dir}) was trained on classes {model_classes}, but the dataset "
-                         f"has {dict(dataset_classes)}; stress-test it on data with the same labels", data_dir)
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -247,41 +143,10 @@ def _check_reacquired(pert: Perturbed, image: Volume, axis: str, case_id: str, d
                          "with generation overrides by an older ctseg?", data_dir)
 
 
-def _predict(models: Models, image: Volume, device: torch.device, batch_size: int | None) -> Volume:
-    from ctseg.predict import predict_volume
-
-    return predict_volume(image, models, device=device, batch_size=batch_size).label
-
-
-def _score(pred: Volume, ref: Volume, classes: dict[int, str], merge: bool) -> dict[str, float]:
-    from ctseg.evaluate.metrics import dice_per_class
-
-    p, r = np.asarray(pred.array), np.asarray(ref.array)
-    if merge:
-        p, r = (p > 0).astype(np.uint8), (r > 0).astype(np.uint8)
-    return dice_per_class(p, r, classes)
-
-
-def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str | Path, cfg: StressConfig, *,
-               layout: str = "auto", case_ids: Sequence[str] | None = None, device: str | torch.device = "auto",
-               batch_size: int | None = None, progress: bool = True, messages: list[str] | None = None) -> dict:
-    """Run (or continue) the stress test; returns the summary (also written to `out_dir/summary.json`).
-
-    case_ids: the volumes to draw from (default: every labelled case of the dataset; CV mode: the folds' cases).
-    messages: skipped severities are appended here as text naming the case (and logged).
-    """
-    from ctseg.cv import progress_bar
-    from ctseg.datasets import open_dataset
-    from ctseg.io import resample_to
-    from ctseg.stress.phantom_reacquire import PARAMETERS, phantom_recipes, reacquire
-    from ctseg.train.distributed import resolve_device
-    from ctseg.train.trainer import load_trained
-
-    out = Path(out_dir)
-    dataset = open_dataset(data_dir, layout)
-    classes = {int(k): str(v) for k, v in dataset.classes.items()}
-    recipes = phantom_recipes(data_dir)
-    axes = resolve_axes(cfg, recipes is not None)
+def _volume_pool(dataset, case_ids: Sequence[str] | None, models: Sequence[ModelSpec], data_dir: str | Path
+                 ) -> list[str]:
+    """The case ids to draw volumes from: `case_ids`, else every labelled case (unlabelled ones skipped with a
+    warning); every one must be in the dataset and, for CV models, in a test fold."""
     pool = list(case_ids) if case_ids is not None else dataset.case_ids()
     has_label = getattr(dataset, "has_label", None)
     if case_ids is None and has_label is not None:
@@ -301,12 +166,219 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
             if outside:
                 raise CtsegError(f"{spec.name}: cases {outside[:5]} are in no test fold of this cross-validation",
                                  spec.source)
-    volumes = choose_volumes(pool, cfg.max_volumes, cfg.seed)
+    return pool
+
+
+@dataclass
+class _Run:
+    """What every step of a stress run needs: the data, the models, the seed, the device settings, the keys
+    (model, case, axis, severity) of the rows already done and the messages of skipped severities."""
+
+    dataset: object
+    data_dir: str | Path
+    classes: dict[int, str]
+    recipes: dict | None
+    models: Sequence[ModelSpec]
+    loaded: LoadedModels
+    seed: int
+    batch_size: int | None
+    done: set[tuple[str, str, str, str]]
+    messages: list[str]
+
+    def pending(self, case_id: str, axis: str, severity: float) -> list[ModelSpec]:
+        key = _severity_key(severity)
+        return [m for m in self.models if (m.name, case_id, axis, key) not in self.done]
+
+
+@dataclass
+class _Case:
+    """One volume of the stress test: its image (HU: int16 as stored when float32 holds every value exactly,
+    else float32; perturbations compute in float32 or float64 either way) and label, the scan's noise
+    (estimated on first need) and the clean rows per model (predicted once, every axis's clean severity).
+
+    Image and label live in `.npy` files of a scratch folder, memory-mapped on each use (`image`, `label`): the
+    pages read to perturb the volume leave this process's resident memory when the map is dropped, so a
+    perturbed copy is predicted with neither the clean volume nor its label resident."""
+
+    case_id: str
+    scratch: Path
+    geometry: tuple[Volume, Volume]  # image and label with 1-voxel arrays: spacing, origin, direction, meta
+    noise_hu: float | None = None
+    clean_rows: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def image(self) -> Volume:
+        return replace(self.geometry[0], array=np.load(self.scratch / "image.npy", mmap_mode="r"))
+
+    @property
+    def label(self) -> Volume:
+        return replace(self.geometry[1], array=np.load(self.scratch / "label.npy", mmap_mode="r"))
+
+    def clean_image(self, models: Models) -> Volume:
+        """The image for the clean prediction: as stored when the models' predictions of it equal those of its
+        float32 copy (what they have always been given), else that copy. The only dtype-dependent step of
+        `predict_volume` is the crop box's `volume >= plan.lower` (`box_same_for_integers`)."""
+        from ctseg.predict import flat_models
+        from ctseg.preprocess.slices import box_same_for_integers
+
+        if np.issubdtype(self.image.array.dtype, np.integer) and all(
+                box_same_for_integers(float(m.plan.lower)) for m in flat_models(models)):
+            return self.image
+        return self.image.with_array(np.asarray(self.image.array, dtype=np.float32))
+
+
+def _load_case(run: _Run, case_id: str, scratch: Path) -> _Case:
+    """Read one labelled volume into the scratch folder (the image in its own dtype when that is exact in
+    float32, else as float32)."""
+    case = run.dataset.load(case_id)  # type: ignore[attr-defined]
+    if case.label is None:
+        raise CtsegError(f"case {case_id} has no label; the stress test needs labelled volumes", run.data_dir)
+    array = case.image.array
+    exact = array.dtype in (np.int8, np.uint8, np.int16, np.uint16, np.float32)
+    scratch.mkdir(parents=True, exist_ok=True)
+    np.save(scratch / "image.npy", array if exact else array.astype(np.float32))
+    np.save(scratch / "label.npy", case.label.array)
+    voxel = np.zeros((1, 1, 1), dtype=np.uint8)
+    return _Case(case_id, scratch, (replace(case.image, array=voxel), replace(case.label, array=voxel)))
+
+
+def _perturb(run: _Run, case: _Case, axis_name: str, severity: float) -> tuple[Perturbed | None, str]:
+    """The perturbed acquisition of one shifted severity, or (None, why) when this volume cannot take it."""
+    from ctseg.stress.phantom_reacquire import PARAMETERS, reacquire
+
+    axis, cid = AXES[axis_name], case.case_id
+    try:
+        if axis.needs_phantom:
+            if run.recipes is None or cid not in run.recipes:
+                raise CtsegError(f"case {cid} is not listed in phantom.json", run.data_dir)
+            pert = reacquire(run.recipes[cid], axis_name, severity, cid)
+            if axis_name in PARAMETERS:  # re-acquisitions keep the grid; populations do not
+                _check_reacquired(pert, case.image, axis_name, cid, run.data_dir)
+            return pert, ""
+        if axis_name.startswith("dose") and case.noise_hu is None:
+            case.noise_hu = estimate_noise_hu(case.image)
+        if axis.apply is None:
+            raise CtsegError(f"stress axis {axis_name} has no perturbation")
+        return axis.apply(case.image, case.label, severity, rng=_rng(run.seed, cid, axis_name, severity),
+                          classes=run.classes, noise_hu=case.noise_hu), ""
+    except DegenerateSeverity as why:
+        reason, unit = str(why), f" {axis.unit}"
+    except ValueError as why:  # e.g. no soft tissue to estimate the noise from
+        reason, unit = str(why), ""
+    msg = f"case {cid}: {axis_name} {_severity_key(severity)}{unit} skipped: {reason}"
+    run.messages.append(msg)
+    log.warning(msg)
+    return None, reason
+
+
+def _score(pred: np.ndarray, ref: np.ndarray, classes: dict[int, str], merge: bool) -> dict[str, float]:
+    """Dice per structure of two (z, y, x) label maps; `merge`: every foreground value is one structure
+    (foreground models). From one chunked count of value pairs (no whole-volume masks)."""
+    from ctseg.evaluate.metrics import dice_from_confusion, dice_per_class, label_confusion
+
+    counts = label_confusion(pred, ref)
+    if counts is None:  # values outside 0..255: one mask per structure
+        if merge:
+            pred, ref = (pred > 0).astype(np.uint8), (ref > 0).astype(np.uint8)
+        return dice_per_class(pred, ref, classes)
+    if merge:
+        counts = np.stack([counts[:1].sum(0), counts[1:].sum(0)])
+        counts = np.stack([counts[:, :1].sum(1), counts[:, 1:].sum(1)], axis=1)
+    return dice_from_confusion(counts, classes)
+
+
+def _predict_and_score(run: _Run, spec: ModelSpec, case: _Case, image: Volume, reference: Callable[[], Volume],
+                       resample: bool) -> dict:
+    """One model's prediction of `image`, scored against `reference()` (opened after the prediction; on its grid
+    when `resample`: nearest neighbour by physical position); returns the row's seconds_predict and dice_*."""
+    from ctseg.io import resample_to
+    from ctseg.predict import predict_volume
+
+    t0 = time.perf_counter()
+    pred = predict_volume(image, run.loaded.members(spec, case.case_id), device=run.loaded.dev,
+                          batch_size=run.batch_size).label
+    ref = reference()
+    if resample:
+        pred = resample_to(pred, ref, order=0)
+    dice = _score(np.asarray(pred.array), np.asarray(ref.array), run.loaded.eval_classes[spec.name],
+                  run.loaded.merge[spec.name])
+    return {"seconds_predict": f"{time.perf_counter() - t0:.3f}", **{f"dice_{k}": f"{v:.6f}" for k, v in dice.items()}}
+
+
+def _scored_against(case: _Case, pert: Perturbed | None) -> tuple[Perturbed | None, Callable[[], Volume]]:
+    """What the predictions of a severity are scored against, opened on use: the volume's label (clean, scored on
+    the original grid, or a perturbation that kept the label), else the perturbed label, moved to the scratch
+    folder (`pert` keeps a 1-voxel label for its geometry)."""
+    if pert is None or pert.score_on == "original":
+        return pert, lambda: case.label
+    array = pert.label.array
+    kept = (case.scratch / "label.npy").resolve()
+    if isinstance(array, np.memmap) and array.filename and Path(array.filename) == kept:
+        return replace(pert, label=case.geometry[1]), lambda: case.label
+    path = case.scratch / "perturbed-label.npy"
+    np.save(path, array)
+    geometry = replace(pert.label, array=np.zeros((1, 1, 1), dtype=np.uint8))
+    return replace(pert, label=geometry), lambda: replace(geometry, array=np.load(path, mmap_mode="r"))
+
+
+def _stress_severity(run: _Run, case: _Case, axis_name: str, severity: float) -> list[dict]:
+    """The rows of one (volume, axis, severity) for the models that still need it: perturb once, then each model
+    predicts and is scored. The clean severity reuses the volume's clean prediction (made on first need)."""
+    specs = run.pending(case.case_id, axis_name, severity)
+    if not specs:
+        return []
+    is_clean = severity == AXES[axis_name].clean
+    key = _severity_key(severity)
+    t0 = time.perf_counter()
+    pert, skipped = (None, "") if is_clean else _perturb(run, case, axis_name, severity)
+    pert, reference = _scored_against(case, pert)
+    t_perturb = time.perf_counter() - t0
+    rows = []
+    for spec in specs:
+        row = {"model": spec.name, "case_id": case.case_id, "axis": axis_name, "severity": key,
+               "clean": int(is_clean), "score_on": "", "seconds_perturb": f"{t_perturb:.3f}",
+               "seconds_predict": "", "skipped": skipped}
+        if is_clean:
+            if spec.name not in case.clean_rows:
+                clean = case.clean_image(run.loaded.members(spec, case.case_id))
+                case.clean_rows[spec.name] = _predict_and_score(run, spec, case, clean, reference, False)
+                del clean
+            row.update(case.clean_rows[spec.name], score_on="original")
+        elif pert is not None:
+            row.update(_predict_and_score(run, spec, case, pert.image, reference, pert.score_on == "original"),
+                       score_on=pert.score_on)
+        rows.append(row)
+    return rows
+
+
+def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str | Path, cfg: StressConfig, *,
+               layout: str = "auto", case_ids: Sequence[str] | None = None, device: str | torch.device = "auto",
+               batch_size: int | None = None, progress: bool = True, messages: list[str] | None = None) -> dict:
+    """Run (or continue) the stress test; returns the summary (also written to `out_dir/summary.json`).
+
+    case_ids: the volumes to draw from (default: every labelled case of the dataset; CV mode: the folds' cases).
+    messages: skipped severities are appended here as text naming the case (and logged).
+
+    Steps: the volumes and settings (`_volume_pool`, `_claim`), the models (`LoadedModels`), then per volume
+    (`_load_case`) and per severity (`_stress_severity`: `_perturb`, then `_predict_and_score` per model); the
+    rows are written after each volume. At most one perturbed copy and one prediction are resident at a time;
+    the volume itself waits in a memory-mapped scratch folder (`out_dir/.scratch-PID`, removed at the end).
+    """
+    from ctseg.cv import progress_bar
+    from ctseg.datasets import open_dataset
+    from ctseg.stress.phantom_reacquire import phantom_recipes
+    from ctseg.train.distributed import resolve_device
+
+    out = Path(out_dir)
+    dataset = open_dataset(data_dir, layout)
+    classes = {int(k): str(v) for k, v in dataset.classes.items()}
+    recipes = phantom_recipes(data_dir)
+    axes = resolve_axes(cfg, recipes is not None)
+    volumes = choose_volumes(_volume_pool(dataset, case_ids, models, data_dir), cfg.max_volumes, cfg.seed)
     dev = resolve_device(device)
-    member_dirs = {spec.name: (spec.members if spec.folds is None else list(spec.folds.values())) for spec in models}
     for spec in models:
-        for d in member_dirs[spec.name]:
-            _check_classes(spec, d, classes, data_dir)
+        for d in (spec.members if spec.folds is None else list(spec.folds.values())):
+            check_classes(spec, d, classes, data_dir)
     settings = {"format": STRESS_FORMAT, "data": str(Path(data_dir).resolve()), "layout": layout,
                 "models": [m.to_json() for m in models], "volumes": volumes,
                 "axes": {a: [float(s) for s in sev] for a, sev in axes.items()}, "seed": cfg.seed,
@@ -315,127 +387,27 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
     rows_path = out / "rows.csv"
     rows = _read_rows(rows_path)
     done = {(r["model"], r["case_id"], r["axis"], r["severity"]) for r in rows}
-    messages = messages if messages is not None else []
-    cache: dict[str, TrainedModel] = {}
-
-    def load(run_dir: Path) -> TrainedModel:
-        if str(run_dir) not in cache:
-            cache[str(run_dir)] = load_trained(run_dir, dev)
-        return cache[str(run_dir)]
-
-    eval_classes: dict[str, dict[int, str]] = {}
-    merges: dict[str, bool] = {}
-    structures: list[str] = []
-    from ctseg.cv import _eval_classes
-    from ctseg.predict import check_members
-
-    stacks: dict[str, Models] = {}
-    for spec in models:
-        if spec.stack is not None:  # the meta-model predicts the dataset's classes
-            from ctseg.inference.models import load_models
-
-            stacks[spec.name] = load_models([spec.stack], dev)
-            target = "multiclass"
-        else:
-            trained = [load(d) for d in member_dirs[spec.name]]
-            _, out_classes = check_members(trained[:1] if spec.folds is not None else trained)
-            target = "multiclass" if out_classes == classes else "foreground"
-        eval_classes[spec.name], merges[spec.name] = _eval_classes(target, classes)
-        from ctseg.evaluate.metrics import structures as _structs
-
-        for name in _structs(eval_classes[spec.name]):
-            if name not in structures:
-                structures.append(name)
-
-    def members_for(spec: ModelSpec, cid: str) -> Models:
-        if spec.name in stacks:
-            return stacks[spec.name]
-        if spec.folds is None or spec.test_of is None:  # both set (cross-validation) or both None
-            return [load(d) for d in spec.members]
-        return [load(spec.folds[spec.test_of[cid]])]
-
-    total = len(volumes) * sum(len(s) for s in axes.values())
+    run = _Run(dataset, data_dir, classes, recipes, models, LoadedModels(models, classes, dev), cfg.seed,
+               batch_size, done, messages if messages is not None else [])
+    severities = [(a, s) for a, sev in axes.items() for s in sev]
+    scratch = out / f".scratch-{os.getpid()}"
     with progress_bar(progress) as bar:
-        task = bar.add_task("[bold]stress test[/] volumes x severities", total=total)
-        for cid in volumes:
-            todo = [(a, s) for a, sev in axes.items() for s in sev
-                    if any((m.name, cid, a, _severity_key(s)) not in done for m in models)]
-            if not todo:
-                bar.advance(task, sum(len(s) for s in axes.values()))
-                continue
-            case = dataset.load(cid)
-            if case.label is None:
-                raise CtsegError(f"case {cid} has no label; the stress test needs labelled volumes", data_dir)
-            image = case.image.with_array(case.image.array.astype(np.float32))
-            noise_hu = None
-            clean_rows: dict[str, dict] = {}
-            for axis_name, sev in axes.items():
-                axis = AXES[axis_name]
-                for s in sev:
-                    key_s = _severity_key(s)
-                    if all((m.name, cid, axis_name, key_s) in done for m in models):
-                        bar.advance(task)
-                        continue
-                    t0 = time.perf_counter()
-                    is_clean = s == axis.clean
-                    pert: Perturbed | None = None
-                    skipped = ""
-                    if not is_clean:
-                        try:
-                            if axis.needs_phantom:
-                                if recipes is None or cid not in recipes:
-                                    raise CtsegError(f"case {cid} is not listed in phantom.json", data_dir)
-                                pert = reacquire(recipes[cid], axis_name, s, cid)
-                                if axis_name in PARAMETERS:  # re-acquisitions keep the grid; populations do not
-                                    _check_reacquired(pert, image, axis_name, cid, data_dir)
-                            else:
-                                if axis_name.startswith("dose") and noise_hu is None:
-                                    noise_hu = estimate_noise_hu(image)
-                                if axis.apply is None:
-                                    raise CtsegError(f"stress axis {axis_name} has no perturbation")
-                                pert = axis.apply(image, case.label, s, rng=_rng(cfg.seed, cid, axis_name, s),
-                                                  classes=classes, noise_hu=noise_hu)
-                        except DegenerateSeverity as why:
-                            skipped = str(why)
-                            msg = f"case {cid}: {axis_name} {key_s} {axis.unit} skipped: {why}"
-                            messages.append(msg)
-                            log.warning(msg)
-                        except ValueError as why:  # e.g. no soft tissue to estimate the noise from
-                            skipped = str(why)
-                            msg = f"case {cid}: {axis_name} {key_s} skipped: {why}"
-                            messages.append(msg)
-                            log.warning(msg)
-                    t_perturb = time.perf_counter() - t0
-                    for spec in models:
-                        if (spec.name, cid, axis_name, key_s) in done:
-                            continue
-                        row = {"model": spec.name, "case_id": cid, "axis": axis_name, "severity": key_s,
-                               "clean": int(is_clean), "score_on": "", "seconds_perturb": f"{t_perturb:.3f}",
-                               "seconds_predict": "", "skipped": skipped}
-                        if is_clean:
-                            if spec.name not in clean_rows:
-                                t1 = time.perf_counter()
-                                pred = _predict(members_for(spec, cid), image, dev, batch_size)
-                                dice = _score(pred, case.label, eval_classes[spec.name], merges[spec.name])
-                                clean_rows[spec.name] = {"seconds_predict": f"{time.perf_counter() - t1:.3f}",
-                                                         **{f"dice_{k}": f"{v:.6f}" for k, v in dice.items()}}
-                            row.update(clean_rows[spec.name], score_on="original")
-                        elif pert is not None:
-                            t1 = time.perf_counter()
-                            pred = _predict(members_for(spec, cid), pert.image, dev, batch_size)
-                            if pert.score_on == "original":
-                                pred, ref = resample_to(pred, case.label, order=0), case.label
-                            else:
-                                ref = pert.label
-                            dice = _score(pred, ref, eval_classes[spec.name], merges[spec.name])
-                            row.update({"score_on": pert.score_on,
-                                        "seconds_predict": f"{time.perf_counter() - t1:.3f}",
-                                        **{f"dice_{k}": f"{v:.6f}" for k, v in dice.items()}})
-                        rows.append(row)
-                        done.add((spec.name, cid, axis_name, key_s))
+        task = bar.add_task("[bold]stress test[/] volumes x severities", total=len(volumes) * len(severities))
+        try:
+            for cid in volumes:
+                if not any(run.pending(cid, a, s) for a, s in severities):
+                    bar.advance(task, len(severities))
+                    continue
+                case = _load_case(run, cid, scratch)
+                for axis_name, s in severities:
+                    new = _stress_severity(run, case, axis_name, s)
+                    rows += new
+                    done.update((r["model"], cid, axis_name, r["severity"]) for r in new)
                     bar.advance(task)
-            _write_rows(rows_path, rows, structures)
-    return _summarize(rows, models, axes, structures, cfg, out)
+                _write_rows(rows_path, rows, run.loaded.structures)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return _summarize(rows, models, axes, run.loaded.structures, cfg, out)
 
 
 def _summarize(rows: list[dict], models: Sequence[ModelSpec], axes: dict[str, list[float]], structures: list[str],
