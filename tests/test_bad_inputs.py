@@ -680,7 +680,7 @@ def test_inference_that_cannot_fit_in_memory_is_refused(tmp_path, capsys):
 
 def test_outputs_follow_the_umask(tmp_path, model):
     from ctseg.config import save_config
-    from ctseg.train.checkpoint import atomic_torch_save
+    from ctseg.models.weights import atomic_torch_save
 
     previous = os.umask(0o027)
     try:

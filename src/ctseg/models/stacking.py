@@ -331,7 +331,7 @@ def average_members(maps: Sequence[np.ndarray], targets: Sequence[str], num_clas
 
 def save_meta_model(model: StackingMetaModel, path: str | Path) -> None:
     """Weights (state dict, atomic); the architecture is re-created from `in_channels` / `num_classes`."""
-    from ctseg.train.checkpoint import atomic_torch_save
+    from ctseg.models.weights import atomic_torch_save
 
     atomic_torch_save({"state_dict": model.state_dict(), "in_channels": model.in_channels,
                        "num_classes": model.num_classes,

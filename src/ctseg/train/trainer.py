@@ -36,8 +36,8 @@ from ctseg.config import ExperimentConfig, config_to_dict, parse_config
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_write_text
 from ctseg.train import distributed as D
-from ctseg.train.checkpoint import (atomic_torch_save, capture_rng_state, load_resume_state, load_state_dict_file,
-                                    restore_rng_state, save_resume_state)
+from ctseg.models.weights import atomic_torch_save, load_state_dict_file
+from ctseg.train.checkpoint import capture_rng_state, load_resume_state, restore_rng_state, save_resume_state
 from ctseg.train.data import (TrainStream, make_loader, output_classes, step_seed, to_network_batch,
                               validate_cases)
 
