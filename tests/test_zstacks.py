@@ -12,12 +12,13 @@ from torch import nn
 
 from ctseg.config import ExperimentConfig, parse_config
 from ctseg.errors import CtsegError
-from ctseg.predict import predict_network, softmax_3d
+from ctseg.inference.predict import predict_network
+from ctseg.inference.windows import softmax_3d
 from ctseg.preprocess.slices import sample_slices
 from ctseg.preprocess.zstacks import (expected_gap, inference_stride, sampled_stacks, window_starts,
                                       z_stacks)
 from ctseg.train.data import BatchPlan, draw_stacks, predict_cached
-from ctseg.train.trainer import TrainedModel
+from ctseg.inference.trained import TrainedModel
 
 W = 16
 

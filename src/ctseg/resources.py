@@ -137,7 +137,7 @@ def training_step_bytes(cfg, num_classes: int) -> float:
 
 def inference_bytes(cfg, num_classes: int, n_models: int, shape_zyx: tuple[int, int, int],
                     batch_size: int | None, probabilities: bool) -> float:
-    """Estimated peak bytes of `ctseg.predict.predict_volume` on a (z, y, x) volume."""
+    """Estimated peak bytes of `ctseg.inference.predict.predict_volume` on a (z, y, x) volume."""
     z, h, w = (float(v) for v in shape_zyx)
     s = float(cfg.preprocess.in_plane_size)
     if cfg.model.dim == "2d":

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def collect(paths: list[Path]):
     """Records and training-log paths from run folders or results files."""
-    from ctseg.cv import cv_log_csvs, load_cv_records
+    from ctseg.cv.run import cv_log_csvs, load_cv_records
 
     records, curves = [], {}
     for p in paths:
@@ -62,7 +62,8 @@ def _load_results_file(path: Path) -> list:
 
 def summary_table(records, title: str = "Dice, paper protocol (mean ± std over volumes)") -> Table:
     """Table 2 as a rich table."""
-    from ctseg.evaluate.report import class_names, models_in_order, summary_table as summarize
+    from ctseg.evaluate.records import models_in_order
+    from ctseg.evaluate.report import class_names, summary_table as summarize
 
     classes = class_names(records)
     t = summarize(records, "dice_paper", classes)

@@ -98,12 +98,12 @@ def run(args: argparse.Namespace) -> int:
     case_ids, layout = None, args.layout
     if args.cv_dir:
         specs, manifest = model_specs_from_cv(args.cv_dir)
-        data = args.data or Path(manifest["data"])
+        data = args.data or Path(manifest.data)
         if args.data is None:
-            layout = manifest.get("layout", "auto")
+            layout = manifest.layout
         from ctseg.evaluate.folds import load_folds
 
-        case_ids = [cid for fold in load_folds(manifest["folds_file"]).folds for cid in fold]
+        case_ids = [cid for fold in load_folds(manifest.folds_file).folds for cid in fold]
     else:
         if args.data is None:
             raise CtsegError("--model needs --data DIR (labelled volumes)")

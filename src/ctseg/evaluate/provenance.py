@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from ctseg.errors import CtsegError
+from ctseg.runs import PROVENANCE_VERSION
 
-PROVENANCE_VERSION = 1
 EXIT_CODES = {"clean": 0, "leak": 1, "unproven": 3}
 _MODEL_PARTS = (("weights_fitted_on", "train_ids", "weights fitted on"),
                 ("checkpoint_selected_on", "val_ids", "checkpoint selected on"),

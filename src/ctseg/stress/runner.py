@@ -3,13 +3,13 @@
 Models come in two ways:
 
 - `model_specs_from_dirs([[RUN, ...], ...])`: each inner list is one model (several folders = an ensemble via
-  `ctseg.predict`); a folder is a training run, a CV fold folder, a whole CV run (all its folds) or a stacked
+  `ctseg.inference.predict`); a folder is a training run, a CV fold folder, a whole CV run (all its folds) or a stacked
   ensemble (`ctseg.inference.models`).
 - `model_specs_from_cv([CV_RUN, ...])`: each cross-validation run is one model, and every volume is predicted
   by the fold model that did not train on it (out-of-fold; the fold's `run.json` train/val ids are checked).
 
 Each (volume, axis, severity) is perturbed once (`ctseg.stress.perturb`) and every model predicts it with
-`ctseg.predict.predict_volume` (whole volume, label back on the perturbed grid); predictions are scored on the
+`ctseg.inference.predict.predict_volume` (whole volume, label back on the perturbed grid); predictions are scored on the
 original grid (re-sliced axes: nearest-neighbour resampling of the prediction by physical position) or on the
 perturbed grid against the perturbed label. The clean prediction is made once per volume and model and counts
 as every axis's clean severity.
@@ -40,15 +40,17 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from ctseg.config import StressConfig, atomic_write_text
+from ctseg.config import StressConfig
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_write_text
+from ctseg.runs import CVRun, TrainingRun
 from ctseg.stress.perturb import AXES, DegenerateSeverity, estimate_noise_hu
 
 if TYPE_CHECKING:
+    from ctseg.inference.predict import Models
+    from ctseg.inference.trained import TrainedModel
     from ctseg.io import Volume
-    from ctseg.predict import Models
     from ctseg.stress.perturb import Perturbed
-    from ctseg.train.trainer import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +80,9 @@ class ModelSpec:
         return {**d, "stack": str(self.stack)} if self.stack is not None else d
 
 
-def _run_info(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / "run.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CtsegError(f"run.json unreadable ({err})", model_dir) from None
-
-
 def model_specs_from_dirs(groups: Sequence[Sequence[str | Path]]) -> list[ModelSpec]:
     """One `ModelSpec` per group of model folders (a group of several is an ensemble; a stack is used alone)."""
-    from ctseg.evaluate.report import display_name
+    from ctseg.evaluate.records import display_name
     from ctseg.inference.models import resolve_model
 
     specs, names = [], set()
@@ -97,7 +92,7 @@ def model_specs_from_dirs(groups: Sequence[Sequence[str | Path]]) -> list[ModelS
         if stacks and len(sources) > 1:
             raise CtsegError("a stacked ensemble is used alone: give it after its own --model", stacks[0].path)
         dirs = [d for s in sources for d in s.run_dirs]
-        cfg = _run_info(dirs[0]).get("config", {})
+        cfg = TrainingRun.read(dirs[0]).config
         arch, dim = cfg.get("model", {}).get("arch", "?"), cfg.get("model", {}).get("dim", "")
         aug = str(cfg.get("augment", {}).get("name", "?"))
         if stacks:
@@ -119,35 +114,33 @@ def model_specs_from_dirs(groups: Sequence[Sequence[str | Path]]) -> list[ModelS
     return specs
 
 
-def model_specs_from_cv(cv_dirs: Sequence[str | Path]) -> tuple[list[ModelSpec], dict]:
-    """One out-of-fold `ModelSpec` per CV run, and the runs' common manifest (data, layout, folds file)."""
-    from ctseg.cv import _fold_dir, _trained_on, read_cv_manifest
+def model_specs_from_cv(cv_dirs: Sequence[str | Path]) -> tuple[list[ModelSpec], CVRun]:
+    """One out-of-fold `ModelSpec` per CV run, and the first run's record (data, layout, folds file: common)."""
     from ctseg.evaluate.folds import load_folds
-    from ctseg.evaluate.report import display_name
+    from ctseg.evaluate.records import display_name
 
     specs, manifests = [], []
     for d in cv_dirs:
         d = Path(d).resolve()
-        info = read_cv_manifest(d)
+        info = CVRun.read(d)
         manifests.append(info)
-        folds = load_folds(info["folds_file"])
+        folds = load_folds(info.folds_file)
         fold_dirs, test_of = {}, {}
-        for k in range(int(info["n_folds"])):
-            mdir = _fold_dir(d, k) / "model"
+        for k in range(info.n_folds):
+            mdir = info.model_dir(k)
             if not (mdir / "model_best.pt").is_file():
                 raise CtsegError(f"fold {k} has no trained model (model_best.pt); finish the cross-validation first",
                                  mdir)
             fold_dirs[k] = mdir
-            trained = _trained_on(d, k)
+            trained = info.fold_run(k).trained_on()
             for cid in folds.test_ids(k):
                 if cid in trained:
                     raise CtsegError(f"fold {k}'s model trained on its own test case {cid}", mdir)
                 test_of[cid] = k
-        display = display_name(info["arch"], info["dim"], info["aug"], info.get("variant", ""))
-        specs.append(ModelSpec(info["name"], display, str(info["aug"]), folds=fold_dirs, test_of=test_of,
-                               source=str(d)))
+        display = display_name(info.arch, info.dim, info.aug, info.variant)
+        specs.append(ModelSpec(info.name, display, info.aug, folds=fold_dirs, test_of=test_of, source=str(d)))
     for key in ("data", "layout", "folds_file"):
-        values = {str(m[key]) for m in manifests}
+        values = {str(getattr(m, key)) for m in manifests}
         if len(values) != 1:
             raise CtsegError(f"the cross-validation runs differ in {key}: {sorted(values)}; give runs of one "
                              "experiment")
@@ -157,8 +150,8 @@ def model_specs_from_cv(cv_dirs: Sequence[str | Path]) -> tuple[list[ModelSpec],
 
 
 def _check_classes(spec: ModelSpec, run_dir: Path, dataset_classes: dict[int, str], data_dir: str | Path) -> None:
-    info = _run_info(run_dir)
-    model_classes = {int(k): str(v) for k, v in (info.get("dataset_classes") or info.get("classes") or {}).items()}
+    run = TrainingRun.read(run_dir)
+    model_classes = run.dataset_classes or run.classes
     if model_classes != {int(k): str(v) for k, v in dataset_classes.items()}:
         raise CtsegError(f"model {spec.name} ({run_dir}) was trained on classes {model_classes}, but the dataset "
                          f"has {dict(dataset_classes)}; stress-test it on data with the same labels", data_dir)
@@ -248,7 +241,7 @@ def _check_reacquired(pert: Perturbed, image: Volume, axis: str, case_id: str, d
 
 
 def _predict(models: Models, image: Volume, device: torch.device, batch_size: int | None) -> Volume:
-    from ctseg.predict import predict_volume
+    from ctseg.inference.predict import predict_volume
 
     return predict_volume(image, models, device=device, batch_size=batch_size).label
 
@@ -270,12 +263,12 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
     case_ids: the volumes to draw from (default: every labelled case of the dataset; CV mode: the folds' cases).
     messages: skipped severities are appended here as text naming the case (and logged).
     """
-    from ctseg.cv import progress_bar
+    from ctseg.progress import progress_bar
     from ctseg.datasets import open_dataset
     from ctseg.io import resample_to
     from ctseg.stress.phantom_reacquire import PARAMETERS, phantom_recipes, reacquire
-    from ctseg.train.distributed import resolve_device
-    from ctseg.train.trainer import load_trained
+    from ctseg.inference.trained import load_trained
+    from ctseg.runtime import resolve_device
 
     out = Path(out_dir)
     dataset = open_dataset(data_dir, layout)
@@ -326,8 +319,8 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
     eval_classes: dict[str, dict[int, str]] = {}
     merges: dict[str, bool] = {}
     structures: list[str] = []
-    from ctseg.cv import _eval_classes
-    from ctseg.predict import check_members
+    from ctseg.cv.scoring import eval_classes as _eval_classes
+    from ctseg.inference.predict import check_members
 
     stacks: dict[str, Models] = {}
     for spec in models:

@@ -112,11 +112,3 @@ def gather_objects(obj, ctx: DistContext) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-
-def broadcast_object(obj, ctx: DistContext):
-    """Rank 0's `obj` on every rank."""
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
