@@ -29,9 +29,6 @@ HELP = "segment a CT volume (NIfTI / NRRD / MHA file or DICOM folder) or a folde
 
 log = logging.getLogger(__name__)
 
-_NIFTI_LIKE = (".nii.gz", ".nii", ".nrrd", ".mha")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ctseg.inference.models import KINDS_HELP
 
@@ -66,8 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _is_folder_mode(args: argparse.Namespace) -> bool:
     """A folder of cases in, a folder out: the input is a folder and the output has no file suffix."""
+    from ctseg.io import WRITE_SUFFIXES
+
     name = args.output.name.lower()
-    return args.input.is_dir() and not name.endswith(_NIFTI_LIKE + (".dcm",)) and args.output_type == "nifti"
+    return args.input.is_dir() and not name.endswith(WRITE_SUFFIXES + (".dcm",)) and args.output_type == "nifti"
 
 
 def _options(args: argparse.Namespace):

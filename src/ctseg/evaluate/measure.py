@@ -28,11 +28,6 @@ from ctseg.evaluate.metrics import structures
 from ctseg.io import Volume
 
 
-def axial_axis(volume: Volume) -> int:
-    """Array axis (0, 1 or 2) along which the volume's slices are axial (closest to LPS S)."""
-    return volume.slice_axis()
-
-
 def max_feret_2d(mask: np.ndarray, spacing: tuple[float, float]) -> float:
     """Largest distance (mm) between two points of a 2D mask's outer boundary (pixel corners).
 
@@ -119,7 +114,7 @@ def measure_structures(label_vol: Volume, image_vol: Volume | None, classes: dic
         raise CtsegError(f"image {image_vol.shape} and label {label_vol.shape} are not on the same grid",
                          label_vol.meta.get("path"))
     image = image_vol.array if image_vol is not None else None
-    axis = axial_axis(label_vol)
+    axis = label_vol.slice_axis()
     struct = ndimage.generate_binary_structure(3, connectivity)
     result: dict[str, dict] = {}
     for name, values in structures(classes).items():
