@@ -164,7 +164,7 @@ def test_inference_gaps_match_training_gaps(z, lo, hi):
 @pytest.mark.parametrize("z", [7, 16, 45, 130])
 @pytest.mark.parametrize("mode", ["sampled", "strided", "contiguous"])
 def test_predict_and_validation_agree(z, mode):
-    """predict.py and validation (`predict_cached`) run the same stacks, blending and passes."""
+    """Inference (`ctseg.inference.windows`) and validation (`predict_cached`) share stacks, blending, passes."""
     image = _volume(z) + np.random.default_rng(z).normal(0, 0.05, (z, 4, 4)).astype(np.float32)
     lo, hi = z // 4, z // 2
     probs, _, _ = predict_network(image, _member(Recorder(lo, hi), mode), "cpu", batch_size=1)

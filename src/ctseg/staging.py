@@ -96,7 +96,7 @@ class StagedOutputs:
     def __enter__(self) -> "StagedOutputs":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for tmp in self._pending.values():
             tmp.unlink(missing_ok=True)
         self._pending.clear()

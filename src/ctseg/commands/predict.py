@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -24,6 +25,10 @@ from rich.table import Table
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import add_threads_argument, overlap_fraction, positive_int
 from ctseg.errors import CtsegError
+
+if TYPE_CHECKING:
+    from ctseg.inference.api import CaseOutcome, FolderResult, PredictOptions
+    from ctseg.inference.cases import CaseInput
 
 HELP = "segment a CT volume (NIfTI / NRRD / MHA file or DICOM folder) or a folder of cases with trained model(s)"
 
@@ -69,7 +74,7 @@ def _is_folder_mode(args: argparse.Namespace) -> bool:
     return args.input.is_dir() and not name.endswith(WRITE_SUFFIXES + (".dcm",)) and args.output_type == "nifti"
 
 
-def _options(args: argparse.Namespace):
+def _options(args: argparse.Namespace) -> PredictOptions:
     from ctseg.inference import PredictOptions
 
     return PredictOptions(device=args.device, batch_size=args.batch_size, overlap=args.overlap,
@@ -133,10 +138,10 @@ def _run_folder(args: argparse.Namespace) -> int:
     with progress as bar:
         task = bar.add_task("cases", total=None)
 
-        def start(case) -> None:
+        def start(case: CaseInput) -> None:
             bar.update(task, description=escape(case.case_id))
 
-        def finished(outcome) -> None:
+        def finished(outcome: CaseOutcome) -> None:
             if outcome.status == "failed":
                 console.print(f"[bold red]failed:[/] {escape(outcome.case.case_id)}: {escape(outcome.detail)}",
                               highlight=False, soft_wrap=True)
@@ -151,7 +156,7 @@ def _run_folder(args: argparse.Namespace) -> int:
     return _summary(result)
 
 
-def _summary(result) -> int:
+def _summary(result: FolderResult) -> int:
     kind = f" ({result.layout} dataset)" if result.layout else ""
     table = Table(title=f"{escape(str(result.input))}{kind} -> {escape(str(result.output))}")
     for col in ("case", "status", "detail"):

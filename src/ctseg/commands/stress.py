@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -17,6 +18,9 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import add_threads_argument, positive_int, seed_int
 from ctseg.errors import CtsegError
 from ctseg.fileutil import output_lock
+
+if TYPE_CHECKING:
+    from ctseg.config import StressConfig
 
 HELP = "score trained models under acquisition shifts (slice thickness, dose, calibration, contrast, position)"
 
@@ -52,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _stress_config(args: argparse.Namespace):
+def _stress_config(args: argparse.Namespace) -> StressConfig:
     from ctseg.config import ExperimentConfig, StressConfig, load_config
 
     if args.config is not None:

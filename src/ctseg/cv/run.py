@@ -51,8 +51,6 @@ from ctseg.progress import progress_bar
 from ctseg.runs import (PROVENANCE_VERSION, CVRun, StackRun, TrainingRun, fold_dir, previous_sources,
                         training_completed)
 from ctseg.runtime import resolve_device
-from ctseg.train.splits import fold_validation_split
-from ctseg.train.trainer import config_differences, train_model
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -196,6 +194,9 @@ def run_cv(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, fol
     folds: fold indices to run (default all). cache_dir / folds_file default to `out_dir/cache`,
     `out_dir/folds.json`; experiments share them between runs.
     """
+    from ctseg.train.splits import fold_validation_split
+    from ctseg.train.trainer import train_model  # the augmenters load when training starts
+
     out = Path(out_dir)
     ident = RunIdentity.of(cfg)
     cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
@@ -271,7 +272,7 @@ def write_fold_provenance(fdir: Path, k: int, test_ids: Sequence[str], scored_wi
 
 
 def close_fold(done: Path, fold_records: list[VolumeResult], bar: Progress, task: TaskID,
-                overall: TaskID) -> list[VolumeResult]:
+               overall: TaskID) -> list[VolumeResult]:
     """Write a fold's records (marking it done) and retire its progress task; returns the records."""
     write_fold_results(done, fold_records)
     bar.remove_task(task)
@@ -303,6 +304,8 @@ def _check_run_dir(out: Path, cfg: ExperimentConfig, sources: dict[str, str | No
             raise CtsegError(f"unreadable ({err})", cfg_path) from None
         a, b = _comparable(config_to_dict(old)), _comparable(config_to_dict(cfg))
         if a != b:
+            from ctseg.train.trainer import config_differences
+
             diffs = config_differences(a, b, ignore=())
             raise CtsegError("this folder holds a cross-validation of another configuration; choose another "
                              "output folder. Differences:\n  " + "\n  ".join(diffs[:20]), out)

@@ -31,11 +31,11 @@ from ctseg.inference.trained import load_trained
 from ctseg.progress import progress_bar
 from ctseg.runs import PROVENANCE_VERSION, CVRun, StackMember, StackRun, TrainingRun, fold_dir
 from ctseg.runtime import resolve_device
-from ctseg.train.losses import TanimotoCELoss
 
 if TYPE_CHECKING:
     from ctseg.models.stacking import MemberRun
     from ctseg.preprocess.cache import CaseCache
+    from ctseg.train.losses import TanimotoCELoss
 
 
 def member_run(run_dir: str | Path) -> MemberRun:

@@ -58,7 +58,7 @@ def largest_axial_diameter(mask: np.ndarray, spacing: tuple[float, float, float]
     return best
 
 
-def _bbox_of_values(label: np.ndarray, values, slab: int = 16) -> tuple[slice, ...] | None:
+def _bbox_of_values(label: np.ndarray, values: tuple[int, ...], slab: int = 16) -> tuple[slice, ...] | None:
     """Bounding box of the voxels holding any of `values` (None when there are none), found `slab`
     slices at a time: no mask of the whole volume (np.isin's temporaries are twice the label's size)."""
     hits = [np.zeros(n, dtype=bool) for n in label.shape]

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from ctseg.errors import CtsegError
-from ctseg.runs import PROVENANCE_VERSION
 
 EXIT_CODES = {"clean": 0, "leak": 1, "unproven": 3}
 _MODEL_PARTS = (("weights_fitted_on", "train_ids", "weights fitted on"),

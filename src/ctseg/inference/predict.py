@@ -295,13 +295,14 @@ class _Progress:
             self.bar = Progress(transient=True)
             self.task = self.bar.add_task(what, total=total)
 
-    def __enter__(self):
-        if self.bar is None:
+    def __enter__(self) -> Callable[[], None]:
+        bar = self.bar
+        if bar is None:
             return lambda: None
-        self.bar.start()
-        return lambda: self.bar.advance(self.task)
+        bar.start()
+        return lambda: bar.advance(self.task)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
 

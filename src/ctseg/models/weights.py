@@ -17,7 +17,7 @@ from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path
 
 
-def atomic_torch_save(obj, path: str | Path) -> None:
+def atomic_torch_save(obj: object, path: str | Path) -> None:
     """`torch.save` to a temporary file in the same folder, then rename over `path`."""
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -104,7 +104,7 @@ def mean_over_ranks(value: float, ctx: DistContext) -> float:
     return float(t.item()) / ctx.world_size
 
 
-def gather_objects(obj, ctx: DistContext) -> list:
+def gather_objects(obj: object, ctx: DistContext) -> list:
     """Every rank's `obj` (picklable, small), in rank order, on every rank."""
     if not ctx.enabled:
         return [obj]

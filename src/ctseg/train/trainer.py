@@ -25,7 +25,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, ContextManager, cast
 
 import numpy as np
 import torch
@@ -316,7 +316,7 @@ class Trainer:
             writer.writerow(flat)
         atomic_write_text(self.out_dir / "log.csv", buf.getvalue())
 
-    def _open_tensorboard(self):
+    def _open_tensorboard(self) -> Any:
         if not (self.cfg.train.tensorboard and self.ctx.is_main):
             return None
         try:
@@ -328,7 +328,7 @@ class Trainer:
 
     # -- the loop --
 
-    def _progress(self):
+    def _progress(self) -> ContextManager[Any]:
         if not (self.show_progress and self.ctx.is_main):
             return nullcontext(None)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -375,7 +375,7 @@ class Trainer:
                      for k in range(1, self.num_classes)}
         return per_class, float(np.mean(list(per_class.values())))
 
-    def _end_epoch(self, epoch: int, train_loss: float, seconds: float, tb) -> None:
+    def _end_epoch(self, epoch: int, train_loss: float, seconds: float, tb: Any) -> None:
         tc = self.cfg.train
         last = epoch + 1 == tc.epochs
         val_dice, val_mean = self._validate() if ((epoch + 1) % tc.val_every == 0 or last) else (None, None)
