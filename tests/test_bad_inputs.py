@@ -23,7 +23,7 @@ from ctseg.dicom import write_dicom_series
 from ctseg.io import Volume, write_volume
 from ctseg.models import build_model
 from ctseg.preprocess.windowing import IntensityPlan
-from ctseg.train.trainer import RUN_FORMAT
+from ctseg.runs import RUN_FORMAT
 
 REPO = Path(__file__).resolve().parents[1]
 KITS = {0: "background", 1: "kidney", 2: "tumour"}
