@@ -1,6 +1,7 @@
 # Two entry points, each installs what it needs into ./.venv:
 #   make demo   - the main job: phantom data -> CTIA vs MIA cross-validation -> ensemble -> report/
-#   make test   - the type check (mypy, config in pyproject.toml), then the test suite (CPU)
+#   make test   - the type check (mypy) and the layer check (lint-imports; both configured in pyproject.toml,
+#                 the layers in docs/ARCHITECTURE.md), then the test suite (CPU)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of PyTorch; set TORCH=torch (or a CUDA build) to use your own.
@@ -25,6 +26,7 @@ demo: $(STAMP)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 test: $(STAMP) typecheck
 	@bash scripts/ensure-chromium.sh

@@ -43,11 +43,11 @@ def main() -> None:
     from ctseg.config import ExperimentConfig
     from ctseg.io import Volume
     from ctseg.models import build_model
-    from ctseg.predict import predict_volume
+    from ctseg.inference.predict import predict_volume
     from ctseg.preprocess.slices import preprocess_volume
     from ctseg.preprocess.windowing import IntensityPlan
     from ctseg.runtime import resolve_device
-    from ctseg.train.trainer import TrainedModel
+    from ctseg.inference.trained import TrainedModel
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=300)

@@ -20,10 +20,10 @@ from ctseg.config import load_config
 from ctseg.datasets.phantom import iter_phantom_cases
 from ctseg.experiment import apply_profile
 from ctseg.models import build_model
-from ctseg.predict import predict_volume
+from ctseg.inference.predict import predict_volume
 from ctseg.preprocess.windowing import IntensityPlan
 from ctseg.stress.perturb import AXES, estimate_noise_hu
-from ctseg.train.trainer import TrainedModel
+from ctseg.inference.trained import TrainedModel
 
 REPO = Path(__file__).resolve().parents[1]
 

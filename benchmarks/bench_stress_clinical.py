@@ -8,7 +8,7 @@ Then, each in its own subprocess, which reports its peak resident memory (VmHWM)
 
 - `ctseg predict` of the case (the anchor of the memory figure);
 - `ctseg stress` of the same case, one model, axes thickness-factor, dose, contrast, rotation, one shifted
-  severity each (and the clean one); the forward passes are timed by wrapping `ctseg.predict.predict_network`
+  severity each (and the clean one); the forward passes are timed by wrapping `ctseg.inference.predict.predict_network`
   (the forward passes, softmax and ensemble combination at network resolution), the whole prediction by the
   rows' `seconds_predict` (preprocess, forward, restore to 512 x 512, argmax, resample, Dice). The figure is
   (sum of seconds_predict - forward) / forward: the non-forward time per prediction against the forward time
@@ -47,7 +47,7 @@ MODEL = {"seed": 0, "data": {"layout": "kits19", "task": "kidney"},
 
 def _child(argv: list[str]) -> None:
     """`--child ARGS...`: `ctseg ARGS` with the forward passes timed; prints {"peak", "forward"} last."""
-    import ctseg.predict as predict
+    import ctseg.inference.predict as predict
 
     forward = [0.0]
     inner = predict.predict_network

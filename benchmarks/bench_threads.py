@@ -26,9 +26,9 @@ def _child(threads: int, slices: int, repeats: int) -> None:
     from ctseg.config import load_config
     from ctseg.io import Volume
     from ctseg.models import build_model
-    from ctseg.predict import predict_volume
+    from ctseg.inference.predict import predict_volume
     from ctseg.preprocess.windowing import IntensityPlan
-    from ctseg.train.trainer import TrainedModel
+    from ctseg.inference.trained import TrainedModel
 
     torch.set_num_threads(threads)
     cfg = load_config(REPO / "configs" / "demo.yaml")

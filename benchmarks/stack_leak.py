@@ -33,7 +33,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     from ctseg.config import config_to_dict, load_config, parse_config
-    from ctseg.cv import load_cv_records, run_cv, run_stack, RunIdentity
+    from ctseg.cv import RunIdentity, run_cv, run_stack
+    from ctseg.cv.run import load_cv_records
     from ctseg.datasets.phantom import write_phantom_dataset
     from ctseg.experiment import apply_profile, run_configs
 

@@ -1,7 +1,7 @@
 """3D inference z-context: contiguous windows vs strided vs sampled stacks, on thin- and thick-slice phantoms.
 
 A 3D model trained on 16 random sorted slices (the paper's sampler, `sample_slices`) is run over held-out
-phantom volumes with every `predict.z_context` (`ctseg.predict.softmax_3d`, through `predict_network` on the
+phantom volumes with every `predict.z_context` (`ctseg.inference.windows.softmax_3d`, through `predict_network` on the
 cached network input, as `ctseg cv` does), and Dice is measured at network resolution against the cached
 label: kidney, tumour, total (kidney + tumour). The same anatomies are rendered twice, with 1.25 mm slices
 (thin, ~100-250 slices) and 5 mm slices (thick, ~25-60 slices), so thin and thick differ only in acquisition.
@@ -121,7 +121,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(trained, cache, test_ids: list[str]) -> list[dict]:
-    from ctseg.predict import predict_network
+    from ctseg.inference.predict import predict_network
 
     rows = []
     for cid in test_ids:
@@ -173,7 +173,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from ctseg.train.trainer import load_trained, train_model
+    from ctseg.inference.trained import load_trained
+    from ctseg.train.trainer import train_model
 
     ths = [1.25, 2.5, 3.75, 5.0]
     train = [(f"train_{i:03d}", 1000 + i, ths[i % 4] if args.train_set == "mixed" else None)

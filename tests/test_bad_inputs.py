@@ -23,7 +23,7 @@ from ctseg.dicom import write_dicom_series
 from ctseg.io import Volume, write_volume
 from ctseg.models import build_model
 from ctseg.preprocess.windowing import IntensityPlan
-from ctseg.train.trainer import RUN_FORMAT
+from ctseg.runs import RUN_FORMAT
 
 REPO = Path(__file__).resolve().parents[1]
 KITS = {0: "background", 1: "kidney", 2: "tumour"}
@@ -419,7 +419,7 @@ def test_stale_temporaries_are_swept_and_stats_only_when_asked(tmp_path, model, 
     src = nifti(tmp_path / "ct.nii.gz")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    stale = [out_dir / ".tmp-0badc0de-seg.nii.gz", out_dir / ".stats.json.x1y2z3.tmp"]
+    stale = [out_dir / ".tmp-0badc0de-seg.nii.gz", out_dir / ".tmp-0badc0de-stats.json"]
     fresh = out_dir / ".tmp-12345678-seg.nii.gz"  # another run may be writing it right now
     for p in [*stale, fresh]:
         p.write_bytes(b"partial")
@@ -608,7 +608,7 @@ def test_killed_preprocess_temporaries_are_swept(tmp_path):
     from ctseg.preprocess.cache import CASES_DIR
 
     root = tiny_cache(tmp_path / "cache")
-    stale = root / CASES_DIR / ".a_image.npy.k1ll3d.tmp"
+    stale = root / CASES_DIR / ".tmp-0badc0de-a_image.npy"
     stale.write_bytes(b"x" * 1000)
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     tiny_cache(root)
@@ -680,7 +680,7 @@ def test_inference_that_cannot_fit_in_memory_is_refused(tmp_path, capsys):
 
 def test_outputs_follow_the_umask(tmp_path, model):
     from ctseg.config import save_config
-    from ctseg.train.checkpoint import atomic_torch_save
+    from ctseg.models.weights import atomic_torch_save
 
     previous = os.umask(0o027)
     try:

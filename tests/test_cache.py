@@ -214,7 +214,7 @@ def test_cli_preprocess_on_a_kits19_folder(tmp_path, capsys):
 def test_fold_plans_use_only_the_folds_training_cases(tmp_path):
     """No test case's voxels enter its fold's intensity plan: the plan is drawn from the fold's training cases,
     stays the same when the test cases' intensities change, and equal plans share one cache folder."""
-    from ctseg.cv import fold_cache, fold_cache_dir
+    from ctseg.cv.run import fold_cache, fold_cache_dir
     from ctseg.evaluate.folds import Folds
 
     cases = [synthetic_case(f"case_{i:05d}", i, z=8 + i) for i in range(6)]

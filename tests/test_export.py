@@ -9,7 +9,8 @@ from ctseg.cli import main as cli_main
 from ctseg.dicom import write_dicom_series
 from ctseg.errors import CtsegError
 from ctseg.export import label_on_instance, write_dicom_seg, write_rtstruct
-from ctseg.io import Volume, read_dicom_series, read_volume, resample_to
+from ctseg.dicom import read_dicom_series
+from ctseg.io import Volume, read_volume, resample_to
 
 KITS = {0: "background", 1: "kidney", 2: "tumour"}
 

@@ -23,7 +23,7 @@ from ctseg.inference import load_models, predict_file, predict_folder
 from ctseg.inference.folder import prefetch_plan
 from ctseg.inference.cases import find_cases, header_shape
 from ctseg.io import Volume, read_volume, write_volume
-from ctseg.predict import StackedModel, predict_network
+from ctseg.inference.predict import StackedModel, predict_network
 from test_bad_inputs import ct_array, dicom, nifti, one_line_error, tiny_cache, tiny_msd_config, write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_model_folder_messages_point_to_what_works(experiment, tmp_path, capsys)
     assert "give the finished fold folders (fold_<k>)" in one_line_error(capsys.readouterr().err)
     assert _predict(case, tmp_path / "b.nii.gz", cv / "fold_0") == 0
     # load_trained on a CV folder points to load_models, which loads it
-    from ctseg.train.trainer import load_trained
+    from ctseg.inference.trained import load_trained
 
     with pytest.raises(CtsegError, match="load it with ctseg.inference.load_models"):
         load_trained(out / "runs" / "unet-2d-none")

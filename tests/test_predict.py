@@ -15,12 +15,14 @@ from ctseg.cli import main as cli_main
 from ctseg.config import ExperimentConfig
 from ctseg.dicom import write_dicom_series
 from ctseg.errors import CtsegError
-from ctseg.io import Volume, read_dicom_series, read_volume, write_volume
-from ctseg.predict import predict_network, predict_volume, write_probabilities
+from ctseg.dicom import read_dicom_series
+from ctseg.io import Volume, read_volume, write_volume
+from ctseg.inference.predict import predict_network, predict_volume, write_probabilities
 from ctseg.preprocess.zstacks import blend_weights, window_starts
 from ctseg.preprocess.slices import network_grid, preprocess_volume
 from ctseg.preprocess.windowing import IntensityPlan
-from ctseg.train.trainer import RUN_FORMAT, TrainedModel
+from ctseg.inference.trained import TrainedModel
+from ctseg.runs import RUN_FORMAT
 
 KITS = {0: "background", 1: "kidney", 2: "tumour"}
 # x = HU / 100 after z-scoring: thresholds at 100 HU (x = 1) and 300 HU (x = 3)
@@ -317,9 +319,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(2)
     from ctseg.config import ExperimentConfig
     from ctseg.io import Volume
-    from ctseg.predict import predict_volume
+    from ctseg.inference.predict import predict_volume
     from ctseg.preprocess.windowing import IntensityPlan
-    from ctseg.train.trainer import TrainedModel
+    from ctseg.inference.trained import TrainedModel
 
     vol = Volume(np.full((1000, 512, 512), -1000, np.int16), (1.0, 0.8, 0.8), direction=np.diag([1.0, -1.0, 1.0]))
     vol.array[100:900, 150:350, 100:300] = 200
@@ -378,7 +380,7 @@ def test_network_input_normalises_only_the_box(box, rng):
 def test_label_restored_in_the_box_equals_the_full_grid_argmax(box, as_tensor, rng):
     """The label is the argmax over the box only (background outside): the same labels as restoring every
     class to the whole grid first (the path kept for --probabilities), boxes reaching outside the grid included."""
-    from ctseg.predict import restore_label
+    from ctseg.inference.predict import restore_label
 
     probs = torch.softmax(torch.from_numpy(rng.normal(0, 2, (3, 9, 12, 12)).astype(np.float32)), dim=0)
     probs[:, 0] = 1 / 3  # exact ties: the lower class wins in both

@@ -282,7 +282,8 @@ def test_unrepresentable_values_and_unknown_voxel_size_are_refused(build, name, 
 def test_damaged_dicom_slice_is_named(tmp_path, caplog):
     from ctseg.dicom import write_dicom_series
     from ctseg.errors import CtsegError
-    from ctseg.io import read_dicom_files, read_volume
+    from ctseg.dicom import read_dicom_files
+    from ctseg.io import read_volume
 
     paths = write_dicom_series(Volume(ct_array((6, 24, 24)), (2.0, 0.8, 0.8)), tmp_path / "series")
     damaged = Path(paths[2])

@@ -8,8 +8,8 @@ import torch
 from scipy.stats import norm
 
 from ctseg.evaluate.quality import FlagRule, flag_unusual, foreground_mask, member_agreement
-from ctseg.evaluate.report import VolumeResult
-from ctseg.predict import _argmax_uint8
+from ctseg.evaluate.records import VolumeResult
+from ctseg.inference.windows import argmax_uint8
 
 
 def _probs(label: np.ndarray, n_classes: int, confidence: float = 0.9) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_foreground_mask_matches_predict_argmax_including_ties():
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(3), size=(4, 6, 6)).transpose(3, 0, 1, 2).astype(np.float32)
     p[:, 0, 0, :3] = [[0.4, 0.4, 0.2], [0.4, 0.2, 0.4], [0.3, 0.35, 0.35]]  # ties: background wins the first
-    ref = (_argmax_uint8(torch.from_numpy(p)) != 0).numpy()
+    ref = (argmax_uint8(torch.from_numpy(p)) != 0).numpy()
     assert np.array_equal(foreground_mask(p), ref)
     assert not foreground_mask(p)[0, 0, 0] and foreground_mask(p)[0, 0, 2]
 

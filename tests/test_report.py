@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from ctseg.evaluate.plots import overlay_slice_index, save_overlay_slice
-from ctseg.evaluate.report import (QUALITY_TITLE, VolumeResult, display_name, headline, load_results, quality_flags,
-                                   std_ratios, stat, thickness_group_of, thickness_labels, write_report)
+from ctseg.evaluate.records import VolumeResult, display_name, thickness_group_of, thickness_labels
+from ctseg.evaluate.report import (QUALITY_TITLE, headline, load_results, quality_flags, std_ratios, stat,
+                                   write_report)
 
 PAPER_ROWS = ["nnU-Net + MIA 2D", "nnU-Net + CTIA 2D", "nnU-Net + MIA 3D", "nnU-Net + CTIA 3D",
               "MS-D Net + MIA 2D", "MS-D Net + CTIA 2D", "MS-D Net + MIA 3D", "MS-D Net + CTIA 3D",

@@ -15,7 +15,7 @@ from ctseg.experiment import apply_profile
 from ctseg.io import Volume, resample_to, to_canonical
 from ctseg.stress.perturb import (DegenerateSeverity, contrast_shift_map, correlated_noise, ct_noise_power_spectrum,
                                   estimate_noise_hu, hu_gain, hu_offset, resample_pixel_spacing, reslice_thickness,
-                                  rotate_in_plane, slice_axis)
+                                  rotate_in_plane)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +29,18 @@ def _step_volume(n=20, spacing=1.0, edge_after=10, kits=False):
     if kits:
         return to_kits19_orientation(img), to_kits19_orientation(lab)
     return img, lab
+
+
+def test_thickness_is_changed_along_the_slice_axis_of_the_pipeline_for_an_oblique_scan():
+    """A strongly oblique direction whose largest S component (index axis 1) is not the axis `to_canonical`
+    makes the slice axis (index axis 0, by the best permutation): the perturbation reslices the latter."""
+    direction = np.array([[0.531, -0.123, 0.839], [0.534, -0.72, -0.443], [0.659, 0.683, -0.317]])
+    arr = np.zeros((6, 7, 12), dtype=np.float32)
+    img = Volume(arr, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), direction)
+    lab = Volume(arr.astype(np.uint8), img.spacing, img.origin, direction)
+    assert img.slice_axis() == 2  # index axis 0 is array axis 2; index axis 1 (array axis 1) has the largest S part
+    out = reslice_thickness(img, lab, 3.0)
+    assert out.image.shape == (6, 7, 4) and out.image.spacing[2] == 3.0
 
 
 def _ramp_box_mean(a, b, edge=10.0):
@@ -64,7 +76,7 @@ def test_resliced_label_is_nearest_neighbour_of_original_and_kits_orientation():
     assert np.array_equal(out.label.array, ref.array) and out.label.same_geometry(out.image)
     # KiTS19 voxel order (slices on the last array axis, I-P-L affine): the slice axis comes from the geometry
     kimg, klab = _step_volume(n=20, edge_after=7, kits=True)
-    assert slice_axis(kimg) == 2 and slice_axis(img) == 0
+    assert kimg.slice_axis() == 2 and img.slice_axis() == 0
     kout = reslice_thickness(kimg, klab, 2.5)
     assert kout.image.shape[2] == out.image.shape[0] and kout.image.spacing[2] == 2.5
     canon, _ = to_canonical(kout.image)

@@ -21,10 +21,18 @@ from ctseg.errors import CtsegError
 from ctseg.io import Volume
 from ctseg.preprocess.cache import CaseCache, build_cache
 from ctseg.train.checkpoint import capture_rng_state, load_resume_state, restore_rng_state, save_resume_state
-from ctseg.train.data import BatchPlan, TrainStream, dice_scores, predict_cached, validate_cases
-from ctseg.train.trainer import fold_validation_split, load_trained, split_validation, train_model
+from ctseg.evaluate.metrics import dice
+from ctseg.train.data import BatchPlan, TrainStream, predict_cached, validate_cases
+from ctseg.inference.trained import load_trained
+from ctseg.train.splits import fold_validation_split, split_validation
+from ctseg.train.trainer import train_model
 
 SPACING = (2.0, 1.0, 1.0)
+
+
+def dice_scores(pred, truth, classes):
+    """Dice of each label value, as validation computes it."""
+    return {k: dice(pred == k, truth == k) for k in classes}
 
 
 def synthetic_case(case_id: str, seed: int, num_slices: int, size: int = 64, foreground: bool = True) -> Case:

@@ -12,12 +12,13 @@ from torch import nn
 
 from ctseg.config import ExperimentConfig, parse_config
 from ctseg.errors import CtsegError
-from ctseg.predict import predict_network, softmax_3d
+from ctseg.inference.predict import predict_network
+from ctseg.inference.windows import softmax_3d
 from ctseg.preprocess.slices import sample_slices
 from ctseg.preprocess.zstacks import (expected_gap, inference_stride, sampled_stacks, window_starts,
                                       z_stacks)
 from ctseg.train.data import BatchPlan, draw_stacks, predict_cached
-from ctseg.train.trainer import TrainedModel
+from ctseg.inference.trained import TrainedModel
 
 W = 16
 
@@ -163,7 +164,7 @@ def test_inference_gaps_match_training_gaps(z, lo, hi):
 @pytest.mark.parametrize("z", [7, 16, 45, 130])
 @pytest.mark.parametrize("mode", ["sampled", "strided", "contiguous"])
 def test_predict_and_validation_agree(z, mode):
-    """predict.py and validation (`predict_cached`) run the same stacks, blending and passes."""
+    """Inference (`ctseg.inference.windows`) and validation (`predict_cached`) share stacks, blending, passes."""
     image = _volume(z) + np.random.default_rng(z).normal(0, 0.05, (z, 4, 4)).astype(np.float32)
     lo, hi = z // 4, z // 2
     probs, _, _ = predict_network(image, _member(Recorder(lo, hi), mode), "cpu", batch_size=1)

@@ -22,7 +22,8 @@ import pkgutil
 import signal
 import sys
 from contextlib import contextmanager
-from typing import Protocol, cast
+from types import FrameType
+from typing import Iterator, Protocol, cast
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -73,12 +74,12 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
 
 
-def _raise_terminated(signum, frame) -> None:
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
 @contextmanager
-def _sigterm_as_exception():
+def _sigterm_as_exception() -> Iterator[None]:
     """While the verb runs, SIGTERM raises `Terminated` (only possible from the main thread)."""
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)

@@ -1,6 +1,6 @@
 """One typed experiment configuration: YAML in, validated, saved beside every result.
 
-Every section is a pydantic model with defaults from the paper (`shared/design/METHOD.md`);
+Every section is a pydantic model with defaults from the paper (`docs/PAPER_FIDELITY.md`);
 unknown keys, and a key given twice in one mapping, are refused so that a typo never silently falls back to
 a default or to the last value. Load with `load_config(path)` (which remembers the file in `cfg.source`, for
 messages about it), save with `save_config(cfg, path)` (atomic).
@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_write_text
+
+#: Largest seed: numpy's SeedSequence and torch.manual_seed both accept 0..2**32-1.
+MAX_SEED = 2**32 - 1
 
 
 class _Section(BaseModel):
@@ -338,7 +341,7 @@ class TrainConfig(_Section):
 
 
 class PredictConfig(_Section):
-    """How a 3D model sees z at inference (`ctseg.predict`, validation, CV test predictions): saved with every
+    """How a 3D model sees z at inference (`ctseg.inference.predict`, validation, CV test predictions): saved with every
     model, so a model is run as it was configured; 2D models ignore it (docs/PAPER_FIDELITY.md, point 5)."""
     z_context: Literal["sampled", "strided", "contiguous"] = Field(
         "sampled", description="sampled: a strided pass over all slices finds the foreground slices, then stacks "
@@ -346,7 +349,7 @@ class PredictConfig(_Section):
         "pass, then interleaved stacks at training's mean gap over all slices; contiguous: sliding windows of "
         "adjacent slices (gap 1, what training never shows a 3D model)")
     z_draws: int = Field(4, ge=1, description="sampled: random partitions of the foreground slices per volume")
-    z_seed: int = Field(0, ge=0, le=2**32 - 1, description="sampled: seed of the draws (the same for every volume)")
+    z_seed: int = Field(0, ge=0, le=MAX_SEED, description="sampled: seed of the draws (the same for every volume)")
 
 
 class CVConfig(_Section):
@@ -412,7 +415,7 @@ class SelectionConfig(_Section):
     axes: list[str] = Field(default_factory=_population_axes, min_length=1,
                             description="stress axes the score averages (default: the population shifts)")
     validation_fraction: float = Field(0.5, gt=0, lt=1, description="share of each fold's volumes for validation")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     tie_margin: float = Field(0.005, ge=0, le=1)
     candidates: list[str] | None = Field(None, description="arms the rule may pick (default: all experiment.augs)")
     n_boot: int = Field(2000, ge=100, le=100000, description="bootstrap resamples of the paired CIs")
@@ -426,9 +429,9 @@ class ExperimentMatrixConfig(_Section):
     dims: list[Literal["2d", "3d"]] = Field(default_factory=_paper_dims, min_length=1)
     augs: list[str] = Field(default_factory=_paper_augs, min_length=1,
                             description="augmentation arms: the paper's (mia, nnunet, ctia, none) or `augment.arms` keys")
-    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=lambda: [0], min_length=1,
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [0], min_length=1,
                              description="one run per seed and combination; more seeds give top_k more candidates")
-    stack_seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=list, description="extra seeds trained only for the stack's "
+    stack_seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=list, description="extra seeds trained only for the stack's "
                                    "member sets, so that stack.top_k picks among more candidates than it keeps")
     exclude: list[str] = Field(default_factory=list, description="combinations to leave out, as 'arch-dim', "
                                "e.g. ['unet-3d']")
@@ -466,7 +469,7 @@ class StressConfig(_Section):
                                                      "rotation", "pixel-spacing"], min_length=1)
     severities: dict[str, list[float]] = Field(default_factory=dict, description="axis -> severities")
     max_volumes: int | None = Field(None, ge=1, description="volumes drawn by `seed` (None: all)")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     failure_dice: float = Field(0.5, ge=0, le=1, description="a volume fails below this headline Dice")
     n_boot: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
 
@@ -487,7 +490,7 @@ class StressConfig(_Section):
 
 class ExperimentConfig(_Section):
     name: str = "ctseg"
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy and torch seeds derive from it")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="numpy and torch seeds derive from it")
     data: DataConfig = Field(default_factory=DataConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -4,7 +4,7 @@ cross-validated, plus stacking, one report.
 `run_experiment(cfg, data_dir, out_dir)` expands `cfg.experiment` into one configuration per combination
 (and per seed), cross-validates each on the shared cache and folds (`ctseg.cv.run_cv`), adds the runs the
 stack needs that the matrix lacks (e.g. the paper's 3D MS-D Nets on foreground), stacks per augmentation
-(`ctseg.cv.run_stack`) and writes the results and the report. Finished parts are skipped, so a killed
+(`ctseg.cv.stack.run_stack`) and writes the results and the report. Finished parts are skipped, so a killed
 experiment continues where it stopped. Output folder::
 
     config.yaml  cache/  folds.json  runs/<run>/  stack/<aug>/  stress/
@@ -126,8 +126,11 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
     jobs > 1: after the first cross-validation (which builds the shared caches and folds), the others run in
     `jobs` worker processes of one torch thread each, and the stress test in `jobs` parts by volume (small
     CPU networks train faster as N one-thread processes than as one N-thread process; results are identical)."""
-    from ctseg.cv import RunIdentity, cv_log_csvs, load_cv_records, progress_bar, run_cv, run_stack
-    from ctseg.evaluate.report import AUG_NAMES, display_name, stack_selection_section, write_report
+    from ctseg.cv import RunIdentity, run_cv, run_stack
+    from ctseg.cv.run import cv_log_csvs, load_cv_records
+    from ctseg.progress import progress_bar
+    from ctseg.evaluate.records import AUG_NAMES, display_name
+    from ctseg.evaluate.report import stack_selection_section, write_report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +223,7 @@ def run_experiment_stress(cfg: ExperimentConfig, cv_dirs: list[Path], data_dir: 
     from ctseg.stress.runner import choose_volumes, merge_stress_parts, model_specs_from_cv, run_stress
 
     specs, manifest = model_specs_from_cv(cv_dirs)
-    case_ids = [cid for fold in load_folds(manifest["folds_file"]).folds for cid in fold]
+    case_ids = [cid for fold in load_folds(manifest.folds_file).folds for cid in fold]
     dev = device if device is not None else cfg.train.device
     if jobs <= 1:
         run_stress(specs, data_dir, out_dir, cfg.stress, layout=cfg.data.layout, case_ids=case_ids,

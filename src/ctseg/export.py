@@ -9,7 +9,7 @@ a treatment-planning system shows them over the images they were computed from.
   type AUTOMATIC with the ctseg algorithm identification.
 - `write_rtstruct`: rt-utils, one ROI (closed planar contours per slice) per non-background class.
 
-The label map (any orientation, e.g. as `ctseg.io.read_dicom_series` returns it) is sampled onto
+The label map (any orientation, e.g. as `ctseg.dicom.read_dicom_series` returns it) is sampled onto
 each source instance's own pixel grid through physical coordinates (ImagePositionPatient,
 ImageOrientationPatient, PixelSpacing), so files stored in any order, flipped rows or reversed
 slice order come out right. Writes are atomic.

@@ -113,12 +113,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def refuse_overlap(out: str | Path, dataset: str | Path, option: str) -> None:
     """CtsegError when the output `out` (given as `option`) is the dataset folder, lies inside it or contains it:
     ctseg never writes into a dataset, and a dataset inside an output folder would be mixed with results."""

@@ -14,7 +14,7 @@ Conventions
 
 Formats: NIfTI (.nii, .nii.gz; read and written with nibabel so that qform/sform and their codes
 round-trip), NRRD/MetaImage (.nrrd, .nhdr, .mha, .mhd; SimpleITK) and DICOM series (folders; see
-`ctseg.dicom`, re-exported here: `read_dicom_series`, `read_dicom_files`, `list_dicom_series`).
+`ctseg.dicom`: `read_dicom_series`, `read_dicom_files`, `list_dicom_series`).
 
 Every reader enforces one definition of a usable geometry (`ctseg.geometry.usable_grid`): finite,
 full-rank, orthogonal (within 0.06 degrees), spacing 0.01..50 mm per axis; anything else is refused
@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 from isal import igzip
 
-from ctseg.dicom import SeriesInfo, list_dicom_series, read_dicom_files, read_dicom_series  # noqa: F401 (re-exported)
+from ctseg.dicom import read_dicom_series
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path
 from ctseg.geometry import usable_grid
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SITK_READ_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 SITK_WRITE_SUFFIXES = (".nrrd", ".mha")
+#: Files `read_volume` reads and `write_volume` writes (NIfTI first: ".nii.gz" before ".nii" when matching).
+READ_SUFFIXES = NIFTI_SUFFIXES + SITK_READ_SUFFIXES
+WRITE_SUFFIXES = NIFTI_SUFFIXES + SITK_WRITE_SUFFIXES
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -118,7 +121,7 @@ def read_volume(path: str | Path) -> Volume:
         return _read_sitk(path)
     if suffix == ".dcm":
         raise CtsegError("a single DICOM file: pass the folder of the series", path)
-    raise CtsegError(f"unsupported file type {suffix!r} (expected {NIFTI_SUFFIXES + SITK_READ_SUFFIXES} "
+    raise CtsegError(f"unsupported file type {suffix!r} (expected {READ_SUFFIXES} "
                      "or a DICOM folder)", path)
 
 
@@ -261,8 +264,8 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     """
     path = Path(path)
     suffix = _suffix(path)
-    if suffix not in NIFTI_SUFFIXES + SITK_WRITE_SUFFIXES:
-        raise CtsegError(f"cannot write {suffix!r}: use one of {NIFTI_SUFFIXES + SITK_WRITE_SUFFIXES}", path)
+    if suffix not in WRITE_SUFFIXES:
+        raise CtsegError(f"cannot write {suffix!r}: use one of {WRITE_SUFFIXES}", path)
     if volume.array.dtype == bool:
         volume = volume.with_array(volume.array.astype(np.uint8))
     with atomic_path(path) as tmp:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ctseg.config import ModelConfig
+from ctseg.config import ExperimentConfig, ModelConfig
 from ctseg.errors import CtsegError
 
 GIB = 2**30
@@ -124,7 +124,7 @@ def activation_values_per_pixel(model: ModelConfig, num_classes: int) -> float:
     return sum(2 * 3 * cps * f * frac for f, frac in _unet_stages(model)) + num_classes
 
 
-def training_step_bytes(cfg, num_classes: int) -> float:
+def training_step_bytes(cfg: ExperimentConfig, num_classes: int) -> float:
     """Estimated peak bytes of one training step of `cfg` (an ExperimentConfig)."""
     s = cfg.preprocess.in_plane_size
     if cfg.model.dim == "2d":
@@ -135,9 +135,9 @@ def training_step_bytes(cfg, num_classes: int) -> float:
     return activations + 4.0 * 4 * parameter_count(cfg.model, num_classes)
 
 
-def inference_bytes(cfg, num_classes: int, n_models: int, shape_zyx: tuple[int, int, int],
+def inference_bytes(cfg: ExperimentConfig, num_classes: int, n_models: int, shape_zyx: tuple[int, int, int],
                     batch_size: int | None, probabilities: bool) -> float:
-    """Estimated peak bytes of `ctseg.predict.predict_volume` on a (z, y, x) volume."""
+    """Estimated peak bytes of `ctseg.inference.predict.predict_volume` on a (z, y, x) volume."""
     z, h, w = (float(v) for v in shape_zyx)
     s = float(cfg.preprocess.in_plane_size)
     if cfg.model.dim == "2d":

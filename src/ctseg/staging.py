@@ -7,10 +7,9 @@ the same pattern as `ctseg.io.write_volume`, so writers still pick the format fr
 failed step never leaves a half-done set (e.g. a label map without its statistics).
 
 A run killed with SIGKILL cannot clean up; `sweep_stale_temporaries(path)` removes the temporaries
-of `path` that such runs left (both the `.tmp-<hex>-<name>` and the `.<name>.<random>.tmp` pattern)
-once they are older than `min_age_s`, so that a concurrent writer's fresh temporary is never touched.
-Temporary files are created with plain `open`, so they (and the outputs) follow the user's umask;
-`follow_umask` gives files made by `tempfile.mkstemp` (mode 0600) the same mode.
+of `path` that such runs left once they are older than `min_age_s`, so that a concurrent writer's fresh
+temporary is never touched. Temporary files are created with plain `open`, so they (and the outputs) follow
+the user's umask.
 """
 from __future__ import annotations
 
@@ -26,15 +25,6 @@ from ctseg.errors import CtsegError
 
 log = logging.getLogger(__name__)
 
-_STALE_PATTERNS = (".tmp-*-{name}", ".{name}.*.tmp")
-
-
-def follow_umask(fd: int) -> None:
-    """Give a file made by `tempfile.mkstemp` (always mode 0600) the mode a plain `open` would give it
-    under the user's umask, so that renamed outputs (runs, caches, PNGs, JSON) are as readable as the rest."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
 
 
 def sweep_stale_temporaries(path: str | Path, min_age_s: float = 60.0) -> list[Path]:
@@ -44,28 +34,27 @@ def sweep_stale_temporaries(path: str | Path, min_age_s: float = 60.0) -> list[P
         return []
     removed = []
     now = time.time()
-    for pattern in _STALE_PATTERNS:
-        for tmp in path.parent.glob(pattern.format(name=glob.escape(path.name))):
-            try:
-                if now - tmp.stat().st_mtime >= min_age_s and tmp.is_file():
-                    tmp.unlink()
-                    removed.append(tmp)
-            except OSError:  # removed meanwhile, or not ours to remove
-                continue
+    for tmp in path.parent.glob(f".tmp-*-{glob.escape(path.name)}"):
+        try:
+            if now - tmp.stat().st_mtime >= min_age_s and tmp.is_file():
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:  # removed meanwhile, or not ours to remove
+            continue
     for tmp in removed:
         log.warning("removed %s, a temporary left by an earlier run that was killed", tmp)
     return removed
 
 
 def sweep_stale_in_folder(folder: str | Path, min_age_s: float = 600.0) -> list[Path]:
-    """Remove every hidden temporary (`.tmp-*`, `.*.tmp`) directly in `folder` older than `min_age_s`
-    (a killed preprocess leaves its `.case.npy.XXXX.tmp` behind; a live one touches its file constantly)."""
+    """Remove every hidden temporary (`.tmp-*`) directly in `folder` older than `min_age_s` (a killed
+    preprocess leaves its `.tmp-<hex>-<case>.npy` behind; a live one touches its file constantly)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     now = time.time()
-    for tmp in {*folder.glob(".tmp-*"), *folder.glob(".*.tmp")}:
+    for tmp in folder.glob(".tmp-*"):
         try:
             if tmp.is_file() and now - tmp.stat().st_mtime >= min_age_s:
                 tmp.unlink()
@@ -107,7 +96,7 @@ class StagedOutputs:
     def __enter__(self) -> "StagedOutputs":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for tmp in self._pending.values():
             tmp.unlink(missing_ok=True)
         self._pending.clear()

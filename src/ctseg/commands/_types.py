@@ -6,8 +6,7 @@ import argparse
 import math
 from typing import Callable, TypeVar
 
-MAX_SEED = 2**32 - 1  # numpy SeedSequence and torch.manual_seed both accept 0..2**32-1
-
+from ctseg.config import MAX_SEED
 
 Number = TypeVar("Number", int, float)
 

@@ -23,9 +23,6 @@ HELP = "compare predicted label maps with references: Dice, HD95, surface Dice; 
 
 log = logging.getLogger(__name__)
 
-_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-PRESETS = {"kits": {0: "background", 1: "kidney", 2: "tumour"}, "chaos": {0: "background", 1: "liver"}}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", type=Path, required=True, help="predicted label file or folder")
@@ -40,8 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_classes(text: str) -> dict[int, str]:
-    if text.lower() in PRESETS:
-        return dict(PRESETS[text.lower()])
+    """--classes: a dataset's classes (kits, chaos) or 'VALUE=NAME,...' (background 0 added)."""
+    from ctseg.datasets import ChaosDataset, KiTS19Dataset
+
+    presets = {"kits": KiTS19Dataset.classes, "chaos": ChaosDataset.classes}
+    if text.lower() in presets:
+        return dict(presets[text.lower()])
     classes = {0: "background"}
     names: dict[str, int] = {}
     try:
@@ -64,45 +65,30 @@ def parse_classes(text: str) -> dict[int, str]:
     return classes
 
 
-def check_label_values(array, classes: dict[int, str], path: Path, role: str) -> None:
-    """Refuse a label map whose values are not whole numbers among `classes` (a CT image, probabilities,
-    or another dataset's labels would otherwise score Dice 0 without a word)."""
-    import numpy as np
-
-    lo, hi = float(array.min()), float(array.max())
-    if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
-        raise CtsegError(f"{role} holds non-integer values ({lo:g}..{hi:g}): a label map has whole class values "
-                         "(is this an image or a probability map?)", path)
-    if lo < 0 or hi > max(classes):
-        raise CtsegError(f"{role} holds values {lo:g}..{hi:g} outside the classes {sorted(classes)} (a CT image, "
-                         "or another dataset's labels? see --classes)", path)
-    present = np.flatnonzero(np.bincount(array.astype(np.int64, copy=False).ravel(), minlength=1))
-    unknown = sorted(set(present.tolist()) - set(classes))
-    if unknown:
-        raise CtsegError(f"{role} holds values {unknown} that are not among the classes {sorted(classes)} "
-                         "(see --classes)", path)
-
-
 def _case_id(path: Path) -> str:
+    from ctseg.io import WRITE_SUFFIXES
+
     name = path.name
-    for suffix in _SUFFIXES:
+    for suffix in WRITE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
 def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path]]:
+    from ctseg.io import WRITE_SUFFIXES
+
     if pred.is_file() and ref.is_file():
         return [(_case_id(ref), pred, ref)]
     if not (pred.is_dir() and ref.is_dir()):
         raise CtsegError("--pred and --ref must both be files or both be folders", pred if not pred.exists() else ref)
-    labels = lambda d: {_case_id(p): p for p in sorted(d.iterdir()) if p.name.lower().endswith(_SUFFIXES)}  # noqa: E731
+    labels = lambda d: {_case_id(p): p for p in sorted(d.iterdir()) if p.name.lower().endswith(WRITE_SUFFIXES)}  # noqa: E731
     preds, refs = labels(pred), labels(ref)
     missing = sorted(set(refs) - set(preds))
     if missing:
         raise CtsegError(f"{len(missing)} reference case(s) have no prediction: {', '.join(missing[:10])}", pred)
     if not refs:
-        raise CtsegError(f"no label files ({', '.join(_SUFFIXES)})", ref)
+        raise CtsegError(f"no label files ({', '.join(WRITE_SUFFIXES)})", ref)
     return [(cid, preds[cid], refs[cid]) for cid in sorted(refs)]
 
 
@@ -116,9 +102,10 @@ def _fmt(stats: dict | None) -> str:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ctseg.fileutil import atomic_write_text
+    from ctseg.datasets.base import check_label_values
     from ctseg.evaluate.folds import load_folds
     from ctseg.evaluate.metrics import evaluate_volume, fold_mean_std, summarize
+    from ctseg.fileutil import atomic_write_text
     from ctseg.io import read_volume, resample_to
 
     if args.out is not None and args.out.exists() and not args.overwrite:
@@ -128,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
     records = []
     for case_id, pred_path, ref_path in _pairs(args.pred, args.ref):
         ref, pred = read_volume(ref_path), read_volume(pred_path)
-        check_label_values(ref.array, classes, ref_path, "reference")
-        check_label_values(pred.array, classes, pred_path, "prediction")
+        check_label_values(ref.array, classes, ref_path, "reference", " (see --classes)")
+        check_label_values(pred.array, classes, pred_path, "prediction", " (see --classes)")
         if not pred.same_geometry(ref):
             log.warning("%s: prediction is not on the reference grid; resampled by nearest neighbour", pred_path)
             pred = resample_to(pred, ref, order=0)

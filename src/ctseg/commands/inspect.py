@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ctseg.commands._output import stdout_console, write_rows
 from ctseg.datasets import LAYOUTS, open_dataset
-from ctseg.datasets.base import count_labels
+from ctseg.datasets.base import Case, count_labels
 from ctseg.errors import CtsegError
 
 HELP = "table of a dataset's cases (slices, spacing, thickness, label volumes, HU range) and its problems"
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="print one CSV line per case instead of a table (problems go to stderr)")
 
 
-def _case_row(case, classes: dict[int, str]) -> dict:
+def _case_row(case: Case, classes: dict[int, str]) -> dict:
     """One case as a flat record: shape (z, y, x), spacing mm, thickness mm, HU range, label volumes mL."""
     image, meta = case.image, case.metadata
     row = {"case_id": case.case_id, "error": None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -13,6 +14,9 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import int_range, seed_int
 from ctseg.errors import CtsegError
 from ctseg.fileutil import output_lock, removed_on_failure
+
+if TYPE_CHECKING:
+    from ctseg.datasets.base import Case
 
 #: More cases than any public CT dataset holds (KiTS19: 300); a larger count is a typo, not a dataset.
 MAX_CASES = 10_000
@@ -92,7 +96,7 @@ def _write(args: argparse.Namespace) -> int:
     progress = Progress(TextColumn("[bold]phantom[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, disable=args.no_progress, transient=True)
 
-    def on_case(case) -> None:
+    def on_case(case: Case) -> None:
         m, acq = case.metadata, case.metadata["acquisition"]
         table.add_row(case.case_id, str(m["num_slices"]), "/".join(f"{s:.2f}" for s in m["spacing"]),
                       f"{m['slice_thickness']:g}", acq["region"], f"{acq['noise_sigma']:.1f}",

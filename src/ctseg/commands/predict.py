@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -25,12 +26,14 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import add_threads_argument, overlap_fraction, positive_int
 from ctseg.errors import CtsegError
 
+if TYPE_CHECKING:
+    from ctseg.inference.api import PredictOptions
+    from ctseg.inference.folder import CaseOutcome, FolderResult
+    from ctseg.inference.cases import CaseInput
+
 HELP = "segment a CT volume (NIfTI / NRRD / MHA file or DICOM folder) or a folder of cases with trained model(s)"
 
 log = logging.getLogger(__name__)
-
-_NIFTI_LIKE = (".nii.gz", ".nii", ".nrrd", ".mha")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ctseg.inference.models import KINDS_HELP
@@ -66,11 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _is_folder_mode(args: argparse.Namespace) -> bool:
     """A folder of cases in, a folder out: the input is a folder and the output has no file suffix."""
+    from ctseg.io import WRITE_SUFFIXES
+
     name = args.output.name.lower()
-    return args.input.is_dir() and not name.endswith(_NIFTI_LIKE + (".dcm",)) and args.output_type == "nifti"
+    return args.input.is_dir() and not name.endswith(WRITE_SUFFIXES + (".dcm",)) and args.output_type == "nifti"
 
 
-def _options(args: argparse.Namespace):
+def _options(args: argparse.Namespace) -> PredictOptions:
     from ctseg.inference import PredictOptions
 
     return PredictOptions(device=args.device, batch_size=args.batch_size, overlap=args.overlap,
@@ -134,10 +139,10 @@ def _run_folder(args: argparse.Namespace) -> int:
     with progress as bar:
         task = bar.add_task("cases", total=None)
 
-        def start(case) -> None:
+        def start(case: CaseInput) -> None:
             bar.update(task, description=escape(case.case_id))
 
-        def finished(outcome) -> None:
+        def finished(outcome: CaseOutcome) -> None:
             if outcome.status == "failed":
                 console.print(f"[bold red]failed:[/] {escape(outcome.case.case_id)}: {escape(outcome.detail)}",
                               highlight=False, soft_wrap=True)
@@ -152,7 +157,7 @@ def _run_folder(args: argparse.Namespace) -> int:
     return _summary(result)
 
 
-def _summary(result) -> int:
+def _summary(result: FolderResult) -> int:
     kind = f" ({result.layout} dataset)" if result.layout else ""
     table = Table(title=f"{escape(str(result.input))}{kind} -> {escape(str(result.output))}")
     for col in ("case", "status", "detail"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 from rich.table import Table
@@ -11,6 +12,9 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_float
 from ctseg.errors import CtsegError
 from ctseg.fileutil import output_lock, removed_on_failure
+
+if TYPE_CHECKING:
+    from ctseg.evaluate.records import VolumeResult
 
 HELP = "write results tables, plots and report/index.html from finished cross-validation / stack / experiment folders"
 
@@ -27,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="upper edges of the slice-thickness groups in mm (default 1.5 3)")
 
 
-def collect(paths: list[Path]):
+def collect(paths: list[Path]) -> tuple[list[VolumeResult], dict[str, list[Path]]]:
     """Records and training-log paths from run folders or results files."""
-    from ctseg.cv import cv_log_csvs, load_cv_records
+    from ctseg.cv.run import cv_log_csvs, load_cv_records
 
     records, curves = [], {}
     for p in paths:
@@ -49,7 +53,7 @@ def collect(paths: list[Path]):
     return records, curves
 
 
-def _load_results_file(path: Path) -> list:
+def _load_results_file(path: Path) -> list[VolumeResult]:
     """Records of a results JSON file; CtsegError naming it when it is not one (a NIfTI, another JSON)."""
     from ctseg.evaluate.report import load_results
 
@@ -60,9 +64,10 @@ def _load_results_file(path: Path) -> list:
                          f"{type(exc).__name__}: {str(exc)[:200]}", path) from None
 
 
-def summary_table(records, title: str = "Dice, paper protocol (mean ± std over volumes)") -> Table:
+def summary_table(records: list[VolumeResult], title: str = "Dice, paper protocol (mean ± std over volumes)") -> Table:
     """Table 2 as a rich table."""
-    from ctseg.evaluate.report import class_names, models_in_order, summary_table as summarize
+    from ctseg.evaluate.records import models_in_order
+    from ctseg.evaluate.report import class_names, summary_table as summarize
 
     classes = class_names(records)
     t = summarize(records, "dice_paper", classes)

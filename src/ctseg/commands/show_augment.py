@@ -33,7 +33,7 @@ from ctseg.commands._types import positive_int, seed_int
 from ctseg.config import ExperimentConfig, load_config
 from ctseg.datasets import LAYOUTS, open_dataset
 from ctseg.errors import CtsegError
-from ctseg.evaluate.report import AUG_NAMES
+from ctseg.evaluate.records import AUG_NAMES
 from ctseg.fileutil import atomic_path
 
 HELP = "PNG grid of original vs augmented slices (CTIA, MIA or nnU-Net DA) with label contours, one panel per CTIA transform"

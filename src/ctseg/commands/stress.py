@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -17,6 +18,9 @@ from ctseg.commands._output import stdout_console
 from ctseg.commands._types import add_threads_argument, positive_int, seed_int
 from ctseg.errors import CtsegError
 from ctseg.fileutil import output_lock
+
+if TYPE_CHECKING:
+    from ctseg.config import StressConfig
 
 HELP = "score trained models under acquisition shifts (slice thickness, dose, calibration, contrast, position)"
 
@@ -52,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _stress_config(args: argparse.Namespace):
+def _stress_config(args: argparse.Namespace) -> StressConfig:
     from ctseg.config import ExperimentConfig, StressConfig, load_config
 
     if args.config is not None:
@@ -98,12 +102,12 @@ def run(args: argparse.Namespace) -> int:
     case_ids, layout = None, args.layout
     if args.cv_dir:
         specs, manifest = model_specs_from_cv(args.cv_dir)
-        data = args.data or Path(manifest["data"])
+        data = args.data or Path(manifest.data)
         if args.data is None:
-            layout = manifest.get("layout", "auto")
+            layout = manifest.layout
         from ctseg.evaluate.folds import load_folds
 
-        case_ids = [cid for fold in load_folds(manifest["folds_file"]).folds for cid in fold]
+        case_ids = [cid for fold in load_folds(manifest.folds_file).folds for cid in fold]
     else:
         if args.data is None:
             raise CtsegError("--model needs --data DIR (labelled volumes)")

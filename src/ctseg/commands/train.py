@@ -74,7 +74,7 @@ def _apply_overrides(cfg: ExperimentConfig, args: argparse.Namespace) -> Experim
 def _open_cache(args: argparse.Namespace, cfg: ExperimentConfig, ctx: DistContext) -> tuple[CaseCache, Path]:
     """(CaseCache, folds file) for --data: the folder itself if it is a cache (folds file beside it), else
     build/refresh one (rank 0 builds). With --fold on a raw dataset the cache is fold K's: its intensity plan
-    comes from the fold's training cases only (`ctseg.cv.fold_cache`, the cache `ctseg cv` uses)."""
+    comes from the fold's training cases only (`ctseg.cv.run.fold_cache`, the cache `ctseg cv` uses)."""
     from ctseg.preprocess.cache import PLAN_FILE, CaseCache, build_cache
     from ctseg.train import distributed as D
 
@@ -88,7 +88,7 @@ def _open_cache(args: argparse.Namespace, cfg: ExperimentConfig, ctx: DistContex
     folds_file = Path(cache_dir).resolve().parent / FOLDS_FILE
     cfg.data.path = str(args.data)
     if args.fold is not None:
-        from ctseg.cv import fold_cache, fold_cache_dir, prepare_data
+        from ctseg.cv.run import fold_cache, fold_cache_dir, prepare_data
         from ctseg.evaluate.folds import load_folds
 
         _check_fold(args, cfg)
@@ -116,7 +116,7 @@ def _check_fold(args: argparse.Namespace, cfg: ExperimentConfig) -> None:
 def _split(args: argparse.Namespace, cfg: ExperimentConfig, cache: CaseCache, folds_file: Path, ctx: DistContext
            ) -> tuple[list[str], list[str]]:
     """(training ids, held-out test ids) for --fold, or (all labelled ids, [])."""
-    from ctseg.cv import folds_of_cache
+    from ctseg.cv.run import folds_of_cache
     from ctseg.evaluate.folds import load_folds
     from ctseg.train import distributed as D
 
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             train_ids, test_ids = _split(args, cfg, cache, folds_file, ctx)
             val_ids = None  # without --fold: val_fraction of the cases, drawn with the model seed
             if args.fold is not None:  # the fold's validation split, the one `ctseg cv` uses (seeded by the fold)
-                from ctseg.train.trainer import fold_validation_split
+                from ctseg.train.splits import fold_validation_split
 
                 train_ids, val_ids = fold_validation_split(train_ids, cfg.train.val_fraction, args.fold)
             result = train_model(cfg, cache, train_ids, val_ids, args.out, resume=args.resume,

@@ -150,18 +150,24 @@ def count_labels(label: np.ndarray, minlength: int = 256, chunk: int = 1 << 22) 
     return counts
 
 
-def check_label_values(array: np.ndarray, classes: dict[int, str], path: str | Path | None) -> np.ndarray:
-    """The label as uint8 after checking that every value is one of `classes` (CtsegError naming `path`)."""
+def check_label_values(array: np.ndarray, classes: dict[int, str], path: str | Path | None,
+                       role: str = "the label map", hint: str = "") -> np.ndarray:
+    """The label as uint8 after checking that every value is a whole number among `classes` (a CT image, a
+    probability map or another dataset's labels would otherwise score Dice 0 without a word).
+
+    CtsegError naming `path`; role: what the array is, hint: appended to the messages (e.g. " (see --classes)").
+    """
+    lo, hi = float(array.min()), float(array.max())
     if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
-        raise CtsegError("label map has non-integer values", path)
-    lo, hi = array.min(), array.max()
-    if lo < 0 or hi > 255:
-        raise CtsegError(f"label values span {lo}..{hi}, outside the classes {classes}", path)
+        raise CtsegError(f"{role} holds non-integer values ({lo:g}..{hi:g}): a label map has whole class values "
+                         "(is this an image or a probability map?)", path)
+    if lo < 0 or hi > max(classes):
+        raise CtsegError(f"{role} holds values {lo:g}..{hi:g} outside the classes {sorted(classes)}{hint}", path)
     label = array.astype(np.uint8, copy=False)
-    present = np.flatnonzero(count_labels(label))
-    unknown = sorted(set(present.tolist()) - set(classes))
+    unknown = sorted(set(np.flatnonzero(count_labels(label)).tolist()) - set(classes))
     if unknown:
-        raise CtsegError(f"label values {unknown} are not among the classes {classes}", path)
+        raise CtsegError(f"{role} holds values {unknown} that are not among the classes {sorted(classes)}{hint}",
+                         path)
     return label
 
 

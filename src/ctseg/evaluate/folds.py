@@ -71,7 +71,7 @@ def make_folds(case_meta: dict[str, dict], n_folds: int = 5, mode: FoldMode = "s
         if "num_slices" not in case_meta[cid]:
             raise CtsegError(f"case {cid!r} has no 'num_slices' in its metadata")
     if mode == "sorted":
-        def key(cid: str):
+        def key(cid: str) -> tuple[int, float, str]:
             t = _thickness(case_meta[cid])
             return (int(case_meta[cid]["num_slices"]), math.inf if math.isnan(t) else t, cid)
         order = sorted(ids, key=key)

@@ -28,11 +28,6 @@ from ctseg.evaluate.metrics import structures
 from ctseg.io import Volume
 
 
-def axial_axis(volume: Volume) -> int:
-    """Array axis (0, 1 or 2) along which the volume's slices are axial (closest to LPS S)."""
-    return volume.slice_axis()
-
-
 def max_feret_2d(mask: np.ndarray, spacing: tuple[float, float]) -> float:
     """Largest distance (mm) between two points of a 2D mask's outer boundary (pixel corners).
 
@@ -63,7 +58,7 @@ def largest_axial_diameter(mask: np.ndarray, spacing: tuple[float, float, float]
     return best
 
 
-def _bbox_of_values(label: np.ndarray, values, slab: int = 16) -> tuple[slice, ...] | None:
+def _bbox_of_values(label: np.ndarray, values: tuple[int, ...], slab: int = 16) -> tuple[slice, ...] | None:
     """Bounding box of the voxels holding any of `values` (None when there are none), found `slab`
     slices at a time: no mask of the whole volume (np.isin's temporaries are twice the label's size)."""
     hits = [np.zeros(n, dtype=bool) for n in label.shape]
@@ -119,7 +114,7 @@ def measure_structures(label_vol: Volume, image_vol: Volume | None, classes: dic
         raise CtsegError(f"image {image_vol.shape} and label {label_vol.shape} are not on the same grid",
                          label_vol.meta.get("path"))
     image = image_vol.array if image_vol is not None else None
-    axis = axial_axis(label_vol)
+    axis = label_vol.slice_axis()
     struct = ndimage.generate_binary_structure(3, connectivity)
     result: dict[str, dict] = {}
     for name, values in structures(classes).items():

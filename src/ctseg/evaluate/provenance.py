@@ -25,7 +25,6 @@ from typing import Iterable, Literal
 
 from ctseg.errors import CtsegError
 
-PROVENANCE_VERSION = 1
 EXIT_CODES = {"clean": 0, "leak": 1, "unproven": 3}
 _MODEL_PARTS = (("weights_fitted_on", "train_ids", "weights fitted on"),
                 ("checkpoint_selected_on", "val_ids", "checkpoint selected on"),

@@ -1,6 +1,6 @@
 """Per-volume quality flag of an ensemble: how much its members disagree, and which volumes stand out.
 
-Agreement (as `ctseg.predict` reports it): each member's foreground mask is `argmax over classes != 0`
+Agreement (as `ctseg.inference.predict` reports it): each member's foreground mask is `argmax over classes != 0`
 of its probabilities (C, z, S, S) at network resolution — for a 'multiclass' member any foreground class,
 for a 'foreground' member (background, foreground) the foreground channel; the volume's agreement is the
 mean Dice (`ctseg.evaluate.metrics.dice`) over all member pairs: 1.0 = identical masks, 0.0 = disjoint.

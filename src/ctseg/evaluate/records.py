@@ -96,7 +96,7 @@ def model_sort_key(r: VolumeResult) -> tuple:
     return (_order(_ARCH_ORDER, r.arch), _order(_DIM_ORDER, r.dim), r.variant, _order(_AUG_ORDER, r.aug), r.model)
 
 
-def json_float(v) -> float | None:
+def json_float(v: float | None) -> float | None:
     """NaN and ±inf (e.g. HD95 against an empty mask) -> None: strict JSON has no such numbers."""
     return None if v is None or not math.isfinite(v) else float(v)
 

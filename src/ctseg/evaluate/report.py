@@ -45,9 +45,8 @@ import yaml
 from ctseg.evaluate.folds import THICKNESS_BINS
 from ctseg.evaluate.metrics import mean_std
 from ctseg.evaluate.quality import FlagRule, flag_unusual
-from ctseg.evaluate.records import (ARCH_NAMES, AUG_NAMES, VolumeResult, display_name,  # noqa: F401 (importable here)
-                                    json_float as _json_float, model_sort_key, models_in_order,
-                                    present_thickness_groups, thickness_group_of, thickness_labels)
+from ctseg.evaluate.records import (AUG_NAMES, VolumeResult, display_name, json_float as _json_float, model_sort_key,
+                                    models_in_order, present_thickness_groups, thickness_group_of)
 from ctseg.fileutil import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -496,14 +495,13 @@ def paper_table2_section(records: Sequence[VolumeResult], classes: Sequence[str]
 def stack_selection_section(stack_dirs: Sequence[str | Path]) -> Section | None:
     """The stacked ensembles' candidates per member set with their validation score and whether top_k kept them
     (from each stack folder's `stack.json`). None when no stack folder records candidates."""
+    from ctseg.runs import StackRun
+
+    stacks = [StackRun.read(d) for d in stack_dirs if (Path(d) / "stack.json").is_file()]
     rows = []
-    for d in stack_dirs:
-        path = Path(d) / "stack.json"
-        if not path.is_file():
-            continue
-        info = json.loads(path.read_text())
-        aug = AUG_NAMES.get(info.get("aug"), info.get("aug"))
-        cands = sorted(info.get("candidates", []), key=lambda c: (c["set"], -(c["val_score"] or -1.0), c["name"]))
+    for info in stacks:
+        aug = AUG_NAMES.get(info.aug, info.aug)
+        cands = sorted(info.candidates, key=lambda c: (c["set"], -(c["val_score"] or -1.0), c["name"]))
         for c in cands:
             score = "–" if c["val_score"] is None else f"{c['val_score']:.4f}"
             kept = c.get("selected_folds")  # per-fold selection (issue 17); older stacks: one global choice
@@ -512,8 +510,7 @@ def stack_selection_section(stack_dirs: Sequence[str | Path]) -> Section | None:
             rows.append([aug, c["set"], c["name"], score, chosen])
     if not rows:
         return None
-    top_k = {json.loads((Path(d) / "stack.json").read_text()).get("top_k") for d in stack_dirs
-             if (Path(d) / "stack.json").is_file()}
+    top_k = {info.top_k for info in stacks if info.top_k is not None}
     return Section("Stacked CNN: candidates and the top-k kept", f"top_k = {', '.join(map(str, sorted(top_k)))} per "
                    "member set and test fold k, by the best validation Dice of each candidate's fold-k model on "
                    "fold k's validation split (seeded by the fold: the same cases for every candidate, none in fold "

@@ -30,20 +30,19 @@ if TYPE_CHECKING:
     import torch
 
     from ctseg.io import Volume
-    from ctseg.predict import Models, PredictionResult, ZContext
+    from ctseg.inference.predict import Models, PredictionResult, ZContext
 
 log = logging.getLogger(__name__)
 
 OutputType = Literal["nifti", "dicom-seg", "rtstruct"]
 CSV_COLUMNS = ("case", "structure", "present", "voxels", "volume_ml", "largest_axial_diameter_mm",
                "n_components", "mean_hu", "std_hu", "touches_border")
-NIFTI_LIKE = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 @dataclass
 class PredictOptions:
     """How to predict: device, batch size (slices or 3D stacks per forward pass), 3D overlap and z-context
-    (`ctseg.predict.predict_volume`), output type, refusing non-CT unless `force`, replacing outputs."""
+    (`ctseg.inference.predict.predict_volume`), output type, refusing non-CT unless `force`, replacing outputs."""
 
     device: str | torch.device = "auto"
     batch_size: int | None = None
@@ -144,14 +143,14 @@ def _models(models: object, device: str | torch.device) -> Models:
 
 def output_classes(models: Models) -> dict[int, str]:
     """The label values the models write -> names."""
-    from ctseg.predict import StackedModel, check_members, flat_models
+    from ctseg.inference.predict import StackedModel, check_members, flat_models
 
     ds_classes, out = check_members(flat_models(models))
     return ds_classes if isinstance(models, StackedModel) else out
 
 
 def _model_names(models: Models) -> list[str]:
-    from ctseg.predict import StackedModel, flat_models
+    from ctseg.inference.predict import StackedModel, flat_models
 
     if isinstance(models, StackedModel):
         return [str(models.source)]
@@ -171,7 +170,7 @@ def _check_memory(volume: Volume, models: Models, device: torch.device, batch_si
 def estimate_bytes(models: Models, shape: tuple[int, ...], batch_size: int | None, probabilities: bool = False
                    ) -> float:
     """Estimated peak bytes of segmenting a (z, y, x) volume, the input itself not included."""
-    from ctseg.predict import StackedModel, flat_models
+    from ctseg.inference.predict import StackedModel, flat_models
     from ctseg.resources import inference_bytes
 
     flat = flat_models(models)
@@ -224,11 +223,12 @@ def check_file_options(input: Path, output: Path, options: PredictOptions, proba
                        stats: Path | None) -> None:
     """Every suffix and output path of a one-case run, before anything is computed."""
     from ctseg.inference.cases import dataset_layout
-    from ctseg.io import NIFTI_SUFFIXES
+    from ctseg.io import NIFTI_SUFFIXES, WRITE_SUFFIXES
 
     name = output.name.lower()
-    if options.output_type == "nifti" and not name.endswith(NIFTI_LIKE):
-        raise CtsegError(f"output type nifti needs one of {', '.join(NIFTI_LIKE)} (or choose --output-type)", output)
+    if options.output_type == "nifti" and not name.endswith(WRITE_SUFFIXES):
+        raise CtsegError(f"output type nifti needs one of {', '.join(WRITE_SUFFIXES)} (or choose --output-type)",
+                         output)
     if options.output_type != "nifti":
         if not input.is_dir():
             raise CtsegError(f"--output-type {options.output_type} references the source DICOM series: the input "
@@ -257,7 +257,7 @@ def check_file_options(input: Path, output: Path, options: PredictOptions, proba
 
 def _segment(volume: Volume, input_path: Path, models: Models, device: torch.device, options: PredictOptions,
              probabilities: bool, progress: bool) -> PredictionResult:
-    from ctseg.predict import flat_models, predict_volume
+    from ctseg.inference.predict import flat_models, predict_volume
 
     _check_memory(volume, models, device, options.batch_size, input_path, probabilities)
     log.info("segmenting %s (%s voxels) with %d network(s)", input_path, "x".join(map(str, volume.shape)),
@@ -274,7 +274,7 @@ def predict_file(input: str | Path, output: str | Path, models: object, options:
     and measurements to `stats` (.json report, or .csv rows as `predict_folder` writes). models: loaded
     models or model folder path(s) (`ctseg.inference.models`). All outputs appear together or not at all."""
     from ctseg.evaluate.measure import measure_structures
-    from ctseg.predict import flat_models, write_probabilities
+    from ctseg.inference.predict import flat_models, write_probabilities
     from ctseg.runtime import resolve_device
 
     options = options or PredictOptions()

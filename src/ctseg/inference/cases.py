@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from ctseg.errors import CtsegError
-from ctseg.io import Volume
+from ctseg.io import READ_SUFFIXES, WRITE_SUFFIXES, Volume
 
-WRITABLE = (".nii.gz", ".nii", ".nrrd", ".mha")
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 CHANNEL = "_0000"
 
 
@@ -39,20 +37,21 @@ class CaseInput:
 def image_suffix(name: str) -> str | None:
     """The image suffix of a file name (case-insensitive), or None."""
     lower = name.lower()
-    return next((s for s in IMAGE_SUFFIXES if lower.endswith(s)), None)
+    return next((s for s in READ_SUFFIXES if lower.endswith(s)), None)
 
 
 def output_name(case_id: str, source: Path) -> str:
     """`case_id` + the source's suffix where ctseg can write it, else .nii.gz."""
     suffix = image_suffix(source.name) if source.is_file() else None
-    return case_id + (suffix.lower() if suffix in WRITABLE else ".nii.gz")
+    return case_id + (suffix.lower() if suffix in WRITE_SUFFIXES else ".nii.gz")
 
 
 def read_case_input(path: Path, series: str | None = None, in_folder: bool = False) -> Volume:
     """The image of a file, a DICOM folder or a KiTS19 case folder (`imaging.nii.gz`). Another folder of image
     files is not a DICOM series: the message says how to segment it (its own folder run; from inside a folder of
     cases, a run on that sub-folder)."""
-    from ctseg.io import list_dicom_series, read_dicom_series, read_volume
+    from ctseg.dicom import list_dicom_series, read_dicom_series
+    from ctseg.io import read_volume
 
     if path.is_dir():
         if (path / "imaging.nii.gz").is_file():  # a KiTS19 case folder: its image

@@ -26,7 +26,7 @@ from ctseg.staging import StagedOutputs, sweep_stale_temporaries
 if TYPE_CHECKING:
     import torch
 
-    from ctseg.predict import Models
+    from ctseg.inference.predict import Models
 
 
 @dataclass
@@ -185,7 +185,7 @@ def predict_folder(input: str | Path, output: str | Path, models: object, option
 
 
 def _nothing_to_segment(input: Path, others: list[Path]) -> None:
-    from ctseg.io import list_dicom_series
+    from ctseg.dicom import list_dicom_series
 
     if others and list_dicom_series(input):
         raise CtsegError("this folder is one DICOM series, not a folder of cases: give -o a file name "

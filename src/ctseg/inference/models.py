@@ -9,21 +9,21 @@ A model folder is one of (checked in this order):
 - a stacked ensemble: `stack.json` + `fold_<k>/meta.pt` (`ctseg stack`, `ctseg experiment`'s `stack/<aug>/`):
   its members (cross-validation runs, each the ensemble of its folds) and its meta-models.
 
-Several folders form one ensemble of all their networks (`ctseg.predict`); a stack is used alone.
+Several folders form one ensemble of all their networks (`ctseg.inference.predict`); a stack is used alone.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
 
 from ctseg.errors import CtsegError
+from ctseg.runs import CVRun, StackMember, StackRun, fold_dir
 
 if TYPE_CHECKING:
     import torch
 
-    from ctseg.predict import Models, StackedModel
+    from ctseg.inference.predict import Models, StackedModel
 
 ModelKind = Literal["run", "fold", "cv", "stack"]
 
@@ -45,16 +45,6 @@ class ModelSource:
     name: str = ""
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CtsegError(f"unreadable ({type(err).__name__}: {err})", path) from None
-    if not isinstance(info, dict):
-        raise CtsegError(f"must hold a JSON object, got a {type(info).__name__}", path)
-    return info
-
-
 def _model_folders_below(path: Path) -> list[Path]:
     """Model folders one or two levels below `path` (an experiment's runs/<name>, stack/<aug>), for the hint."""
     found = []
@@ -65,16 +55,10 @@ def _model_folders_below(path: Path) -> list[Path]:
 
 def _cv_folds(cv_dir: Path) -> tuple[Path, ...]:
     """The fold model folders of a cross-validation run; CtsegError naming the first unfinished fold."""
-    from ctseg.cv import read_cv_manifest
-
-    info = read_cv_manifest(cv_dir)
-    try:
-        n_folds = int(info["n_folds"])
-    except (KeyError, TypeError, ValueError):
-        raise CtsegError("cv.json has no valid n_folds", cv_dir / "cv.json") from None
+    n_folds = CVRun.read(cv_dir).n_folds
     runs = []
     for k in range(n_folds):
-        model = cv_dir / f"fold_{k}" / "model"
+        model = fold_dir(cv_dir, k) / "model"
         if not (model / "model_best.pt").is_file():
             raise CtsegError(f"fold {k} of {n_folds} has no trained model (model_best.pt): finish the "
                              "cross-validation, or give the finished fold folders (fold_<k>) instead", model)
@@ -82,40 +66,28 @@ def _cv_folds(cv_dir: Path) -> tuple[Path, ...]:
     return tuple(runs)
 
 
-def _stack_member_dir(stack_dir: Path, member: dict) -> Path:
+def _stack_member_dir(stack_dir: Path, member: StackMember) -> Path:
     """A member's CV folder: its recorded path, else `runs/<name>` of the experiment holding the stack (an
     experiment folder moved or copied elsewhere)."""
-    recorded = Path(str(member.get("path", "")))
-    if (recorded / "cv.json").is_file():
-        return recorded
-    moved = stack_dir.parent.parent / "runs" / str(member.get("name", ""))
+    if (member.path / "cv.json").is_file():
+        return member.path
+    moved = stack_dir.parent.parent / "runs" / member.name
     if (moved / "cv.json").is_file():
         return moved
-    raise CtsegError(f"stack member {member.get('name')!r} not found at {recorded} nor at {moved}",
+    raise CtsegError(f"stack member {member.name!r} not found at {member.path} nor at {moved}",
                      stack_dir / "stack.json")
 
 
 def _resolve_stack(path: Path) -> ModelSource:
-    from ctseg.cv import STACK_FORMAT
-
-    info = _read_json(path / "stack.json")
-    if info.get("format") != STACK_FORMAT:
-        raise CtsegError(f"format {info.get('format')!r}, expected {STACK_FORMAT!r}", path / "stack.json")
-    members = info.get("members")
-    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
-        raise CtsegError("stack.json lists no members", path / "stack.json")
-    try:
-        n_folds = int(info["n_folds"])
-    except (KeyError, TypeError, ValueError):
-        raise CtsegError("stack.json has no valid n_folds", path / "stack.json") from None
-    metas = tuple(path / f"fold_{k}" / "meta.pt" for k in range(n_folds))
+    info = StackRun.read(path)
+    n_folds = info.n_folds
+    metas = tuple(info.fold_dir(k) / "meta.pt" for k in range(n_folds))
     for k, meta in enumerate(metas):
         if not meta.is_file():
             raise CtsegError(f"fold {k} of {n_folds} has no meta-model (meta.pt): finish the stack (`ctseg stack` or "
                              "`ctseg experiment`) first", meta)
-    groups = tuple(_cv_folds(_stack_member_dir(path, m)) for m in members)
-    return ModelSource(path, "stack", tuple(d for g in groups for d in g), groups, metas,
-                       name=f"stacked-{info.get('aug', path.name)}")
+    groups = tuple(_cv_folds(_stack_member_dir(path, m)) for m in info.members)
+    return ModelSource(path, "stack", tuple(d for g in groups for d in g), groups, metas, name=f"stacked-{info.aug}")
 
 
 def resolve_model(path: str | Path) -> ModelSource:
@@ -143,8 +115,8 @@ def resolve_model(path: str | Path) -> ModelSource:
 
 def _load_stack(source: ModelSource, device: torch.device) -> StackedModel:
     from ctseg.models.stacking import load_meta_model
-    from ctseg.predict import StackedModel, check_members
-    from ctseg.train.trainer import load_trained
+    from ctseg.inference.predict import StackedModel, check_members
+    from ctseg.inference.trained import load_trained
 
     members = [[load_trained(d, device) for d in group] for group in source.members]
     channels = 0
@@ -170,10 +142,10 @@ def _load_stack(source: ModelSource, device: torch.device) -> StackedModel:
 
 
 def load_models(paths: Sequence[str | Path] | str | Path, device: str | torch.device = "cpu") -> Models:
-    """The model(s) of one or more model folders, ready for `ctseg.predict.predict_volume`: one network, an
+    """The model(s) of one or more model folders, ready for `ctseg.inference.predict.predict_volume`: one network, an
     ensemble of every network the folders hold, or a stacked ensemble (which must be the only folder)."""
+    from ctseg.inference.trained import load_trained
     from ctseg.runtime import resolve_device
-    from ctseg.train.trainer import load_trained
 
     if isinstance(paths, (str, Path)):
         paths = [paths]

@@ -290,7 +290,7 @@ def predict_meta(model: StackingMetaModel, inputs: np.ndarray, device: str | tor
 
 def combine_members(bg_mean: torch.Tensor, multi_fg_sum: torch.Tensor | None, num_classes: int) -> torch.Tensor:
     """The ensemble rule, (K, ...) probabilities from what the members said (shared by `average_members`
-    and `ctseg.predict.predict_network`).
+    and `ctseg.inference.predict.predict_network`).
 
     bg_mean: the members' mean background probability (...); multi_fg_sum: the sum over the multiclass
     members of their foreground probabilities (K - 1, ...), None when every member is foreground-only
@@ -314,7 +314,7 @@ def average_members(maps: Sequence[np.ndarray], targets: Sequence[str], num_clas
     maps: per member (C_m, Z, S, S); targets: 'multiclass' (C_m = K) or 'foreground' (C_m = 2: background,
     foreground). Background probability is the mean over all members; the foreground share is split between
     classes by the mean of the multiclass members (foreground-only members vote on background vs
-    foreground only). With K = 2 every member votes on both classes. This is the rule `ctseg.predict` applies
+    foreground only). With K = 2 every member votes on both classes. This is the rule `ctseg.inference.predict` applies
     to ensembles of models, here on stored out-of-fold maps.
     """
     if not maps:
@@ -331,7 +331,7 @@ def average_members(maps: Sequence[np.ndarray], targets: Sequence[str], num_clas
 
 def save_meta_model(model: StackingMetaModel, path: str | Path) -> None:
     """Weights (state dict, atomic); the architecture is re-created from `in_channels` / `num_classes`."""
-    from ctseg.train.checkpoint import atomic_torch_save
+    from ctseg.models.weights import atomic_torch_save
 
     atomic_torch_save({"state_dict": model.state_dict(), "in_channels": model.in_channels,
                        "num_classes": model.num_classes,

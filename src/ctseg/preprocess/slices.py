@@ -6,7 +6,7 @@
   labels by majority vote (per-class counts over each output pixel's footprint), chunked
   along z to bound memory.
 - `preprocess_volume` / `preprocess_label`: the single definition of "network input" used by
-  `ctseg.preprocess.cache` and by `ctseg.predict`.
+  `ctseg.preprocess.cache` and by `ctseg.inference.predict`.
 - `restore_in_plane` / `InPlaneResize`: back from (C, z, S, S) probabilities to (C, z, H, W).
 - `window_crop_box`: the paper's "we cropped the images to the same regions as obtained from
   windowing": a square in-plane box around the pixels that survive the window's lower bound, cut

@@ -7,7 +7,7 @@ such a stack lie on average (F + 1) / (window + 1) slices apart (`expected_gap`:
 spans 100 slices, and a stack spans nearly all of the foreground. A contiguous window (gap 1) shows the
 network a z-context it never saw in training, the more so the thinner the slices.
 
-Index builders (numpy only, no model; `ctseg.predict.softmax_3d` runs a model over them, for `ctseg.predict`
+Index builders (numpy only, no model; `ctseg.inference.windows.softmax_3d` runs a model over them, for `ctseg.inference.predict`
 and for validation, `ctseg.train.data.predict_cached`, alike):
 
 - `z_stacks(stride=1)`: contiguous windows of `window` slices, `overlap` between neighbours (last one flush

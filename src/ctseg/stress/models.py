@@ -2,18 +2,18 @@
 cross-validation runs) and the loaded networks (`LoadedModels`)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ctseg.errors import CtsegError
+from ctseg.runs import CVRun, TrainingRun
 
 if TYPE_CHECKING:
     import torch
 
-    from ctseg.predict import Models
-    from ctseg.train.trainer import TrainedModel
+    from ctseg.inference.predict import Models
+    from ctseg.inference.trained import TrainedModel
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -38,16 +38,9 @@ class ModelSpec:
         return {**d, "stack": str(self.stack)} if self.stack is not None else d
 
 
-def _run_info(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / "run.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CtsegError(f"run.json unreadable ({err})", model_dir) from None
-
-
 def model_specs_from_dirs(groups: Sequence[Sequence[str | Path]]) -> list[ModelSpec]:
     """One `ModelSpec` per group of model folders (a group of several is an ensemble; a stack is used alone)."""
-    from ctseg.evaluate.report import display_name
+    from ctseg.evaluate.records import display_name
     from ctseg.inference.models import resolve_model
 
     specs, names = [], set()
@@ -57,7 +50,7 @@ def model_specs_from_dirs(groups: Sequence[Sequence[str | Path]]) -> list[ModelS
         if stacks and len(sources) > 1:
             raise CtsegError("a stacked ensemble is used alone: give it after its own --model", stacks[0].path)
         dirs = [d for s in sources for d in s.run_dirs]
-        cfg = _run_info(dirs[0]).get("config", {})
+        cfg = TrainingRun.read(dirs[0]).config
         arch, dim = cfg.get("model", {}).get("arch", "?"), cfg.get("model", {}).get("dim", "")
         aug = str(cfg.get("augment", {}).get("name", "?"))
         if stacks:
@@ -79,35 +72,33 @@ def model_specs_from_dirs(groups: Sequence[Sequence[str | Path]]) -> list[ModelS
     return specs
 
 
-def model_specs_from_cv(cv_dirs: Sequence[str | Path]) -> tuple[list[ModelSpec], dict]:
-    """One out-of-fold `ModelSpec` per CV run, and the runs' common manifest (data, layout, folds file)."""
-    from ctseg.cv import _fold_dir, _trained_on, read_cv_manifest
+def model_specs_from_cv(cv_dirs: Sequence[str | Path]) -> tuple[list[ModelSpec], CVRun]:
+    """One out-of-fold `ModelSpec` per CV run, and the first run's record (data, layout, folds file: common)."""
     from ctseg.evaluate.folds import load_folds
-    from ctseg.evaluate.report import display_name
+    from ctseg.evaluate.records import display_name
 
     specs, manifests = [], []
     for d in cv_dirs:
         d = Path(d).resolve()
-        info = read_cv_manifest(d)
+        info = CVRun.read(d)
         manifests.append(info)
-        folds = load_folds(info["folds_file"])
+        folds = load_folds(info.folds_file)
         fold_dirs, test_of = {}, {}
-        for k in range(int(info["n_folds"])):
-            mdir = _fold_dir(d, k) / "model"
+        for k in range(info.n_folds):
+            mdir = info.model_dir(k)
             if not (mdir / "model_best.pt").is_file():
                 raise CtsegError(f"fold {k} has no trained model (model_best.pt); finish the cross-validation first",
                                  mdir)
             fold_dirs[k] = mdir
-            trained = _trained_on(d, k)
+            trained = info.fold_run(k).trained_on()
             for cid in folds.test_ids(k):
                 if cid in trained:
                     raise CtsegError(f"fold {k}'s model trained on its own test case {cid}", mdir)
                 test_of[cid] = k
-        display = display_name(info["arch"], info["dim"], info["aug"], info.get("variant", ""))
-        specs.append(ModelSpec(info["name"], display, str(info["aug"]), folds=fold_dirs, test_of=test_of,
-                               source=str(d)))
+        display = display_name(info.arch, info.dim, info.aug, info.variant)
+        specs.append(ModelSpec(info.name, display, info.aug, folds=fold_dirs, test_of=test_of, source=str(d)))
     for key in ("data", "layout", "folds_file"):
-        values = {str(m[key]) for m in manifests}
+        values = {str(getattr(m, key)) for m in manifests}
         if len(values) != 1:
             raise CtsegError(f"the cross-validation runs differ in {key}: {sorted(values)}; give runs of one "
                              "experiment")
@@ -117,8 +108,8 @@ def model_specs_from_cv(cv_dirs: Sequence[str | Path]) -> tuple[list[ModelSpec],
 
 
 def check_classes(spec: ModelSpec, run_dir: Path, dataset_classes: dict[int, str], data_dir: str | Path) -> None:
-    info = _run_info(run_dir)
-    model_classes = {int(k): str(v) for k, v in (info.get("dataset_classes") or info.get("classes") or {}).items()}
+    run = TrainingRun.read(run_dir)
+    model_classes = run.dataset_classes or run.classes
     if model_classes != {int(k): str(v) for k, v in dataset_classes.items()}:
         raise CtsegError(f"model {spec.name} ({run_dir}) was trained on classes {model_classes}, but the dataset "
                          f"has {dict(dataset_classes)}; stress-test it on data with the same labels", data_dir)
@@ -129,10 +120,10 @@ class LoadedModels:
     (and whether foreground classes are merged) each model is scored on."""
 
     def __init__(self, specs: Sequence[ModelSpec], classes: dict[int, str], dev: torch.device):
-        from ctseg.cv import _eval_classes
+        from ctseg.cv.scoring import eval_classes
         from ctseg.evaluate.metrics import structures
         from ctseg.inference.models import load_models
-        from ctseg.predict import check_members
+        from ctseg.inference.predict import check_members
 
         self.dev = dev
         self._cache: dict[str, TrainedModel] = {}
@@ -149,13 +140,13 @@ class LoadedModels:
                 trained = [self._load(d) for d in dirs]
                 _, out_classes = check_members(trained[:1] if spec.folds is not None else trained)
                 target = "multiclass" if out_classes == classes else "foreground"
-            self.eval_classes[spec.name], self.merge[spec.name] = _eval_classes(target, classes)
+            self.eval_classes[spec.name], self.merge[spec.name] = eval_classes(target, classes)
             for name in structures(self.eval_classes[spec.name]):
                 if name not in self.structures:
                     self.structures.append(name)
 
     def _load(self, run_dir: Path) -> TrainedModel:
-        from ctseg.train.trainer import load_trained
+        from ctseg.inference.trained import load_trained
 
         if str(run_dir) not in self._cache:
             self._cache[str(run_dir)] = load_trained(run_dir, self.dev)

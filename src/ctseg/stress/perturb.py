@@ -51,18 +51,10 @@ class Perturbed:
 
 
 # ------------------------------------------------------------------------------------------- geometry
-def slice_axis(volume: Volume) -> int:
-    """Array axis (0, 1 or 2 of (z, y, x)) closest to the patient's superior-inferior axis (LPS z).
-
-    From the direction matrix, not from array order: column i of `direction` is ITK index axis i = array
-    axis 2 - i.
-    """
-    itk_axis = int(np.argmax(np.abs(volume.direction[2, :])))
-    return 2 - itk_axis
-
-
 def in_plane_axes(volume: Volume) -> tuple[int, int]:
-    k = slice_axis(volume)
+    """The two array axes other than the slice axis (`Volume.slice_axis`: from the direction matrix, as
+    `to_canonical` takes it, not from array order)."""
+    k = volume.slice_axis()
     a, b = (ax for ax in range(3) if ax != k)
     return a, b
 
@@ -126,7 +118,7 @@ def reslice_thickness(image: Volume, label: Volume, thickness_mm: float) -> Pert
     scored back on the original grid. Raises `DegenerateSeverity` when fewer than 2 slices remain or the
     target is thinner than the native slice spacing (that would need data the scan does not hold).
     """
-    k = slice_axis(image)
+    k = image.slice_axis()
     s0 = image.spacing[k]
     n0 = image.shape[k]
     t0 = image.slice_thickness or s0
@@ -154,7 +146,7 @@ def reslice_thickness(image: Volume, label: Volume, thickness_mm: float) -> Pert
 
 def reslice_thickness_factor(image: Volume, label: Volume, factor: float) -> Perturbed:
     """`reslice_thickness` to `factor` x the native slice thickness (or spacing when the thickness is unknown)."""
-    k = slice_axis(image)
+    k = image.slice_axis()
     native = max(image.spacing[k], image.slice_thickness or 0.0)
     return reslice_thickness(image, label, factor * native)
 
@@ -169,7 +161,7 @@ def estimate_noise_hu(image: Volume, window_px: int = 5, soft_tissue_hu: tuple[f
     AJR 2015, "global noise"). At most `max_slices` evenly spaced slices are used. Raises ValueError when the
     volume holds no soft tissue.
     """
-    k = slice_axis(image)
+    k = image.slice_axis()
     arr = np.moveaxis(image.array, k, 0)
     idx = np.unique(np.linspace(0, arr.shape[0] - 1, min(max_slices, arr.shape[0])).round().astype(int))
     stds = []
@@ -281,7 +273,7 @@ def _add_noise(image: Volume, label: Volume, k: float, noise_hu: float | None,
     if k > 1.0:
         sigma0 = estimate_noise_hu(image) if noise_hu is None else noise_hu
         a, b = in_plane_axes(image)
-        add(np.moveaxis(out, (slice_axis(image), a, b), (0, 1, 2)), sigma0 * math.sqrt(k * k - 1.0))
+        add(np.moveaxis(out, (image.slice_axis(), a, b), (0, 1, 2)), sigma0 * math.sqrt(k * k - 1.0))
     return Perturbed(_with(image, out), _with(label, label.array), "perturbed")
 
 

@@ -3,13 +3,13 @@
 Models come in two ways:
 
 - `model_specs_from_dirs([[RUN, ...], ...])`: each inner list is one model (several folders = an ensemble via
-  `ctseg.predict`); a folder is a training run, a CV fold folder, a whole CV run (all its folds) or a stacked
+  `ctseg.inference.predict`); a folder is a training run, a CV fold folder, a whole CV run (all its folds) or a stacked
   ensemble (`ctseg.inference.models`).
 - `model_specs_from_cv([CV_RUN, ...])`: each cross-validation run is one model, and every volume is predicted
   by the fold model that did not train on it (out-of-fold; the fold's `run.json` train/val ids are checked).
 
 Each (volume, axis, severity) is perturbed once (`ctseg.stress.perturb`) and every model predicts it with
-`ctseg.predict.predict_volume` (whole volume, label back on the perturbed grid); predictions are scored on the
+`ctseg.inference.predict.predict_volume` (whole volume, label back on the perturbed grid); predictions are scored on the
 original grid (re-sliced axes: nearest-neighbour resampling of the prediction by physical position) or on the
 perturbed grid against the perturbed label. The clean prediction is made once per volume and model and counts
 as every axis's clean severity.
@@ -43,15 +43,17 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from ctseg.config import StressConfig, atomic_write_text
+from ctseg.config import StressConfig
 from ctseg.errors import CtsegError
+from ctseg.fileutil import atomic_write_text
 from ctseg.stress.models import (LoadedModels, ModelSpec, check_classes, model_specs_from_cv,  # noqa: F401
                                  model_specs_from_dirs)  # the model specs' public home is this module's API
 from ctseg.stress.perturb import AXES, DegenerateSeverity, estimate_noise_hu
 
 if TYPE_CHECKING:
+    from ctseg.datasets.base import Dataset
     from ctseg.io import Volume
-    from ctseg.predict import Models
+    from ctseg.inference.predict import Models
     from ctseg.stress.perturb import Perturbed
 
 log = logging.getLogger(__name__)
@@ -143,7 +145,7 @@ def _check_reacquired(pert: Perturbed, image: Volume, axis: str, case_id: str, d
                          "with generation overrides by an older ctseg?", data_dir)
 
 
-def _volume_pool(dataset, case_ids: Sequence[str] | None, models: Sequence[ModelSpec], data_dir: str | Path
+def _volume_pool(dataset: Dataset, case_ids: Sequence[str] | None, models: Sequence[ModelSpec], data_dir: str | Path
                  ) -> list[str]:
     """The case ids to draw volumes from: `case_ids`, else every labelled case (unlabelled ones skipped with a
     warning); every one must be in the dataset and, for CV models, in a test fold."""
@@ -218,7 +220,7 @@ class _Case:
         """The image for the clean prediction: as stored when the models' predictions of it equal those of its
         float32 copy (what they have always been given), else that copy. The only dtype-dependent step of
         `predict_volume` is the crop box's `volume >= plan.lower` (`box_same_for_integers`)."""
-        from ctseg.predict import flat_models
+        from ctseg.inference.predict import flat_models
         from ctseg.preprocess.slices import box_same_for_integers
 
         if np.issubdtype(self.image.array.dtype, np.integer) and all(
@@ -292,7 +294,7 @@ def _predict_and_score(run: _Run, spec: ModelSpec, case: _Case, image: Volume, r
     """One model's prediction of `image`, scored against `reference()` (opened after the prediction; on its grid
     when `resample`: nearest neighbour by physical position); returns the row's seconds_predict and dice_*."""
     from ctseg.io import resample_to
-    from ctseg.predict import predict_volume
+    from ctseg.inference.predict import predict_volume
 
     t0 = time.perf_counter()
     pred = predict_volume(image, run.loaded.members(spec, case.case_id), device=run.loaded.dev,
@@ -364,10 +366,10 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
     rows are written after each volume. At most one perturbed copy and one prediction are resident at a time;
     the volume itself waits in a memory-mapped scratch folder (`out_dir/.scratch-PID`, removed at the end).
     """
-    from ctseg.cv import progress_bar
+    from ctseg.progress import progress_bar
     from ctseg.datasets import open_dataset
     from ctseg.stress.phantom_reacquire import phantom_recipes
-    from ctseg.train.distributed import resolve_device
+    from ctseg.runtime import resolve_device
 
     out = Path(out_dir)
     dataset = open_dataset(data_dir, layout)

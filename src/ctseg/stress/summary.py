@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ctseg.config import atomic_write_text
+from ctseg.fileutil import atomic_write_text
 from ctseg.stress.perturb import AXES
 
 if TYPE_CHECKING:

@@ -25,12 +25,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ctseg.augment import acquisition_config
 from ctseg.config import CTIAConfig, ExperimentConfig, PredictConfig
 from ctseg.errors import CtsegError
+from ctseg.inference.trained import FOREGROUND_NAME
 
 if TYPE_CHECKING:  # annotations only: the augmenters (kornia, batchgenerators) load when training starts
     from ctseg.augment.base import Augmenter
     from ctseg.preprocess.cache import SliceCache
-
-FOREGROUND_NAME = "foreground"
 
 
 def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
@@ -200,10 +199,10 @@ def predict_cached(model: torch.nn.Module, image: np.ndarray, dim: str, device: 
     """Label map (z, S, S) uint8 of a cached, normalised volume at network resolution (argmax of softmax).
 
     2D: all slices, `batch_size` at a time. 3D: stacks of `chunk` slices with the z-context of `predict`
-    (default `PredictConfig()`), by `ctseg.predict.softmax_3d`: the same stacks, blending and passes as
-    `ctseg.predict.predict_network` with its default overlap, one stack per forward pass.
+    (default `PredictConfig()`), by `ctseg.inference.windows.softmax_3d`: the same stacks, blending and passes as
+    `ctseg.inference.predict.predict_network` with its default overlap, one stack per forward pass.
     """
-    from ctseg.predict import check_finite_output, softmax_3d
+    from ctseg.inference.windows import check_finite_output, softmax_3d
 
     vol = torch.from_numpy(np.asarray(image, dtype=np.float32))
     z = vol.shape[0]
@@ -225,23 +224,14 @@ def predict_cached(model: torch.nn.Module, image: np.ndarray, dim: str, device: 
     return probs.argmax(0).to("cpu", torch.uint8).numpy()
 
 
-def dice_scores(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> dict[int, float]:
-    """Dice 2|P∩T| / (|P| + |T|) per class; 1.0 where the class is absent from both."""
-    out = {}
-    for k in classes:
-        p, t = pred == k, truth == k
-        denom = int(p.sum()) + int(t.sum())
-        out[k] = 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, t).sum()) / denom
-    return out
-
-
 def validate_cases(model: torch.nn.Module, cache: SliceCache, case_ids: list[str], cfg: ExperimentConfig,
                    device: torch.device, num_classes: int, autocast_dtype: torch.dtype | None = None
                    ) -> dict[str, dict[int, float]]:
     """Dice per foreground class of each case in `case_ids` at network resolution, on the slices
     `cfg.train.val_slices` names: the reference's foreground slices (the paper protocol of Table 2) or all.
     NonFiniteOutput naming the case when the network's output is NaN or infinite (finite weights that overflow)."""
-    from ctseg.predict import NonFiniteOutput
+    from ctseg.evaluate.metrics import dice
+    from ctseg.inference.windows import NonFiniteOutput
 
     was_training = model.training
     model.eval()
@@ -261,7 +251,7 @@ def validate_cases(model: torch.nn.Module, cache: SliceCache, case_ids: list[str
             if cfg.train.val_slices == "foreground":
                 keep = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))
                 pred, truth = pred[keep], truth[keep]
-            results[cid] = dice_scores(pred, truth, list(range(1, num_classes)))
+            results[cid] = {k: dice(pred == k, truth == k) for k in range(1, num_classes)}
     finally:
         model.train(was_training)
     return results

@@ -104,7 +104,7 @@ def mean_over_ranks(value: float, ctx: DistContext) -> float:
     return float(t.item()) / ctx.world_size
 
 
-def gather_objects(obj, ctx: DistContext) -> list:
+def gather_objects(obj: object, ctx: DistContext) -> list:
     """Every rank's `obj` (picklable, small), in rank order, on every rank."""
     if not ctx.enabled:
         return [obj]
@@ -112,11 +112,3 @@ def gather_objects(obj, ctx: DistContext) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-
-def broadcast_object(obj, ctx: DistContext):
-    """Rank 0's `obj` on every rank."""
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

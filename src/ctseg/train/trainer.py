@@ -4,28 +4,28 @@
 
 - `model_best.pt` / `model_last.pt`: plain state_dicts (best by mean foreground validation Dice / last epoch),
 - `checkpoint.pt`: resume state (model, optimizer, scaler, epoch, step, best, history, RNG states),
-- `run.json`: config, intensity plan, classes, target, versions, dataset fingerprint, split, status,
+- `run.json` (`ctseg.runs.TrainingRun`): config, intensity plan, classes, target, versions, dataset fingerprint,
+  split, status,
 - `log.csv`: one row per epoch; optional TensorBoard events in `out_dir/tensorboard`.
 
 Every file is written atomically (temp + rename) at the end of every epoch, so a killed run resumes
 (`resume=True`) losing at most the epoch in progress, and the resumed run ends with the same weights,
-bit for bit on CPU, as an uninterrupted one. `load_trained(run_dir)` gives back the best model for inference.
+bit for bit on CPU, as an uninterrupted one. `ctseg.inference.trained.load_trained(run_dir)` gives back the best
+model for inference.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import math
 import platform
 import time
-import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, cast
+from typing import TYPE_CHECKING, Any, ContextManager, cast
 
 import numpy as np
 import torch
@@ -35,20 +35,21 @@ import ctseg
 from ctseg.config import ExperimentConfig, config_to_dict, parse_config
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_write_text
+from ctseg.inference.windows import NonFiniteOutput
+from ctseg.models.weights import atomic_torch_save
+from ctseg.runs import PROVENANCE_VERSION, TrainingRun
 from ctseg.train import distributed as D
-from ctseg.train.checkpoint import (atomic_torch_save, capture_rng_state, load_resume_state, load_state_dict_file,
-                                    restore_rng_state, save_resume_state)
+from ctseg.train.checkpoint import capture_rng_state, load_resume_state, restore_rng_state, save_resume_state
 from ctseg.train.data import (TrainStream, make_loader, output_classes, step_seed, to_network_batch,
                               validate_cases)
+from ctseg.train.splits import dataset_fingerprint, split_validation
 
 if TYPE_CHECKING:
     from ctseg.preprocess.cache import TrainingCache
-    from ctseg.preprocess.windowing import IntensityPlan
 
 log = logging.getLogger(__name__)
 
 IN_CHANNELS = 1
-RUN_FORMAT = "ctseg.run"
 #: Config fields that may change when resuming: they do not change the result of the steps already run
 #: (the data themselves are checked by the dataset fingerprint, wherever they live).
 RESUME_MAY_DIFFER = ("train.epochs", "train.num_workers", "train.tensorboard", "data.path")
@@ -64,23 +65,6 @@ class TrainResult:
     best_metric: float
     epochs_run: int
     history: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class TrainedModel:
-    """A trained network ready for inference (eval mode, best weights).
-
-    classes: output channel -> name (multiclass: the dataset's classes; foreground: background/foreground);
-    dataset_classes: label value -> name of the training data.
-    """
-
-    module: nn.Module
-    cfg: ExperimentConfig
-    plan: IntensityPlan
-    classes: dict[int, str]
-    target: str
-    run_dir: Path
-    dataset_classes: dict[int, str] = field(default_factory=dict)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -107,37 +91,8 @@ def _check_training_memory(cfg: ExperimentConfig, num_classes: int, device: torc
                  f"train.batch_size_{dim}, preprocess.in_plane_size or {size}")
 
 
-_TASK_ORGANS = {"kidney": "kidney", "liver": "liver"}
-
-
-def _check_model_metadata(cfg: ExperimentConfig, classes: dict[int, str], info_path: Path) -> None:
-    """Refuse run.json settings that contradict the network or the data: a U-Net whose in-plane size (or 3D
-    stack) is not divisible by its total stride, or a liver config (data.task) whose classes hold the kidney
-    but no liver (a liver config trained on kidney labels)."""
-    m = cfg.model
-    if m.arch == "unet":
-        stride = 2 ** (m.unet.n_stages - 1)
-        if cfg.preprocess.in_plane_size % stride:
-            raise CtsegError(f"in_plane_size {cfg.preprocess.in_plane_size} is not divisible by the U-Net's stride "
-                             f"{stride} ({m.unet.n_stages} stages): these weights were not trained at this size",
-                             info_path)
-        z_stride = 2 ** min(m.unet.z_pool_stages, m.unet.n_stages - 1)
-        if m.dim == "3d" and cfg.preprocess.num_slices % z_stride:
-            raise CtsegError(f"num_slices {cfg.preprocess.num_slices} is not divisible by the 3D U-Net's z stride "
-                             f"{z_stride}", info_path)
-    names = {str(v).lower() for v in classes.values()}
-    own = _TASK_ORGANS[cfg.data.task]
-    others = {o for t, o in _TASK_ORGANS.items() if t != cfg.data.task}
-    # only the non-default task is checked: "kidney" is the default, also left in configs of other datasets
-    if cfg.data.task != "kidney" and own not in names and names & others:
-        raise CtsegError(f"config says data.task {cfg.data.task!r} but the classes are {sorted(names)}: a "
-                         f"{cfg.data.task} config trained on other labels", info_path)
-
-
 def _final_status(err: BaseException) -> str:
     """run.json status for a training that ended with `err`."""
-    from ctseg.predict import NonFiniteOutput
-
     if isinstance(err, (TrainingDiverged, NonFiniteOutput)):
         return "diverged"
     if isinstance(err, KeyboardInterrupt):
@@ -165,41 +120,6 @@ def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = RES
             continue
         diffs.append(f"{key}: {a.get(key, '<absent>')!r} in checkpoint, {b.get(key, '<absent>')!r} now")
     return diffs
-
-
-def split_validation(train_ids: list[str], val_fraction: float, seed: int | Sequence[int]
-                     ) -> tuple[list[str], list[str]]:
-    """Hold out round(val_fraction * n) of `train_ids` (at least one if val_fraction > 0), chosen with `seed`
-    (an int or a sequence of ints for `numpy.random.default_rng`)."""
-    ids = sorted(train_ids)
-    n_val = int(round(val_fraction * len(ids)))
-    if val_fraction > 0 and len(ids) >= 2:
-        n_val = max(1, n_val)
-    n_val = min(n_val, len(ids) - 1)
-    if n_val <= 0:
-        return ids, []
-    entropy = [int(seed), 0x5EED] if isinstance(seed, (int, np.integer)) else [*(int(s) for s in seed), 0x5EED]
-    perm = np.random.default_rng(entropy).permutation(len(ids))
-    val = sorted(ids[i] for i in perm[:n_val])
-    return [c for c in ids if c not in set(val)], val
-
-
-def fold_validation_split(train_ids: Sequence[str], val_fraction: float, fold: int) -> tuple[list[str], list[str]]:
-    """The validation split of cross-validation fold `fold`: seeded by the fold index and the fold's training
-    cases, never by the model seed, so every run of an experiment (any architecture, augmentation or seed)
-    selects its checkpoint on the same cases of a fold and stack candidates are compared on the same cases."""
-    ids = sorted(train_ids)
-    digest = zlib.crc32("\n".join(ids).encode())
-    return split_validation(ids, val_fraction, [0xF01D, int(fold), digest])
-
-
-def dataset_fingerprint(cache: TrainingCache, case_ids: list[str]) -> str:
-    """sha256 over the cache's settings fingerprint and each case's id and cached-file checksums."""
-    h = hashlib.sha256(cache.fingerprint.encode())
-    for cid in sorted(case_ids):
-        files = cache.meta(cid)["files"]
-        h.update(json.dumps([cid, {k: files[k]["crc32"] for k in sorted(files)}]).encode())
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -366,29 +286,19 @@ class Trainer:
 
     def provenance(self) -> dict:
         """The cases each part of this model was fitted or chosen on (`ctseg.evaluate.provenance`)."""
-        from ctseg.evaluate.provenance import PROVENANCE_VERSION
-
         return {"version": PROVENANCE_VERSION, "weights_fitted_on": list(self.train_ids),
                 "checkpoint_selected_on": list(self.val_ids),
                 "intensity_plan_fitted_on": list(self.cache.plan.subset_ids)}
 
     def _write_run_json(self, status: str, error: str | None = None) -> None:
-        info = {
-            "format": RUN_FORMAT, "status": status,
-            "config": self.config_dict, "intensity_plan": self.cache.plan.to_dict(),
-            "classes": {str(k): v for k, v in self.classes.items()},
-            "dataset_classes": {str(k): v for k, v in self.dataset_classes.items()},
-            "target": self.cfg.model.target, "num_classes": self.num_classes, "in_channels": IN_CHANNELS,
-            "versions": _versions(), "dataset_fingerprint": self.fingerprint,
-            "train_ids": self.train_ids, "val_ids": self.val_ids,
-            "epochs_run": len(self.history), "global_step": self.global_step,
-            "best_metric": self.best_metric, "best_epoch": self.best_epoch,
-            "world_size": self.ctx.world_size, "device": str(self.device),
-            "provenance": self.provenance(),
-        }
-        if error:
-            info["error"] = error
-        atomic_write_text(self.out_dir / "run.json", json.dumps(info, indent=1))
+        TrainingRun(
+            status=status, config=self.config_dict, intensity_plan=self.cache.plan.to_dict(), classes=self.classes,
+            dataset_classes=self.dataset_classes, target=self.cfg.model.target, num_classes=self.num_classes,
+            in_channels=IN_CHANNELS, versions=_versions(), dataset_fingerprint=self.fingerprint,
+            train_ids=self.train_ids, val_ids=self.val_ids, epochs_run=len(self.history),
+            global_step=self.global_step, best_metric=self.best_metric, best_epoch=self.best_epoch,
+            world_size=self.ctx.world_size, device=str(self.device), provenance=self.provenance(), error=error,
+        ).write(self.out_dir)
 
     def _csv_columns(self) -> list[str]:
         fg = [f"val_dice_{self.classes[k]}" for k in range(1, self.num_classes)]
@@ -406,7 +316,7 @@ class Trainer:
             writer.writerow(flat)
         atomic_write_text(self.out_dir / "log.csv", buf.getvalue())
 
-    def _open_tensorboard(self):
+    def _open_tensorboard(self) -> Any:
         if not (self.cfg.train.tensorboard and self.ctx.is_main):
             return None
         try:
@@ -418,7 +328,7 @@ class Trainer:
 
     # -- the loop --
 
-    def _progress(self):
+    def _progress(self) -> ContextManager[Any]:
         if not (self.show_progress and self.ctx.is_main):
             return nullcontext(None)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -465,7 +375,7 @@ class Trainer:
                      for k in range(1, self.num_classes)}
         return per_class, float(np.mean(list(per_class.values())))
 
-    def _end_epoch(self, epoch: int, train_loss: float, seconds: float, tb) -> None:
+    def _end_epoch(self, epoch: int, train_loss: float, seconds: float, tb: Any) -> None:
         tc = self.cfg.train
         last = epoch + 1 == tc.epochs
         val_dice, val_mean = self._validate() if ((epoch + 1) % tc.val_every == 0 or last) else (None, None)
@@ -586,64 +496,3 @@ def train_model(cfg: ExperimentConfig, cache: TrainingCache, train_ids: list[str
     """
     return Trainer(cfg, cache, train_ids, val_ids, out_dir, resume=resume, progress=progress,
                    device=device).fit()
-
-
-def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
-    """The best model of a finished (or running) training folder, in eval mode on `device`. A CV fold folder
-    (`fold_<k>/` holding `model/`) stands for its training run; cross-validation and stack folders are loaded
-    by `ctseg.inference.load_models`."""
-    from ctseg.models import build_model
-    from ctseg.preprocess.windowing import IntensityPlan
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CtsegError("model folder not found", run_dir)
-    if not (run_dir / "run.json").is_file() and (run_dir / "model" / "run.json").is_file():
-        run_dir = run_dir / "model"
-    info_path = run_dir / "run.json"
-    if not info_path.is_file():
-        hint = (": a cross-validation or stack folder; load it with ctseg.inference.load_models"
-                if (run_dir / "cv.json").is_file() or (run_dir / "stack.json").is_file() else "")
-        raise CtsegError(f"not a ctseg model folder: run.json is missing{hint}", run_dir)
-    try:
-        info = json.loads(info_path.read_text())
-        if info.get("format") != RUN_FORMAT:
-            raise ValueError(f"format {info.get('format')!r}, expected {RUN_FORMAT!r}")
-        cfg = parse_config(info["config"], info_path)
-        plan = IntensityPlan.from_dict(info["intensity_plan"], info_path)
-        classes = {int(k): str(v) for k, v in info["classes"].items()}
-        dataset_classes = {int(k): str(v) for k, v in info.get("dataset_classes", {}).items()}
-        in_channels, num_classes = int(info["in_channels"]), int(info["num_classes"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CtsegError(f"run.json unreadable ({type(err).__name__}: {err})", info_path) from None
-    weights_path = run_dir / "model_best.pt"
-    if not weights_path.is_file():
-        raise CtsegError("model_best.pt is missing (training stopped before its first epoch ended?)", run_dir)
-    if num_classes != len(classes) or num_classes < 2:
-        raise CtsegError(f"run.json declares num_classes {num_classes} but {len(classes)} classes {classes}",
-                         info_path)
-    if dataset_classes and info["target"] == "multiclass" and dataset_classes != classes:
-        raise CtsegError(f"run.json: a multiclass model's classes {classes} differ from its dataset classes "
-                         f"{dataset_classes}", info_path)
-    _check_model_metadata(cfg, dataset_classes or classes, info_path)
-    status = info.get("status")
-    if status not in ("completed", "finished"):
-        log.warning("%s: the training run's status is %r, not 'completed': its weights may be unfinished",
-                    run_dir, status)
-    from ctseg.resources import check_memory, parameter_count
-
-    check_memory(4 * parameter_count(cfg.model, num_classes, in_channels), D.resolve_device(device),
-                 "the model described in run.json", "nothing: run.json is not a plausible model", info_path)
-    weights = load_state_dict_file(weights_path)
-    bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if bad:
-        raise CtsegError(f"weights contain NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}): the training "
-                         "diverged", weights_path)
-    module = build_model(cfg.model, in_channels, num_classes)
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CtsegError(f"weights do not fit the model described in run.json ({str(err).splitlines()[0]})",
-                         weights_path) from None
-    module.to(D.resolve_device(device)).eval()
-    return TrainedModel(module, cfg, plan, classes, info["target"], run_dir, dataset_classes)

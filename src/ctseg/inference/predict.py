@@ -54,24 +54,22 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal, Sequence, Union
+from typing import Callable, Literal, Sequence, Union
 
 import numpy as np
 import torch
 
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path
+from ctseg.inference.trained import FOREGROUND_NAME, TrainedModel
+from ctseg.inference.windows import (ZContext, argmax_uint8, check_finite_output, first_pass_stacks, softmax_2d,
+                                     softmax_3d)
 from ctseg.io import Volume
 from ctseg.models.stacking import StackingMetaModel, combine_members
-from ctseg.preprocess.zstacks import Blend, ZStacks, inference_stride, sampled_stacks, z_stacks
+from ctseg.preprocess.zstacks import Blend
 from ctseg.runtime import release_free_memory, resolve_device
 
-if TYPE_CHECKING:
-    from ctseg.preprocess.windowing import IntensityPlan
-    from ctseg.train.trainer import TrainedModel
-
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -81,21 +79,19 @@ class StackedModel:
     the members' maps are concatenated and every fold's meta-model is applied; their softmax is averaged (as
     nnU-Net averages its folds). source: the stack folder (for messages)."""
 
-    members: list[list["TrainedModel"]]
+    members: list[list[TrainedModel]]
     metas: list[StackingMetaModel]
     source: Path | None = None
 
     @property
-    def models(self) -> list["TrainedModel"]:
+    def models(self) -> list[TrainedModel]:
         """Every fold model of every member, in order."""
         return [m for group in self.members for m in group]
 
 
 #: One trained model, an ensemble of them (`ctseg.inference.load_models`), or a stacked ensemble.
-Models = Union["TrainedModel", list["TrainedModel"], tuple["TrainedModel", ...], StackedModel]
+Models = Union[TrainedModel, list[TrainedModel], tuple[TrainedModel, ...], StackedModel]
 
-FOREGROUND_NAME = "foreground"
-ZContext = Literal["sampled", "strided", "contiguous"]
 _CHUNK_BYTES = 64 * 2**20
 _SURE_MARGIN = 1e-4  # P(background) - max P(other class) above which a slice's restored label is all background
 
@@ -163,111 +159,6 @@ def check_members(models: Sequence[TrainedModel]) -> tuple[dict[int, str], dict[
     return ds_classes, out
 
 
-def _check_channels(logits: torch.Tensor, expected: int, where: Path | None) -> None:
-    """The right number of channels, and finite values: a network with finite weights can still overflow
-    (e.g. after one step at a huge learning rate); its NaN would silently become background in an ensemble."""
-    if logits.shape[1] != expected:
-        raise CtsegError(f"the model outputs {logits.shape[1]} channels but its classes need {expected}", where)
-    check_finite_output(logits, where)
-
-
-class NonFiniteOutput(CtsegError):
-    """A network's output holds NaN or infinite values (its weights may be finite)."""
-
-
-def check_finite_output(output: torch.Tensor, where: Path | str | None) -> None:
-    """NonFiniteOutput naming the model when its output holds NaN or infinite values."""
-    if not bool(torch.isfinite(output).all()):
-        bad = int((~torch.isfinite(output)).sum())
-        raise NonFiniteOutput(f"the model's output holds NaN or infinite values ({bad} of {output.numel()}) although its "
-                         "weights are finite: it is unusable (diverged training?); retrain it or leave it out of the "
-                         "ensemble", where)
-
-
-def _softmax_2d(module: torch.nn.Module, image: torch.Tensor, batch_size: int, out: torch.Tensor, where: Path | None,
-                tick: Callable[[], None]) -> None:
-    """image (z, S, S) on device -> softmax into out (K, z, S, S), `batch_size` slices at a time."""
-    for z0 in range(0, image.shape[0], batch_size):
-        logits = module(image[z0:z0 + batch_size, None])
-        _check_channels(logits, out.shape[0], where)
-        out[:, z0:z0 + logits.shape[0]] = torch.softmax(logits.float(), dim=1).transpose(0, 1)
-        tick()
-
-
-def stacked_softmax(module: torch.nn.Module, image: torch.Tensor, stacks: ZStacks, batch_size: int, out: torch.Tensor,
-                    wsum: torch.Tensor, where: Path | None = None, tick: Callable[[], None] = lambda: None) -> None:
-    """Run `module` on every stack of `stacks` (`batch_size` stacks per forward pass) and add each stack's
-    softmax, times its blending weights, to its slices: out (K, z, S, S) += p * w, wsum (z,) += w.
-    Padded positions (weight 0) are skipped, so every slice is written once per stack (index_add_ over
-    distinct indices: deterministic on CPU and CUDA)."""
-    index = torch.from_numpy(stacks.index).to(image.device)
-    weight = torch.from_numpy(stacks.weight).to(image.device)
-    valid = [torch.from_numpy(np.flatnonzero(w > 0)).to(image.device) for w in stacks.weight]
-    for i in range(0, len(stacks), batch_size):
-        idx = index[i:i + batch_size]
-        logits = module(image[idx][:, None])
-        _check_channels(logits, out.shape[0], where)
-        probs = torch.softmax(logits.float(), dim=1)
-        for b in range(idx.shape[0]):
-            pos = valid[i + b]
-            w = weight[i + b, pos]
-            out.index_add_(1, idx[b, pos], probs[b][:, pos] * w[None, :, None, None])
-            wsum.index_add_(0, idx[b, pos], w)
-        tick()
-
-
-def _foreground_slices(probs: torch.Tensor) -> np.ndarray:
-    """Slices (ascending) where the argmax of (K, z, S, S) probabilities is not background somewhere."""
-    return np.flatnonzero((_argmax_uint8(probs) != 0).flatten(1).any(dim=1).cpu().numpy())
-
-
-def first_pass_stacks(z: int, window: int, z_context: ZContext, overlap: float, blend: Blend) -> ZStacks:
-    """Stacks of the first (or only) pass: contiguous windows, or strided ones at training's mean gap over all
-    z slices (what training shows a volume without foreground)."""
-    stride = 1 if z_context == "contiguous" else inference_stride(z, window)
-    return z_stacks(z, window, stride, overlap, blend)
-
-
-def softmax_3d(module: torch.nn.Module, image: torch.Tensor, window: int, out: torch.Tensor, *,
-               z_context: ZContext = "sampled", draws: int = 4, seed: int = 0, overlap: float = 0.5,
-               blend: Blend = "gaussian", batch_size: int = 2, where: Path | None = None,
-               tick: Callable[[], None] = lambda: None) -> None:
-    """A 3D model's softmax (K, z, S, S) into `out` for the network input image (z, S, S), with the z-context of
-    `z_context` (`ctseg.config.PredictConfig`; stacks from `ctseg.preprocess.zstacks`):
-
-    - contiguous: sliding windows of `window` adjacent slices, `overlap`, `blend` weights;
-    - strided / sampled: a first pass of interleaved stacks at training's mean gap over all z slices finds the
-      foreground slices F (argmax not background); none: that pass is the answer (training draws a volume
-      without foreground from all its slices). Else a second pass: strided, interleaved stacks over all
-      slices at training's mean gap for F slices (`inference_stride`), replacing the first pass; sampled,
-      `draws` random partitions of F into stacks drawn as training draws them (`sampled_stacks`, generator
-      seeded by `seed`), averaged, replacing the first pass on the slices they cover (the others keep the
-      first pass's background).
-    """
-    z = image.shape[0]
-    if z_context not in ("sampled", "strided", "contiguous"):
-        raise ValueError(f"z_context must be 'sampled', 'strided' or 'contiguous', got {z_context!r}")
-    wsum = torch.zeros(z, dtype=torch.float32, device=out.device)
-    out.zero_()
-    first = first_pass_stacks(z, window, z_context, overlap, blend)
-    stacked_softmax(module, image, first, batch_size, out, wsum, where, tick)
-    out /= wsum[None, :, None, None]
-    if z_context == "contiguous" or z < window:
-        return
-    fg = _foreground_slices(out)
-    if fg.size == 0:
-        return
-    if z_context == "strided":
-        second = z_stacks(z, window, inference_stride(z, window, fg.size), overlap, blend)
-    else:
-        second = sampled_stacks(fg, z, window, draws, np.random.default_rng(seed))
-    covered = torch.from_numpy(np.flatnonzero(second.coverage() > 0)).to(out.device)
-    out.index_fill_(1, covered, 0.0)
-    wsum.zero_()
-    stacked_softmax(module, image, second, batch_size, out, wsum, where, tick)
-    out[:, covered] /= wsum[covered][None, :, None, None]
-
-
 def _n_batches(model: TrainedModel, z: int, batch_size: int | None, overlap: float,
                z_context: ZContext | None = None) -> int:
     """Forward passes of `model` on a z-slice volume (3D: the first pass's stacks, and as many again for a
@@ -289,7 +180,7 @@ def _member_softmax(model: TrainedModel, image: torch.Tensor, device: torch.devi
     out = torch.empty((len(model.classes), *image.shape), dtype=torch.float32, device=device)
     with torch.inference_mode():
         if model.cfg.model.dim == "2d":
-            _softmax_2d(module, image, batch_size or 32, out, where, tick)
+            softmax_2d(module, image, batch_size or 32, out, where, tick)
         else:
             pc = model.cfg.predict
             softmax_3d(module, image, int(model.cfg.preprocess.num_slices), out, z_context=z_context or pc.z_context,
@@ -305,7 +196,7 @@ def _ensemble_softmax(models: Sequence[TrainedModel], xs: Sequence[torch.Tensor]
     member's foreground mask (argmax != 0)."""
     if len(models) == 1:
         p = _member_softmax(models[0], xs[0], dev, batch_size, overlap, blend, tick, z_context)
-        return p, [(_argmax_uint8(p) != 0).cpu().numpy()]
+        return p, [(argmax_uint8(p) != 0).cpu().numpy()]
     n_fg = len(out_classes) - 1
     bg = torch.zeros(xs[0].shape, dtype=torch.float32, device=dev)
     fg = torch.zeros((n_fg, *xs[0].shape), dtype=torch.float32, device=dev) if \
@@ -316,7 +207,7 @@ def _ensemble_softmax(models: Sequence[TrainedModel], xs: Sequence[torch.Tensor]
         bg += p[0]
         if m.target == "multiclass" and fg is not None:  # fg exists when any member is multiclass
             fg += p[1:]
-        fg_masks.append((_argmax_uint8(p) != 0).cpu().numpy())
+        fg_masks.append((argmax_uint8(p) != 0).cpu().numpy())
         del p
     bg /= len(models)
     return combine_members(bg, fg, len(out_classes)), fg_masks
@@ -333,7 +224,7 @@ def _stacked_softmax(stack: StackedModel, xs: Sequence[torch.Tensor], dev: torch
         p, _ = _ensemble_softmax(group, xs[i:i + len(group)], group_classes, dev, batch_size, overlap, blend, tick,
                                  z_context)
         i += len(group)
-        masks.append((_argmax_uint8(p) != 0).cpu().numpy())
+        masks.append((argmax_uint8(p) != 0).cpu().numpy())
         maps.append(p)
     x = torch.cat(maps)
     del maps
@@ -406,25 +297,16 @@ class _Progress:
             self.bar = Progress(transient=True)
             self.task = self.bar.add_task(what, total=total)
 
-    def __enter__(self):
-        if self.bar is None:
+    def __enter__(self) -> Callable[[], None]:
+        bar = self.bar
+        if bar is None:
             return lambda: None
-        self.bar.start()
-        return lambda: self.bar.advance(self.task)
+        bar.start()
+        return lambda: bar.advance(self.task)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-def _argmax_uint8(probs: torch.Tensor) -> torch.Tensor:
-    """argmax over dim 0 of (C, ...) as uint8 (ties -> lower class); ~6x faster than `argmax(0)` on CPU."""
-    best = probs[0].clone()
-    label = torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
-    for c in range(1, probs.shape[0]):
-        label.masked_fill_(probs[c] > best, c)
-        torch.maximum(best, probs[c], out=best)
-    return label
 
 
 def restore_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int], label_out: np.ndarray,
@@ -446,7 +328,7 @@ def restore_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int]
     step = max(1, _CHUNK_BYTES // (4 * n_cls * h * w))
     for z0 in range(0, z, step):
         chunk = torch.as_tensor(restore_in_plane(probs[:, z0:z0 + step], (h, w), out_dtype=np.float32, box=box))
-        label_out[z0:z0 + step] = _argmax_uint8(chunk).cpu().numpy()
+        label_out[z0:z0 + step] = argmax_uint8(chunk).cpu().numpy()
         for c, out in enumerate(probabilities_out):
             out[z0:z0 + step] = chunk[c].to(torch.float16).cpu().numpy()
 
@@ -478,7 +360,7 @@ def _restore_label_in_box(probs: np.ndarray | torch.Tensor, original_yx: tuple[i
         zs = todo[i:i + step]
         resized = resize_box_chunk(p[:, torch.from_numpy(zs).to(p.device)], box)  # (n, C, by, bx)
         inside = resized[:, :, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0].transpose(0, 1)
-        label_out[zs, sy0:sy1, sx0:sx1] = _argmax_uint8(inside).cpu().numpy()
+        label_out[zs, sy0:sy1, sx0:sx1] = argmax_uint8(inside).cpu().numpy()
 
 
 def predict_volume(volume: Volume, models: Models, device: str | torch.device = "auto", return_probabilities: bool = False,
