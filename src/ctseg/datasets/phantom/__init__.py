@@ -20,9 +20,9 @@ Volumes come back canonical: array (z, y, x), direction identity, z inferior -> 
 from ctseg.datasets.phantom.acquisition import REACQUIRABLE, SIZES, Acquisition
 from ctseg.datasets.phantom.generate import CLASSES, draw_acquisition, generate_case
 from ctseg.datasets.phantom.population import POPULATION_RANGES, Population
-from ctseg.datasets.phantom.writers import (LAYOUTS, case_names, iter_phantom_cases, to_kits19_orientation,
-                                            write_phantom_dataset)
+from ctseg.datasets.kits19 import to_kits19_orientation
+from ctseg.datasets.phantom.writers import case_names, iter_phantom_cases, writable_layouts, write_phantom_dataset
 
-__all__ = ["CLASSES", "LAYOUTS", "POPULATION_RANGES", "REACQUIRABLE", "SIZES", "Acquisition", "Population",
+__all__ = ["CLASSES", "POPULATION_RANGES", "REACQUIRABLE", "SIZES", "Acquisition", "Population",
            "case_names", "draw_acquisition", "generate_case", "iter_phantom_cases", "to_kits19_orientation",
-           "write_phantom_dataset"]
+           "writable_layouts", "write_phantom_dataset"]

@@ -8,37 +8,32 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ctseg.datasets.base import Case
-from ctseg.datasets.phantom.fields import _built
+from ctseg.datasets.base import Case, LayoutWriter
 from ctseg.datasets.phantom.generate import CLASSES, generate_case
 from ctseg.errors import CtsegError
-from ctseg.io import Volume
+from ctseg.registry import LAYOUTS
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("kits19", "chaos", "nnunet")
+
+def _writer(layout: str, out: object = None) -> LayoutWriter:
+    """The phantom writer of a registered layout; CtsegError for a layout without one."""
+    writable = writable_layouts()
+    if layout not in writable:
+        raise CtsegError(f"unknown layout {layout!r}; choose one of {writable}",
+                         out if isinstance(out, (str, Path)) else None)
+    writer: LayoutWriter = LAYOUTS[layout].writer
+    return writer
 
 
-def to_kits19_orientation(volume: Volume) -> Volume:
-    """A canonical volume in KiTS19's voxel order: NIfTI axis 0 = slices going inferior, then posterior, left.
-
-    Same voxels and physical positions; readers must reorient (`ctseg.io.to_canonical`) to get back.
-    """
-    nz = volume.shape[0]
-    sz, sy, sx = volume.spacing
-    direction = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])   # columns: ITK axes i, j, k
-    origin = np.asarray(volume.origin) + volume.direction @ np.array([0.0, 0.0, (nz - 1) * sz])
-    array = np.ascontiguousarray(volume.array[::-1].transpose(2, 1, 0))
-    return Volume(array, (sx, sy, sz), tuple(origin), direction, volume.slice_thickness, dict(volume.meta))
+def writable_layouts() -> list[str]:
+    """The registered layouts a phantom dataset can be written in (`ctseg.registry.LAYOUTS` entries with a writer)."""
+    return [name for name, entry in LAYOUTS.items() if entry.writer is not None]
 
 
 def case_names(layout: str, n_cases: int) -> list[str]:
     """Case ids as each layout names them: case_00000 (KiTS19), 1, 2, ... (CHAOS), phantom_000 (nnU-Net)."""
-    if layout == "kits19":
-        return [f"case_{i:05d}" for i in range(n_cases)]
-    if layout == "chaos":
-        return [str(i + 1) for i in range(n_cases)]
-    return [f"phantom_{i:03d}" for i in range(n_cases)]
+    return [_writer(layout).case_name(i) for i in range(n_cases)]
 
 
 def iter_phantom_cases(task: str = "kidney", n_cases: int = 10, seed: int = 0, size: str = "small",
@@ -55,38 +50,29 @@ def write_phantom_dataset(out: str | Path, task: str = "kidney", n_cases: int = 
 
     layout: "kits19" (default for kidney; `case_XXXXX/imaging.nii.gz` + `segmentation.nii.gz` in KiTS19's
     own slice-first, inferior-posterior-left orientation), "chaos" (default for liver; one DICOM file per
-    slice, each its own SeriesInstanceUID, + `Ground/liver_GT_NNN.png`) or "nnunet" (`dataset.json`,
-    `imagesTr/<case>_0000.nii.gz`, `labelsTr/<case>.nii.gz`). Also writes `phantom.json` (per-case
+    slice, each its own SeriesInstanceUID, + `Ground/liver_GT_NNN.png`), "nnunet" (`dataset.json`,
+    `imagesTr/<case>_0000.nii.gz`, `labelsTr/<case>.nii.gz`) or any registered layout with a writer
+    (`ctseg.registry.LAYOUTS`, `ctseg.datasets.base.LayoutWriter`). Also writes `phantom.json` (per-case
     acquisition and anatomy). Deterministic per `seed`. `on_case` is called after each case is written.
     """
     from ctseg.fileutil import atomic_write_text
-    from ctseg.datasets.chaos import write_chaos_case
-    from ctseg.datasets.kits19 import write_kits19_case
-    from ctseg.datasets.nnunet_raw import write_nnunet_case, write_nnunet_dataset_json
 
     layout = layout or ("kits19" if task == "kidney" else "chaos")
-    if layout not in LAYOUTS:
-        raise CtsegError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}", out)
+    writer = _writer(layout, out)
     if task not in CLASSES:
         raise CtsegError(f"unknown phantom task {task!r}; choose one of {list(CLASSES)}", out)
-    if layout == "chaos" and task != "liver":
-        raise CtsegError("the CHAOS layout holds liver masks only: use --task liver (or another layout)", out)
+    if task not in writer.tasks:
+        raise CtsegError(f"the {LAYOUTS[layout].display or layout} layout holds {' / '.join(writer.tasks)} masks only: "
+                         f"use --task {writer.tasks[0]} (or another layout)", out)
     if n_cases < 1:
         raise CtsegError(f"n_cases must be >= 1, got {n_cases}", out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if layout == "nnunet":
-        write_nnunet_dataset_json(out, CLASSES[task], n_cases, name=f"phantom_{task}")
+    writer.prepare(out, CLASSES[task], n_cases, task)
     summary: dict[str, Any] = {"task": task, "layout": layout, "seed": seed, "size": size, "classes": CLASSES[task],
                "overrides": dict(overrides), "cases": {}}
     for case in iter_phantom_cases(task, n_cases, seed, size, layout, **overrides):
-        if layout == "kits19":
-            write_kits19_case(out, case.case_id, to_kits19_orientation(case.image),
-                              to_kits19_orientation(_built(case.label, "the phantom label")))
-        elif layout == "chaos":
-            write_chaos_case(out, case.case_id, case.image, case.label)
-        else:
-            write_nnunet_case(out, case.case_id, case.image, case.label)
+        writer.write_case(out, case)
         summary["cases"][case.case_id] = {k: v for k, v in case.metadata.items()}
         log.info("phantom case %s written (%d slices)", case.case_id, case.metadata["num_slices"])
         if on_case is not None:
