@@ -68,8 +68,8 @@ def test_toy_components_through_phantom_inspect_train_predict(toys, tmp_path, ca
         "model": {"arch": "toynet", "toynet": {"hidden": 3}},
         "train": {"batch_size_2d": 2, "epochs": 1, "steps_per_epoch": 2, "device": "cpu"}}))
     assert main(["train", "--data", str(data), "--out", str(run), "--config", str(config), "--no-progress"]) == 0
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["model"]["arch"] == "toynet" and saved["augment"]["toyflip"]["p"] == 1.0
+    saved = json.loads((run / "run.json").read_text())["config"]  # the toy sections saved with the model
+    assert saved["model"]["toynet"] == {"hidden": 3} and saved["augment"]["toyflip"]["p"] == 1.0
     image = data / "toy00_img.nii.gz"
     assert main(["predict", "-i", str(image), "--model", str(run), "-o", str(seg), "--device", "cpu"]) == 0
     out, ref = read_volume(seg), read_volume(image)
