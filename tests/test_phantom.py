@@ -248,15 +248,14 @@ def test_each_population_shift_moves_its_property(shift, key, direction):
 
 
 def test_population_stress_axes_redraw_the_case(tmp_path):
-    from ctseg.stress.perturb import AXES, POPULATION_AXES, VALID_SEVERITY
+    from ctseg.stress.perturb import AXES, POPULATION_AXES
     from ctseg.stress.phantom_reacquire import phantom_recipes, reacquire
 
     write_phantom_dataset(tmp_path, n_cases=1, size="small", in_plane=48)
     recipe = phantom_recipes(tmp_path)["case_00000"]
-    assert set(VALID_SEVERITY) == set(AXES)  # every axis declares the severities it can take
     for axis in POPULATION_AXES:
         assert len(AXES[axis].severities) >= 5 and AXES[axis].needs_phantom  # clean + >= 4 severities
-        assert all(VALID_SEVERITY[axis][1](s) for s in AXES[axis].severities)
+        assert all(AXES[axis].valid[1](s) for s in AXES[axis].severities)  # each axis owns its valid range
     pert = reacquire(recipe, "pop-kidney-size", 1.4, "case_00000")
     assert pert.score_on == "perturbed" and pert.label.shape == pert.image.shape
     assert (pert.label.array == 1).any()

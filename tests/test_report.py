@@ -201,16 +201,16 @@ def test_report_is_computed_once_for_all_files(tmp_path, monkeypatch):
 
     calls = collections.Counter()
 
-    def count_calls(name):
-        real = getattr(report, name)
+    def count_calls(module, name):
+        real = getattr(module, name)
 
         def counted(*args, **kwargs):
             calls[name] += 1
             return real(*args, **kwargs)
-        monkeypatch.setattr(report, name, counted)
+        monkeypatch.setattr(module, name, counted)
 
-    for name in ("headline", "quality_flags", "std_ratios"):
-        count_calls(name)
+    for module, name in ((report.build, "headline"), (report.build, "quality_flags"), (report.statistics, "std_ratios")):
+        count_calls(module, name)
     html_path = report.write_report(_ensemble_records(), tmp_path, title="once")
     assert calls == {"headline": 1, "quality_flags": 1, "std_ratios": len(report.BASELINE_AUGS)}  # one per baseline
 
@@ -268,14 +268,17 @@ def test_table2_beside_the_paper_gives_both_std_definitions(tmp_path):
     vol = summary_table(records, "dice_paper", ["tumour"])["unet-2d-ctia"]["tumour"]
     fold = fold_mean_table(records, "dice_paper", ["tumour"])["unet-2d-ctia"]["tumour"]
     assert vol.std != fold.std  # the two definitions differ on these data
-    assert rows[("nnU-Net + CTIA 2D", "tumour")][2:] == ["0.844 ± 0.007", vol.fmt(), fold.fmt(),
-                                                          f"{vol.mean - 0.844:+.3f}"]
+    paper, ours_vol, ours_fold, diff = rows[("nnU-Net + CTIA 2D", "tumour")][2:]  # values, not strings
+    assert (paper.mean, paper.std, ours_vol, ours_fold) == (0.844, 0.007, vol, fold)
+    assert diff.value == pytest.approx(vol.mean - 0.844)
+    text = {(r[0], r[1]): r for r in sec.text_rows()}[("nnU-Net + CTIA 2D", "tumour")]
+    assert text[2:] == ["0.844 ± 0.007", vol.fmt(), fold.fmt(), f"{vol.mean - 0.844:+.3f}"]
     assert "std over volumes" in sec.header[3] and "fold means" in sec.header[4] and "headline" in sec.note
     assert paper_table2_section(records, ["tumour"]) is None
     # liver (Table 3, CHAOS): the paper's numbers are not in the text we hold; the section says so, no empty column
     liver = [dataclasses.replace(r, dice_paper={"liver": r.dice_paper["kidney"]}) for r in records]
     sec3 = paper_table2_section(liver, ["liver"])
     assert "not in the paper text" in sec3.note and "paper" not in " ".join(sec3.header)
-    assert {r[0] for r in sec3.rows} == set(PAPER_ROWS) and all(r[2] != "–" for r in sec3.rows)
+    assert {r[0] for r in sec3.rows} == set(PAPER_ROWS) and all(r[2] != "–" for r in sec3.text_rows())
     h = headline(records, "dice_paper", ["kidney", "tumour", "total"])
     assert "std over volumes" in h.text

@@ -31,6 +31,7 @@ from rich.markup import escape
 
 from ctseg import __version__
 from ctseg.errors import CtsegError
+from ctseg.registry import load_plugins
 from ctseg.runtime import tune_malloc
 
 console = Console(stderr=True)
@@ -127,6 +128,11 @@ def _log_once_through_root(level: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _unencodable_as_escapes()
+    try:
+        load_plugins()  # CTSEG_PLUGINS: their components are CLI choices too (ctseg.registry)
+    except CtsegError as exc:
+        print_error(exc)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]

@@ -23,6 +23,7 @@ import torch
 
 from ctseg.config import ExperimentConfig, config_to_dict, parse_config, save_config
 from ctseg.errors import CtsegError
+from ctseg.registry import NETWORKS
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def run_configs(cfg: ExperimentConfig) -> tuple[list[ExperimentConfig], list[Exp
     e = cfg.experiment
     table, keys = [], set()
 
-    unknown = sorted(set(e.overrides) - {f"{a}-{d}" for a in ("unet", "msd") for d in ("2d", "3d")})
+    unknown = sorted(set(e.overrides) - {f"{a}-{d}" for a in NETWORKS for d in ("2d", "3d")})
     if unknown:
         raise CtsegError(f"experiment.overrides keys must be 'arch-dim' (e.g. 'msd-3d'), got {unknown}")
 

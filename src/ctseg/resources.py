@@ -4,11 +4,9 @@ with the estimate, the memory available and the setting to lower (instead of bei
 The estimates are analytic (nothing is allocated to make them) and deliberately simple:
 
 - parameters: float32 weights (x4 in training: weights, gradients, two Adam moments);
-- activations per pixel of the network input, per sample: MS-D Net keeps the input, every layer's
-  output, its normalised and its activated copy (1 + 3 x depth x width values) plus the logits;
-  U-Net keeps 3 values (convolution, norm, activation) per feature per convolution in the encoder
-  and the decoder, each stage at 1/4 of the pixels of the one above (1/8 where 3D pooling also
-  halves z); training doubles them for the gradients;
+- activations per pixel of the network input, per sample: each network's own estimate
+  (`ctseg.registry.NetworkEntry.memory`, e.g. `ctseg.models.unet.memory_estimate`); training doubles them
+  for the gradients. A network registered with UNKNOWN_MEMORY has no estimate: its checks are skipped;
 - inference adds the network-resolution probabilities (classes x z x S x S float32, once per
   ensemble accumulator) and the full-resolution label map.
 
@@ -19,6 +17,7 @@ none of them can be read (no check).
 """
 from __future__ import annotations
 
+import logging
 import resource
 from pathlib import Path
 
@@ -26,6 +25,9 @@ import torch
 
 from ctseg.config import ExperimentConfig, ModelConfig
 from ctseg.errors import CtsegError
+from ctseg.registry import NETWORKS, MemoryEstimate
+
+log = logging.getLogger(__name__)
 
 GIB = 2**30
 
@@ -88,40 +90,26 @@ def available_memory_bytes(device: torch.device) -> int | None:
     return min(known) if known else None
 
 
-def _unet_stages(model: ModelConfig) -> list[tuple[int, float]]:
-    """(features, fraction of the input pixels) per U-Net stage."""
-    u = model.unet
-    cap = u.max_features if u.max_features is not None else (512 if model.dim == "2d" else 320)
-    stages, fraction = [], 1.0
-    for s in range(u.n_stages):
-        stages.append((min(u.base_features * 2**s, cap), fraction))
-        fraction /= 8.0 if (model.dim == "3d" and s < u.z_pool_stages) else 4.0
-    return stages
+def _estimate(model: ModelConfig, num_classes: int, in_channels: int = 1) -> MemoryEstimate | None:
+    """The network's own estimate (`ctseg.registry.NetworkEntry.memory`); None, with a warning, when its entry
+    says the memory need is unknown (UNKNOWN_MEMORY): the checks are then skipped, not guessed."""
+    entry = NETWORKS.get_entry(model.arch)
+    if entry.memory is None:
+        log.warning("network %r has no memory estimate: memory checks are skipped", model.arch)
+        return None
+    return entry.memory(model, num_classes, in_channels)
 
 
 def parameter_count(model: ModelConfig, num_classes: int, in_channels: int = 1) -> float:
-    """Approximate number of weights (float, so that absurd configurations do not overflow)."""
-    k = 27.0 if model.dim == "3d" else 9.0
-    if model.arch == "msd":
-        m = model.msd
-        layers = sum(float(in_channels + i * m.width) for i in range(min(m.depth, 10)))  # exact start ...
-        if m.depth > 10:  # ... then the closed form of sum_i (in + i w) for the remaining layers
-            n0, n1 = 10.0, float(m.depth)
-            layers += in_channels * (n1 - n0) + m.width * (n1 * (n1 - 1) - n0 * (n0 - 1)) / 2.0
-        return layers * m.width * k + (in_channels + float(m.depth) * m.width) * num_classes
-    total, previous = 0.0, float(in_channels)
-    for features, _ in _unet_stages(model):
-        total += k * features * (previous + features * (2 * model.unet.conv_per_stage - 1))
-        previous = features
-    return total
+    """Approximate number of weights (float, so that absurd configurations do not overflow); 0 when unknown."""
+    est = _estimate(model, num_classes, in_channels)
+    return est.parameters if est is not None else 0.0
 
 
 def activation_values_per_pixel(model: ModelConfig, num_classes: int) -> float:
-    """Activations kept by one forward pass, per sample and per pixel (voxel) of the network input."""
-    if model.arch == "msd":
-        return 1.0 + 3.0 * float(model.msd.depth) * model.msd.width + num_classes
-    cps = model.unet.conv_per_stage
-    return sum(2 * 3 * cps * f * frac for f, frac in _unet_stages(model)) + num_classes
+    """Activations kept by one forward pass, per sample and per pixel (voxel) of the network input; 0 when unknown."""
+    est = _estimate(model, num_classes)
+    return est.activations_per_pixel if est is not None else 0.0
 
 
 def training_step_bytes(cfg: ExperimentConfig, num_classes: int) -> float:

@@ -1,29 +1,31 @@
 """Training-time augmentation: CT-specific (CTIA, the paper's method), the paper's baseline MIA (Table 1),
 nnU-Net v2's pipeline (a third, field-standard baseline), or a named arm built from their components
-(`augment.arms`, `ctseg.config.ArmConfig`: e.g. CTIA without CWVRS, CTIA plus MIA's scaling).
+(`augment.arms`, `ctseg.config.ArmConfig`: e.g. CTIA without CWVRS, CTIA plus MIA's scaling). Each family
+registers itself in `ctseg.registry.AUGMENTERS` (config section, builder, display name, ablation components).
 
 >>> aug = build_augmenter(cfg.augment, "2d", intensity_plan=cache.plan)
 >>> image, label = aug(image, label, generator)    # (B, 1, Z, Y, X) float / int64, CPU or CUDA
 """
 from __future__ import annotations
 
+from typing import Any
+
 from ctseg.augment.base import Augmenter, ComposedAugmenter, Dim, IntensityPlanLike, NoAugment
 from ctseg.augment.ctia import CTIAugmenter
 from ctseg.augment.mia import PaperMIAugmenter
 from ctseg.augment.nnunet import NNUNetAugmenter
-from ctseg.config import AugmentConfig, CTIAConfig, MIAConfig, NNUNetAugConfig
+from ctseg.config import AugmentConfig, CTIAConfig
+from ctseg.registry import AUGMENTERS, AugmenterEntry
 
 __all__ = ["Augmenter", "ComposedAugmenter", "CTIAugmenter", "NNUNetAugmenter", "NoAugment", "PaperMIAugmenter",
            "acquisition_config", "build_augmenter"]
 
 
-def _family(cfg: CTIAConfig | MIAConfig | NNUNetAugConfig, dim: Dim,
-            intensity_plan: IntensityPlanLike | None) -> Augmenter:
-    if isinstance(cfg, CTIAConfig):
-        return CTIAugmenter(cfg, dim, intensity_plan)
-    if isinstance(cfg, MIAConfig):
-        return PaperMIAugmenter(cfg, dim, intensity_plan)
-    return NNUNetAugmenter(cfg, dim, intensity_plan)
+AUGMENTERS.register(AugmenterEntry("none", lambda section, dim, plan: NoAugment(dim), display="no augmentation"))
+
+
+def _family(name: str, cfg: Any, dim: Dim, intensity_plan: IntensityPlanLike | None) -> Augmenter:
+    return AUGMENTERS.get_entry(name).builder(cfg, dim, intensity_plan)
 
 
 def build_augmenter(aug_cfg: AugmentConfig, dim: Dim, intensity_plan: IntensityPlanLike | None = None) -> Augmenter:
@@ -32,19 +34,19 @@ def build_augmenter(aug_cfg: AugmentConfig, dim: Dim, intensity_plan: IntensityP
     intensity_plan (an `IntensityPlan` or any object with lower, upper, mean, std) lets CTIA's CWVRS find
     the preset tissue ranges in normalised units; without it CWVRS clusters each batch by k-means. MIA uses it
     for its air fill (else the batch minimum); nnU-Net's pipeline only for `nnunet.fill: air`.
+    A registered augmentation (`ctseg.registry.AUGMENTERS`) is built from its config section (None without one).
     An arm of one step is that family's augmenter with the step's settings (its own batch gate); an arm of
     several steps is a `ComposedAugmenter` (one gate for all).
     """
     if dim not in ("2d", "3d"):
         raise ValueError(f"dim must be '2d' or '3d', got {dim!r}")
-    if aug_cfg.name == "none":
-        return NoAugment(dim)
     arm = aug_cfg.arm(aug_cfg.name)
     if arm is None:
-        return _family(getattr(aug_cfg, aug_cfg.name), dim, intensity_plan)
-    configs = [aug_cfg.step_config(step) for step in arm.steps]
+        entry = AUGMENTERS.get_entry(aug_cfg.name)
+        return _family(aug_cfg.name, aug_cfg.section(aug_cfg.name) if entry.section else None, dim, intensity_plan)
+    configs = [(step.family, aug_cfg.step_config(step)) for step in arm.steps]
     if len(configs) == 1:
-        return _family(configs[0], dim, intensity_plan)
+        return _family(*configs[0], dim, intensity_plan)
 
     def ungated(cfg):
         return cfg.model_copy(update={"p_batch_2d": 1.0, "p_batch_3d": 1.0})
@@ -52,9 +54,11 @@ def build_augmenter(aug_cfg: AugmentConfig, dim: Dim, intensity_plan: IntensityP
     def closed(cfg):
         return cfg.model_copy(update={"p_batch_2d": 0.0, "p_batch_3d": 0.0})
 
-    return ComposedAugmenter(dim, configs[0].p_batch_2d, configs[0].p_batch_3d,
-                             [_family(ungated(c), dim, intensity_plan) for c in configs],
-                             [_family(closed(c), dim, intensity_plan) for c in configs if isinstance(c, CTIAConfig)])
+    first = configs[0][1]
+    return ComposedAugmenter(dim, first.p_batch_2d, first.p_batch_3d,
+                             [_family(name, ungated(c), dim, intensity_plan) for name, c in configs],
+                             [_family(name, closed(c), dim, intensity_plan) for name, c in configs
+                              if isinstance(c, CTIAConfig)])
 
 
 def acquisition_config(aug_cfg: AugmentConfig) -> CTIAConfig | None:

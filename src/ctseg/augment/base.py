@@ -8,10 +8,15 @@ An augmenter maps a batch of stacks to a batch of the same shape, dtype and devi
 
 For dim "2d" the Z slices of a stack are independent 2D training images (the trainer flattens Z
 into the batch afterwards); for "3d" a stack is one 3D training image.
+
+An augmentation is a sampler plus a pure function: `sample(image, generator)` draws every random choice for
+the batch (None: leave it as it is), `apply(image, label, params, generator)` applies them (the generator only
+for noise maps). A new augmentation subclasses `Augmenter` and registers itself (`ctseg.registry.AUGMENTERS`).
 """
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+from abc import ABC, abstractmethod
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -36,13 +41,23 @@ class IntensityPlanLike(Protocol):
     def std(self) -> float: ...
 
 
-class Augmenter:
-    """Base class: `augmenter(image, label, generator) -> (image, label)`."""
+class Augmenter(ABC):
+    """Base class: `augmenter(image, label, generator) -> (image, label)` is `apply(sample(...))`."""
 
     dim: Dim
 
+    @abstractmethod
+    def sample(self, image: Tensor, generator: torch.Generator) -> Any:
+        """Every random choice for this batch (image read for its shape and, if needed, intensities); None
+        leaves the batch as it is."""
+
+    @abstractmethod
+    def apply(self, image: Tensor, label: Tensor, params: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The batch with `params` (from `sample`) applied; None returns the inputs."""
+
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        check_batch(image, label)
+        return self.apply(image, label, self.sample(image, generator), generator)
 
 
 class NoAugment(Augmenter):
@@ -51,8 +66,10 @@ class NoAugment(Augmenter):
     def __init__(self, dim: Dim):
         self.dim = dim
 
-    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        check_batch(image, label)
+    def sample(self, image: Tensor, generator: torch.Generator) -> None:
+        return None
+
+    def apply(self, image: Tensor, label: Tensor, params: None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return image, label
 
 
@@ -106,9 +123,11 @@ class ComposedAugmenter(Augmenter):
         self.p_batch_2d, self.p_batch_3d = p_batch_2d, p_batch_3d
         self.open_steps, self.closed_steps = open_steps, closed_steps
 
-    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        check_batch(image, label)
-        gate = batch_gate(self.dim, self.p_batch_2d, self.p_batch_3d, generator)
-        for step in self.open_steps if gate else self.closed_steps:
+    def sample(self, image: Tensor, generator: torch.Generator) -> bool:
+        """Whether the gate opens (one draw); the steps draw their own parameters when applied."""
+        return batch_gate(self.dim, self.p_batch_2d, self.p_batch_3d, generator)
+
+    def apply(self, image: Tensor, label: Tensor, params: bool, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        for step in self.open_steps if params else self.closed_steps:
             image, label = step(image, label, generator)
         return image, label

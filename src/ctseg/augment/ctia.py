@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctseg.augment.base import (Augmenter, Dim, IntensityPlanLike, batch_gate, bernoulli, check_batch, generator_for,
+from ctseg.augment.base import (Augmenter, Dim, IntensityPlanLike, batch_gate, bernoulli, generator_for,
                                 uniform)
 from ctseg.config import CTIAConfig
+from ctseg.registry import AUGMENTERS, AugmenterEntry
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +411,9 @@ class CTIAugmenter(Augmenter):
             flat = add_noise(flat, params.noise_sigma, generator)
         return flat.view(b, c, z, h, w), lab4.view(b, c, z, h, w)
 
-    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        check_batch(image, label)
-        return self.apply(image, label, self.sample(image, generator), generator)
+
+#: Ablation components (`augment.arms` steps keep / drop them): component -> the probability field that switches it on.
+AUGMENTERS.register(AugmenterEntry(
+    "ctia", CTIAugmenter, section=CTIAConfig, display="CTIA",
+    components={"patch": "patch_p", "slice_skipping": "slice_skip_p", "slice_interpolation": "slice_interp_p",
+                "rotation": "rotation_p", "cwvrs": "cwvrs_p", "noise": "noise_p", "random_window": "random_window_p"}))

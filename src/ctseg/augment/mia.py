@@ -31,9 +31,10 @@ import torch
 from kornia.geometry.transform import get_affine_matrix2d, warp_affine
 from torch import Tensor
 
-from ctseg.augment.base import Augmenter, Dim, IntensityPlanLike, batch_gate, bernoulli, check_batch, uniform
+from ctseg.augment.base import Augmenter, Dim, IntensityPlanLike, batch_gate, bernoulli, uniform
 from ctseg.augment.ctia import add_noise
 from ctseg.config import MIAConfig
+from ctseg.registry import AUGMENTERS, AugmenterEntry
 
 
 @dataclass
@@ -144,6 +145,9 @@ class PaperMIAugmenter(Augmenter):
             flat = add_noise(flat, params.noise_sigma, generator)
         return flat.view(b, c, z, h, w), lab4.reshape(b, c, z, h, w)
 
-    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        check_batch(image, label)
-        return self.apply(image, label, self.sample(image, generator), generator)
+
+#: Ablation components (`augment.arms` steps keep / drop them): component -> the probability field that switches it on.
+AUGMENTERS.register(AugmenterEntry(
+    "mia", PaperMIAugmenter, section=MIAConfig, display="MIA",
+    components={"scaling": "scale_p", "rotation": "rotation_p", "shear": "shear_p", "crop": "crop_p",
+                "gamma": "gamma_p", "contrast": "contrast_p", "brightness": "brightness_p", "noise": "noise_p"}))

@@ -52,8 +52,9 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from torch import Tensor
 
-from ctseg.augment.base import Augmenter, Dim, IntensityPlanLike, batch_gate, check_batch
+from ctseg.augment.base import Augmenter, Dim, IntensityPlanLike, batch_gate
 from ctseg.config import NNUNetAugConfig
+from ctseg.registry import AUGMENTERS, AugmenterEntry
 from ctseg.errors import CtsegError
 
 
@@ -142,12 +143,19 @@ class NNUNetAugmenter(Augmenter):
             self._pipelines[spatial_shape] = build_nnunet_pipeline(self.cfg, spatial_shape, self.fill)
         return self._pipelines[spatial_shape]
 
-    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        check_batch(image, label)
+    def sample(self, image: Tensor, generator: torch.Generator) -> int | None:
+        """The seed of batchgenerators' global RNGs for this batch; None if the batch gate leaves it as it is."""
         if not batch_gate(self.dim, self.cfg.p_batch_2d, self.cfg.p_batch_3d, generator):
+            return None
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
+
+    def apply(self, image: Tensor, label: Tensor, params: int | None,
+              generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The pipeline run with every random draw from seed `params`; None returns the inputs."""
+        if params is None:
             return image, label
+        seed = params
         b, c, z, h, w = image.shape
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
         if self.dim == "2d":
             imgs = image.detach().transpose(1, 2).reshape(b * z, c, h, w).cpu()
             labs = label.detach().transpose(1, 2).reshape(b * z, c, h, w).cpu()
@@ -165,3 +173,11 @@ class NNUNetAugmenter(Augmenter):
             out_lab = out_lab.view(b, z, c, h, w).transpose(1, 2)
         return (out_img.to(image.device, image.dtype).contiguous(),
                 out_lab.to(label.device, label.dtype).contiguous())
+
+
+#: Ablation components (`augment.arms` steps keep / drop them): component -> the probability field that switches it on.
+AUGMENTERS.register(AugmenterEntry(
+    "nnunet", NNUNetAugmenter, section=NNUNetAugConfig, display="nnU-Net DA",
+    components={"rotation": "rotation_p", "scaling": "scale_p", "elastic": "elastic_p", "noise": "noise_p",
+                "blur": "blur_p", "brightness": "brightness_p", "contrast": "contrast_p", "lowres": "lowres_p",
+                "gamma": "gamma_p", "gamma_inverted": "gamma_inverted_p"}))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from ctseg.commands._choices import aug_help
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import nonnegative_int
 from ctseg.fileutil import output_lock, refuse_overlap
@@ -22,8 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only fold K (repeatable; default: all folds)")
     parser.add_argument("--cache", type=Path, help="preprocessed cache folder to share (default: OUT/cache)")
     parser.add_argument("--folds-file", type=Path, help="folds JSON to share or reuse (default: OUT/folds.json)")
-    parser.add_argument("--aug", help="augmentation: ctia, mia, nnunet, none, robust or an arm of the config's "
-                        "augment.arms (default: augment.name)")
+    parser.add_argument("--aug", help=f"augmentation: {aug_help()} (default: augment.name)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's train.device)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from ctseg.commands._choices import aug_help
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_int
 from ctseg.errors import CtsegError
@@ -23,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="experiment folder (an existing one is continued)")
     parser.add_argument("--aug", action="append",
                         help="augmentation(s) to run instead of experiment.augs (repeat: --aug mia --aug ctia); "
-                        "ctia, mia, nnunet, none, robust or an arm of the config's augment.arms")
+                        f"{aug_help()}")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's train.device)")
     parser.add_argument("--jobs", type=positive_int, default=1,
                         help="cross-validations (and stress-test parts) run in N processes of one thread each "

@@ -10,8 +10,9 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
+from ctseg.commands._choices import layout_choices
 from ctseg.commands._output import stdout_console, write_rows
-from ctseg.datasets import LAYOUTS, open_dataset
+from ctseg.datasets import open_dataset
 from ctseg.datasets.base import Case, count_labels
 from ctseg.errors import CtsegError
 
@@ -20,7 +21,7 @@ HELP = "table of a dataset's cases (slices, spacing, thickness, label volumes, H
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="dataset folder (KiTS19, CHAOS CT or nnU-Net raw layout)")
-    parser.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="dataset layout (default: detect)")
+    parser.add_argument("--layout", default="auto", choices=layout_choices(), help="dataset layout (default: detect)")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="fmt", action="store_const", const="json",
                      help="print the cases and problems as JSON instead of a table")

@@ -25,12 +25,14 @@ HELP = "write a synthetic abdominal CT dataset (KiTS19, CHAOS or nnU-Net raw lay
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ctseg.datasets.phantom import writable_layouts
+
     parser.add_argument("--task", choices=["kidney", "liver"], default="kidney",
                         help="kidney: labels kidney + tumour (KiTS19); liver: liver mask (CHAOS)")
     parser.add_argument("--cases", type=int_range(1, MAX_CASES), default=10,
                         help=f"number of cases (default 10, at most {MAX_CASES})")
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to write")
-    parser.add_argument("--layout", choices=["kits19", "chaos", "nnunet"],
+    parser.add_argument("--layout", choices=writable_layouts(),
                         help="default: kits19 for --task kidney, chaos for --task liver")
     parser.add_argument("--seed", type=seed_int, default=0, help="dataset seed (case i uses SeedSequence([seed, i]))")
     parser.add_argument("--size", choices=["small", "full"], default="small",

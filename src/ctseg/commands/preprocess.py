@@ -9,6 +9,7 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._choices import layout_choices
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import seed_int
 from ctseg.config import ExperimentConfig, load_config, save_config
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="cache folder to create or update")
     parser.add_argument("--config", type=Path, help="experiment config YAML (default: built-in defaults)")
     parser.add_argument("--seed", type=seed_int, help="seed for the random subset (default: the config's seed)")
-    parser.add_argument("--layout", choices=["auto", "kits19", "chaos", "nnunet"],
+    parser.add_argument("--layout", choices=layout_choices(),
                         help="dataset layout (default: the config's data.layout)")
     parser.add_argument("--train-ids", type=Path, metavar="FILE",
                         help="text file, one case id per line: draw the intensity subset only from these")

@@ -28,13 +28,14 @@ from ctseg.augment.ctia import (
     sample_random_window,
     sample_rotation,
 )
+from ctseg.commands._choices import layout_choices
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import positive_int, seed_int
 from ctseg.config import ExperimentConfig, load_config
-from ctseg.datasets import LAYOUTS, open_dataset
+from ctseg.datasets import open_dataset
 from ctseg.errors import CtsegError
-from ctseg.evaluate.records import AUG_NAMES
 from ctseg.fileutil import atomic_path
+from ctseg.registry import AUGMENTERS
 
 HELP = "PNG grid of original vs augmented slices (CTIA, MIA or nnU-Net DA) with label contours, one panel per CTIA transform"
 
@@ -43,8 +44,8 @@ _CONTOUR_COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#bf5af2"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="dataset folder (KiTS19, CHAOS CT or nnU-Net raw layout)")
-    parser.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS])
-    parser.add_argument("--aug", default="ctia", choices=["ctia", "mia", "nnunet"],
+    parser.add_argument("--layout", default="auto", choices=layout_choices())
+    parser.add_argument("--aug", default="ctia", choices=[n for n in AUGMENTERS if n != "none"],
                         help="pipeline to show (default ctia)")
     parser.add_argument("--out", required=True, help="output PNG file")
     parser.add_argument("--seed", type=seed_int, default=0, help="seed for the case choice and the augmentation")
@@ -131,13 +132,13 @@ def run(args: argparse.Namespace) -> int:
     for ax in axes.flat:
         ax.axis("off")
     for j, k in enumerate(shown):
-        for r, (im, lb, name) in enumerate([(img_t, lab_t, "original"), (aug_img, aug_lab, AUG_NAMES[args.aug])]):
+        for r, (im, lb, name) in enumerate([(img_t, lab_t, "original"), (aug_img, aug_lab, AUGMENTERS[args.aug].display)]):
             axes[r, j].axis("on")
             _show(axes[r, j], im[0, 0, k].numpy(), lb[0, 0, k].numpy(), classes, f"{name}, slice {k}", vrange)
 
     if args.aug == "ctia":
         _ctia_panels(axes[2:], img_t, lab_t, classes, plan, cfg, gen, shown[len(shown) // 2], vrange, aspect)
-    fig.suptitle(f"{case.case_id}: {AUG_NAMES[args.aug]} (seed {args.seed}); window [{plan.lower:.0f}, {plan.upper:.0f}] "
+    fig.suptitle(f"{case.case_id}: {AUGMENTERS[args.aug].display} (seed {args.seed}); window [{plan.lower:.0f}, {plan.upper:.0f}] "
                  f"HU, z-scored", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     try:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from ctseg.commands._choices import layout_choices
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import add_threads_argument, positive_int, seed_int
 from ctseg.errors import CtsegError
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "one model per run")
     parser.add_argument("--data", type=Path, help="labelled dataset folder (any layout ctseg reads; default with "
                         "--cv-dir: the runs' own data)")
-    parser.add_argument("--layout", default="auto", choices=["auto", "kits19", "chaos", "nnunet"],
+    parser.add_argument("--layout", default="auto", choices=layout_choices(),
                         help="dataset layout of --data (default: detected)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder; an existing one is continued if its settings match, else refused")

@@ -19,6 +19,7 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from ctseg.commands._choices import arch_choices, aug_help
 from ctseg.commands._output import stdout_console
 from ctseg.commands._types import add_threads_argument, nonnegative_int, positive_int, seed_int
 from ctseg.config import ExperimentConfig, load_config
@@ -38,10 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="dataset folder, or a cache from `ctseg preprocess`")
     parser.add_argument("--out", type=Path, required=True, help="run folder (weights, checkpoint, logs)")
     parser.add_argument("--config", type=Path, help="experiment config YAML (default: built-in defaults)")
-    parser.add_argument("--arch", choices=["unet", "msd"], help="network (default: the config's model.arch)")
+    parser.add_argument("--arch", choices=arch_choices(), help="network (default: the config's model.arch)")
     parser.add_argument("--dim", choices=["2d", "3d"], help="2D slices or 3D stacks (default: model.dim)")
-    parser.add_argument("--aug", help="augmentation: ctia, mia, nnunet, none, robust or an arm of the config's "
-                        "augment.arms (default: augment.name)")
+    parser.add_argument("--aug", help=f"augmentation: {aug_help()} (default: augment.name)")
     parser.add_argument("--target", choices=["multiclass", "foreground"], help="classes to learn (model.target)")
     parser.add_argument("--fold", type=nonnegative_int, metavar="K", help="hold out test fold K of the folds file")
     parser.add_argument("--epochs", type=positive_int, metavar="N", help="epochs (train.epochs)")

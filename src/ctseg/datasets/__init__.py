@@ -6,23 +6,39 @@ orientation with its label resampled onto the image grid (see `ctseg.datasets.ba
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 from ctseg.datasets.base import Case, Dataset, FolderDataset
-from ctseg.datasets.chaos import ChaosDataset
-from ctseg.datasets.kits19 import KiTS19Dataset
-from ctseg.datasets.nnunet_raw import NnUNetRawDataset
+# registration order (ctseg.registry.LAYOUTS) is the order `detect_layout` tries the layouts in
+from ctseg.datasets.nnunet_raw import NnUNetRawDataset  # isort: skip
+from ctseg.datasets.kits19 import KiTS19Dataset  # isort: skip
+from ctseg.datasets.chaos import ChaosDataset  # isort: skip
 from ctseg.errors import CtsegError
+from ctseg.registry import LAYOUTS as _REGISTRY
 
-LAYOUTS: dict[str, type[FolderDataset[Any]]] = {"nnunet": NnUNetRawDataset, "kits19": KiTS19Dataset,
-                                                "chaos": ChaosDataset}
+
+class _Readers(Mapping[str, "type[FolderDataset[Any]]"]):
+    """Layout name -> reader class, live over `ctseg.registry.LAYOUTS` (plugins included)."""
+
+    def __getitem__(self, name: str) -> type[FolderDataset[Any]]:
+        return _REGISTRY[name].builder
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_REGISTRY)
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+
+LAYOUTS: Mapping[str, type[FolderDataset[Any]]] = _Readers()
 
 __all__ = ["Case", "Dataset", "ChaosDataset", "KiTS19Dataset", "NnUNetRawDataset", "LAYOUTS", "detect_layout",
            "open_dataset"]
 
 
 def detect_layout(path: str | Path) -> str:
-    """The layout name of the dataset at `path` ("nnunet", "kits19" or "chaos"); CtsegError if none fits."""
+    """The layout name of the dataset at `path` ("nnunet", "kits19", "chaos" or a plugin's); CtsegError if none
+    fits."""
     path = Path(path)
     if not path.exists():
         raise CtsegError("no such folder", path)

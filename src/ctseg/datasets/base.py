@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Iterator, Protocol, TypeVar
+from typing import Callable, Generic, Iterator, Protocol, TypeVar
 
 import numpy as np
 
@@ -212,3 +212,21 @@ def finish_case(case_id: str, image: Volume, label: Volume | None, classes: dict
         "warnings": warnings,
     }
     return Case(case_id, canonical, canonical_label, metadata)
+
+
+def _nothing_to_prepare(out: Path, classes: dict[int, str], n_cases: int, task: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class LayoutWriter:
+    """How `ctseg phantom` writes a dataset in one layout (`ctseg.registry.LayoutEntry.writer`).
+
+    case_name(i): the id of case i (0-based); write_case(out, case): one canonical `Case` into folder `out`;
+    prepare(out, classes, n_cases, task): dataset-level files written first (e.g. nnU-Net's dataset.json);
+    tasks: the phantom tasks the layout can hold."""
+
+    case_name: Callable[[int], str]
+    write_case: Callable[[Path, Case], object]
+    prepare: Callable[[Path, dict[int, str], int, str], None] = _nothing_to_prepare
+    tasks: tuple[str, ...] = ("kidney", "liver")

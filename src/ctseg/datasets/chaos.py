@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ctseg.datasets.base import Case, FolderDataset, finish_case
+from ctseg.datasets.base import Case, FolderDataset, LayoutWriter, finish_case
 from ctseg.dicom import read_dicom_files, write_dicom_series
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path
 from ctseg.io import Volume
+from ctseg.registry import LAYOUTS, LayoutEntry
 
 _NUMBER = re.compile(r"(\d+)")
 
@@ -139,3 +140,8 @@ def write_chaos_case(root: str | Path, patient: str, image: Volume, label: Volum
             with atomic_path(path) as tmp:
                 Image.fromarray(np.where(label.array[k] > 0, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
     return folder
+
+
+LAYOUTS.register(LayoutEntry("chaos", ChaosDataset, display="CHAOS", writer=LayoutWriter(
+    case_name=lambda i: str(i + 1), write_case=lambda out, case: write_chaos_case(out, case.case_id, case.image,
+                                                                                   case.label), tasks=("liver",))))

@@ -10,9 +10,12 @@ import logging
 import re
 from pathlib import Path
 
-from ctseg.datasets.base import Case, FolderDataset, finish_case
+import numpy as np
+
+from ctseg.datasets.base import Case, FolderDataset, LayoutWriter, finish_case
 from ctseg.errors import CtsegError
 from ctseg.io import Volume, read_volume, write_volume
+from ctseg.registry import LAYOUTS, LayoutEntry
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +77,26 @@ def write_kits19_case(root: str | Path, case_id: str, image: Volume, label: Volu
     if label is not None:
         write_volume(label.with_array(label.array.astype("uint8")), folder / "segmentation.nii.gz")
     return folder
+
+
+def to_kits19_orientation(volume: Volume) -> Volume:
+    """A canonical volume in KiTS19's voxel order: NIfTI axis 0 = slices going inferior, then posterior, left.
+
+    Same voxels and physical positions; readers must reorient (`ctseg.io.to_canonical`) to get back.
+    """
+    nz = volume.shape[0]
+    sz, sy, sx = volume.spacing
+    direction = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])   # columns: ITK axes i, j, k
+    origin = np.asarray(volume.origin) + volume.direction @ np.array([0.0, 0.0, (nz - 1) * sz])
+    array = np.ascontiguousarray(volume.array[::-1].transpose(2, 1, 0))
+    return Volume(array, (sx, sy, sz), tuple(origin), direction, volume.slice_thickness, dict(volume.meta))
+
+
+def _write_phantom_case(out: Path, case: Case) -> Path:
+    if case.label is None:
+        raise ValueError(f"case {case.case_id} has no label")
+    return write_kits19_case(out, case.case_id, to_kits19_orientation(case.image), to_kits19_orientation(case.label))
+
+
+LAYOUTS.register(LayoutEntry("kits19", KiTS19Dataset, display="KiTS19", writer=LayoutWriter(
+    case_name=lambda i: f"case_{i:05d}", write_case=_write_phantom_case)))

@@ -9,10 +9,11 @@ import json
 import logging
 from pathlib import Path
 
-from ctseg.datasets.base import Case, FolderDataset, finish_case
+from ctseg.datasets.base import Case, FolderDataset, LayoutWriter, finish_case
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_write_text
 from ctseg.io import Volume, read_volume, write_volume
+from ctseg.registry import LAYOUTS, LayoutEntry
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +115,13 @@ def write_nnunet_case(root: str | Path, case_id: str, image: Volume, label: Volu
     if label is not None:
         write_volume(label.with_array(label.array.astype("uint8")), root / "labelsTr" / f"{case_id}{file_ending}")
     return root
+
+
+def _write_phantom_json(out: Path, classes: dict[int, str], n_cases: int, task: str) -> None:
+    write_nnunet_dataset_json(out, classes, n_cases, name=f"phantom_{task}")
+
+
+LAYOUTS.register(LayoutEntry("nnunet", NnUNetRawDataset, display="nnU-Net raw", writer=LayoutWriter(
+    case_name=lambda i: f"phantom_{i:03d}",
+    write_case=lambda out, case: write_nnunet_case(out, case.case_id, case.image, case.label),
+    prepare=_write_phantom_json)))

@@ -1,9 +1,10 @@
-"""Networks: nnU-Net's U-Net and the MS-D Net, each in 2D and 3D, built from `ModelConfig`.
+"""Networks: nnU-Net's U-Net and the MS-D Net, each in 2D and 3D, built from `ModelConfig`; each registers
+itself (builder, config section, memory estimate) in `ctseg.registry.NETWORKS`.
 
 ``build_model(model_cfg, in_channels, num_classes)`` maps (B, C, [Z,] Y, X) -> logits (B, K, [Z,] Y, X).
 """
-from ctseg.models.msdnet import MSDNet
-from ctseg.models.registry import build_model, model_names, register_model
-from ctseg.models.unet import UNet
+from ctseg.models.unet import UNet  # isort: skip (registration order: unet, then msd)
+from ctseg.models.msdnet import MSDNet  # isort: skip
+from ctseg.models.registry import build_model, model_names
 
-__all__ = ["MSDNet", "UNet", "build_model", "model_names", "register_model"]
+__all__ = ["MSDNet", "UNet", "build_model", "model_names"]

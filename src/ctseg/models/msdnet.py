@@ -46,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctseg.config import ModelConfig, MSDConfig
 from ctseg.errors import CtsegError
+from ctseg.registry import NETWORKS, MemoryEstimate, NetworkEntry
 
 NEG_SLOPE = 0.01
 NORM_EPS = 1e-5
@@ -325,3 +327,25 @@ class MSDNet(nn.Module):
             bias = cast(torch.Tensor, self.final.bias)  # `final` is built with a bias
             out = geo.final(buf, self.final.weight.to(dt), bias.to(dt))
         return geo.from_block(out).contiguous()
+
+
+def _build(cfg: ModelConfig, dim: int, in_channels: int, num_classes: int) -> MSDNet:
+    m = cfg.msd
+    return MSDNet(in_channels, num_classes, depth=m.depth, width=m.width, max_dilation=m.max_dilation,
+                  dim=dim, implementation=m.implementation)
+
+
+def memory_estimate(model: ModelConfig, num_classes: int, in_channels: int = 1) -> MemoryEstimate:
+    """Weights, and activations per input pixel: the input, every layer's output, its normalised and its
+    activated copy (1 + 3 x depth x width values) plus the logits."""
+    k = 27.0 if model.dim == "3d" else 9.0
+    m = model.msd
+    layers = sum(float(in_channels + i * m.width) for i in range(min(m.depth, 10)))  # exact start ...
+    if m.depth > 10:  # ... then the closed form of sum_i (in + i w) for the remaining layers
+        n0, n1 = 10.0, float(m.depth)
+        layers += in_channels * (n1 - n0) + m.width * (n1 * (n1 - 1) - n0 * (n0 - 1)) / 2.0
+    parameters = layers * m.width * k + (in_channels + float(m.depth) * m.width) * num_classes
+    return MemoryEstimate(parameters, 1.0 + 3.0 * float(m.depth) * m.width + num_classes)
+
+
+NETWORKS.register(NetworkEntry("msd", _build, memory_estimate, section=MSDConfig, display="MS-D Net"))

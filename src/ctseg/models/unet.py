@@ -17,7 +17,9 @@ import math
 import torch
 from torch import nn
 
+from ctseg.config import ModelConfig, UNetConfig
 from ctseg.errors import CtsegError
+from ctseg.registry import NETWORKS, MemoryEstimate, NetworkEntry
 
 NEG_SLOPE = 0.01
 NORM_EPS = 1e-5
@@ -76,3 +78,38 @@ class UNet(nn.Module):
             raise CtsegError(f"U-Net input spatial size {spatial} must be divisible by {self.divisor} "
                              "(the total stride per axis); pad or resize the input, or use fewer stages")
         return self.net(x)
+
+
+def _build(cfg: ModelConfig, dim: int, in_channels: int, num_classes: int) -> UNet:
+    u = cfg.unet
+    max_features = u.max_features if u.max_features is not None else (512 if dim == 2 else 320)
+    return UNet(in_channels, num_classes, dim=dim, n_stages=u.n_stages, base_features=u.base_features,
+                max_features=max_features, conv_per_stage=u.conv_per_stage, z_pool_stages=u.z_pool_stages)
+
+
+def _stages(model: ModelConfig) -> list[tuple[int, float]]:
+    """(features, fraction of the input pixels) per U-Net stage."""
+    u = model.unet
+    cap = u.max_features if u.max_features is not None else (512 if model.dim == "2d" else 320)
+    stages, fraction = [], 1.0
+    for s in range(u.n_stages):
+        stages.append((min(u.base_features * 2**s, cap), fraction))
+        fraction /= 8.0 if (model.dim == "3d" and s < u.z_pool_stages) else 4.0
+    return stages
+
+
+def memory_estimate(model: ModelConfig, num_classes: int, in_channels: int = 1) -> MemoryEstimate:
+    """Weights, and activations per input pixel: 3 values (convolution, norm, activation) per feature per
+    convolution in the encoder and the decoder, each stage at 1/4 of the pixels of the one above (1/8 where 3D
+    pooling also halves z)."""
+    k = 27.0 if model.dim == "3d" else 9.0
+    total, previous = 0.0, float(in_channels)
+    for features, _ in _stages(model):
+        total += k * features * (previous + features * (2 * model.unet.conv_per_stage - 1))
+        previous = features
+    cps = model.unet.conv_per_stage
+    activations = sum(2 * 3 * cps * f * frac for f, frac in _stages(model)) + num_classes
+    return MemoryEstimate(total, activations)
+
+
+NETWORKS.register(NetworkEntry("unet", _build, memory_estimate, section=UNetConfig, display="nnU-Net"))

@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from ctseg.io import Volume
+from ctseg.registry import STRESS_AXES
 
 AIR_HU = -1000.0
 
@@ -398,7 +399,8 @@ def resample_pixel_spacing(image: Volume, label: Volume, target_equivalent_mm: f
 # ------------------------------------------------------------------------------------------------ axes
 @dataclass(frozen=True)
 class Axis:
-    """One acquisition-shift axis: its severities (clean first), unit and how to apply a severity."""
+    """One acquisition-shift axis (an entry of `ctseg.registry.STRESS_AXES`): its severities (clean first), unit,
+    how to apply a severity and which severities it can take at all (text for messages, predicate)."""
 
     name: str
     clean: float
@@ -407,13 +409,18 @@ class Axis:
     apply: Callable[..., Perturbed] | None      # (image, label, severity, *, rng, classes, noise_hu) -> Perturbed
     description: str
     needs_phantom: bool = False
+    valid: tuple[str, Callable[[float], bool]] = ("a finite number", math.isfinite)  # severities it can take at all
+
+    @property
+    def display(self) -> str:
+        return self.description
 
 
 def _thick(image, label, s, **_):
     return reslice_thickness(image, label, s)
 
 
-AXES: dict[str, Axis] = {a.name: a for a in (
+_AXES = (
     Axis("thickness", 0.0, (0.0, 2.0, 3.0, 5.0, 7.5), "mm", _thick,
          "slice thickness (box profile), 0 = native; thinner than native is skipped"),
     Axis("thickness-factor", 1.0, (1.0, 1.5, 2.0, 3.0, 4.0), "x native",
@@ -453,14 +460,15 @@ AXES: dict[str, Axis] = {a.name: a for a in (
          "contrast phase: organ, vessel and tumour HU toward non-contrast values", needs_phantom=True),
     Axis("pop-kernel", 1.0, (1.0, 1.5, 2.0, 3.0, 4.0), "x sharper", None,
          "reconstruction kernel: less in-plane blur, finer and stronger noise", needs_phantom=True),
-)}
+)
 
 #: The population-shift axes (issue 16 §3), in the order reports show them.
 POPULATION_AXES = ("pop-habitus", "pop-fov", "pop-kidney-size", "pop-tumour-size", "pop-phase", "pop-kernel")
 
-#: The severities each axis can take at all (checked when the settings are read); a plausible value that one
-#: volume cannot take (slices thinner than native) is skipped for that volume instead (`DegenerateSeverity`).
-VALID_SEVERITY: dict[str, tuple[str, Callable[[float], bool]]] = {
+#: The severities each built-in axis can take at all (`Axis.valid`, checked when the settings are read); a plausible
+#: value that one volume cannot take (slices thinner than native) is skipped for that volume instead
+#: (`DegenerateSeverity`).
+_VALID_SEVERITY: dict[str, tuple[str, Callable[[float], bool]]] = {
     "thickness": ("0 (native) to 100 mm", lambda s: 0 <= s <= 100),
     "thickness-factor": ("> 0 and <= 100", lambda s: 0 < s <= 100),
     "dose": ("> 0 and <= 20", lambda s: 0 < s <= 20),
@@ -487,4 +495,9 @@ def _population_valid() -> dict[str, tuple[str, Callable[[float], bool]]]:
     return {axis: _within(*POPULATION_RANGES[axis[4:].replace("-", "_")]) for axis in POPULATION_AXES}
 
 
-VALID_SEVERITY.update(_population_valid())
+_VALID_SEVERITY.update(_population_valid())
+
+#: Every stress axis by name: the registry (`ctseg.registry.STRESS_AXES`) a plugin adds its own `Axis` to.
+AXES = STRESS_AXES
+for _axis in _AXES:
+    STRESS_AXES.register(replace(_axis, valid=_VALID_SEVERITY[_axis.name]))

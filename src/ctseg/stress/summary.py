@@ -21,7 +21,7 @@ from ctseg.fileutil import atomic_write_text
 from ctseg.stress.perturb import AXES
 
 if TYPE_CHECKING:
-    from ctseg.stress.runner import ModelSpec
+    from ctseg.stress.models import ModelSpec
 
 
 def _headline_structure(structures: Sequence[str]) -> str:
