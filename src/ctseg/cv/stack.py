@@ -35,7 +35,6 @@ from ctseg.runtime import resolve_device
 if TYPE_CHECKING:
     from ctseg.models.stacking import MemberRun
     from ctseg.preprocess.cache import CaseCache
-    from ctseg.train.losses import TanimotoCELoss
 
 
 def member_run(run_dir: str | Path) -> MemberRun:
@@ -178,6 +177,8 @@ def _run_stack(cv_dirs: Sequence[str | Path], out_dir: str | Path, stack_cfg: St
                           "val_score": _finite(c.val_score)} for c in candidates),
         folds=tuple(folds_info), stack=stack_cfg.model_dump(mode="json"), path=out).write()
     dev = resolve_device(device if device is not None else "auto")
+    from ctseg.train.losses import TanimotoCELoss
+
     loss = TanimotoCELoss()
     records: list[VolumeResult] = []
     steps = stack_cfg.meta_epochs * stack_cfg.steps_per_epoch

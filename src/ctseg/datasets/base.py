@@ -162,12 +162,14 @@ def check_label_values(array: np.ndarray, classes: dict[int, str], path: str | P
         raise CtsegError(f"{role} holds non-integer values ({lo:g}..{hi:g}): a label map has whole class values "
                          "(is this an image or a probability map?)", path)
     if lo < 0 or hi > max(classes):
-        raise CtsegError(f"{role} holds values {lo:g}..{hi:g} outside the classes {sorted(classes)}{hint}", path)
+        outside = np.unique(array[(array < 0) | (array > max(classes))])
+        shown = ", ".join(f"{v:g}" for v in outside[:8]) + (", ..." if outside.size > 8 else "")
+        raise CtsegError(f"{role} holds label values [{shown}] outside the classes {sorted(classes)}{hint}", path)
     label = array.astype(np.uint8, copy=False)
     unknown = sorted(set(np.flatnonzero(count_labels(label)).tolist()) - set(classes))
     if unknown:
-        raise CtsegError(f"{role} holds values {unknown} that are not among the classes {sorted(classes)}{hint}",
-                         path)
+        raise CtsegError(f"{role} holds label values {unknown} that are not among the classes {sorted(classes)}"
+                         f"{hint}", path)
     return label
 
 
