@@ -141,13 +141,14 @@ def _load_nifti(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
         header_bytes = first + stream.read(540 - 4 if nifti2 else 348 - 4)
         header = klass.header_class.from_fileobj(io.BytesIO(header_bytes + b"\0" * 4), check=True)
         offset = int(header["vox_offset"])
-        image = _inflate_unscaled(stream, klass, header, len(header_bytes), offset)
-        if image is not None:
-            return image
+        inflated = _inflate_unscaled(stream, klass, header, len(header_bytes), offset)
+        if inflated is not None:
+            return inflated
     return klass.from_bytes(igzip.decompress(path.read_bytes()))
 
 
-def _inflate_unscaled(stream, klass, header, position: int, offset: int):
+def _inflate_unscaled(stream: io.BufferedIOBase, klass: type[nib.Nifti1Image] | type[nib.Nifti2Image],
+                      header: nib.Nifti1Header, position: int, offset: int) -> nib.Nifti1Image | nib.Nifti2Image | None:
     """The image with its voxels read from `stream` into one Fortran-ordered array, or None when the
     file needs nibabel's general path (scaled data, extensions, a data offset inside the header)."""
     slope, inter = header.get_slope_inter()

@@ -8,7 +8,9 @@ registers itself in `ctseg.registry.AUGMENTERS` (config section, builder, displa
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from ctseg.augment.base import Augmenter, ComposedAugmenter, Dim, IntensityPlanLike, NoAugment
 from ctseg.augment.ctia import CTIAugmenter
@@ -20,6 +22,8 @@ from ctseg.registry import AUGMENTERS, AugmenterEntry
 __all__ = ["Augmenter", "ComposedAugmenter", "CTIAugmenter", "NNUNetAugmenter", "NoAugment", "PaperMIAugmenter",
            "acquisition_config", "build_augmenter"]
 
+
+_Section = TypeVar("_Section", bound=BaseModel)
 
 AUGMENTERS.register(AugmenterEntry("none", lambda section, dim, plan: NoAugment(dim), display="no augmentation"))
 
@@ -48,10 +52,10 @@ def build_augmenter(aug_cfg: AugmentConfig, dim: Dim, intensity_plan: IntensityP
     if len(configs) == 1:
         return _family(*configs[0], dim, intensity_plan)
 
-    def ungated(cfg):
+    def ungated(cfg: _Section) -> _Section:
         return cfg.model_copy(update={"p_batch_2d": 1.0, "p_batch_3d": 1.0})
 
-    def closed(cfg):
+    def closed(cfg: _Section) -> _Section:
         return cfg.model_copy(update={"p_batch_2d": 0.0, "p_batch_3d": 0.0})
 
     first = configs[0][1]

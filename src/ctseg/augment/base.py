@@ -11,17 +11,19 @@ into the batch afterwards); for "3d" a stack is one 3D training image.
 
 An augmentation is a sampler plus a pure function: `sample(image, generator)` draws every random choice for
 the batch (None: leave it as it is), `apply(image, label, params, generator)` applies them (the generator only
-for noise maps). A new augmentation subclasses `Augmenter` and registers itself (`ctseg.registry.AUGMENTERS`).
+for noise maps). A new augmentation subclasses `Augmenter` (or `ParamsAugmenter`, which returns the inputs for
+None and implements only `apply_params`) and registers itself (`ctseg.registry.AUGMENTERS`).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
 
 Dim = Literal["2d", "3d"]
+P = TypeVar("P")
 
 
 @runtime_checkable
@@ -58,6 +60,27 @@ class Augmenter(ABC):
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         check_batch(image, label)
         return self.apply(image, label, self.sample(image, generator), generator)
+
+
+class ParamsAugmenter(Augmenter, Generic[P]):
+    """An augmenter whose `sample` draws parameters of type P, or None to leave the batch as it is: `apply`
+    returns the inputs for None and hands drawn parameters to `apply_params`."""
+
+    @abstractmethod
+    def sample(self, image: Tensor, generator: torch.Generator) -> P | None:
+        """Every random choice for this batch; None leaves the batch as it is."""
+
+    def apply(self, image: Tensor, label: Tensor, params: P | None,
+              generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Apply drawn parameters (the generator only draws the noise maps); None returns the inputs."""
+        if params is None:
+            return image, label
+        return self.apply_params(image, label, params, generator)
+
+    @abstractmethod
+    def apply_params(self, image: Tensor, label: Tensor, params: P,
+                     generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The batch with drawn `params` applied."""
 
 
 class NoAugment(Augmenter):

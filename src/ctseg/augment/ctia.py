@@ -35,12 +35,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctseg.augment.base import (Augmenter, Dim, IntensityPlanLike, batch_gate, bernoulli, generator_for,
+from ctseg.augment.base import (Dim, IntensityPlanLike, ParamsAugmenter, batch_gate, bernoulli, generator_for,
                                 uniform)
 from ctseg.config import CTIAConfig
 from ctseg.registry import AUGMENTERS, AugmenterEntry
@@ -290,7 +291,7 @@ def _pick(values: Tensor, rows: Tensor | None) -> Tensor:
     return values if rows is None else values[rows.to(values.device)]
 
 
-def _on_rows(fn, mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+def _on_rows(fn: Callable[..., Sequence[Tensor]], mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     """Apply fn(rows, *sub_tensors) -> new sub_tensors to the rows (dim 0) where mask holds, out of place.
 
     rows is None when every row is selected (no gather/scatter); unselected rows are copied unchanged.
@@ -322,7 +323,7 @@ class CTIAParams:
     noise_sigma: Tensor   # (N,)
 
 
-class CTIAugmenter(Augmenter):
+class CTIAugmenter(ParamsAugmenter[CTIAParams]):
     """CT-specific augmentation of a (B, 1, Z, Y, X) batch; see the module docstring.
 
     intensity_plan: object with lower/upper (HU window), mean/std (z-score); locates the preset tissue
@@ -381,11 +382,9 @@ class CTIAugmenter(Augmenter):
         return CTIAParams(z_mode, z_src, patch, angles, cwvrs_apply, knots, new_knots, window_apply, shift, scale,
                           sigma)
 
-    def apply(self, image: Tensor, label: Tensor, params: CTIAParams | None,
-              generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Apply drawn parameters (the generator only draws the noise maps); None returns the inputs."""
-        if params is None:
-            return image, label
+    def apply_params(self, image: Tensor, label: Tensor, params: CTIAParams,
+                     generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """z resampling, patch extraction, rotation, CWVRS, random window, then noise (the module's order)."""
         b, c, z, h, w = image.shape
         n = params.angles.numel()
         image, label = _on_rows(lambda rows, i, l: resample_z(i, l, _pick(params.z_src, rows)),

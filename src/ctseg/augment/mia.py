@@ -31,7 +31,7 @@ import torch
 from kornia.geometry.transform import get_affine_matrix2d, warp_affine
 from torch import Tensor
 
-from ctseg.augment.base import Augmenter, Dim, IntensityPlanLike, batch_gate, bernoulli, uniform
+from ctseg.augment.base import Dim, IntensityPlanLike, ParamsAugmenter, batch_gate, bernoulli, uniform
 from ctseg.augment.ctia import add_noise
 from ctseg.config import MIAConfig
 from ctseg.registry import AUGMENTERS, AugmenterEntry
@@ -105,7 +105,7 @@ def adjust_intensity(x: Tensor, gamma: Tensor, contrast: Tensor, brightness: Ten
     return out.sub_(mean).mul_(contrast).add_(mean).add_(brightness)
 
 
-class PaperMIAugmenter(Augmenter):
+class PaperMIAugmenter(ParamsAugmenter[MIAParams]):
     """The paper's MIA on a (B, 1, Z, Y, X) batch (`augment.name: mia`); see the module docstring.
 
     intensity_plan: locates air (the window's lower bound in z-scored units) for the area a transform moves
@@ -130,11 +130,9 @@ class PaperMIAugmenter(Augmenter):
         b, _, z, h, w = image.shape
         return sample_mia(b * z if self.dim == "2d" else b, h, w, self.cfg, generator)
 
-    def apply(self, image: Tensor, label: Tensor, params: MIAParams | None,
-              generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Apply drawn parameters (the generator only draws the noise maps); None returns the inputs."""
-        if params is None:
-            return image, label
+    def apply_params(self, image: Tensor, label: Tensor, params: MIAParams,
+                     generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One affine warp, then gamma, contrast and brightness, then noise."""
         b, c, z, h, w = image.shape
         n = params.gamma.numel()
         shape4 = (b * z, 1, h, w) if self.dim == "2d" else (b, z, h, w)

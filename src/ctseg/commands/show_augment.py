@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from rich.markup import escape
+from torch import Tensor
 
 from ctseg.augment import build_augmenter
 from ctseg.augment.acquisition import INTERP, SKIP, grid_centres, linear_weights, slab_weights
@@ -37,6 +40,16 @@ from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path
 from ctseg.registry import AUGMENTERS
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from ctseg.datasets.base import Case
+    from ctseg.preprocess.windowing import IntensityPlan
+
+#: One panel of a row: image (y, x), label (y, x) or None (no contours), title, and `_show` options
+#: ("vrange", "aspect", "cmap") overriding the row's defaults.
+Panel = tuple[NDArray[np.float32], NDArray[np.int64] | None, str, dict[str, Any]]
+
 HELP = "PNG grid of original vs augmented slices (CTIA, MIA or nnU-Net DA) with label contours, one panel per CTIA transform"
 
 _CONTOUR_COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#bf5af2"]
@@ -55,15 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="experiment YAML (preprocess and augment sections are used)")
 
 
-def _contours(ax, label2d: np.ndarray, classes: dict[int, str]) -> None:
+def _contours(ax: Axes, label2d: NDArray[np.int64], classes: dict[int, str]) -> None:
     for i, k in enumerate(sorted(c for c in classes if c != 0)):
         mask = (label2d == k).astype(float)
         if mask.any():
             ax.contour(mask, levels=[0.5], colors=_CONTOUR_COLOURS[i % len(_CONTOUR_COLOURS)], linewidths=0.8)
 
 
-def _show(ax, img2d: np.ndarray, lab2d: np.ndarray | None, classes, title: str, vrange, aspect=1.0,
-          cmap="gray") -> None:
+def _show(ax: Axes, img2d: NDArray[np.float32], lab2d: NDArray[np.int64] | None, classes: dict[int, str],
+          title: str, vrange: tuple[float, float], aspect: float = 1.0, cmap: str = "gray") -> None:
     ax.imshow(img2d, cmap=cmap, vmin=vrange[0], vmax=vrange[1], aspect=aspect, interpolation="nearest")
     if lab2d is not None:
         _contours(ax, lab2d, classes)
@@ -72,7 +85,10 @@ def _show(ax, img2d: np.ndarray, lab2d: np.ndarray | None, classes, title: str, 
     ax.set_yticks([])
 
 
-def _load_stack(args, cfg: ExperimentConfig, rng: np.random.Generator):
+def _load_stack(args: argparse.Namespace, cfg: ExperimentConfig, rng: np.random.Generator
+                ) -> tuple[Case, dict[int, str], IntensityPlan, NDArray[np.float32], NDArray[np.uint8], float]:
+    """The case, its classes, its intensity plan, and `--slices` preprocessed slices (z, S, S) around the label
+    centre with their label; aspect: z mm per in-plane mm at the network's in-plane size."""
     from ctseg.preprocess.slices import preprocess_label, preprocess_volume
     from ctseg.preprocess.windowing import compute_intensity_plan
 
@@ -150,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulated_acquisition(img_t, lab_t, mode: int, factor: float, phase: float):
+def _simulated_acquisition(img_t: Tensor, lab_t: Tensor, mode: int, factor: float, phase: float
+                           ) -> tuple[Tensor, Tensor, Tensor]:
     """The stack (1, 1, Z, Y, X) as `ctseg.augment.acquisition` simulates it (every grid slice), shown on the
     source rows: row i shows the simulated slice whose centre is nearest to i. Returns image, label, and the
     (1, Z) centre (source position) shown on each row."""
@@ -165,15 +182,18 @@ def _simulated_acquisition(img_t, lab_t, mode: int, factor: float, phase: float)
     return image, label, torch.from_numpy(centres[row]).float()[None]
 
 
-def _ctia_panels(axes, img_t, lab_t, classes, plan, cfg: ExperimentConfig, gen, k: int, vrange, aspect) -> None:
-    """One row per CTIA transform alone, at its configured magnitude."""
+def _ctia_panels(axes: NDArray[np.object_], img_t: Tensor, lab_t: Tensor, classes: dict[int, str],
+                 plan: IntensityPlan, cfg: ExperimentConfig, gen: torch.Generator, k: int,
+                 vrange: tuple[float, float], aspect: float) -> None:
+    """One row per CTIA transform alone, at its configured magnitude. axes: (rows, cols) of matplotlib Axes;
+    img_t, lab_t: the stack (1, 1, Z, Y, X); k: the slice shown."""
     c = cfg.augment.ctia
     _, _, z, h, w = img_t.shape
     x = img_t[0, 0, k].reshape(1, -1)
     hu = lambda v: v * plan.std + plan.mean  # noqa: E731 (normalised -> HU, for labels)
     sl = lambda t: t[0, 0, k].numpy()  # noqa: E731
 
-    def row(r, panels):
+    def row(r: int, panels: list[Panel]) -> None:
         for j, (im, lb, title, kw) in enumerate(panels):
             axes[r, j].axis("on")
             _show(axes[r, j], im, lb, classes, title, kw.get("vrange", vrange), kw.get("aspect", 1.0),

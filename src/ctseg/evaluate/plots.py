@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, cast
 
 import matplotlib
 
@@ -21,7 +21,11 @@ from ctseg.evaluate.records import models_in_order, present_thickness_groups, th
 from ctseg.fileutil import atomic_path  # noqa: E402
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from numpy.typing import NDArray
+
+    from ctseg.evaluate.records import VolumeResult
 
 COLORS = {"mia": "#e08a1e", "nnunet": "#8a3fb3", "ctia": "#2f6fde", "ensemble": "#2e9e5b", "none": "#777777"}
 CLASS_COLORS = ["#00c853", "#ff1744", "#ffd600", "#00b0ff", "#d500f9"]  # label 1, 2, ...
@@ -29,7 +33,7 @@ CLASS_COLOR_NAMES = ["green", "red", "yellow", "blue", "magenta"]
 DISPLAY_WINDOW_HU = (-160.0, 240.0)
 
 
-def _color(r) -> str:
+def _color(r: VolumeResult) -> str:
     return COLORS["ensemble"] if r.arch in ("stacked", "average") else COLORS.get(r.aug, COLORS["none"])
 
 
@@ -44,13 +48,13 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _values(records, metric: str, cls: str) -> np.ndarray:
+def _values(records: Sequence[VolumeResult], metric: str, cls: str) -> NDArray[np.float64]:
     v = np.array([getattr(r, metric).get(cls, math.nan) for r in records], dtype=float)
     return v[np.isfinite(v)]
 
 
-def _boxes(ax, data: list[np.ndarray], positions: list[float], colors: list[str], rng: np.random.Generator,
-           width: float = 0.6) -> None:
+def _boxes(ax: Axes, data: list[NDArray[np.float64]], positions: list[float], colors: list[str],
+           rng: np.random.Generator, width: float = 0.6) -> None:
     keep = [i for i, d in enumerate(data) if d.size]
     if not keep:
         return
@@ -65,7 +69,7 @@ def _boxes(ax, data: list[np.ndarray], positions: list[float], colors: list[str]
         ax.scatter(x, data[i], s=12, color=colors[i], alpha=0.85, zorder=3, linewidths=0)
 
 
-def dice_boxplot(records, metric: str, classes: Sequence[str], path: str | Path) -> Path:
+def dice_boxplot(records: Sequence[VolumeResult], metric: str, classes: Sequence[str], path: str | Path) -> Path:
     """One panel per class, one box per model (paper row order), volumes as points."""
     models = models_in_order(records)
     rng = np.random.default_rng(0)
@@ -82,7 +86,8 @@ def dice_boxplot(records, metric: str, classes: Sequence[str], path: str | Path)
     return _save(fig, path)
 
 
-def thickness_boxplot(records, metric: str, cls: str, edges_mm: Sequence[float], path: str | Path) -> Path:
+def thickness_boxplot(records: Sequence[VolumeResult], metric: str, cls: str, edges_mm: Sequence[float],
+                      path: str | Path) -> Path:
     """Boxes per slice-thickness group (x) and model (colour/offset)."""
     models = models_in_order(records)
     groups = present_thickness_groups(records, edges_mm)
@@ -109,8 +114,8 @@ def thickness_boxplot(records, metric: str, cls: str, edges_mm: Sequence[float],
     return _save(fig, path)
 
 
-def agreement_scatter(records, flagged: set[str], threshold: float, cls: str, metric: str, title: str,
-                      path: str | Path) -> Path:
+def agreement_scatter(records: Sequence[VolumeResult], flagged: set[str], threshold: float, cls: str, metric: str,
+                      title: str, path: str | Path) -> Path:
     """Ensemble member agreement (x) vs Dice (y, `metric` of `cls`), one point per volume (records with
     `agreement`); flagged case ids in red and labelled, the flag threshold as a dashed vertical line."""
     pts = [(r.agreement, getattr(r, metric).get(cls, math.nan), r.case_id) for r in records
@@ -172,15 +177,17 @@ def _crop_box(gt: np.ndarray, pred: np.ndarray, margin: int = 12, min_size: int 
     return out[0], out[1]
 
 
-def overlay_figure(records, cls: str, base_dir: str | Path, path: str | Path,
+def overlay_figure(records: Sequence[VolumeResult], cls: str, base_dir: str | Path, path: str | Path,
                    window_hu: tuple[float, float] = DISPLAY_WINDOW_HU) -> Path:
-    """Best, median and worst volume of one model by Dice (paper protocol) of `cls`: slice with contours."""
+    """Best, median and worst volume of one model by Dice (paper protocol) of `cls`: slice with contours.
+
+    records: of one model, each with an `overlay` (`ctseg.evaluate.report.files` passes only those)."""
     scored = sorted((r for r in records if math.isfinite(r.dice_paper.get(cls, math.nan))),
                     key=lambda r: r.dice_paper[cls]) or list(records)
     picks = [("best", scored[-1]), ("median", scored[len(scored) // 2]), ("worst", scored[0])]
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
     for ax, (tag, r) in zip(axes, picks):
-        p = Path(r.overlay)
+        p = Path(cast(str, r.overlay))  # records with an overlay only (see the docstring)
         data = np.load(p if p.is_absolute() else Path(base_dir) / p)
         img, gt, pred = data["image"], data["gt"], data["pred"]
         sy, sx = _crop_box(gt, pred)

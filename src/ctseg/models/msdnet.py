@@ -40,7 +40,7 @@ gamma and beta per channel: 45,752 (2D) / 136,652 (3D).
 """
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import Any, Literal, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -177,8 +177,21 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+@overload
 def _block_forward(geo: _BlockGeometry, x: torch.Tensor, weights: list[torch.Tensor], gamma: torch.Tensor,
-                   beta: torch.Tensor, dilations: list[int], store_xhat: bool):
+                   beta: torch.Tensor, dilations: list[int], store_xhat: Literal[True]
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]: ...
+
+
+@overload
+def _block_forward(geo: _BlockGeometry, x: torch.Tensor, weights: list[torch.Tensor], gamma: torch.Tensor,
+                   beta: torch.Tensor, dilations: list[int], store_xhat: Literal[False]
+                   ) -> tuple[torch.Tensor, None, None]: ...
+
+
+def _block_forward(geo: _BlockGeometry, x: torch.Tensor, weights: list[torch.Tensor], gamma: torch.Tensor,
+                   beta: torch.Tensor, dilations: list[int], store_xhat: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
     """Run all layers into one buffer. x: (B, C0, *S) in the compute dtype.
 
     Returns (activation buffer with C0 + depth*width channels in block layout, x_hat buffer with
@@ -210,14 +223,15 @@ class _MSDBlockFunction(torch.autograd.Function):
     """Whole MS-D block as one autograd node; see the module docstring for the scheme."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, geo, dilations, *weights):
+    def forward(ctx: Any, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, geo: _BlockGeometry,
+                dilations: list[int], *weights: torch.Tensor) -> torch.Tensor:
         buf, xbuf, rstds = _block_forward(geo, x, list(weights), gamma, beta, dilations, store_xhat=True)
         ctx.geo, ctx.dilations, ctx.c0 = geo, dilations, x.shape[1]
         ctx.save_for_backward(buf, xbuf, gamma, torch.stack(rstds), *weights)
         return buf
 
     @staticmethod
-    def backward(ctx, grad_buf):
+    def backward(ctx: Any, grad_buf: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         buf, xbuf, gamma, rstds, *weights = ctx.saved_tensors
         geo: _BlockGeometry = ctx.geo
         c0, width, dt = ctx.c0, weights[0].shape[0], buf.dtype

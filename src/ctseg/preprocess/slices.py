@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, overload
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import DTypeLike, NDArray
 from scipy import ndimage
 
 from ctseg.errors import CtsegError
 from ctseg.preprocess.windowing import IntensityPlan, normalize
 
 _CHUNK_BYTES = 64 * 2**20  # working memory per chunk of slices
+#: Class probabilities (C, z, y, x) or a chunk of them, as numpy (`restore_in_plane` also takes a tensor)
+ProbArray = NDArray[np.floating[Any]]
 
 
 def _size2(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -148,7 +152,7 @@ def box_same_for_integers(lower_hu: float) -> bool:
     return math.ceil(lower_hu) == math.ceil(float(np.float32(lower_hu)))
 
 
-def crop_in_plane(array_zyx: np.ndarray, box: Box, fill) -> np.ndarray:
+def crop_in_plane(array_zyx: np.ndarray, box: Box, fill: float) -> np.ndarray:
     """(z, H, W) -> (z, y1 - y0, x1 - x0): the box's pixels, `fill` where the box leaves the grid."""
     y0, y1, x0, x1 = box
     z, h, w = array_zyx.shape
@@ -189,7 +193,7 @@ def _label_values(chunk: np.ndarray) -> np.ndarray:
     return np.unique(chunk)
 
 
-def _class_votes(chunk: np.ndarray, value, out_hw: tuple[int, int]) -> np.ndarray:
+def _class_votes(chunk: np.ndarray, value: int | np.integer | np.bool_, out_hw: tuple[int, int]) -> np.ndarray:
     """How many input pixels of each output footprint hold `value`: (n, h, w), float32 fractions or counts.
 
     Integer factors: block sums in numpy (fast, no float temporaries); otherwise area pooling.
@@ -315,11 +319,18 @@ class InPlaneResize:
             box = (int(y0), int(y1), int(x0), int(x1))
         return cls((int(oy), int(ox)), (int(sy), int(sx)), box)
 
-    def restore(self, prob_czyx, out_dtype=np.float32):
+    @overload
+    def restore(self, prob_czyx: torch.Tensor, out_dtype: DTypeLike = ...) -> torch.Tensor: ...
+
+    @overload
+    def restore(self, prob_czyx: ProbArray, out_dtype: DTypeLike = ...) -> ProbArray: ...
+
+    def restore(self, prob_czyx: ProbArray | torch.Tensor, out_dtype: DTypeLike = np.float32
+                ) -> ProbArray | torch.Tensor:
         return restore_in_plane(prob_czyx, self.original_yx, out_dtype=out_dtype, box=self.box)
 
 
-def _place_box(resized, box: Box, out_hw: tuple[int, int], out):
+def _place_box(resized: torch.Tensor, box: Box, out_hw: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
     """Write the part of `resized` (n, C, by, bx) that lies inside the (H, W) grid into `out` (n, C, H, W),
     which holds background (channel 0 = 1) elsewhere."""
     y0, y1, x0, x1 = box
@@ -332,7 +343,18 @@ def _place_box(resized, box: Box, out_hw: tuple[int, int], out):
     return out
 
 
-def restore_in_plane(prob_czyx, original_yx: tuple[int, int], out_dtype=np.float32, box: Box | None = None):
+@overload
+def restore_in_plane(prob_czyx: torch.Tensor, original_yx: tuple[int, int], out_dtype: DTypeLike = ...,
+                     box: Box | None = ...) -> torch.Tensor: ...
+
+
+@overload
+def restore_in_plane(prob_czyx: ProbArray, original_yx: tuple[int, int], out_dtype: DTypeLike = ...,
+                     box: Box | None = ...) -> ProbArray: ...
+
+
+def restore_in_plane(prob_czyx: ProbArray | torch.Tensor, original_yx: tuple[int, int],
+                     out_dtype: DTypeLike = np.float32, box: Box | None = None) -> ProbArray | torch.Tensor:
     """Probabilities (C, z, h, w) at network resolution -> (C, z, H, W), bilinear, chunked along z.
 
     box: the crop the network input was cut to (`window_crop_box`); the probabilities are resized to
@@ -348,7 +370,7 @@ def restore_in_plane(prob_czyx, original_yx: tuple[int, int], out_dtype=np.float
     c, z = prob_czyx.shape[:2]
     step = _chunk_len(max(out_hw[0] * out_hw[1], resize_hw[0] * resize_hw[1]), c)
 
-    def restore_chunk(chunk) -> torch.Tensor:  # (C, n, h, w) -> (n, C, H, W) float32
+    def restore_chunk(chunk: ProbArray | torch.Tensor) -> torch.Tensor:  # (C, n, h, w) -> (n, C, H, W) float32
         resized = _resize_chunk(chunk, resize_hw)
         if box is None:
             return resized
@@ -366,7 +388,7 @@ def restore_in_plane(prob_czyx, original_yx: tuple[int, int], out_dtype=np.float
     return out
 
 
-def _resize_chunk(chunk, size_hw: tuple[int, int]) -> torch.Tensor:
+def _resize_chunk(chunk: ProbArray | torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
     """Probabilities (C, n, h, w) (numpy or tensor) -> (n, C, H, W) float32 tensor, `restore_in_plane`'s
     interpolation."""
     if isinstance(chunk, torch.Tensor):
@@ -376,7 +398,7 @@ def _resize_chunk(chunk, size_hw: tuple[int, int]) -> torch.Tensor:
     return _resize_image_chunk(x, size_hw)
 
 
-def resize_box_chunk(chunk, box: Box) -> torch.Tensor:
+def resize_box_chunk(chunk: ProbArray | torch.Tensor, box: Box) -> torch.Tensor:
     """Probabilities (C, n, h, w) at network resolution -> (n, C, y1 - y0, x1 - x0) float32 on the crop `box`:
     the values `restore_in_plane(box=box)` places in the box."""
     return _resize_chunk(chunk, (box[1] - box[0], box[3] - box[2]))

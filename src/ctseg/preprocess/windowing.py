@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ctseg.config import PreprocessConfig
-from ctseg.datasets.base import Case
+from ctseg.datasets.base import Case, Dataset
 from ctseg.errors import CtsegError
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def compute_intensity_plan(cases: Iterable[Case], cfg: PreprocessConfig, rng: np
                          percentiles=percentiles, subset_ids=tuple(ids), n_voxels=int(values.size))
 
 
-def estimate_intensity_plan(cases, cfg: PreprocessConfig, rng: np.random.Generator, *,
+def estimate_intensity_plan(cases: Dataset | Iterable[Case], cfg: PreprocessConfig, rng: np.random.Generator, *,
                             case_ids: Sequence[str] | None = None,
                             max_voxels_per_case: int = DEFAULT_MAX_VOXELS_PER_CASE) -> IntensityPlan:
     """Draw `cfg.subset_size` training cases with `rng` and compute their `IntensityPlan`.

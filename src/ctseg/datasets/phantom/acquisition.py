@@ -45,7 +45,8 @@ _THICKNESSES = ((0.5, 0.625, 0.75, 1.0, 1.25), (1.5, 2.0, 2.5, 3.0), (3.0, 4.0, 
 _REGIONS = {"kidney": ("kidneys", "abdomen", "chest-pelvis"), "liver": ("liver", "abdomen", "chest-pelvis")}
 
 
-def _draw_z(rng: np.random.Generator, task: str, regions: dict, num_slices: int | None):
+def _draw_z(rng: np.random.Generator, task: str, regions: dict[str, tuple[float, float]],
+            num_slices: int | None) -> tuple[str, float, float, int, float]:
     """(region, thickness, spacing, n, z_first) at full size."""
     thickness = float(rng.choice(_THICKNESSES[int(rng.choice(3, p=[0.3, 0.35, 0.35]))]))
     spacing = thickness if rng.random() < 0.75 else max(0.4, round(thickness * float(rng.choice([0.5, 0.6, 0.8])), 2))
@@ -78,7 +79,7 @@ def _draw_acquisition(rng: np.random.Generator, size: str, body: _Body, in_plane
     return acq
 
 
-def _finish_z(acq: Acquisition, rng: np.random.Generator, task: str, size: str, regions: dict,
+def _finish_z(acq: Acquisition, rng: np.random.Generator, task: str, size: str, regions: dict[str, tuple[float, float]],
               num_slices: int | None, thickness_mm: float | None) -> None:
     region, thickness, spacing, n, z_first = _draw_z(rng, task, regions, None if size == "small" else num_slices)
     acq.noise_sigma = round(float(np.clip(acq.noise_sigma * math.sqrt(2.5 / thickness), 5, 35)), 2)

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from ctseg.datasets.phantom.fields import _Field, _Grid, _rotation, _u
 from ctseg.datasets.phantom.organs import (Painter, TubePath, _Blob, _Body, _Bowel, _Diaphragm, _fixed_path,
@@ -55,7 +56,9 @@ def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body,
     z_bif = _u(rng, -120, -80) * sz
     crest = z_bif - _u(rng, 10, 30) * sz
 
-    def blob(centre, radii, rot, hu, label=0, amp=0.1, texture=4.0, clip=None, step=25.0, channels=2):
+    def blob(centre: ArrayLike, radii: ArrayLike, rot: NDArray[np.float64], hu: float, label: int = 0,
+             amp: float = 0.1, texture: float = 4.0, clip: str | None = None, step: float = 25.0,
+             channels: int = 2) -> _Blob:
         return _Blob(np.asarray(centre, float), np.asarray(radii, float), rot, hu, label, amp, texture, clip,
                      diaphragm=dia).attach_field(rng, grid, step, channels)
 
@@ -137,8 +140,8 @@ def _draw_anatomy(rng: np.random.Generator, task: str, grid: _Grid, body: _Body,
     # muscles, vessels
     z_psoas = max(k.blob.centre[2] for k in kidneys) + 30 * sz
 
-    def psoas_path(side):
-        def path(z):
+    def psoas_path(side: int) -> TubePath:
+        def path(z: NDArray[np.float32]) -> tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike]:
             r = 24 * s * np.clip((z_psoas - z) / (140 * sz), 0.15, 1.0)
             below = np.maximum(crest - z, 0)
             return side * (rv + r + 2 + 0.25 * below), y_v + 2 - 0.3 * below, r, r * 0.85

@@ -6,9 +6,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 _F32 = np.float32
 _T = TypeVar("_T")
+#: (z, y, x) slices of a `_Block`: a window of sub-slices, rows and columns
+_Window = tuple[slice, slice, slice]
+#: (x0, x1, y0, y1, z0, z1) patient mm
+_Box = tuple[float, ...]
 
 
 def _built(value: _T | None, what: str) -> _T:
@@ -46,7 +51,8 @@ class _Field:
     ctrl: np.ndarray        # (C, nz, ny, nx) control values, padded by one on each side
 
     @classmethod
-    def draw(cls, rng: np.random.Generator, lo, hi, step, channels: int = 1) -> "_Field":
+    def draw(cls, rng: np.random.Generator, lo: ArrayLike, hi: ArrayLike, step: ArrayLike,
+             channels: int = 1) -> "_Field":
         lo, hi, step = (np.asarray(v, dtype=np.float64) for v in (lo, hi, step))
         n = np.maximum(np.ceil((hi - lo) / step).astype(int) + 1, 2) + 2
         # 1 / 0.35: cubic B-spline smoothing of iid N(0, 1) control values leaves a std of about 0.35 in 3D
@@ -71,7 +77,8 @@ class _Curve:
     ctrl: np.ndarray  # (n, C)
 
     @classmethod
-    def draw(cls, rng: np.random.Generator, lo: float, hi: float, step: float, channels: int, scale) -> "_Curve":
+    def draw(cls, rng: np.random.Generator, lo: float, hi: float, step: float, channels: int,
+             scale: ArrayLike) -> "_Curve":
         n = max(int(math.ceil((hi - lo) / step)) + 1, 2) + 2
         return cls(lo, step, (rng.standard_normal((n, channels)) * np.asarray(scale) / 0.68).astype(_F32))
 
@@ -105,16 +112,17 @@ class _Grid:
     shift: np.ndarray       # (2,) patient origin in scanner coordinates
 
     @classmethod
-    def make(cls, n: int, pixel: float, centre: tuple[float, float], roll_deg: float, shift) -> "_Grid":
+    def make(cls, n: int, pixel: float, centre: tuple[float, float], roll_deg: float,
+             shift: tuple[float, float]) -> "_Grid":
         coords = (np.arange(n) - (n - 1) / 2) * pixel
         xs, ys = coords + centre[0], coords + centre[1]
         a = math.radians(roll_deg)
         rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        shift = np.asarray(shift, dtype=np.float64)
-        sx, sy = np.meshgrid(xs - shift[0], ys - shift[1])
+        shift_xy = np.asarray(shift, dtype=np.float64)
+        sx, sy = np.meshgrid(xs - shift_xy[0], ys - shift_xy[1])
         X = (rot[0, 0] * sx + rot[1, 0] * sy).astype(_F32)   # rot.T @ (s - shift)
         Y = (rot[0, 1] * sx + rot[1, 1] * sy).astype(_F32)
-        return cls(n, pixel, xs, ys, X, Y, rot, shift)
+        return cls(n, pixel, xs, ys, X, Y, rot, shift_xy)
 
     def window_xy(self, x0: float, x1: float, y0: float, y1: float) -> tuple[slice, slice] | None:
         corners = np.array([[x0, x0, x1, x1], [y0, y1, y0, y1]])
@@ -125,7 +133,7 @@ class _Grid:
             return None
         return slice(j0, j1), slice(i0, i1)
 
-    def scanner_box(self, box) -> tuple[np.ndarray, np.ndarray]:
+    def scanner_box(self, box: _Box) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """(lo, hi) in (patient z, scanner y, scanner x) of a patient box (x0, x1, y0, y1, z0, z1)."""
         x0, x1, y0, y1, z0, z1 = box
         s = self.rot @ np.array([[x0, x0, x1, x1], [y0, y1, y0, y1]]) + self.shift[:, None]
@@ -143,7 +151,7 @@ class _Block:
         self.cavity: np.ndarray | None = None      # inside the muscle wall
         self.wall_depth: np.ndarray | None = None  # mm below the inner edge of the muscle wall (< 0 outside)
 
-    def window(self, box) -> tuple[slice, slice, slice] | None:
+    def window(self, box: _Box) -> _Window | None:
         x0, x1, y0, y1, z0, z1 = box
         k0, k1 = np.searchsorted(self.z, z0), np.searchsorted(self.z, z1, "right")
         if k1 <= k0:
@@ -151,16 +159,16 @@ class _Block:
         xy = self.grid.window_xy(x0, x1, y0, y1)
         return None if xy is None else (slice(k0, k1), *xy)
 
-    def coords(self, win) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def coords(self, win: _Window) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
         """Patient X (y, x), Y (y, x) and z (nz,) of a window."""
         sz, sy, sx = win
         return self.grid.X[sy, sx], self.grid.Y[sy, sx], self.z[sz]
 
-    def field(self, f: _Field, win) -> np.ndarray:
+    def field(self, f: _Field, win: _Window) -> NDArray[np.float32]:
         sz, sy, sx = win
         return f.sample(self.z[sz], self.grid.ys[sy], self.grid.xs[sx])
 
-    def paint(self, win, mask: np.ndarray, value, label: int) -> None:
+    def paint(self, win: _Window, mask: NDArray[np.bool_], value: ArrayLike, label: int) -> None:
         """Set hu (scalar or window-shaped values) and label where mask (window-shaped) is true."""
         hu, lab = self.hu[win], self.lab[win]
         np.copyto(hu, value, where=mask)

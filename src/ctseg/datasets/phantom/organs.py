@@ -3,25 +3,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
-from ctseg.datasets.phantom.fields import _F32, _Block, _built, _Curve, _Field, _Grid
+from ctseg.datasets.phantom.fields import _F32, _Block, _built, _Curve, _Field, _Grid, _Window
 
 Painter = Callable[[_Block], None]
 
 
-def _quadric(blk: _Block, win, centre, m: np.ndarray) -> list[np.ndarray]:
+def _quadric(blk: _Block, win: _Window, centre: NDArray[np.float64],
+             m: NDArray[np.float64]) -> list[NDArray[np.float32]]:
     """Normalised ellipsoid coordinates u_i = (m @ (p - centre))_i on a window, each (nz, ny, nx)."""
     X, Y, z = blk.coords(win)
     dx, dy, dz = X - _F32(centre[0]), Y - _F32(centre[1]), z - _F32(centre[2])
     return [(_F32(m[i, 0]) * dx + _F32(m[i, 1]) * dy)[None] + (_F32(m[i, 2]) * dz)[:, None, None] for i in range(3)]
 
 
-def _radius(u: list[np.ndarray]) -> np.ndarray:
+def _radius(u: list[NDArray[np.float32]]) -> NDArray[np.float32]:
     return np.sqrt(u[0] * u[0] + u[1] * u[1] + u[2] * u[2])
+
+
+class _Footprint(NamedTuple):
+    """Where a blob lies on a block: its window, its field there (C, nz, ny, nx), its inside mask and radius |u|."""
+
+    win: _Window
+    field: NDArray[np.float32]
+    inside: NDArray[np.bool_]
+    q: NDArray[np.float32]
 
 
 @dataclass
@@ -54,7 +64,8 @@ class _Blob:
         self.field = _Field.draw(rng, lo, hi, np.full(3, step), channels)
         return self
 
-    def inside(self, blk: _Block, win, f: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    def inside(self, blk: _Block, win: _Window, f: NDArray[np.float32]
+               ) -> tuple[NDArray[np.bool_], list[NDArray[np.float32]], NDArray[np.float32]]:
         u = _quadric(blk, win, self.centre, self.m)
         q = _radius(u)
         inside = q < 1 + self.amp * f[0]
@@ -68,17 +79,23 @@ class _Blob:
                 inside &= ~_built(self.diaphragm, "the diaphragm").below(blk, win)
         return inside, u, q
 
-    def sample_field(self, blk: _Block, win: tuple[slice, slice, slice]) -> np.ndarray:
+    def sample_field(self, blk: _Block, win: _Window) -> NDArray[np.float32]:
         """The blob's deformation/texture field on a window of `blk` (`attach_field` made it)."""
         return blk.field(_built(self.field, "a blob's field"), win)
 
-    def __call__(self, blk: _Block) -> None:
+    def footprint(self, blk: _Block) -> _Footprint | None:
+        """The blob's window on `blk`, its field and inside mask there (None when it misses the block)."""
         win = blk.window(self.box())
         if win is None:
-            return
+            return None
         f = self.sample_field(blk, win)
-        inside, _, _ = self.inside(blk, win, f)
-        blk.paint(win, inside, _F32(self.hu) + _F32(self.texture) * f[1], self.label)
+        inside, _, q = self.inside(blk, win, f)
+        return _Footprint(win, f, inside, q)
+
+    def __call__(self, blk: _Block) -> None:
+        fp = self.footprint(blk)
+        if fp is not None:
+            blk.paint(fp.win, fp.inside, _F32(self.hu) + _F32(self.texture) * fp.field[1], self.label)
 
 
 @dataclass
@@ -102,7 +119,7 @@ class _Diaphragm:
     def top(self) -> float:
         return max(d[2] for d in self.domes)
 
-    def below(self, blk: _Block, win) -> np.ndarray:
+    def below(self, blk: _Block, win: _Window) -> NDArray[np.bool_]:
         sz, sy, sx = win
         return blk.z[sz][:, None, None] < (self.heights()[sy, sx] - _F32(self.thickness))[None]
 
@@ -250,19 +267,17 @@ class _Tumour:
 
     def __call__(self, blk: _Block) -> None:
         b = self.blob
-        win = blk.window(b.box())
-        if win is None:
+        fp = b.footprint(blk)
+        if fp is None:
             return
-        f = b.sample_field(blk, win)
-        inside, _, q = b.inside(blk, win, f)
-        value = _F32(b.hu) + _F32(b.texture) * f[1]
+        value = _F32(b.hu) + _F32(b.texture) * fp.field[1]
         if self.necrosis:
-            value -= _F32(self.necrosis) * np.clip(f[2], 0, 1) * (q < 0.6)
-        blk.paint(win, inside, np.clip(value, 20, 130), b.label)
+            value -= _F32(self.necrosis) * np.clip(fp.field[2], 0, 1) * (fp.q < 0.6)
+        blk.paint(fp.win, fp.inside, np.clip(value, 20, 130), b.label)
 
 
 #: z (nz,) -> centre x, centre y, radius x, radius y of a tube's cross-section (arrays (nz,) or numbers)
-TubePath = Callable[[np.ndarray], "tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike]"]
+TubePath = Callable[[NDArray[np.float32]], "tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike]"]
 
 
 def _fixed_path(cx: float, cy: float, rx: float, ry: float) -> TubePath:
@@ -409,13 +424,12 @@ class _Stomach:
 
     def __call__(self, blk: _Block) -> None:
         b = self.blob
-        win = blk.window(b.box())
-        if win is None:
+        fp = b.footprint(blk)
+        if fp is None:
             return
-        f = b.sample_field(blk, win)
-        inside, _, q = b.inside(blk, win, f)
-        blk.paint(win, inside, _F32(b.hu), 0)
-        lumen = inside & (q < 1 + b.amp * f[0] - _F32(5.0 / b.radii.min()))
+        win, f = fp.win, fp.field
+        blk.paint(win, fp.inside, _F32(b.hu), 0)
+        lumen = fp.inside & (fp.q < 1 + b.amp * f[0] - _F32(5.0 / b.radii.min()))
         blk.paint(win, lumen, _F32(self.hu_content) + _F32(5) * f[1], 0)
         _, Y, _ = blk.coords(win)
         blk.paint(win, lumen & (Y < b.centre[1] - self.gas_level * b.radii[1])[None], _F32(-1000), 0)

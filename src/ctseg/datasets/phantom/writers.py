@@ -37,7 +37,7 @@ def case_names(layout: str, n_cases: int) -> list[str]:
 
 
 def iter_phantom_cases(task: str = "kidney", n_cases: int = 10, seed: int = 0, size: str = "small",
-                       layout: str = "kits19", **overrides) -> Iterator[Case]:
+                       layout: str = "kits19", **overrides: Any) -> Iterator[Case]:
     """The cases `write_phantom_dataset` writes, in memory (case i from SeedSequence([seed, i]))."""
     for i, name in enumerate(case_names(layout, n_cases)):
         yield generate_case(np.random.SeedSequence([seed, i]), task=task, size=size, case_id=name, **overrides)
@@ -45,7 +45,7 @@ def iter_phantom_cases(task: str = "kidney", n_cases: int = 10, seed: int = 0, s
 
 def write_phantom_dataset(out: str | Path, task: str = "kidney", n_cases: int = 10, layout: str | None = None,
                           seed: int = 0, size: str = "small", on_case: Callable[[Case], None] | None = None,
-                          **overrides) -> Path:
+                          **overrides: Any) -> Path:
     """Write `n_cases` phantom cases in a dataset layout; returns `out`.
 
     layout: "kits19" (default for kidney; `case_XXXXX/imaging.nii.gz` + `segmentation.nii.gz` in KiTS19's
