@@ -171,4 +171,5 @@ def load_plugins() -> None:
 AUGMENTERS: Registry[AugmenterEntry] = Registry("augmentation", ("ctseg.augment",))
 NETWORKS: Registry[NetworkEntry] = Registry("network", ("ctseg.models",))
 LAYOUTS: Registry[LayoutEntry] = Registry("dataset layout", ("ctseg.datasets",))
-STRESS_AXES: Registry[Any] = Registry("stress axis", ("ctseg.stress.perturb",))  # ctseg.stress.perturb.Axis entries
+STRESS_AXES: Registry[Any] = Registry(  # ctseg.stress.perturb.Axis entries
+    "stress axis", ("ctseg.stress.perturb", "ctseg.stress.phantom_reacquire"))
