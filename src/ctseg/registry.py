@@ -1,7 +1,8 @@
 """Registries of pluggable components: augmentations, networks, dataset layouts and stress axes.
 
 A registry maps a name to one entry that carries everything about the component: its config section (a
-pydantic model, or None), its builder, its display name and (networks) its memory estimator. CLI choices
+pydantic model, or None), its builder, its display name (the one source of the names tables and plots show:
+`Registry.display`) and (networks) its memory estimator. CLI choices
 (`--aug`, `--arch`, `--layout`, `--axes`) and config validation (`augment.name`, `model.arch`, `data.layout`,
 `stress.axes`) read the registries, so a new component is one module that registers itself:
 
@@ -34,6 +35,9 @@ PLUGINS_ENV = "CTSEG_PLUGINS"
 class _Named(Protocol):
     @property
     def name(self) -> str: ...
+
+    @property
+    def display(self) -> str: ...
 
 
 E = TypeVar("E", bound=_Named)
@@ -147,6 +151,11 @@ class Registry(Mapping[str, E]):
     def __contains__(self, name: object) -> bool:
         self._load()
         return name in self._entries
+
+    def display(self, name: str) -> str:
+        """The table name of entry `name`: its `display`, else (none given, or no such entry) `name` itself."""
+        entry = self.get(name)
+        return (entry.display if entry is not None else "") or name
 
     def sections(self) -> dict[str, type[BaseModel]]:
         """name -> config section of the entries that have one."""

@@ -223,8 +223,11 @@ class AugmentConfig(_Registered):
         return type(base).model_validate(data)
 
     def display(self, name: str) -> str:
-        """Table name of an augmentation."""
-        arm = self.arm(name) if name not in family_augs() else None
+        """Table name of an augmentation: a registered one's `display` (`ctseg.registry.AUGMENTERS`), an arm's
+        description, else its name."""
+        if name in family_augs():
+            return AUGMENTERS.display(name)
+        arm = self.arm(name)
         return arm.description if arm is not None and arm.description else name
 
 
