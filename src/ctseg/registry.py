@@ -11,7 +11,8 @@ pydantic model, or None), its builder, its display name (the one source of the n
 
 The entry types are `AugmenterEntry` (`ctseg.augment`), `NetworkEntry` (`ctseg.models`), `LayoutEntry`
 (`ctseg.datasets`) and `ctseg.stress.perturb.Axis`. A component with a config section gets it under its
-name in the owning config section (`augment.<name>`, `model.<name>`, `data.<name>`), validated by its model.
+name in the owning config section (`augment.<name>`, `model.<name>`, `data.<name>`), validated by its model;
+the built-in components register theirs the same way (`ctseg.augment.ctia_config.CTIAConfig`, ...).
 
 Plugins: `CTSEG_PLUGINS` (comma-separated module names, e.g. `CTSEG_PLUGINS=mylab.ctseg_parts`) are imported
 the first time any registry is read (and at CLI start), so a user's own package can register components
