@@ -43,8 +43,7 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
-from ctseg.augment import CTIAugmenter, NNUNetAugmenter, PaperMIAugmenter
-from ctseg.config import CTIAConfig, MIAConfig, NNUNetAugConfig
+from ctseg.augment import CTIAConfig, CTIAugmenter, MIAConfig, NNUNetAugConfig, NNUNetAugmenter, PaperMIAugmenter
 from ctseg.runtime import tune_malloc
 
 

@@ -4,9 +4,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from ctseg.augment import CTIAConfig
 from ctseg.augment.acquisition import (INTERP, NONE, SKIP, acquire_stack, grid_centres, linear_weights,
                                        sample_acquisition, slab_weights)
-from ctseg.config import CTIAConfig, ExperimentConfig
+from ctseg.config import ExperimentConfig
 from ctseg.train.data import BatchPlan, draw_stacks
 
 

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from ctseg.augment import ComposedAugmenter, CTIAugmenter, PaperMIAugmenter, acquisition_config, build_augmenter
-from ctseg.config import AugmentConfig, CTIAConfig, ExperimentConfig, check_aug_names, parse_config
+from ctseg.augment import (ComposedAugmenter, CTIAConfig, CTIAugmenter, PaperMIAugmenter, acquisition_config,
+                           build_augmenter)
+from ctseg.config import AugmentConfig, ExperimentConfig, check_aug_names, parse_config
 from ctseg.errors import CtsegError
 
 

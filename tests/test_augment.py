@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctseg.augment import CTIAugmenter, NNUNetAugmenter, NoAugment, PaperMIAugmenter, build_augmenter
+from ctseg.augment import (CTIAConfig, CTIAugmenter, MIAConfig, NNUNetAugConfig, NNUNetAugmenter, NoAugment,
+                           PaperMIAugmenter, build_augmenter)
 from ctseg.augment.ctia import (
     add_noise,
     cwvrs_map,
@@ -21,7 +22,7 @@ from ctseg.augment.ctia import (
     sample_rotation,
     sample_z_resampling,
 )
-from ctseg.config import AugmentConfig, CTIAConfig, MIAConfig, NNUNetAugConfig, parse_config
+from ctseg.config import AugmentConfig, parse_config
 from ctseg.errors import CtsegError
 
 

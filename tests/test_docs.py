@@ -24,8 +24,12 @@ def _resolves(path: list[str]) -> bool:
     model: type[BaseModel] = ExperimentConfig
     for i, key in enumerate(path):
         field = model.model_fields.get(key)
-        if field is None:
-            return False
+        if field is None:  # a registered component's section (`augment.ctia`, `model.unet`, ...)?
+            section = getattr(model, "section_types", dict)().get(key)
+            if section is None:
+                return False
+            model = section
+            continue
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann

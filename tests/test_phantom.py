@@ -248,8 +248,8 @@ def test_each_population_shift_moves_its_property(shift, key, direction):
 
 
 def test_population_stress_axes_redraw_the_case(tmp_path):
-    from ctseg.stress.perturb import AXES, POPULATION_AXES
-    from ctseg.stress.phantom_reacquire import phantom_recipes, reacquire
+    from ctseg.stress.perturb import AXES
+    from ctseg.stress.phantom_reacquire import POPULATION_AXES, phantom_recipes, reacquire
 
     write_phantom_dataset(tmp_path, n_cases=1, size="small", in_plane=48)
     recipe = phantom_recipes(tmp_path)["case_00000"]

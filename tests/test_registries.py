@@ -36,7 +36,7 @@ def test_toy_sections_are_validated_and_saved(toys):
     cfg.augment.name = "ctia"  # an assignment keeps the registered sections' settings
     assert cfg.augment.section("toyflip").p == 0.25
     assert "toyflip" in family_augs() and "toyflip" in cfg.augment.known_names()
-    for bad, where in (({"model": {"arch": "toynet", "toynet": {"hidden": 0}}}, "toynet: hidden"),
+    for bad, where in (({"model": {"arch": "toynet", "toynet": {"hidden": 0}}}, r"model\.toynet\.hidden: Input should be greater"),
                        ({"augment": {"toyflop": {}}}, "unknown key"),
                        ({"model": {"arch": "toynot"}}, "unknown network 'toynot'")):
         with pytest.raises(CtsegError, match=where):

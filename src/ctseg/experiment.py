@@ -130,7 +130,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
     from ctseg.cv import RunIdentity, run_cv, run_stack
     from ctseg.cv.run import cv_log_csvs, load_cv_records
     from ctseg.progress import progress_bar
-    from ctseg.evaluate.records import AUG_NAMES, display_name
+    from ctseg.evaluate.records import aug_display, display_name
     from ctseg.evaluate.report import stack_selection_section, write_report
 
     out = Path(out_dir)
@@ -170,7 +170,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
             members = [run_dirs[RunIdentity.of(rc).name] for rc in runs
                        if rc.augment.name == aug and not rc.experiment.variant]  # variant arms are not stacked
             _warn_few_candidates(cfg, [rc for rc in runs if rc.augment.name == aug], aug)
-            bar.update(task, description=f"[bold magenta]experiment[/] · stacked ensemble + {AUG_NAMES.get(aug, aug)}")
+            bar.update(task, description=f"[bold magenta]experiment[/] · stacked ensemble + {aug_display(aug)}")
             run_stack(members, out / "stack" / aug, cfg.stack, seed=cfg.seed, distances=cfg.cv.distances,
                       device=device, progress=progress)
             bar.advance(task)
@@ -191,7 +191,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
                                            out / "stress", device=device, progress=progress, jobs=jobs)
     if cfg.experiment.selection.enabled and stress_dir is not None:
         ablation_dir = run_experiment_ablation(cfg, table, stress_dir, folds_file, out / "ablation")
-    augs = " vs ".join(AUG_NAMES.get(a, a) for a in cfg.experiment.augs)
+    augs = " vs ".join(aug_display(a) for a in cfg.experiment.augs)
     html = write_report(records, out, config=config_to_dict(cfg), log_csvs=curves,
                         title=title or f"{cfg.name}: {augs}, slice-sorted {cfg.cv.n_folds}-fold cross-validation",
                         thickness_edges_mm=cfg.experiment.thickness_groups_mm, intro=intro,

@@ -1,7 +1,8 @@
 """Registries of pluggable components: augmentations, networks, dataset layouts and stress axes.
 
 A registry maps a name to one entry that carries everything about the component: its config section (a
-pydantic model, or None), its builder, its display name and (networks) its memory estimator. CLI choices
+pydantic model, or None), its builder, its display name (the one source of the names tables and plots show:
+`Registry.display`) and (networks) its memory estimator. CLI choices
 (`--aug`, `--arch`, `--layout`, `--axes`) and config validation (`augment.name`, `model.arch`, `data.layout`,
 `stress.axes`) read the registries, so a new component is one module that registers itself:
 
@@ -10,7 +11,8 @@ pydantic model, or None), its builder, its display name and (networks) its memor
 
 The entry types are `AugmenterEntry` (`ctseg.augment`), `NetworkEntry` (`ctseg.models`), `LayoutEntry`
 (`ctseg.datasets`) and `ctseg.stress.perturb.Axis`. A component with a config section gets it under its
-name in the owning config section (`augment.<name>`, `model.<name>`, `data.<name>`), validated by its model.
+name in the owning config section (`augment.<name>`, `model.<name>`, `data.<name>`), validated by its model;
+the built-in components register theirs the same way (`ctseg.augment.ctia_config.CTIAConfig`, ...).
 
 Plugins: `CTSEG_PLUGINS` (comma-separated module names, e.g. `CTSEG_PLUGINS=mylab.ctseg_parts`) are imported
 the first time any registry is read (and at CLI start), so a user's own package can register components
@@ -34,6 +36,9 @@ PLUGINS_ENV = "CTSEG_PLUGINS"
 class _Named(Protocol):
     @property
     def name(self) -> str: ...
+
+    @property
+    def display(self) -> str: ...
 
 
 E = TypeVar("E", bound=_Named)
@@ -148,6 +153,11 @@ class Registry(Mapping[str, E]):
         self._load()
         return name in self._entries
 
+    def display(self, name: str) -> str:
+        """The table name of entry `name`: its `display`, else (none given, or no such entry) `name` itself."""
+        entry = self.get(name)
+        return (entry.display if entry is not None else "") or name
+
     def sections(self) -> dict[str, type[BaseModel]]:
         """name -> config section of the entries that have one."""
         return {n: s for n, e in self.items() if (s := getattr(e, "section", None)) is not None}
@@ -171,4 +181,5 @@ def load_plugins() -> None:
 AUGMENTERS: Registry[AugmenterEntry] = Registry("augmentation", ("ctseg.augment",))
 NETWORKS: Registry[NetworkEntry] = Registry("network", ("ctseg.models",))
 LAYOUTS: Registry[LayoutEntry] = Registry("dataset layout", ("ctseg.datasets",))
-STRESS_AXES: Registry[Any] = Registry("stress axis", ("ctseg.stress.perturb",))  # ctseg.stress.perturb.Axis entries
+STRESS_AXES: Registry[Any] = Registry(  # ctseg.stress.perturb.Axis entries
+    "stress axis", ("ctseg.stress.perturb", "ctseg.stress.phantom_reacquire"))

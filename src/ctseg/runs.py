@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_write_text
@@ -49,6 +49,20 @@ def _read_object(path: Path) -> dict[str, Any]:
 def _check_format(info: dict, expected: str) -> None:
     if info.get("format") != expected:
         raise ValueError(f"format {info.get('format')!r}, expected {expected!r}")
+
+
+R = TypeVar("R")
+
+
+def _read_record(path: Path, expected: str, parse: Callable[[dict[str, Any]], R], unreadable: str) -> R:
+    """`parse` of the record in `path` (a JSON object of format `expected`); a CtsegError naming `path`,
+    '<unreadable> (<error>)', when it cannot be read, is another format or lacks what `parse` needs."""
+    try:
+        info = _read_object(path)
+        _check_format(info, expected)
+        return parse(info)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CtsegError(f"{unreadable} ({type(err).__name__}: {err})", path) from None
 
 
 def _classes(d: dict) -> dict[int, str]:
@@ -91,27 +105,25 @@ class TrainingRun:
     @classmethod
     def read(cls, run_dir: str | Path) -> TrainingRun:
         """The record of the training run `run_dir`; CtsegError naming run.json when unreadable."""
-        path = Path(run_dir) / "run.json"
-        try:
-            info = _read_object(path)
-            _check_format(info, RUN_FORMAT)
-            if not isinstance(info["config"], dict) or not isinstance(info["intensity_plan"], dict):
-                raise TypeError("config and intensity_plan must be objects")
-            best = info.get("best_metric")
-            return cls(
-                status=info.get("status"), config=info["config"], intensity_plan=info["intensity_plan"],
-                classes=_classes(info["classes"]), target=str(info["target"]),
-                num_classes=int(info["num_classes"]), in_channels=int(info["in_channels"]),
-                dataset_classes=_classes(info.get("dataset_classes") or {}), versions=dict(info.get("versions") or {}),
-                dataset_fingerprint=info.get("dataset_fingerprint"),
-                train_ids=[str(c) for c in info.get("train_ids") or []],
-                val_ids=[str(c) for c in info.get("val_ids") or []],
-                epochs_run=int(info.get("epochs_run") or 0), global_step=int(info.get("global_step") or 0),
-                best_metric=None if best is None else float(best), best_epoch=info.get("best_epoch"),
-                world_size=int(info.get("world_size") or 1), device=str(info.get("device") or ""),
-                provenance=info.get("provenance"), error=info.get("error"))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CtsegError(f"run.json unreadable ({type(err).__name__}: {err})", path) from None
+        return _read_record(Path(run_dir) / "run.json", RUN_FORMAT, cls._parse, "run.json unreadable")
+
+    @classmethod
+    def _parse(cls, info: dict[str, Any]) -> TrainingRun:
+        if not isinstance(info["config"], dict) or not isinstance(info["intensity_plan"], dict):
+            raise TypeError("config and intensity_plan must be objects")
+        best = info.get("best_metric")
+        return cls(
+            status=info.get("status"), config=info["config"], intensity_plan=info["intensity_plan"],
+            classes=_classes(info["classes"]), target=str(info["target"]),
+            num_classes=int(info["num_classes"]), in_channels=int(info["in_channels"]),
+            dataset_classes=_classes(info.get("dataset_classes") or {}), versions=dict(info.get("versions") or {}),
+            dataset_fingerprint=info.get("dataset_fingerprint"),
+            train_ids=[str(c) for c in info.get("train_ids") or []],
+            val_ids=[str(c) for c in info.get("val_ids") or []],
+            epochs_run=int(info.get("epochs_run") or 0), global_step=int(info.get("global_step") or 0),
+            best_metric=None if best is None else float(best), best_epoch=info.get("best_epoch"),
+            world_size=int(info.get("world_size") or 1), device=str(info.get("device") or ""),
+            provenance=info.get("provenance"), error=info.get("error"))
 
     def to_json(self) -> dict:
         info = {"format": RUN_FORMAT, "status": self.status, "config": self.config,
@@ -179,18 +191,18 @@ class CVRun:
         path = Path(run_dir) / "cv.json"
         if not path.is_file():
             raise CtsegError("not a cross-validation folder (no cv.json); run `ctseg cv` first", run_dir)
-        try:
-            info = _read_object(path)
-            _check_format(info, CV_FORMAT)
-            sources = info.get("sources")
-            return cls(name=str(info["name"]), arch=str(info["arch"]), dim=str(info["dim"]),
-                       target=str(info["target"]), aug=str(info["aug"]), data=str(info["data"]),
-                       layout=str(info.get("layout", "auto")), cache=str(info["cache"]),
-                       folds_file=str(info["folds_file"]), n_folds=int(info["n_folds"]),
-                       seed=int(info.get("seed", 0)), variant=str(info.get("variant") or ""),
-                       sources=dict(sources) if isinstance(sources, dict) else None, path=Path(run_dir))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-            raise CtsegError(f"not a readable cv.json of ctseg ({type(err).__name__}: {err})", path) from None
+        return _read_record(path, CV_FORMAT, lambda info: cls._parse(info, Path(run_dir)),
+                            "not a readable cv.json of ctseg")
+
+    @classmethod
+    def _parse(cls, info: dict[str, Any], run_dir: Path) -> CVRun:
+        sources = info.get("sources")
+        return cls(name=str(info["name"]), arch=str(info["arch"]), dim=str(info["dim"]),
+                   target=str(info["target"]), aug=str(info["aug"]), data=str(info["data"]),
+                   layout=str(info.get("layout", "auto")), cache=str(info["cache"]),
+                   folds_file=str(info["folds_file"]), n_folds=int(info["n_folds"]),
+                   seed=int(info.get("seed", 0)), variant=str(info.get("variant") or ""),
+                   sources=dict(sources) if isinstance(sources, dict) else None, path=run_dir)
 
     def to_json(self) -> dict:
         return {"format": CV_FORMAT, "name": self.name, "arch": self.arch, "dim": self.dim, "target": self.target,
@@ -264,26 +276,24 @@ class StackRun:
     @classmethod
     def read(cls, stack_dir: str | Path) -> StackRun:
         """The record of the stack folder `stack_dir`; CtsegError naming stack.json."""
-        path = Path(stack_dir) / "stack.json"
-        try:
-            info = _read_object(path)
-            _check_format(info, STACK_FORMAT)
-            members = info.get("members")
-            if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
-                raise ValueError("no members listed")
-            top_k = info.get("top_k")
-            return cls(aug=str(info.get("aug", Path(stack_dir).name)), n_folds=int(info["n_folds"]),
-                       members=tuple(StackMember(str(m.get("name", "")), Path(str(m.get("path", ""))),
-                                                 str(m.get("arch", "")), str(m.get("dim", "")),
-                                                 str(m.get("target", "")), m.get("val_score"),
-                                                 tuple(int(k) for k in m.get("folds") or ())) for m in members),
-                       top_k=None if top_k is None else int(top_k), selection=str(info.get("selection") or ""),
-                       meta_training=str(info.get("meta_training") or ""), folds_file=info.get("folds_file"),
-                       provenance=info.get("provenance"), candidates=tuple(info.get("candidates") or ()),
-                       folds=tuple(info.get("folds") or ()), stack=dict(info.get("stack") or {}),
-                       path=Path(stack_dir))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CtsegError(f"not a readable stack.json of ctseg ({type(err).__name__}: {err})", path) from None
+        return _read_record(Path(stack_dir) / "stack.json", STACK_FORMAT,
+                            lambda info: cls._parse(info, Path(stack_dir)), "not a readable stack.json of ctseg")
+
+    @classmethod
+    def _parse(cls, info: dict[str, Any], stack_dir: Path) -> StackRun:
+        members = info.get("members")
+        if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+            raise ValueError("no members listed")
+        top_k = info.get("top_k")
+        return cls(aug=str(info.get("aug", stack_dir.name)), n_folds=int(info["n_folds"]),
+                   members=tuple(StackMember(str(m.get("name", "")), Path(str(m.get("path", ""))),
+                                             str(m.get("arch", "")), str(m.get("dim", "")),
+                                             str(m.get("target", "")), m.get("val_score"),
+                                             tuple(int(k) for k in m.get("folds") or ())) for m in members),
+                   top_k=None if top_k is None else int(top_k), selection=str(info.get("selection") or ""),
+                   meta_training=str(info.get("meta_training") or ""), folds_file=info.get("folds_file"),
+                   provenance=info.get("provenance"), candidates=tuple(info.get("candidates") or ()),
+                   folds=tuple(info.get("folds") or ()), stack=dict(info.get("stack") or {}), path=stack_dir)
 
     def to_json(self) -> dict:
         return {"format": STACK_FORMAT, "aug": self.aug, "n_folds": self.n_folds, "top_k": self.top_k,

@@ -1,7 +1,8 @@
 """Training-time augmentation: CT-specific (CTIA, the paper's method), the paper's baseline MIA (Table 1),
 nnU-Net v2's pipeline (a third, field-standard baseline), or a named arm built from their components
 (`augment.arms`, `ctseg.config.ArmConfig`: e.g. CTIA without CWVRS, CTIA plus MIA's scaling). Each family
-registers itself in `ctseg.registry.AUGMENTERS` (config section, builder, display name, ablation components).
+registers itself in `ctseg.registry.AUGMENTERS` (config section `augment.<name>`: `CTIAConfig`, `MIAConfig`,
+`NNUNetAugConfig`; builder, display name, ablation components).
 
 >>> aug = build_augmenter(cfg.augment, "2d", intensity_plan=cache.plan)
 >>> image, label = aug(image, label, generator)    # (B, 1, Z, Y, X) float / int64, CPU or CUDA
@@ -13,14 +14,14 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from ctseg.augment.base import Augmenter, ComposedAugmenter, Dim, IntensityPlanLike, NoAugment
-from ctseg.augment.ctia import CTIAugmenter
-from ctseg.augment.mia import PaperMIAugmenter
-from ctseg.augment.nnunet import NNUNetAugmenter
-from ctseg.config import AugmentConfig, CTIAConfig
+from ctseg.augment.ctia import CTIAConfig, CTIAugmenter
+from ctseg.augment.mia import MIAConfig, PaperMIAugmenter
+from ctseg.augment.nnunet import NNUNetAugConfig, NNUNetAugmenter
+from ctseg.config import AugmentConfig
 from ctseg.registry import AUGMENTERS, AugmenterEntry
 
-__all__ = ["Augmenter", "ComposedAugmenter", "CTIAugmenter", "NNUNetAugmenter", "NoAugment", "PaperMIAugmenter",
-           "acquisition_config", "build_augmenter"]
+__all__ = ["Augmenter", "ComposedAugmenter", "CTIAConfig", "CTIAugmenter", "MIAConfig", "NNUNetAugConfig",
+           "NNUNetAugmenter", "NoAugment", "PaperMIAugmenter", "acquisition_config", "build_augmenter"]
 
 
 _Section = TypeVar("_Section", bound=BaseModel)
@@ -71,7 +72,7 @@ def acquisition_config(aug_cfg: AugmentConfig) -> CTIAConfig | None:
     In a composed arm the acquisition is gated by the arm's gate (its first step's p_batch)."""
     arm = aug_cfg.arm(aug_cfg.name) if aug_cfg.name != "none" else None
     if aug_cfg.name == "ctia":
-        ctia: CTIAConfig | None = aug_cfg.ctia
+        ctia: CTIAConfig | None = aug_cfg.section("ctia", CTIAConfig)
     elif arm is None:
         return None
     else:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ctseg.augment.base import (Dim, IntensityPlanLike, ParamsAugmenter, batch_gate, bernoulli, generator_for,
                                 uniform)
-from ctseg.config import CTIAConfig
+from ctseg.augment.ctia_config import CTIAConfig
 from ctseg.registry import AUGMENTERS, AugmenterEntry
 
 log = logging.getLogger(__name__)

@@ -26,15 +26,53 @@ Example
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from kornia.geometry.transform import get_affine_matrix2d, warp_affine
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from ctseg.augment.base import Dim, IntensityPlanLike, ParamsAugmenter, batch_gate, bernoulli, uniform
 from ctseg.augment.ctia import add_noise
-from ctseg.config import MIAConfig
+from ctseg.config import Section
 from ctseg.registry import AUGMENTERS, AugmenterEntry
+
+
+class MIAConfig(Section):
+    """The paper's MIA (Table 1, MIA column; `ctseg.augment.mia`): scaling, unrestricted rotation, shearing,
+    cropping (random patch, resized back), gamma, contrast, brightness, Gaussian noise. One affine per image
+    (a slice in 2D, a stack in 3D: in-plane, shared by its slices); probabilities per image, inside the batch
+    gate shared by every augmentation. Intensities are z-scored units."""
+    p_batch_2d: float = Field(0.9, ge=0, le=1, description="fraction of 2D batches augmented (as CTIA)")
+    p_batch_3d: float = Field(0.8, ge=0, le=1, description="fraction of 3D batches augmented (as CTIA)")
+    rotation_p: float = Field(0.5, ge=0, le=1, description="as CTIA's rotation")
+    rotation_max_deg: float = Field(180.0, ge=0, le=180, description="in-plane; paper: without restriction")
+    scale_p: float = Field(0.5, ge=0, le=1)
+    scale_range: tuple[float, float] = Field((0.7, 1.4), description="isotropic zoom factor (nnU-Net's range)")
+    shear_p: float = Field(0.5, ge=0, le=1)
+    shear_max: float = Field(0.2, ge=0, le=1, description="max |shear factor| per in-plane axis (0.2 = 11.3 deg)")
+    crop_p: float = Field(0.5, ge=0, le=1, description="random patch extraction, resized to the input size")
+    crop_min_fraction: float = Field(0.8, gt=0, le=1, description="smallest patch side, fraction of the image side")
+    gamma_p: float = Field(0.3, ge=0, le=1)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    contrast_p: float = Field(0.15, ge=0, le=1)
+    contrast_range: tuple[float, float] = Field((0.75, 1.25), description="factor about the image mean")
+    brightness_p: float = Field(0.15, ge=0, le=1)
+    brightness_shift: float = Field(0.2, ge=0, description="max additive shift, z-scored units")
+    noise_p: float = Field(0.5, ge=0, le=1, description="as CTIA's noise")
+    noise_sigma: tuple[float, float] = Field((0.0, 0.1), description="std of the noise map, z-scored units")
+    fill: Literal["air", "zero"] = Field(
+        "air", description="value outside the transformed image: air (window lower bound, as CTIA) or zero")
+
+    @model_validator(mode="after")
+    def _check(self) -> MIAConfig:
+        for name in ("scale_range", "gamma_range", "contrast_range", "noise_sigma"):
+            lo, hi = getattr(self, name)
+            least = 0.0 if name == "noise_sigma" else 1e-6  # a noise std may be 0, a factor may not
+            if not (least <= lo <= hi):
+                raise ValueError(f"{name} must satisfy {'0 <=' if least == 0 else '0 <'} low <= high, got {(lo, hi)}")
+        return self
 
 
 @dataclass

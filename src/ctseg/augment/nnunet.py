@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,12 +51,44 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
+from pydantic import Field
 from torch import Tensor
 
 from ctseg.augment.base import Augmenter, Dim, IntensityPlanLike, batch_gate
-from ctseg.config import NNUNetAugConfig
+from ctseg.config import Section
 from ctseg.registry import AUGMENTERS, AugmenterEntry
 from ctseg.errors import CtsegError
+
+
+class NNUNetAugConfig(Section):
+    """nnU-Net v2's augmentation (`ctseg.augment.nnunet`, `augment.name: nnunet`): batchgeneratorsv2 transforms
+    with nnU-Net v2's defaults (`nnUNetTrainer.get_training_transforms`). Probabilities are per image, inside
+    the batch gate shared by every augmentation."""
+    p_batch_2d: float = Field(0.9, ge=0, le=1, description="fraction of 2D batches augmented (as CTIA)")
+    p_batch_3d: float = Field(0.8, ge=0, le=1, description="fraction of 3D batches augmented (as CTIA)")
+    rotation_p: float = Field(0.2, ge=0, le=1)
+    rotation_max_deg: float = Field(180.0, ge=0, le=180, description="in-plane; nnU-Net: unrestricted")
+    scale_p: float = Field(0.2, ge=0, le=1)
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    elastic_p: float = Field(0.0, ge=0, le=1)
+    crop_max_shift: float = Field(
+        0.1, ge=0, le=0.5, description="random patch extraction: max patch-centre offset, fraction of in-plane size")
+    noise_p: float = Field(0.1, ge=0, le=1)
+    noise_sigma: tuple[float, float] = (0.0, 0.1)
+    blur_p: float = Field(0.2, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    brightness_p: float = Field(0.15, ge=0, le=1)
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    contrast_p: float = Field(0.15, ge=0, le=1)
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    lowres_p: float = Field(0.25, ge=0, le=1)
+    lowres_scale: tuple[float, float] = (0.5, 1.0)
+    gamma_inverted_p: float = Field(0.1, ge=0, le=1)
+    gamma_p: float = Field(0.3, ge=0, le=1)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    mirror: bool = Field(False, description="nnU-Net mirrors all axes; the paper's MIA (Table 1) does not list it")
+    fill: Literal["zero", "air"] = Field(
+        "zero", description="value outside the rotated/scaled/shifted image: zero (nnU-Net) or air (needs the plan)")
 
 
 def build_nnunet_pipeline(cfg: NNUNetAugConfig, spatial_shape: tuple[int, ...], fill: float = 0.0) -> BasicTransform:

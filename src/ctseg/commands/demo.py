@@ -117,11 +117,11 @@ def run(args: argparse.Namespace) -> int:
         raise CtsegError(f"--cases {n_cases} is too few for {cfg.cv.n_folds}-fold cross-validation "
                          f"(need at least {2 * cfg.cv.n_folds})")
     progress = not args.no_progress
-    from ctseg.evaluate.records import ARCH_NAMES, AUG_NAMES
+    from ctseg.evaluate.records import arch_display, aug_display
 
     e = cfg.experiment
-    augs = " vs ".join(AUG_NAMES.get(a, a) for a in e.augs)
-    models = ", ".join(f"{ARCH_NAMES.get(a, a)} {d.upper()}" for a in e.archs for d in e.dims
+    augs = " vs ".join(aug_display(a) for a in e.augs)
+    models = ", ".join(f"{arch_display(a)} {d.upper()}" for a in e.archs for d in e.dims
                        if f"{a}-{d}" not in e.exclude)
     console.print(Panel.fit(
         f"[bold]ctseg demo[/] ({args.profile}): {n_cases} phantom kidney CTs -> slice-sorted {cfg.cv.n_folds}-fold "

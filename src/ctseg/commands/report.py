@@ -66,7 +66,7 @@ def _load_results_file(path: Path) -> list[VolumeResult]:
 
 def summary_table(records: list[VolumeResult], title: str = "Dice, paper protocol (mean ± std over volumes)") -> Table:
     """Table 2 as a rich table."""
-    from ctseg.evaluate.records import models_in_order
+    from ctseg.evaluate.records import ENSEMBLES, models_in_order
     from ctseg.evaluate.report import class_names, summary_table as summarize
 
     classes = class_names(records)
@@ -79,7 +79,7 @@ def summary_table(records: list[VolumeResult], title: str = "Dice, paper protoco
     table.add_column("n", justify="right")
     for model, row in t.items():
         display, aug, arch = names[model]
-        style = "green" if arch in ("stacked", "average") else _AUG_STYLES.get(aug)
+        style = "green" if arch in ENSEMBLES else _AUG_STYLES.get(aug)
         table.add_row(display, *(row[c].fmt() for c in classes), str(max(s.n for s in row.values())), style=style)
     return table
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from ctseg.augment import build_augmenter
 from ctseg.augment.acquisition import INTERP, SKIP, grid_centres, linear_weights, slab_weights
 from ctseg.augment.ctia import (
+    CTIAConfig,
     add_noise,
     cwvrs_map,
     preset_knots,
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
     fg = [k for k in range(z) if label[k].any()] or list(range(z))
     shown = [fg[int(i)] for i in np.linspace(0, len(fg) - 1, min(args.n, len(fg)))]
-    ctia_rows = 6 if args.aug == "ctia" and cfg.augment.ctia.random_window_p > 0 else 5
+    ctia_rows = 6 if args.aug == "ctia" and cfg.augment.section("ctia", CTIAConfig).random_window_p > 0 else 5
     rows = 2 + (ctia_rows if args.aug == "ctia" else 0)
     cols = max(len(shown), 4)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
@@ -187,7 +188,7 @@ def _ctia_panels(axes: NDArray[np.object_], img_t: Tensor, lab_t: Tensor, classe
                  vrange: tuple[float, float], aspect: float) -> None:
     """One row per CTIA transform alone, at its configured magnitude. axes: (rows, cols) of matplotlib Axes;
     img_t, lab_t: the stack (1, 1, Z, Y, X); k: the slice shown."""
-    c = cfg.augment.ctia
+    c = cfg.augment.section("ctia", CTIAConfig)
     _, _, z, h, w = img_t.shape
     x = img_t[0, 0, k].reshape(1, -1)
     hu = lambda v: v * plan.std + plan.mean  # noqa: E731 (normalised -> HU, for labels)

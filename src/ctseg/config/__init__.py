@@ -6,7 +6,9 @@ a default or to the last value. Load with `load_config(path)` (which remembers t
 messages about it), save with `save_config(cfg, path)` (atomic).
 
 The sections live beside this module, one module per part (`ctseg.config.augment`, `.sections`, `.experiment`);
-a registered component (`ctseg.registry`) brings its own section, held under its name in the owning section.
+a registered component (`ctseg.registry`) brings its own section, held under its name in the owning section:
+the built-in ones too (`augment.ctia` is `ctseg.augment.ctia_config.CTIAConfig`, `model.unet`
+`ctseg.models.unet.UNetConfig`, ...), so that this package, below the components, never imports them.
 """
 from __future__ import annotations
 
@@ -15,20 +17,19 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 
-from ctseg.config.augment import (BUILTIN_ARMS, ArmConfig, ArmStep, AugmentConfig, CTIAConfig, MIAConfig,
-                                  NNUNetAugConfig, components, family_augs)
-from ctseg.config.base import MAX_SEED, _Section, validation_lines
+from ctseg.config.augment import BUILTIN_ARMS, ArmConfig, ArmStep, AugmentConfig, components, family_augs
+from ctseg.config.base import MAX_SEED, Section, _Section, validation_lines
 from ctseg.config.experiment import ExperimentMatrixConfig, SelectionConfig, StressConfig
-from ctseg.config.sections import (CVConfig, DataConfig, ModelConfig, MSDConfig, PredictConfig, PreprocessConfig,
-                                   StackConfig, StackMemberSetConfig, TrainConfig, UNetConfig)
+from ctseg.config.sections import (CVConfig, DataConfig, ModelConfig, PredictConfig, PreprocessConfig, StackConfig,
+                                   StackMemberSetConfig, TrainConfig)
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_write_text
 
-__all__ = ["BUILTIN_ARMS", "ArmConfig", "ArmStep", "AugmentConfig", "CTIAConfig", "CVConfig", "DataConfig",
-           "ExperimentConfig", "ExperimentMatrixConfig", "MIAConfig", "MSDConfig", "ModelConfig", "NNUNetAugConfig",
-           "PredictConfig", "PreprocessConfig", "SelectionConfig", "StackConfig", "StackMemberSetConfig",
-           "MAX_SEED", "StressConfig", "TrainConfig", "UNetConfig", "check_aug_names", "components",
-           "config_to_dict", "family_augs", "load_config", "load_yaml", "parse_config", "save_config"]
+__all__ = ["BUILTIN_ARMS", "ArmConfig", "ArmStep", "AugmentConfig", "CVConfig", "DataConfig", "ExperimentConfig",
+           "ExperimentMatrixConfig", "ModelConfig", "PredictConfig", "PreprocessConfig", "Section",
+           "SelectionConfig", "StackConfig", "StackMemberSetConfig", "MAX_SEED", "StressConfig", "TrainConfig",
+           "check_aug_names", "components", "config_to_dict", "family_augs", "load_config", "load_yaml",
+           "parse_config", "save_config"]
 
 
 class ExperimentConfig(_Section):
@@ -52,7 +53,7 @@ class ExperimentConfig(_Section):
         return self._source
 
     @model_validator(mode="after")
-    def _check_augs(self):
+    def _check_augs(self) -> ExperimentConfig:
         sel = self.experiment.selection
         unknown = [a for a in [*self.experiment.augs, *(sel.candidates or [])] if a not in self.augment.known_names()]
         if unknown:

@@ -78,7 +78,7 @@ class ExperimentMatrixConfig(_Section):
         return [check_arch(a) for a in value]
 
     @model_validator(mode="after")
-    def _check_variants(self):
+    def _check_variants(self) -> ExperimentMatrixConfig:
         import re
 
         for name, over in self.variants.items():
@@ -103,7 +103,7 @@ class StressConfig(_Section):
     n_boot: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples for the CIs")
 
     @model_validator(mode="after")
-    def _check(self):
+    def _check(self) -> StressConfig:
         unknown = sorted((set(self.axes) | set(self.severities)) - set(STRESS_AXES))
         if unknown:
             raise ValueError(f"unknown stress axes {unknown}; choose from {list(STRESS_AXES)}")

@@ -45,7 +45,7 @@ class PreprocessConfig(_Section):
         "float16", description="dtype of the cached z-scored images (float16 halves disk and I/O)")
 
     @model_validator(mode="after")
-    def _check(self):
+    def _check(self) -> PreprocessConfig:
         lo, hi = self.percentiles
         if not (0.0 <= lo < hi <= 100.0):
             raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {self.percentiles}")
@@ -59,24 +59,6 @@ class PreprocessConfig(_Section):
         return self
 
 
-
-
-class UNetConfig(_Section):
-    n_stages: int = Field(6, ge=2)
-    base_features: int = Field(32, ge=1)
-    max_features: int | None = Field(
-        None, ge=1, description="cap on features per stage; None: nnU-Net's 512 in 2D, 320 in 3D")
-    conv_per_stage: int = Field(2, ge=1)
-    z_pool_stages: int = Field(2, ge=0, description="3D: how many stages pool along z (fewer than in-plane)")
-
-
-class MSDConfig(_Section):
-    depth: int = Field(100, ge=1)
-    width: int = Field(1, ge=1)
-    max_dilation: int = Field(10, ge=1)
-    implementation: Literal["efficient", "naive"] = "efficient"
-
-
 def check_arch(value: str) -> str:
     """`value` if it names a registered network (`ctseg.registry.NETWORKS`), else ValueError."""
     if value not in NETWORKS:
@@ -85,13 +67,13 @@ def check_arch(value: str) -> str:
 
 
 class ModelConfig(_Registered):
+    """The network: `arch`, `dim`, `target`, and under each registered network's name its section (`model.unet`,
+    `model.msd`, a plugin's; declared in `ctseg.models`; `section(name, kind)` reads one typed)."""
     _registry = NETWORKS
     arch: str = Field("unet", description="a registered network: unet, msd or a plugin's")
     dim: Literal["2d", "3d"] = "2d"
     target: Literal["multiclass", "foreground"] = Field(
         "multiclass", description="multiclass: all dataset classes; foreground: union of non-zero vs background")
-    unet: UNetConfig = Field(default_factory=UNetConfig)
-    msd: MSDConfig = Field(default_factory=MSDConfig)
 
     @field_validator("arch")
     @classmethod
@@ -126,7 +108,7 @@ class TrainConfig(_Section):
     tensorboard: bool = False
 
     @model_validator(mode="after")
-    def _check(self):
+    def _check(self) -> TrainConfig:
         if self.loss_tanimoto_weight == 0 and self.loss_ce_weight == 0:
             raise ValueError("loss_tanimoto_weight and loss_ce_weight are both 0: the loss would be 0 and nothing "
                              "would be learned")

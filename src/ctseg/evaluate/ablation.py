@@ -180,9 +180,7 @@ def arm_stats(data: AblationData, arm: str, aug: AugmentConfig, volumes: Sequenc
     reference = None
     if arm_cfg is not None:
         reference = arm_cfg.reference or arm_cfg.steps[0].family
-    from ctseg.evaluate.records import AUG_NAMES
-
-    display = AUG_NAMES.get(arm) or (aug.display(arm) if arm in aug.known_names() else arm)
+    display = aug.display(arm) if arm in aug.known_names() else arm
     return ArmStats(arm=arm, display=display, reference=reference,
                     n_steps=len(arm_cfg.steps) if arm_cfg is not None else (0 if arm == "none" else 1),
                     seeds=sorted(per_seed), n_volumes=int(ok.sum()), clean=c[0], clean_ci=(c[1], c[2]),

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ctseg.evaluate.records import models_in_order, present_thickness_groups, thickness_group_of  # noqa: E402
+from ctseg.evaluate.records import ENSEMBLES, models_in_order, present_thickness_groups, thickness_group_of  # noqa: E402
 from ctseg.fileutil import atomic_path  # noqa: E402
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ DISPLAY_WINDOW_HU = (-160.0, 240.0)
 
 
 def _color(r: VolumeResult) -> str:
-    return COLORS["ensemble"] if r.arch in ("stacked", "average") else COLORS.get(r.aug, COLORS["none"])
+    return COLORS["ensemble"] if r.arch in ENSEMBLES else COLORS.get(r.aug, COLORS["none"])
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

@@ -3,7 +3,8 @@
 The records that cross-validation writes and the report and its plots read: a small module at the
 bottom of `ctseg.evaluate`, so that `ctseg.cv` need not import the report and `ctseg.evaluate.plots`
 and `ctseg.evaluate.report` need not import each other. Names stay importable from
-`ctseg.evaluate.report`.
+`ctseg.evaluate.report`. Display names are the registries' (`ctseg.registry`: each network's and
+augmentation's entry owns its `display`), but for the ensembles, which are not networks (`ENSEMBLES`).
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from ctseg.evaluate.folds import thickness_group
+from ctseg.registry import AUGMENTERS, NETWORKS
 
-ARCH_NAMES = {"unet": "nnU-Net", "msd": "MS-D Net", "stacked": "Stacked CNN", "average": "Averaged members"}
-AUG_NAMES = {"mia": "MIA", "nnunet": "nnU-Net DA", "ctia": "CTIA", "none": "no augmentation"}
-_ARCH_ORDER = ["unet", "msd", "stacked", "average"]
+#: The ensembles' `arch` -> table name: the stacked CNN and the plain average of its members (`ctseg.cv.stack`),
+#: models that are not networks of `ctseg.registry.NETWORKS`.
+ENSEMBLES = {"stacked": "Stacked CNN", "average": "Averaged members"}
+_ARCH_ORDER = ["unet", "msd", *ENSEMBLES]
 _DIM_ORDER = ["2d", "3d", ""]
 _AUG_ORDER = ["mia", "nnunet", "ctia", "none"]
 
@@ -80,9 +83,20 @@ class VolumeResult:
         return cls(**d)
 
 
+def arch_display(arch: str) -> str:
+    """Table name of a model's `arch`: an ensemble's (`ENSEMBLES`), a registered network's `display`, else `arch`."""
+    return ENSEMBLES.get(arch) or NETWORKS.display(arch)
+
+
+def aug_display(aug: str) -> str:
+    """Table name of an augmentation: a registered one's `display` (`ctseg.registry.AUGMENTERS`), else `aug` (an
+    arm's name)."""
+    return AUGMENTERS.display(aug)
+
+
 def display_name(arch: str, dim: str, aug: str, variant: str = "") -> str:
     """Row label as in the paper's Table 2, e.g. 'nnU-Net + CTIA 2D', 'Stacked CNN + MIA'."""
-    name = f"{ARCH_NAMES.get(arch, arch)} + {AUG_NAMES.get(aug, aug)}"
+    name = f"{arch_display(arch)} + {aug_display(aug)}"
     if dim:
         name += f" {dim.upper()}"
     return f"{name} ({variant})" if variant else name

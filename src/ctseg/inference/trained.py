@@ -16,6 +16,7 @@ from torch import nn
 
 from ctseg.config import ExperimentConfig, parse_config
 from ctseg.errors import CtsegError
+from ctseg.models.unet import UNetConfig
 from ctseg.models.weights import load_state_dict_file
 from ctseg.runs import TrainingRun
 from ctseg.runtime import resolve_device
@@ -55,12 +56,13 @@ def _check_model_metadata(cfg: ExperimentConfig, classes: dict[int, str], info_p
     but no liver (a liver config trained on kidney labels)."""
     m = cfg.model
     if m.arch == "unet":
-        stride = 2 ** (m.unet.n_stages - 1)
+        unet = m.section("unet", UNetConfig)
+        stride = 2 ** (unet.n_stages - 1)
         if cfg.preprocess.in_plane_size % stride:
             raise CtsegError(f"in_plane_size {cfg.preprocess.in_plane_size} is not divisible by the U-Net's stride "
-                             f"{stride} ({m.unet.n_stages} stages): these weights were not trained at this size",
+                             f"{stride} ({unet.n_stages} stages): these weights were not trained at this size",
                              info_path)
-        z_stride = 2 ** min(m.unet.z_pool_stages, m.unet.n_stages - 1)
+        z_stride = 2 ** min(unet.z_pool_stages, unet.n_stages - 1)
         if m.dim == "3d" and cfg.preprocess.num_slices % z_stride:
             raise CtsegError(f"num_slices {cfg.preprocess.num_slices} is not divisible by the 3D U-Net's z stride "
                              f"{z_stride}", info_path)

@@ -44,9 +44,10 @@ from typing import Any, Literal, cast, overload
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from ctseg.config import ModelConfig, MSDConfig
+from ctseg.config import ModelConfig, Section
 from ctseg.errors import CtsegError
 from ctseg.registry import NETWORKS, MemoryEstimate, NetworkEntry
 
@@ -55,6 +56,14 @@ NORM_EPS = 1e-5
 
 Implementation = Literal["efficient", "naive"]
 Layout = Literal["auto", "sample_major", "channel_major", "slice_major"]
+
+
+class MSDConfig(Section):
+    """`model.msd`: the MS-D Net's depth (layers), width (channels per layer) and dilations (1..max_dilation)."""
+    depth: int = Field(100, ge=1)
+    width: int = Field(1, ge=1)
+    max_dilation: int = Field(10, ge=1)
+    implementation: Implementation = "efficient"
 
 
 def dilation_schedule(depth: int, max_dilation: int = 10) -> list[int]:
@@ -344,7 +353,7 @@ class MSDNet(nn.Module):
 
 
 def _build(cfg: ModelConfig, dim: int, in_channels: int, num_classes: int) -> MSDNet:
-    m = cfg.msd
+    m = cfg.section("msd", MSDConfig)
     return MSDNet(in_channels, num_classes, depth=m.depth, width=m.width, max_dilation=m.max_dilation,
                   dim=dim, implementation=m.implementation)
 
@@ -353,7 +362,7 @@ def memory_estimate(model: ModelConfig, num_classes: int, in_channels: int = 1) 
     """Weights, and activations per input pixel: the input, every layer's output, its normalised and its
     activated copy (1 + 3 x depth x width values) plus the logits."""
     k = 27.0 if model.dim == "3d" else 9.0
-    m = model.msd
+    m = model.section("msd", MSDConfig)
     layers = sum(float(in_channels + i * m.width) for i in range(min(m.depth, 10)))  # exact start ...
     if m.depth > 10:  # ... then the closed form of sum_i (in + i w) for the remaining layers
         n0, n1 = 10.0, float(m.depth)

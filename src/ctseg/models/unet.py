@@ -15,14 +15,25 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from ctseg.config import ModelConfig, UNetConfig
+from ctseg.config import ModelConfig, Section
 from ctseg.errors import CtsegError
 from ctseg.registry import NETWORKS, MemoryEstimate, NetworkEntry
 
 NEG_SLOPE = 0.01
 NORM_EPS = 1e-5
+
+
+class UNetConfig(Section):
+    """`model.unet`: the U-Net's topology as nnU-Net plans it (see the module docstring)."""
+    n_stages: int = Field(6, ge=2)
+    base_features: int = Field(32, ge=1)
+    max_features: int | None = Field(
+        None, ge=1, description="cap on features per stage; None: nnU-Net's 512 in 2D, 320 in 3D")
+    conv_per_stage: int = Field(2, ge=1)
+    z_pool_stages: int = Field(2, ge=0, description="3D: how many stages pool along z (fewer than in-plane)")
 
 
 def stage_strides(n_stages: int, dim: int, z_pool_stages: int) -> list[tuple[int, ...]]:
@@ -81,7 +92,7 @@ class UNet(nn.Module):
 
 
 def _build(cfg: ModelConfig, dim: int, in_channels: int, num_classes: int) -> UNet:
-    u = cfg.unet
+    u = cfg.section("unet", UNetConfig)
     max_features = u.max_features if u.max_features is not None else (512 if dim == 2 else 320)
     return UNet(in_channels, num_classes, dim=dim, n_stages=u.n_stages, base_features=u.base_features,
                 max_features=max_features, conv_per_stage=u.conv_per_stage, z_pool_stages=u.z_pool_stages)
@@ -89,7 +100,7 @@ def _build(cfg: ModelConfig, dim: int, in_channels: int, num_classes: int) -> UN
 
 def _stages(model: ModelConfig) -> list[tuple[int, float]]:
     """(features, fraction of the input pixels) per U-Net stage."""
-    u = model.unet
+    u = model.section("unet", UNetConfig)
     cap = u.max_features if u.max_features is not None else (512 if model.dim == "2d" else 320)
     stages, fraction = [], 1.0
     for s in range(u.n_stages):
@@ -103,11 +114,11 @@ def memory_estimate(model: ModelConfig, num_classes: int, in_channels: int = 1) 
     convolution in the encoder and the decoder, each stage at 1/4 of the pixels of the one above (1/8 where 3D
     pooling also halves z)."""
     k = 27.0 if model.dim == "3d" else 9.0
+    cps = model.section("unet", UNetConfig).conv_per_stage
     total, previous = 0.0, float(in_channels)
     for features, _ in _stages(model):
-        total += k * features * (previous + features * (2 * model.unet.conv_per_stage - 1))
+        total += k * features * (previous + features * (2 * cps - 1))
         previous = features
-    cps = model.unet.conv_per_stage
     activations = sum(2 * 3 * cps * f * frac for f, frac in _stages(model)) + num_classes
     return MemoryEstimate(total, activations)
 

@@ -18,16 +18,17 @@ Axes (severity unit; the clean value first):
     contrast          contrast-phase shift, fraction s of a delayed-phase enhancement pattern (0 = clean)
     rotation          in-plane patient rotation in degrees (0 = clean)
     pixel-spacing     in-plane pixel spacing in "512-matrix mm-equivalent" (0 = native = clean)
-    phantom-dose / phantom-thickness   the phantom case re-rendered (`ctseg.stress.phantom_reacquire`)
-    pop-habitus, pop-fov, pop-kidney-size, pop-tumour-size, pop-phase, pop-kernel
-                      population shifts: the phantom case drawn from a shifted patient / scanner population
-                      (`ctseg.datasets.phantom.Population`), scored on its own grid
+
+The phantom's axes are not perturbations of a volume but the case rendered again, so they are defined where
+that is done, `ctseg.stress.phantom_reacquire`: phantom-dose / phantom-thickness (the phantom case re-rendered)
+and the population shifts pop-habitus, pop-fov, pop-kidney-size, pop-tumour-size, pop-phase, pop-kernel (the
+phantom case drawn from a shifted patient / scanner population, `ctseg.datasets.phantom.Population`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -60,7 +61,8 @@ def in_plane_axes(volume: Volume) -> tuple[int, int]:
     return a, b
 
 
-def _with(volume: Volume, array: np.ndarray, spacing=None, origin=None, slice_thickness=None) -> Volume:
+def _with(volume: Volume, array: np.ndarray, spacing: Sequence[float] | np.ndarray | None = None,
+          origin: Sequence[float] | np.ndarray | None = None, slice_thickness: float | None = None) -> Volume:
     return replace(volume, array=array, spacing=tuple(spacing) if spacing is not None else volume.spacing,
                    origin=tuple(origin) if origin is not None else volume.origin,
                    slice_thickness=slice_thickness if slice_thickness is not None else volume.slice_thickness,
@@ -416,7 +418,7 @@ class Axis:
         return self.description
 
 
-def _thick(image, label, s, **_):
+def _thick(image: Volume, label: Volume, s: float, **_: object) -> Perturbed:
     return reslice_thickness(image, label, s)
 
 
@@ -442,28 +444,7 @@ _AXES = (
          "in-plane patient rotation"),
     Axis("pixel-spacing", 0.0, (0.0, 0.6, 0.7, 0.8, 0.9, 1.0), "mm (512-equiv.)",
          lambda im, lab, s, **_: resample_pixel_spacing(im, lab, s), "field of view: pixel spacing, 0 = native"),
-    Axis("phantom-dose", 1.0, (1.0, 1.5, 2.0, 3.0, 4.0), "x noise", None,
-         "phantom re-rendered with k x its noise sigma", needs_phantom=True),
-    Axis("phantom-thickness", 1.0, (1.0, 1.5, 2.0, 3.0, 4.0), "x native", None,
-         "phantom re-rendered with k x its slice thickness", needs_phantom=True),
-    # population shifts: the case drawn from a shifted patient / scanner population (ctseg.datasets.phantom.Population)
-    Axis("pop-habitus", 1.0, (1.0, 1.15, 1.3, 1.45, 1.6), "x body width", None,
-         "heavier patients: extra fat all round, organs unchanged", needs_phantom=True),
-    Axis("pop-fov", 1.0, (1.0, 0.7, 0.85, 1.25, 1.5), "x pixel spacing", None,
-         "field of view / pixel spacing: smaller cuts the body, larger adds air and coarser pixels",
-         needs_phantom=True),
-    Axis("pop-kidney-size", 1.0, (1.0, 0.7, 0.85, 1.2, 1.4), "x kidney radii", None,
-         "kidney size outside the training range", needs_phantom=True),
-    Axis("pop-tumour-size", 1.0, (1.0, 1.5, 2.0, 3.0, 4.0), "x tumour diameter", None,
-         "tumour burden: larger tumours (<= 100 mm)", needs_phantom=True),
-    Axis("pop-phase", 0.0, (0.0, 0.25, 0.5, 0.75, 1.0), "toward unenhanced", None,
-         "contrast phase: organ, vessel and tumour HU toward non-contrast values", needs_phantom=True),
-    Axis("pop-kernel", 1.0, (1.0, 1.5, 2.0, 3.0, 4.0), "x sharper", None,
-         "reconstruction kernel: less in-plane blur, finer and stronger noise", needs_phantom=True),
 )
-
-#: The population-shift axes (issue 16 §3), in the order reports show them.
-POPULATION_AXES = ("pop-habitus", "pop-fov", "pop-kidney-size", "pop-tumour-size", "pop-phase", "pop-kernel")
 
 #: The severities each built-in axis can take at all (`Axis.valid`, checked when the settings are read); a plausible
 #: value that one volume cannot take (slices thinner than native) is skipped for that volume instead
@@ -478,26 +459,10 @@ _VALID_SEVERITY: dict[str, tuple[str, Callable[[float], bool]]] = {
     "contrast": ("-5 to 5", lambda s: -5 <= s <= 5),
     "rotation": ("-180 to 180 degrees", lambda s: -180 <= s <= 180),
     "pixel-spacing": ("0 (native) or 0.1 to 5 mm", lambda s: s == 0 or 0.1 <= s <= 5),
-    "phantom-dose": ("> 0 and <= 20", lambda s: 0 < s <= 20),
-    "phantom-thickness": ("> 0 and <= 20", lambda s: 0 < s <= 20),
 }
 
-
-def _within(lo: float, hi: float) -> tuple[str, Callable[[float], bool]]:
-    return f"{lo:g} to {hi:g}", lambda s: lo <= s <= hi
-
-
-def _population_valid() -> dict[str, tuple[str, Callable[[float], bool]]]:
-    """The pop-* axes take what `ctseg.datasets.phantom.Population` takes (one table: POPULATION_RANGES;
-    axis pop-kidney-size is field kidney_size)."""
-    from ctseg.datasets.phantom import POPULATION_RANGES
-
-    return {axis: _within(*POPULATION_RANGES[axis[4:].replace("-", "_")]) for axis in POPULATION_AXES}
-
-
-_VALID_SEVERITY.update(_population_valid())
-
-#: Every stress axis by name: the registry (`ctseg.registry.STRESS_AXES`) a plugin adds its own `Axis` to.
+#: Every stress axis by name: the registry (`ctseg.registry.STRESS_AXES`) a plugin adds its own `Axis` to; the
+#: phantom's axes (phantom-dose, phantom-thickness, pop-*) are registered by `ctseg.stress.phantom_reacquire`.
 AXES = STRESS_AXES
 for _axis in _AXES:
     STRESS_AXES.register(replace(_axis, valid=_VALID_SEVERITY[_axis.name]))

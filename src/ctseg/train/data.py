@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ctseg.augment import acquisition_config
-from ctseg.config import CTIAConfig, ExperimentConfig, PredictConfig
+from ctseg.augment import CTIAConfig, acquisition_config
+from ctseg.config import ExperimentConfig, PredictConfig
 from ctseg.errors import CtsegError
 from ctseg.inference.trained import FOREGROUND_NAME
 

@@ -9,8 +9,8 @@ Input is a list of `VolumeResult` (one per test volume x model); `write_report` 
 - `sections`: the tables as data (value cells: `Stat`, `Num`, ...), in display order;
 - `render`: Markdown and HTML, formatting only.
 """
-from ctseg.evaluate.records import (ARCH_NAMES, AUG_NAMES, VolumeResult, display_name, model_sort_key, models_in_order,
-                                    present_thickness_groups, thickness_group_of, thickness_labels)
+from ctseg.evaluate.records import (VolumeResult, arch_display, aug_display, display_name, model_sort_key,
+                                    models_in_order, present_thickness_groups, thickness_group_of, thickness_labels)
 from ctseg.evaluate.report.build import Report, build_report, software_versions
 from ctseg.evaluate.report.files import load_results, write_report, write_results, write_results_csv
 from ctseg.evaluate.report.findings import QUALITY_TITLE, Headline, QualityFlags, headline, quality_flags, quality_note
@@ -23,10 +23,10 @@ from ctseg.evaluate.report.statistics import (BASELINE_AUGS, DEFAULT_THICKNESS_E
                                               fold_table, headline_class, stat, std_ratios, summary_table,
                                               thickness_table)
 
-__all__ = ["ARCH_NAMES", "AUG_NAMES", "BASELINE_AUGS", "DEFAULT_THICKNESS_EDGES_MM", "METRICS",
+__all__ = ["BASELINE_AUGS", "DEFAULT_THICKNESS_EDGES_MM", "METRICS",
            "PAPER_TABLE2", "PAPER_TABLE3_TITLE", "PAPER_TITLE", "QUALITY_TITLE", "Cell", "Figure",
            "Headline", "Interval", "Num", "PlusMinus", "QualityFlags", "Report", "Section", "Stat",
-           "StdRatio", "SummaryTable", "VolumeResult", "all_std_ratios", "build_report", "cell_text",
+           "StdRatio", "SummaryTable", "VolumeResult", "all_std_ratios", "arch_display", "aug_display", "build_report", "cell_text",
            "class_names", "display_name", "fold_mean_table", "fold_table", "headline", "headline_class",
            "load_results", "model_sort_key", "models_in_order", "paper_table2_section",
            "present_thickness_groups", "quality_flags", "quality_note", "render_html", "render_markdown",

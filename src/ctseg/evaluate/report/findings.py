@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ctseg.evaluate.quality import FlagRule, flag_unusual
-from ctseg.evaluate.records import AUG_NAMES, VolumeResult, json_float as _json_float, models_in_order
+from ctseg.evaluate.records import VolumeResult, aug_display, json_float as _json_float, models_in_order
 from ctseg.evaluate.report.sections import Cell, Num
 from ctseg.evaluate.report.statistics import (BASELINE_AUGS, METRICS, StdRatio, _by_model, all_std_ratios,
                                               headline_class, summary_table)
@@ -50,7 +50,7 @@ def headline(records: Sequence[VolumeResult], metric: str, classes: Sequence[str
             break
     details = []
     if ratios:
-        base = AUG_NAMES[ratios[0].baseline]
+        base = aug_display(ratios[0].baseline)
         gm = float(np.exp(np.mean(np.log([r.ratio for r in ratios]))))
         diff = float(np.mean([r.mean_diff for r in ratios]))
         n_lower = sum(r.ratio > 1 for r in ratios)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
-from ctseg.evaluate.records import AUG_NAMES, VolumeResult, models_in_order, thickness_group_of
+from ctseg.evaluate.records import VolumeResult, aug_display, models_in_order, thickness_group_of
 from ctseg.evaluate.report.statistics import (BASELINE_AUGS, Stat, StdRatio, SummaryTable, fold_mean_table, fold_table,
                                               headline_class, summary_table, thickness_table)
 
@@ -143,7 +143,7 @@ def standard_sections(records: Sequence[VolumeResult], classes: Sequence[str], t
         ratios = [r for r in all_ratios if r.baseline == baseline]
         if not ratios:
             continue
-        b = AUG_NAMES[baseline]
+        b = aug_display(baseline)
         secs.append(Section(
             f"Spread: {b} vs CTIA per architecture", f"std ratio {b}/CTIA > 1 means CTIA varies less across "
             "volumes (std over volumes); 95% CI from a paired bootstrap over volumes; Dice, paper protocol",
@@ -203,7 +203,7 @@ def stack_selection_section(stack_dirs: Sequence[str | Path]) -> Section | None:
     stacks = [StackRun.read(d) for d in stack_dirs if (Path(d) / "stack.json").is_file()]
     rows: list[list[Cell]] = []
     for info in stacks:
-        aug = AUG_NAMES.get(info.aug, info.aug)
+        aug = aug_display(info.aug)
         cands = sorted(info.candidates, key=lambda c: (c["set"], -(c["val_score"] or -1.0), c["name"]))
         for c in cands:
             score = None if c["val_score"] is None else Num(c["val_score"], 4, dash=False)
