@@ -54,8 +54,9 @@ class ArmConfig(_Section):
 
 
 #: Arms every config knows besides its own `augment.arms`. `robust` is what the pre-registered rule of
-#: docs/ABLATION.md chose from the 2026-12-03 ablation (`mia-no-rotation` there): the paper's MIA without its
-#: unrestricted in-plane rotation; measured reason in docs/ABLATION.md §5.
+#: docs/ABLATION.md chose from the 2026-12-03 ablation (`mia-no-rotation` there; the same choice in the first run
+#: on 8 volumes and in the complete second run on 12): the paper's MIA without its unrestricted in-plane rotation;
+#: measured reason in docs/ABLATION.md §6.
 #: Built unvalidated (the registry of families is read when a config is validated, not at import).
 BUILTIN_ARMS: dict[str, ArmConfig] = {
     "robust": ArmConfig.model_construct(steps=[ArmStep.model_construct(family="mia", drop=["rotation"])],
