@@ -191,7 +191,8 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
                                            out / "stress", device=device, progress=progress, jobs=jobs)
     if cfg.experiment.selection.enabled and stress_dir is not None:
         ablation_dir = run_experiment_ablation(cfg, table, stress_dir, folds_file, out / "ablation")
-    augs = " vs ".join(aug_display(a) for a in cfg.experiment.augs)
+    names = [cfg.augment.display(a) for a in cfg.experiment.augs]
+    augs = " vs ".join(names) if len(names) <= 4 else f"{len(names)} augmentation arms"
     html = write_report(records, out, config=config_to_dict(cfg), log_csvs=curves,
                         title=title or f"{cfg.name}: {augs}, slice-sorted {cfg.cv.n_folds}-fold cross-validation",
                         thickness_edges_mm=cfg.experiment.thickness_groups_mm, intro=intro,
