@@ -9,13 +9,17 @@ Then, each in its own subprocess, which reports its peak resident memory (VmHWM)
 - `ctseg predict` of the case (the anchor of the memory figure);
 - `ctseg stress` of the same case, one model, axes thickness-factor, dose, contrast, rotation, one shifted
   severity each (and the clean one); the forward passes are timed by wrapping `ctseg.inference.predict.predict_network`
-  (the forward passes, softmax and ensemble combination at network resolution), the whole prediction by the
-  rows' `seconds_predict` (preprocess, forward, restore to 512 x 512, argmax, resample, Dice). The figure is
+  (`ctseg.predict.predict_network` in code from before the inference package, e.g. d99f7eb: the forward passes,
+  softmax and ensemble combination at network resolution), the whole prediction by the rows' `seconds_predict`
+  (preprocess, forward, restore to 512 x 512, argmax, resample, Dice). The figure is
   (sum of seconds_predict - forward) / forward: the non-forward time per prediction against the forward time
-  of the same run.
+  of the same run. The load average (/proc/loadavg) before and after is printed: on a shared machine the
+  ratio moves with it.
 
 `--src OTHER/src` measures another checkout's code (e.g. the code before a change) on the same data and model;
 `--compare ROWS.csv` then asserts that this run's Dice columns equal that file's (the results must not change).
+The data and model are made once per `--keep` folder (with this checkout's code), so runs of several
+checkouts on one folder measure the same thing; each run replaces the folder's `stress/` output.
 
     python benchmarks/bench_stress_clinical.py [--slices 611] [--keep DIR] [--src OTHER/src] [--compare ROWS.csv]
 """
@@ -47,7 +51,10 @@ MODEL = {"seed": 0, "data": {"layout": "kits19", "task": "kidney"},
 
 def _child(argv: list[str]) -> None:
     """`--child ARGS...`: `ctseg ARGS` with the forward passes timed; prints {"peak", "forward"} last."""
-    import ctseg.inference.predict as predict
+    try:
+        import ctseg.inference.predict as predict
+    except ImportError:  # code before the inference package (e.g. d99f7eb): ctseg.predict
+        import ctseg.predict as predict  # type: ignore[no-redef]
 
     forward = [0.0]
     inner = predict.predict_network

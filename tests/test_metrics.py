@@ -189,3 +189,22 @@ def test_dice_per_class_counts_equal_masks(monkeypatch):
     big[0, 0, 0] = 300
     assert metrics.label_confusion(pred, big) is None
     assert dice_per_class(pred, big, classes) == by_masks(pred, big)
+
+
+@pytest.mark.parametrize("n_values, dtypes", [(3, (np.uint8, np.uint8)), (16, (np.int16, np.uint8)),
+                                              (17, (np.uint8, np.int64)), (200, (np.int32, np.uint8)),
+                                              (2, (np.bool_, np.bool_))])
+def test_label_confusion_equals_pairs_counted_one_by_one(n_values, dtypes, monkeypatch):
+    """The pair counts (uint8 codes and torch.bincount up to 16 values, intp codes above) equal counting each
+    (prediction, reference) pair directly, across chunks."""
+    import ctseg.evaluate.metrics as metrics
+
+    rng = np.random.default_rng(n_values)
+    pred = rng.integers(0, n_values, (9, 7, 5)).astype(dtypes[0])
+    ref = rng.integers(0, n_values, (9, 7, 5)).astype(dtypes[1])
+    monkeypatch.setattr(metrics, "_CONFUSION_CHUNK", 70)
+    counts = metrics.label_confusion(pred, ref)
+    k = 1 + max(int(pred.max()), int(ref.max()))
+    expected = np.zeros((k, k), np.int64)
+    np.add.at(expected, (pred.astype(np.int64).ravel(), ref.astype(np.int64).ravel()), 1)
+    assert counts.dtype == np.int64 and np.array_equal(counts, expected)

@@ -363,16 +363,25 @@ def test_integer_and_float32_volumes_get_the_same_box_when_the_bounds_agree(lowe
         assert np.array_equal(a, predict_volume(vol.with_array(hu.astype(np.float32)), model, device="cpu").label.array)
 
 
-@pytest.mark.parametrize("box", [(3, 40, 5, 42), (-6, 31, 20, 57), (40, 60, -5, 10)])
-def test_network_input_normalises_only_the_box(box, rng):
-    """The same bits as normalising the whole slice and cropping it (the fill outside the grid included)."""
+@pytest.mark.parametrize("box", [(3, 40, 5, 42), (-6, 31, 20, 57), (40, 60, -5, 10), None])
+@pytest.mark.parametrize("chunk_bytes", [None, 20000])
+def test_network_input_normalises_only_the_box(box, chunk_bytes, rng, monkeypatch):
+    """The same bits as normalising the whole slice and cropping it (the fill outside the grid included), in one
+    chunk or in several that reuse one work buffer (the last one shorter)."""
+    import ctseg.preprocess.slices as slices
     from ctseg.preprocess.slices import crop_in_plane, resize_in_plane
     from ctseg.preprocess.windowing import normalize
 
     hu = rng.integers(-1100, 1400, (5, 48, 44)).astype(np.int16)
     plan = IntensityPlan(mode="organ", lower=-160.3, upper=240.0, mean=51.7, std=61.3)
-    ref = crop_in_plane(normalize(hu, plan), box, np.float32((plan.fill_hu - plan.mean) / plan.std))
+    ref = normalize(hu, plan)
+    if box is not None:
+        ref = crop_in_plane(ref, box, np.float32((plan.fill_hu - plan.mean) / plan.std))
+    if chunk_bytes is not None:
+        monkeypatch.setattr(slices, "_CHUNK_BYTES", chunk_bytes)  # 2 slices per chunk
     assert np.array_equal(preprocess_volume(hu, plan, 16, box=box), resize_in_plane(ref, 16, is_label=False))
+    out = np.zeros((5, 48, 44), np.float32)
+    assert normalize(hu, plan, out=out) is out and np.array_equal(out, normalize(hu, plan))
 
 
 @pytest.mark.parametrize("box", [(3, 40, 5, 42), (-6, 31, 20, 57), (40, 60, -5, 10)])
@@ -391,6 +400,70 @@ def test_label_restored_in_the_box_equals_the_full_grid_argmax(box, as_tensor, r
     restore_label(probs, (48, 44), fast, box=box)
     restore_label(probs, (48, 44), full, [np.empty((9, 48, 44), np.float16) for _ in range(3)], box=box)
     assert np.array_equal(fast, full) and len(np.unique(fast)) > 1
+
+
+def _restore_both(probs, shape, box):
+    """(labels of `restore_label` without probabilities, labels of the whole-box path kept for --probabilities)."""
+    from ctseg.inference.restore import restore_label
+
+    fast, full = np.full(shape, 7, np.uint8), np.full(shape, 7, np.uint8)
+    restore_label(probs, shape[1:], fast, box=box)
+    restore_label(probs, shape[1:], full, [np.empty(shape, np.float16) for _ in range(probs.shape[0])], box=box)
+    return fast, full
+
+
+@pytest.mark.parametrize("slope, size", [(2.0, 64), (20.0, 128)])
+def test_sparse_restore_equals_whole_box_on_real_ct(real_ct_dir, slope, size):
+    """On the real CT's network probabilities (a soft and a sharp threshold model), the labels made from the
+    pixels whose class is not already sure (`ctseg.inference.restore`) equal the argmax of the whole box
+    interpolated: the crop box, no box, and a box reaching outside the grid; float32 tensors and float16 arrays."""
+    vol = read_volume(real_ct_dir / "DICOM_anon")
+    grid = network_grid(vol.array, PLAN, size, "window")
+    x = preprocess_volume(vol.array, PLAN, size, box=grid.box)
+    probs, _, _ = predict_network(x, _member(Threshold(2, a=slope), size=size), "cpu")
+    for box in (grid.box, None, (-30, 470, 40, 530)):
+        for p in (probs, probs.numpy().astype(np.float16)):
+            fast, full = _restore_both(p, vol.shape, box)
+            assert np.array_equal(fast, full)
+    assert len(np.unique(fast)) == 3
+
+
+@pytest.mark.parametrize("branch", ["default", "torch-only", "dense"])
+def test_sparse_restore_branches_equal_whole_box(branch, monkeypatch, rng):
+    """Each way `ctseg.inference.restore` labels an undecided pixel gives the whole-box argmax: float64
+    interpolation (default), torch's own passes on gathered columns (every undecided pixel a near tie, a single
+    column included), the whole chunk (dense); with exact ties, near ties (1e-7) and sure regions."""
+    import ctseg.inference.restore as restore
+
+    if branch == "torch-only":
+        monkeypatch.setattr(restore, "_NEAR", 10.0)
+    if branch == "dense":
+        monkeypatch.setattr(restore, "_DENSE_FRACTION", 0.0)
+    logits = ndimage.gaussian_filter(rng.normal(0, 1, (3, 6, 16, 16)), (0, 0, 2, 2)) * 30
+    probs = torch.softmax(torch.from_numpy(logits.astype(np.float32)), dim=0)
+    probs[:, 1, 4:12] = torch.tensor([0.3, 0.35, 0.35])[:, None, None]  # exact ties: the lower class wins
+    probs[:, 2, :8] = torch.tensor([0.2, 0.4, 0.4 + 1e-7])[:, None, None]  # near ties
+    probs[:, 3] = torch.tensor([0.9, 0.06, 0.04])[:, None, None]  # sure background everywhere
+    probs[:, 4] = torch.tensor([0.1, 0.8, 0.1])[:, None, None]
+    probs[:, 4, 7, 7] = torch.tensor([0.1, 0.45, 0.45])  # one undecided spot: single columns
+    for box in [(3, 90, 5, 95), (-6, 61, 20, 57), (10, 30, -5, 60)]:
+        fast, full = _restore_both(probs, (6, 80, 88), box)
+        assert np.array_equal(fast, full)
+    assert {0, 1, 2} <= set(np.unique(full).tolist())
+
+
+def test_vertical_pass_of_gathered_columns_equals_the_whole_resize():
+    """The column gather the restore relies on (`_separable_matches`), a single column included: torch's
+    antialiased resize of a 1-pixel-wide image is wrong, so one column is gathered twice."""
+    from ctseg.inference.restore import _bilinear, _horizontal_pass, _separable_matches, _vertical_pass
+
+    x = torch.softmax(torch.randn((2, 3, 12, 12), generator=torch.Generator().manual_seed(1)), dim=1)
+    full = _bilinear(x, (37, 41))
+    tmp = _horizontal_pass(x, 41)
+    for n, k in [([1], [5]), ([0, 1], [40, 0]), ([1, 1, 0], [3, 4, 3])]:
+        cols = _vertical_pass(tmp, torch.tensor(n), torch.tensor(k), 37)
+        assert torch.equal(cols, full[n, :, :, k].permute(1, 2, 0))
+    assert _separable_matches(3, (12, 12), (37, 41))
 
 
 @pytest.mark.slow

@@ -196,6 +196,42 @@ def test_thickness_and_contrast_work_memory_is_bounded():
         perturb._CHUNK_BYTES = chunk
 
 
+def test_prediction_resampled_to_the_original_grid_as_resample_to():
+    """The stress runner's nearest-neighbour resampling of a prediction on a resliced grid (no copy of the
+    reference's voxels) gives `ctseg.io.resample_to`'s labels, in the KiTS19 voxel order too."""
+    from ctseg.stress.runner import _resampled
+
+    for kits in (False, True):
+        img, lab = _step_volume(n=21, edge_after=7, kits=kits)
+        out = reslice_thickness(img, lab, 2.0)  # centres half-way between native slices: ties in the rounding
+        pred = out.label.with_array(np.random.default_rng(1).integers(0, 3, out.label.shape).astype(np.uint8))
+        array, keep = _resampled(pred, lab)
+        assert np.array_equal(array, resample_to(pred, lab, order=0).array) and keep is not None
+    assert _resampled(lab, lab)[0] is lab.array
+
+
+def test_memory_mapped_pages_dropped_while_read(tmp_path):
+    """`mapped_pages_dropped`: a whole pass over a memory-mapped array reads the same values, and its pages leave
+    the process's resident memory (RssFile) instead of staying mapped."""
+    from ctseg.runtime import drop_mapped_pages, mapped_pages_dropped
+
+    def rss_file_mib():
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile:"))
+        return int(line.split()[1]) / 1024
+
+    array = np.random.default_rng(0).integers(-1000, 1000, (64, 512, 512)).astype(np.int16)  # 32 MiB
+    np.save(tmp_path / "a.npy", array)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    before = rss_file_mib()
+    assert np.array_equal(np.asarray(mapped[:, ::-1], dtype=np.float32), array[:, ::-1].astype(np.float32))
+    assert rss_file_mib() - before > 24  # read: resident
+    drop_mapped_pages(mapped[3:5])  # a view drops its whole mapping
+    assert rss_file_mib() - before < 8
+    with mapped_pages_dropped(mapped, array):  # arrays that are not mapped are left alone
+        total = sum(int(np.asarray(mapped[z:z + 2]).astype(np.int64).sum()) for z in range(0, 64, 2))
+    assert total == int(array.astype(np.int64).sum()) and rss_file_mib() - before < 8
+
+
 # ------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -1,10 +1,14 @@
-"""Process-wide runtime settings: glibc malloc tuning for CPU throughput, and the compute device."""
+"""Process-wide runtime settings: glibc malloc tuning for CPU throughput, resident memory of memory-mapped arrays
+(`mapped_pages_dropped`), and the compute device."""
 from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import sys
-from typing import TYPE_CHECKING
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ctseg.errors import CtsegError
 
@@ -48,6 +52,64 @@ def release_free_memory() -> bool:
         return ctypes.CDLL("libc.so.6").malloc_trim(0) == 1
     except (OSError, AttributeError):
         return False
+
+
+def _mappings(arrays: tuple[Any, ...]) -> list[mmap.mmap]:
+    """The read-only file mappings behind these arrays (`np.load(..., mmap_mode="r")` and views of it)."""
+    found: dict[int, mmap.mmap] = {}
+    for a in arrays:
+        while a is not None:
+            m = getattr(a, "_mmap", None)  # numpy.memmap keeps its mmap.mmap here (views share it)
+            if isinstance(m, mmap.mmap):
+                found[id(m)] = m
+                break
+            a = getattr(a, "base", None)
+    return list(found.values())
+
+
+def drop_mapped_pages(*arrays: Any) -> None:
+    """Drop the pages of these memory-mapped arrays from this process's resident memory (madvise
+    MADV_DONTNEED on their read-only file mappings: the data stay in the page cache and are mapped again on the
+    next read, unchanged). Arrays that are not memory-mapped, and platforms without madvise, are left alone."""
+    _drop(_mappings(arrays))
+
+
+def _drop(maps: list[mmap.mmap]) -> None:
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:
+        return
+    for m in maps:
+        try:
+            m.madvise(int(advice))
+        except (ValueError, OSError):  # closed meanwhile, or refused: nothing to drop
+            pass
+
+
+@contextmanager
+def mapped_pages_dropped(*arrays: Any, interval_s: float = 0.01) -> Iterator[None]:
+    """While the block runs, drop the pages of these read-only memory-mapped arrays from this process's resident
+    memory every `interval_s` seconds, and once more at the end (`drop_mapped_pages`; a helper thread, which runs
+    while the block's numpy / scipy / torch work releases the GIL). A whole-volume pass over a memory-mapped
+    volume then keeps only the pages read in the last interval resident, instead of the whole file: the same
+    values are read, from the page cache."""
+    maps = _mappings(arrays)
+    if not maps or getattr(mmap, "MADV_DONTNEED", None) is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            _drop(maps)
+
+    helper = threading.Thread(target=loop, name="ctseg-drop-pages", daemon=True)
+    helper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        helper.join()
+        _drop(maps)
 
 
 def resolve_device(name: str | torch.device | None, local_rank: int = 0) -> torch.device:

@@ -65,13 +65,16 @@ def _mask(label: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
     return label == values[0] if len(values) == 1 else np.isin(label, values)
 
 
-_CONFUSION_CHUNK = 1 << 22  # voxels per bincount chunk (32 MiB of int64 indices)
+_CONFUSION_CHUNK = 1 << 22  # voxels per bincount chunk (4 MiB of uint8 pair codes, 32 MiB as int64)
 
 
 def label_confusion(pred_label: np.ndarray, ref_label: np.ndarray) -> np.ndarray | None:
     """Voxel counts (K, K) int64 of (prediction value, reference value) pairs of two same-shape label maps
     holding values 0..K-1 (K = 1 + the largest value, at most 256), or None for other values (negative, larger,
-    non-integer). Counted in chunks along axis 0: a few tens of MiB of work memory at any volume size."""
+    non-integer). Counted in chunks along axis 0: a few tens of MiB of work memory at any volume size.
+
+    Each pair is coded as pred * K + ref; for K <= 16 the codes fit in uint8 and are counted by `torch.bincount`
+    without widening them (several times faster than numpy's bincount, which converts to intp first)."""
     kinds = (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_ for a in (pred_label, ref_label))
     if not all(kinds) or pred_label.size == 0:
         return None
@@ -82,7 +85,15 @@ def label_confusion(pred_label: np.ndarray, ref_label: np.ndarray) -> np.ndarray
     p, r = pred_label.reshape(pred_label.shape[0], -1), ref_label.reshape(ref_label.shape[0], -1)
     step = max(1, _CONFUSION_CHUNK // max(1, p.shape[1]))
     counts = np.zeros(k * k, dtype=np.int64)
+    small = k * k <= 256
+    if small:
+        import torch
     for z0 in range(0, p.shape[0], step):
+        if small:  # codes < 256: uint8 arithmetic is exact
+            code = np.multiply(p[z0:z0 + step], k, dtype=np.uint8, casting="unsafe")
+            code += r[z0:z0 + step].astype(np.uint8, copy=False)
+            counts += torch.bincount(torch.from_numpy(code.reshape(-1)), minlength=k * k).numpy()
+            continue
         index = p[z0:z0 + step].astype(np.intp)
         index *= k
         index += r[z0:z0 + step]

@@ -16,9 +16,10 @@ Pipeline (`predict_volume`):
    blending, or linear "tent" weights) and the weighted sum normalised; volumes shorter than the window
    are padded by edge replication and cropped back;
 4. member probabilities combined (see "Ensembles");
-5. back to the canonical in-plane grid (`restore_label`: `restore_in_plane`, bilinear into the crop box,
-   background outside it, and argmax; without `return_probabilities` only the box is resized and argmaxed,
-   the label outside it set to background), chunk by chunk along z so that only ~64 MiB of float32
+5. back to the canonical in-plane grid (`ctseg.inference.restore.restore_label`: `restore_in_plane`, bilinear
+   into the crop box, background outside it, and argmax; without `return_probabilities` only the box is
+   restored, and on the CPU only the pixels whose class is not already sure at network resolution are
+   interpolated), chunk by chunk along z so that only ~64 MiB of float32
    probabilities exist at full resolution at any time, written through a canonical view into a uint8
    label map in the input's own voxel order: the label has the input's exact grid (shape, spacing,
    origin, direction).
@@ -61,6 +62,7 @@ import torch
 
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_path
+from ctseg.inference.restore import restore_label
 from ctseg.inference.trained import FOREGROUND_NAME, TrainedModel
 from ctseg.inference.windows import (ZContext, argmax_uint8, check_finite_output, first_pass_stacks, softmax_2d,
                                      softmax_3d)
@@ -91,10 +93,6 @@ class StackedModel:
 
 #: One trained model, an ensemble of them (`ctseg.inference.load_models`), or a stacked ensemble.
 Models = Union[TrainedModel, list[TrainedModel], tuple[TrainedModel, ...], StackedModel]
-
-_CHUNK_BYTES = 64 * 2**20
-_SURE_MARGIN = 1e-4  # P(background) - max P(other class) above which a slice's restored label is all background
-
 
 @dataclass
 class PredictionResult:
@@ -307,60 +305,6 @@ class _Progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-def restore_label(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int], label_out: np.ndarray,
-                  probabilities_out: Sequence[np.ndarray] = (), box: tuple[int, int, int, int] | None = None) -> None:
-    """Network-resolution probabilities (C, z, S, S) -> `label_out` (z, H, W) uint8: bilinear in-plane
-    restore (`restore_in_plane`, into the crop `box`, background outside it), then argmax (ties -> lower class).
-
-    Chunked along z: ~64 MiB of full-resolution probabilities exist at a time. `label_out` and the
-    optional `probabilities_out` (C arrays (z, H, W), e.g. float16) may be strided views (another
-    voxel order); they receive the results in place.
-    """
-    from ctseg.preprocess.slices import restore_in_plane
-
-    n_cls, z = probs.shape[:2]
-    h, w = original_yx
-    if box is not None and not probabilities_out:
-        _restore_label_in_box(probs, (h, w), label_out, box)
-        return
-    step = max(1, _CHUNK_BYTES // (4 * n_cls * h * w))
-    for z0 in range(0, z, step):
-        chunk = torch.as_tensor(restore_in_plane(probs[:, z0:z0 + step], (h, w), out_dtype=np.float32, box=box))
-        label_out[z0:z0 + step] = argmax_uint8(chunk).cpu().numpy()
-        for c, out in enumerate(probabilities_out):
-            out[z0:z0 + step] = chunk[c].to(torch.float16).cpu().numpy()
-
-
-def _restore_label_in_box(probs: np.ndarray | torch.Tensor, original_yx: tuple[int, int], label_out: np.ndarray,
-                          box: tuple[int, int, int, int]) -> None:
-    """`restore_label` without probabilities: the argmax of the probabilities resized to the crop `box`
-    (`restore_in_plane`'s interpolation of the box, chunk by chunk along z), written into the part of the box
-    inside the (H, W) grid; 0 (background) elsewhere, as the full-grid argmax gives there.
-
-    Slices where background beats every other class by more than `_SURE_MARGIN` at every network pixel are
-    background after any interpolation with non-negative weights (the rounding error of float32 interpolation is
-    ~1e-7), so they are set to 0 without being resized."""
-    from ctseg.preprocess.slices import resize_box_chunk
-
-    h, w = original_yx
-    y0, y1, x0, x1 = box
-    sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
-    n_cls = probs.shape[0]
-    label_out[:] = 0
-    if sy0 >= sy1 or sx0 >= sx1:
-        return
-    p = torch.as_tensor(probs)
-    margin = p[0] - p[1:].amax(dim=0) if n_cls > 1 else torch.ones_like(p[0])
-    todo = torch.nonzero(margin.flatten(1).amin(dim=1) <= _SURE_MARGIN).flatten().cpu().numpy()
-    del margin
-    step = max(1, _CHUNK_BYTES // (4 * n_cls * (y1 - y0) * (x1 - x0)))
-    for i in range(0, len(todo), step):
-        zs = todo[i:i + step]
-        resized = resize_box_chunk(p[:, torch.from_numpy(zs).to(p.device)], box)  # (n, C, by, bx)
-        inside = resized[:, :, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0].transpose(0, 1)
-        label_out[zs, sy0:sy1, sx0:sx1] = argmax_uint8(inside).cpu().numpy()
 
 
 def predict_volume(volume: Volume, models: Models, device: str | torch.device = "auto", return_probabilities: bool = False,

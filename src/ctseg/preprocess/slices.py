@@ -163,15 +163,18 @@ def crop_in_plane(array_zyx: np.ndarray, box: Box, fill: float) -> np.ndarray:
     return out
 
 
-def _normalized_box(chunk_hu: np.ndarray, plan: IntensityPlan, box: Box) -> np.ndarray:
+def _normalized_box(chunk_hu: np.ndarray, plan: IntensityPlan, box: Box, out: np.ndarray | None = None
+                    ) -> np.ndarray:
     """`crop_in_plane(normalize(chunk_hu, plan), box, fill)` (n, y1 - y0, x1 - x0) float32, normalising only the
-    part of the box inside the grid; fill = the plan's `fill_hu` normalised."""
+    part of the box inside the grid; fill = the plan's `fill_hu` normalised. `out`: a buffer of that shape that
+    already holds the fill outside the grid (reused between chunks: only the part inside is written)."""
     y0, y1, x0, x1 = box
     n, h, w = chunk_hu.shape
-    out = np.full((n, y1 - y0, x1 - x0), np.float32((plan.fill_hu - plan.mean) / plan.std), dtype=np.float32)
+    if out is None:
+        out = np.full((n, y1 - y0, x1 - x0), np.float32((plan.fill_hu - plan.mean) / plan.std), dtype=np.float32)
     sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
     if sy0 < sy1 and sx0 < sx1:
-        out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = normalize(chunk_hu[:, sy0:sy1, sx0:sx1], plan)
+        normalize(chunk_hu[:, sy0:sy1, sx0:sx1], plan, out=out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0])
     return out
 
 
@@ -272,11 +275,18 @@ def preprocess_volume(volume_hu: np.ndarray, plan: IntensityPlan, size: int | tu
     elif out.shape != (z, *out_hw):
         raise ValueError(f"out has shape {out.shape}, expected {(z, *out_hw)}")
     step = _chunk_len(h * w)
+    # one work buffer for every chunk (fresh ~64 MiB arrays would be page-faulted in again each time)
+    if box is None:
+        buf = np.empty((min(step, z), h, w), dtype=np.float32)
+    else:  # only the pixels inside the box are normalised; the fill is the normalised lower bound
+        buf = np.full((min(step, z), box[1] - box[0], box[3] - box[2]),
+                      np.float32((plan.fill_hu - plan.mean) / plan.std), dtype=np.float32)
     for z0 in range(0, z, step):
+        n = min(step, z - z0)
         if box is None:
-            chunk = normalize(volume_hu[z0:z0 + step], plan)
-        else:  # only the pixels inside the box are normalised; the fill is the normalised lower bound
-            chunk = _normalized_box(volume_hu[z0:z0 + step], plan, box)
+            chunk = normalize(volume_hu[z0:z0 + step], plan, out=buf[:n])
+        else:
+            chunk = _normalized_box(volume_hu[z0:z0 + step], plan, box, out=buf[:n])
         out[z0:z0 + step] = _resize_image_chunk(torch.from_numpy(chunk)[:, None], out_hw)[:, 0].numpy()
     return out
 

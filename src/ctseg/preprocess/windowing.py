@@ -131,10 +131,14 @@ def window_bounds(cfg: PreprocessConfig) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def normalize(image_hu: np.ndarray, plan: IntensityPlan) -> np.ndarray:
+def normalize(image_hu: np.ndarray, plan: IntensityPlan, out: np.ndarray | None = None) -> np.ndarray:
     """Clip HU to [plan.lower, plan.upper] (not for window none), then z-score: (x - mean) / std. Any shape ->
-    float32."""
-    out = np.array(image_hu, dtype=np.float32)  # always a copy: the input is never modified
+    float32; `out`: a float32 array of that shape (e.g. a view of a buffer reused between chunks) that receives
+    it (the same values: the cast happens on assignment instead of in a copy)."""
+    if out is None:
+        out = np.array(image_hu, dtype=np.float32)  # always a copy: the input is never modified
+    else:
+        out[...] = image_hu
     if plan.clips:
         np.clip(out, plan.lower, plan.upper, out=out)
     out -= np.float32(plan.mean)

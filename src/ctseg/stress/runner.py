@@ -21,7 +21,8 @@ Output folder::
     summary.json    per model, axis, severity: Dice mean/std/worst per structure, failure rate, robustness gap
                     with a bootstrap CI over volumes
     curves.png      Dice (headline structure) vs severity per axis, one line per model, bootstrap 95 % band
-    .scratch-PID/   while running: the volume being tested as memory-mapped .npy files (bounded memory)
+    .scratch-PID/   while running: the volume being tested and its perturbed copy as memory-mapped .npy files
+                    (bounded memory)
 
 A folder whose settings differ is refused; a matching one is continued (finished rows are skipped). Every
 file is written atomically (temporary name, then rename).
@@ -46,6 +47,7 @@ import torch
 from ctseg.config import StressConfig
 from ctseg.errors import CtsegError
 from ctseg.fileutil import atomic_write_text
+from ctseg.runtime import mapped_pages_dropped, release_free_memory
 from ctseg.stress.models import (LoadedModels, ModelSpec, check_classes, model_specs_from_cv,  # noqa: F401
                                  model_specs_from_dirs)  # the model specs' public home is this module's API
 from ctseg.stress.perturb import AXES, DegenerateSeverity, estimate_noise_hu
@@ -198,9 +200,9 @@ class _Case:
     else float32; perturbations compute in float32 or float64 either way) and label, the scan's noise
     (estimated on first need) and the clean rows per model (predicted once, every axis's clean severity).
 
-    Image and label live in `.npy` files of a scratch folder, memory-mapped on each use (`image`, `label`): the
-    pages read to perturb the volume leave this process's resident memory when the map is dropped, so a
-    perturbed copy is predicted with neither the clean volume nor its label resident."""
+    Image and label live in `.npy` files of a scratch folder, memory-mapped on each use (`image`, `label`); the
+    pages read from them leave this process's resident memory as they are read (`mapped_pages_dropped` around
+    the perturbation, the prediction and the scoring)."""
 
     case_id: str
     scratch: Path
@@ -241,7 +243,10 @@ def _load_case(run: _Run, case_id: str, scratch: Path) -> _Case:
     np.save(scratch / "image.npy", array if exact else array.astype(np.float32))
     np.save(scratch / "label.npy", case.label.array)
     voxel = np.zeros((1, 1, 1), dtype=np.uint8)
-    return _Case(case_id, scratch, (replace(case.image, array=voxel), replace(case.label, array=voxel)))
+    geometry = (replace(case.image, array=voxel), replace(case.label, array=voxel))
+    del case, array
+    release_free_memory()  # the reader's work memory
+    return _Case(case_id, scratch, geometry)
 
 
 def _perturb(run: _Run, case: _Case, axis_name: str, severity: float) -> tuple[Perturbed | None, str]:
@@ -249,20 +254,22 @@ def _perturb(run: _Run, case: _Case, axis_name: str, severity: float) -> tuple[P
     from ctseg.stress.phantom_reacquire import PARAMETERS, reacquire
 
     axis, cid = AXES[axis_name], case.case_id
+    image, label = case.image, case.label
     try:
         if axis.needs_phantom:
             if run.recipes is None or cid not in run.recipes:
                 raise CtsegError(f"case {cid} is not listed in phantom.json", run.data_dir)
             pert = reacquire(run.recipes[cid], axis_name, severity, cid)
             if axis_name in PARAMETERS:  # re-acquisitions keep the grid; populations do not
-                _check_reacquired(pert, case.image, axis_name, cid, run.data_dir)
+                _check_reacquired(pert, image, axis_name, cid, run.data_dir)
             return pert, ""
-        if axis_name.startswith("dose") and case.noise_hu is None:
-            case.noise_hu = estimate_noise_hu(case.image)
         if axis.apply is None:
             raise CtsegError(f"stress axis {axis_name} has no perturbation")
-        return axis.apply(case.image, case.label, severity, rng=_rng(run.seed, cid, axis_name, severity),
-                          classes=run.classes, noise_hu=case.noise_hu), ""
+        with mapped_pages_dropped(image.array, label.array):  # the volume's pages leave as they are read
+            if axis_name.startswith("dose") and case.noise_hu is None:
+                case.noise_hu = estimate_noise_hu(image)
+            return axis.apply(image, label, severity, rng=_rng(run.seed, cid, axis_name, severity),
+                              classes=run.classes, noise_hu=case.noise_hu), ""
     except DegenerateSeverity as why:
         reason, unit = str(why), f" {axis.unit}"
     except ValueError as why:  # e.g. no soft tissue to estimate the noise from
@@ -293,34 +300,72 @@ def _predict_and_score(run: _Run, spec: ModelSpec, case: _Case, image: Volume, r
                        resample: bool) -> dict:
     """One model's prediction of `image`, scored against `reference()` (opened after the prediction; on its grid
     when `resample`: nearest neighbour by physical position); returns the row's seconds_predict and dice_*."""
-    from ctseg.io import resample_to
     from ctseg.inference.predict import predict_volume
 
     t0 = time.perf_counter()
-    pred = predict_volume(image, run.loaded.members(spec, case.case_id), device=run.loaded.dev,
-                          batch_size=run.batch_size).label
+    with mapped_pages_dropped(image.array):  # a memory-mapped input is read slab by slab, its pages dropped
+        pred = predict_volume(image, run.loaded.members(spec, case.case_id), device=run.loaded.dev,
+                              batch_size=run.batch_size).label
     ref = reference()
-    if resample:
-        pred = resample_to(pred, ref, order=0)
-    dice = _score(np.asarray(pred.array), np.asarray(ref.array), run.loaded.eval_classes[spec.name],
-                  run.loaded.merge[spec.name])
-    return {"seconds_predict": f"{time.perf_counter() - t0:.3f}", **{f"dice_{k}": f"{v:.6f}" for k, v in dice.items()}}
+    with mapped_pages_dropped(ref.array):
+        array, keep = _resampled(pred, ref) if resample else (np.asarray(pred.array), None)
+        del pred
+        dice = _score(array, np.asarray(ref.array), run.loaded.eval_classes[spec.name], run.loaded.merge[spec.name])
+    seconds = time.perf_counter() - t0
+    del keep, array
+    release_free_memory()  # the label maps' and the scoring's freed memory
+    return {"seconds_predict": f"{seconds:.3f}", **{f"dice_{k}": f"{v:.6f}" for k, v in dice.items()}}
 
 
-def _scored_against(case: _Case, pert: Perturbed | None) -> tuple[Perturbed | None, Callable[[], Volume]]:
-    """What the predictions of a severity are scored against, opened on use: the volume's label (clean, scored on
-    the original grid, or a perturbation that kept the label), else the perturbed label, moved to the scratch
-    folder (`pert` keeps a 1-voxel label for its geometry)."""
-    if pert is None or pert.score_on == "original":
-        return pert, lambda: case.label
+def _resampled(pred: Volume, ref: Volume) -> tuple[np.ndarray, object]:
+    """`ctseg.io.resample_to(pred, ref, order=0).array` (nearest neighbour by physical position, SimpleITK) with
+    no copy of the reference's voxels (its grid is all the resampling needs) and the result a view of SimpleITK's
+    image (returned beside it: keep it while the view is used)."""
+    import SimpleITK as sitk
+
+    from ctseg.io import _physical_bounds, resample_to, to_sitk
+
+    if pred.same_geometry(ref):
+        return np.asarray(pred.array), None
+    (lo_a, hi_a), (lo_b, hi_b) = _physical_bounds(pred), _physical_bounds(ref)
+    if np.any(np.minimum(hi_a, hi_b) - np.maximum(lo_a, lo_b) <= 0):
+        return resample_to(pred, ref, order=0).array, None  # raises resample_to's CtsegError
+    f = sitk.ResampleImageFilter()  # identity transform, 0 outside: its defaults, as in sitk.Resample
+    f.SetSize([int(n) for n in ref.shape[::-1]])  # what sitk.Resample(image, to_sitk(ref), ...) takes from ref
+    f.SetOutputSpacing(ref.spacing[::-1])
+    f.SetOutputOrigin(ref.origin)
+    f.SetOutputDirection(tuple(ref.direction.flatten()))
+    f.SetInterpolator(sitk.sitkNearestNeighbor)
+    array = pred.array.astype(np.uint8) if pred.array.dtype == bool else pred.array
+    out = f.Execute(to_sitk(pred.with_array(array)))
+    return sitk.GetArrayViewFromImage(out), out
+
+
+def _to_scratch(case: _Case, pert: Perturbed | None, tag: str
+                ) -> tuple[Perturbed | None, Callable[[], Volume], list[Path]]:
+    """The perturbed volume moved to `tag`-named files of the scratch folder and memory-mapped, so that it is
+    predicted and scored with none of it resident but the pages being read; and what its predictions are scored
+    against, opened on use: the volume's label (clean, scored on the original grid, or a perturbation that kept
+    the label), else the perturbed label, also moved to the scratch folder (`pert` then keeps a 1-voxel label
+    for its geometry). Returns the files to delete after the severity."""
+    if pert is None:
+        return None, lambda: case.label, []
+    files, image = [], pert.image
+    if getattr(image.array, "_mmap", None) is None:  # in memory (numpy keeps the memmap class on copies)
+        files.append(case.scratch / f"{tag}-image.npy")
+        np.save(files[-1], image.array)
+        image = replace(image, array=np.load(files[-1], mmap_mode="r"))
+    geometry = replace(pert.label, array=np.zeros((1, 1, 1), dtype=np.uint8))
     array = pert.label.array
     kept = (case.scratch / "label.npy").resolve()
-    if isinstance(array, np.memmap) and array.filename and Path(array.filename) == kept:
-        return replace(pert, label=case.geometry[1]), lambda: case.label
-    path = case.scratch / "perturbed-label.npy"
+    if pert.score_on == "original" or (isinstance(array, np.memmap) and array.filename
+                                       and Path(array.filename) == kept):
+        return replace(pert, image=image, label=geometry), lambda: case.label, files
+    path = case.scratch / f"{tag}-label.npy"
     np.save(path, array)
-    geometry = replace(pert.label, array=np.zeros((1, 1, 1), dtype=np.uint8))
-    return replace(pert, label=geometry), lambda: replace(geometry, array=np.load(path, mmap_mode="r"))
+    files.append(path)
+    return (replace(pert, image=image, label=geometry), lambda: replace(geometry, array=np.load(path, mmap_mode="r")),
+            files)
 
 
 def _stress_severity(run: _Run, case: _Case, axis_name: str, severity: float) -> list[dict]:
@@ -333,23 +378,29 @@ def _stress_severity(run: _Run, case: _Case, axis_name: str, severity: float) ->
     key = _severity_key(severity)
     t0 = time.perf_counter()
     pert, skipped = (None, "") if is_clean else _perturb(run, case, axis_name, severity)
-    pert, reference = _scored_against(case, pert)
+    pert, reference, files = _to_scratch(case, pert, f"{axis_name}={key}")
+    release_free_memory()  # the perturbation's freed work memory, kept in the heap by `tune_malloc`
     t_perturb = time.perf_counter() - t0
     rows = []
-    for spec in specs:
-        row = {"model": spec.name, "case_id": case.case_id, "axis": axis_name, "severity": key,
-               "clean": int(is_clean), "score_on": "", "seconds_perturb": f"{t_perturb:.3f}",
-               "seconds_predict": "", "skipped": skipped}
-        if is_clean:
-            if spec.name not in case.clean_rows:
-                clean = case.clean_image(run.loaded.members(spec, case.case_id))
-                case.clean_rows[spec.name] = _predict_and_score(run, spec, case, clean, reference, False)
-                del clean
-            row.update(case.clean_rows[spec.name], score_on="original")
-        elif pert is not None:
-            row.update(_predict_and_score(run, spec, case, pert.image, reference, pert.score_on == "original"),
-                       score_on=pert.score_on)
-        rows.append(row)
+    try:
+        for spec in specs:
+            row = {"model": spec.name, "case_id": case.case_id, "axis": axis_name, "severity": key,
+                   "clean": int(is_clean), "score_on": "", "seconds_perturb": f"{t_perturb:.3f}",
+                   "seconds_predict": "", "skipped": skipped}
+            if is_clean:
+                if spec.name not in case.clean_rows:
+                    clean = case.clean_image(run.loaded.members(spec, case.case_id))
+                    case.clean_rows[spec.name] = _predict_and_score(run, spec, case, clean, reference, False)
+                    del clean
+                row.update(case.clean_rows[spec.name], score_on="original")
+            elif pert is not None:
+                row.update(_predict_and_score(run, spec, case, pert.image, reference, pert.score_on == "original"),
+                           score_on=pert.score_on)
+            rows.append(row)
+    finally:
+        del pert, reference
+        for f in files:  # a file still mapped stays readable until unmapped
+            f.unlink(missing_ok=True)
     return rows
 
 
@@ -363,8 +414,10 @@ def run_stress(models: Sequence[ModelSpec], data_dir: str | Path, out_dir: str |
 
     Steps: the volumes and settings (`_volume_pool`, `_claim`), the models (`LoadedModels`), then per volume
     (`_load_case`) and per severity (`_stress_severity`: `_perturb`, then `_predict_and_score` per model); the
-    rows are written after each volume. At most one perturbed copy and one prediction are resident at a time;
-    the volume itself waits in a memory-mapped scratch folder (`out_dir/.scratch-PID`, removed at the end).
+    rows are written after each volume. The volume, its label and each perturbed copy wait in memory-mapped files
+    of a scratch folder (`out_dir/.scratch-PID`, removed at the end) whose pages leave the resident memory as they
+    are read (`ctseg.runtime.mapped_pages_dropped`): a perturbed copy is resident only while it is made, and a
+    prediction holds the network input, the label it writes and work chunks, as `ctseg predict` does.
     """
     from ctseg.progress import progress_bar
     from ctseg.datasets import open_dataset
