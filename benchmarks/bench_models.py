@@ -26,6 +26,7 @@ import torch
 
 from ctseg.config import ModelConfig
 from ctseg.models import build_model
+from ctseg.resources import saved_activation_bytes
 from ctseg.train.losses import TanimotoCELoss
 
 
@@ -60,20 +61,6 @@ def make_cases(quick: bool, device: str, msd_depth: int | None, max_dilation: in
                               layout="sample_major"))
         cases.append(Case(f"msd-{dim} naive", "msd", dim, shape, k, msd={**msd, "implementation": "naive"}))
     return cases
-
-
-def saved_bytes(model, x) -> int:
-    """Bytes autograd saves for backward during one forward."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return total
 
 
 def run_case(case: Case, device: torch.device, amp: str, steps: int, warmup: int, compile_: bool) -> dict:
@@ -113,7 +100,7 @@ def run_case(case: Case, device: torch.device, amp: str, steps: int, warmup: int
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times) * steps
     with ctx():
-        saved = saved_bytes(model, x)
+        saved = saved_activation_bytes(model, x)
     return {
         "case": case.name, "amp": amp, "shape": list(case.shape), "steps": steps,
         "steps_per_s": steps / dt, "samples_per_s": steps * case.shape[0] / dt, "warmup_s": warm_s,

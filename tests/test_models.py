@@ -7,6 +7,7 @@ from ctseg.errors import CtsegError
 from ctseg.models import MSDNet, UNet, build_model, model_names
 from ctseg.models.msdnet import dilation_schedule
 from ctseg.models.unet import stage_strides
+from ctseg.resources import saved_activation_bytes
 from ctseg.train.losses import TanimotoCELoss
 
 TINY_UNET = {"n_stages": 3, "base_features": 4, "max_features": 16}
@@ -173,19 +174,6 @@ def test_efficient_msd_under_cpu_autocast(dim, shape):
                for p in net.parameters())
 
 
-def _saved_bytes(net, x):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(x).sum()
-    return total
-
-
 @pytest.mark.parametrize("dim,shape", [(2, (2, 1, 32, 32)), (3, (1, 1, 8, 16, 16))])
 def test_msd_saved_memory_linear_vs_quadratic(dim, shape):
     x = torch.randn(*shape)
@@ -193,7 +181,7 @@ def test_msd_saved_memory_linear_vs_quadratic(dim, shape):
     for impl in ("naive", "efficient"):
         for depth in (10, 40):
             net = MSDNet(1, 2, depth=depth, dim=dim, implementation=impl)
-            saved[impl, depth] = _saved_bytes(net, x)
+            saved[impl, depth] = saved_activation_bytes(net, x)
     naive_growth = saved["naive", 40] / saved["naive", 10]
     eff_growth = saved["efficient", 40] / saved["efficient", 10]
     assert naive_growth > 8, naive_growth  # ~ (40/10)^2 for the concatenations

@@ -138,6 +138,21 @@ def inference_bytes(cfg: ExperimentConfig, num_classes: int, n_models: int, shap
     return network + full + forward + 4.0 * parameter_count(cfg.model, num_classes) * n_models
 
 
+
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward during one forward of `model` on `x`: what the memory estimators'
+    `activations_per_pixel` models (checked in tests/test_models.py, measured in benchmarks/bench_models.py)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total
+
 def check_memory(needed: float, device: torch.device, what: str, lower: str, path: str | Path | None = None) -> None:
     """CtsegError when `needed` bytes exceed the memory available on `device`."""
     available = available_memory_bytes(device)
