@@ -93,7 +93,7 @@ def _restore_label_in_box(probs: np.ndarray | torch.Tensor, original_yx: tuple[i
 
 
 # ------------------------------------------------------------------------------------------ sparse path
-_NEAR = 1e-5  # top-two gap (relative) under which a pixel interpolated in float64 is interpolated by torch itself
+_NEAR_ULPS = 8  # top-two gaps within 4x the bound on torch's rounding (float32 units) are interpolated by torch
 _DENSE_FRACTION = 0.2  # share of undecided box pixels above which a chunk is interpolated whole
 _PIXEL_BATCH = 1 << 18  # undecided pixels interpolated at a time
 
@@ -155,13 +155,15 @@ def _vertical_pass(tmp: torch.Tensor, n_idx: torch.Tensor, k_idx: torch.Tensor, 
 class _Axis:
     """One axis of the box resize, for each output index: the input indices [lo, hi) with a weight, each tap's
     input index and weight (`taps`, `weights` (n_out, K), weight 0 past hi), and its range's number (`group`)
-    among the distinct ranges [first, last)."""
+    among the distinct ranges [first, last); the output indices of range g are start[g] to start[g + 1]
+    (ranges grow with the output index)."""
 
     taps: np.ndarray
     weights: np.ndarray
     group: np.ndarray
     first: np.ndarray
     last: np.ndarray
+    start: np.ndarray
 
 
 def _axis(n_in: int, n_out: int, horizontal: bool) -> _Axis:
@@ -178,7 +180,9 @@ def _axis(n_in: int, n_out: int, horizontal: bool) -> _Axis:
     taps = np.minimum(lo[:, None] + offsets, n_in - 1)
     weights = np.where(lo[:, None] + offsets < hi[:, None], np.take_along_axis(w64, taps, axis=1), 0.0)
     ranges, group = np.unique(np.stack([lo, hi], axis=1), axis=0, return_inverse=True)
-    return _Axis(taps, weights, group.reshape(-1), ranges[:, 0], ranges[:, 1])
+    group = group.reshape(-1)
+    start = np.searchsorted(group, np.arange(len(ranges) + 1))
+    return _Axis(taps, weights, group, ranges[:, 0], ranges[:, 1], start)
 
 
 def _range_min_max(code: np.ndarray, axis: int, first: np.ndarray, last: np.ndarray
@@ -199,9 +203,9 @@ def _expand(per_range: np.ndarray, rows: _Axis, cols: _Axis) -> np.ndarray:
 def _sparse_labels(chunk: torch.Tensor, box: Box, rows: _Axis, cols: _Axis) -> np.ndarray:
     """(C, n, S, S) probabilities -> (n, by, bx) uint8 labels of the box: the sure class where every network
     pixel of the footprint has it (module docstring); elsewhere the argmax of the interpolation computed in
-    float64 with torch's weights (torch's float32 passes round within ~1e-6 of it), or of torch's own values
-    where the two best classes are within `_NEAR`. A chunk with many undecided pixels is interpolated whole
-    (`resize_box_chunk`)."""
+    float64 with torch's weights (torch's float32 passes round within (taps) x 2^-24 x the largest value of it),
+    or of torch's own values where the two best classes are within `_NEAR_ULPS` times that bound. A chunk with
+    many undecided pixels is interpolated whole (`resize_box_chunk`)."""
     from ctseg.preprocess.slices import resize_box_chunk
 
     x = chunk.to(torch.float32).transpose(0, 1).contiguous()  # (n, C, S, S): what `resize_box_chunk` interpolates
@@ -212,27 +216,37 @@ def _sparse_labels(chunk: torch.Tensor, box: Box, rows: _Axis, cols: _Axis) -> n
     mn, mx = _range_min_max(code, 2, cols.first, cols.last)  # (n, S, ranges x)
     mn, mx = _range_min_max(mn, 1, rows.first, rows.last)[0], _range_min_max(mx, 1, rows.first, rows.last)[1]
     labels = _expand(mn, rows, cols)
-    undecided = _expand((mn != mx) | (mn == _UNSURE), rows, cols)
-    count = int(np.count_nonzero(undecided))
-    if count == 0:
-        return labels
-    if count > _DENSE_FRACTION * labels.size:
+    cells = np.nonzero((mn != mx) | (mn == _UNSURE))  # (slice, row range, column range) of the undecided blocks
+    heights, widths = np.diff(rows.start)[cells[1]], np.diff(cols.start)[cells[2]]
+    if int((heights * widths).sum()) > _DENSE_FRACTION * labels.size:
         return argmax_uint8(resize_box_chunk(chunk, box).transpose(0, 1)).numpy()
-    where = np.flatnonzero(undecided)
-    del undecided
     n_cls, s_h, s_w = x.shape[1:]
     by, bx = labels.shape[1:]
     planes = chunk.to(torch.float32).contiguous().numpy().reshape(n_cls, -1)  # per class, (n, S, S) flattened
-    scale = max(1.0, float(np.abs(planes).max()))
-    for b0 in range(0, where.size, _PIXEL_BATCH):
-        n, rest = np.divmod(where[b0:b0 + _PIXEL_BATCH], by * bx)
-        j, k = np.divmod(rest, bx)
+    # torch's float32 passes round within (taps) x 2^-24 x the largest value of the exact interpolation, per class
+    near_gap = _NEAR_ULPS * (rows.taps.shape[1] + cols.taps.shape[1]) * 2.0**-24 * max(1.0, float(np.abs(planes).max()))
+    ends = np.cumsum(heights * widths)
+    bounds = np.unique(np.searchsorted(ends, np.arange(0, int(ends[-1]) if ends.size else 0, _PIXEL_BATCH),
+                                       side="right"))
+    for c0, c1 in zip(bounds, [*bounds[1:], ends.size]):  # blocks of ~_PIXEL_BATCH pixels at a time
+        n, j, k = _block_pixels([a[c0:c1] for a in cells], rows, cols)
         best, top1, second = _top_two(_interpolate_at(planes, n * s_h, j, k, rows, cols, s_w))
         labels[n, j, k] = best
-        near = (top1 - second) <= _NEAR * scale
+        near = (top1 - second) <= near_gap
         if near.any():  # near ties: torch's own float32 values decide, as in the whole-box interpolation
             labels[n[near], j[near], k[near]] = _torch_labels_at(x, n[near], j[near], k[near], by, bx)
     return labels
+
+
+def _block_pixels(cells: list[np.ndarray], rows: _Axis, cols: _Axis) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(slice, row, column) of every output pixel of the blocks (slice, row range, column range)."""
+    n, ry, rx = cells
+    height, width = np.diff(rows.start)[ry], np.diff(cols.start)[rx]
+    count = height * width
+    block = np.repeat(np.arange(count.size), count)
+    within = np.arange(block.size) - np.repeat(np.cumsum(count) - count, count)
+    dj, dk = np.divmod(within, width[block])
+    return n[block], rows.start[ry][block] + dj, cols.start[rx][block] + dk
 
 
 def _interpolate_at(planes: np.ndarray, first_row: np.ndarray, j: np.ndarray, k: np.ndarray, rows: _Axis,
