@@ -440,9 +440,13 @@ def test_output_folder_that_cannot_exist_is_one_line(tmp_path, model, capsys):
     assert str(blocker) in one_line_error(capsys.readouterr().err)
 
 
+# SIGINT back to Python's KeyboardInterrupt: a shell starts background jobs (make test &, nohup) with SIGINT
+# ignored, and Python then keeps it ignored; this test is about what ctseg does when Ctrl-C does arrive.
 _SIGNAL_SCRIPT = """
+import signal
 import sys
 import torch
+signal.signal(signal.SIGINT, signal.default_int_handler)
 torch.set_num_threads(1)
 from ctseg.cli import main
 sys.exit(main(sys.argv[1:]))
