@@ -81,3 +81,16 @@ def test_split_is_per_fold_and_paired_ci_covers_a_known_difference():
     d = np.random.default_rng(0).normal(0.05, 0.02, size=200)
     mean, lo, hi = paired_ci(d, 2000, np.random.default_rng(1))
     assert lo < 0.05 < hi and hi - lo < 0.01
+
+
+def test_an_ablation_without_effects_reports_without_the_figure(ablation, tmp_path):
+    """Only the paper's arms (e.g. the training-length profiles): no arm ablates another, so no effects.png; the
+    report must not ask for it (it did: 'effects.png: No such file or directory' after all the work)."""
+    import shutil
+
+    from ctseg.evaluate.ablation import report_parts
+
+    shutil.copytree(ablation / "ablation", tmp_path / "abl")
+    (tmp_path / "abl" / "effects.png").unlink()
+    lines, tables, effects = report_parts(tmp_path / "abl")
+    assert effects is None and lines and tables

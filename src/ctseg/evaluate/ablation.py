@@ -404,8 +404,9 @@ def effects_figure(result: dict[str, Any], path: str | Path) -> Path | None:
     return _save(fig, Path(path))
 
 
-def report_parts(ablation_dir: str | Path) -> tuple[list[str], list[tuple[str, str, list[str], list[list[str]]]], Path]:
-    """(headline lines, tables as (title, note, header, rows), the effects figure) of a finished ablation."""
+def report_parts(ablation_dir: str | Path
+                 ) -> tuple[list[str], list[tuple[str, str, list[str], list[list[str]]]], Path | None]:
+    """(headline lines, tables as (title, note, header, rows), the effects figure or None) of a finished ablation."""
     result = json.loads((Path(ablation_dir) / "ablation.json").read_text())
     n = {k: len(v) for k, v in result["volumes"].items()}
     tables = []
@@ -422,4 +423,5 @@ def report_parts(ablation_dir: str | Path) -> tuple[list[str], list[tuple[str, s
     header, rows = arm_table(result, "test")
     tables.append((f"Ablation — test volumes ({n['test']}), after the choice on {n['validation']} validation volumes",
                    result["rule_text"], header, rows))
-    return selection_lines(result), tables, Path(ablation_dir) / "effects.png"
+    effects = Path(ablation_dir) / "effects.png"  # absent when no arm ablates another (e.g. only the paper's arms)
+    return selection_lines(result), tables, effects if effects.is_file() else None

@@ -113,9 +113,10 @@ def write_report(records: Sequence[VolumeResult], out_dir: str | Path, *, config
 
         headline_extra, tables, effects = report_parts(ablation_dir)
         extra_sections = [*extra_sections, *(Section(t, n, h, r, None) for t, n, h, r in tables)]
-        stress_figures.append(("Ablation: effect of each augmentation component", "each ablated arm minus its "
-                               "reference (Dice, paired 95% bootstrap CI over volumes): clean, all population "
-                               "shifts, each shift; filled dot = CI excludes 0 (docs/ABLATION.md)", effects))
+        if effects is not None:
+            stress_figures.append(("Ablation: effect of each augmentation component", "each ablated arm minus its "
+                                   "reference (Dice, paired 95% bootstrap CI over volumes): clean, all population "
+                                   "shifts, each shift; filled dot = CI excludes 0 (docs/ABLATION.md)", effects))
     report = build_report(records, title=title, config=config, thickness_edges_mm=thickness_edges_mm,
                           flag_rule=flag_rule, extra_sections=extra_sections, stress=stress,
                           headline_extra=headline_extra)
