@@ -11,12 +11,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test typecheck install bench clean ablation ablation-length
 
+# --no-compile: Python compiles what it imports on first use instead of all of torch up front (~15 s less)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps "dynamic-network-architectures>=0.3"
+	$(PY) -m pip install -q --no-compile "$(TORCH)"
+	$(PY) -m pip install -q --no-compile -e ".[test]"
+	$(PY) -m pip install -q --no-compile --no-deps "dynamic-network-architectures>=0.3"
 	touch $(STAMP)
 
 install: $(STAMP)

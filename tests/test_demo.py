@@ -32,6 +32,11 @@ def test_demo_ci_profile(tmp_path):
     n_cases = len(json.loads((out / "data" / "phantom.json").read_text())["cases"])
     assert len(results["records"]) == len(DEMO_ROWS) * n_cases
     assert " ".join(results["headline"]["text"].split()) in printed
+    if len(os.sched_getaffinity(0)) >= 2:  # --jobs auto: the runs after the first in parallel, one thread each
+        assert "; 2 processes)" in printed
+        threads = {json.loads(p.read_text())["versions"]["torch_threads"]
+                   for p in out.glob("runs/*/fold_0/model/run.json")}
+        assert threads == {"1"}, threads
     # a second run continues the finished demo without redoing anything
     again = subprocess.run([sys.executable, "-m", "ctseg", "demo", "--profile", "ci", "--out", str(out),
                             "--no-progress"], capture_output=True, text=True, timeout=120, env=env)

@@ -164,3 +164,28 @@ def test_finished_parts_are_skipped(experiment):
     other.train.lr = 0.5
     with pytest.raises(CtsegError, match="another configuration"):
         run_cv(other, data, run_dir, cache_dir=out / "cache", folds_file=out / "folds.json", progress=False)
+
+
+def test_jobs_auto_shares_the_cpus(monkeypatch):
+    """`--jobs auto`: one worker per usable CPU for the runs after the first, 1 for one run; each worker's torch
+    threads are the CPUs shared out, or OMP_NUM_THREADS when set."""
+    import os
+
+    from ctseg.cli import build_parser
+    from ctseg.experiment import experiment_jobs
+    from ctseg.runtime import auto_jobs, worker_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [auto_jobs(n, "cpu") for n in (0, 1, 2, 9)] == [1, 1, 2, 4]
+    assert [worker_threads(j) for j in (1, 2, 3, 8)] == [4, 2, 1, 1]
+    demo = load_config(REPO / "configs" / "demo.yaml")  # none, MIA, CTIA: 2 runs after the first
+    assert experiment_jobs(demo, "auto", "cpu") == 2 and experiment_jobs(demo, 3, "cpu") == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert worker_threads(2) == 1
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--jobs", "auto"]).jobs == "auto"
+    assert parser.parse_args(["experiment", "--config", "c", "--out", "o", "--jobs", "2"]).jobs == 2
+    with pytest.raises(SystemExit) as bad:
+        parser.parse_args(["demo", "--jobs", "0"])
+    assert bad.value.code == 2

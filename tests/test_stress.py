@@ -243,6 +243,25 @@ def trained(tmp_path_factory):
     return root, data
 
 
+def test_split_volumes_balances_voxels_and_keeps_every_volume(trained):
+    from ctseg.datasets import open_dataset
+    from ctseg.inference.cases import header_shape
+    from ctseg.stress.runner import split_volumes
+
+    _, data = trained
+    dataset = open_dataset(data, "kits19")
+    ids = dataset.case_ids()
+    size = {c: int(np.prod(header_shape(dataset.image_path(c)))) for c in ids}
+    assert len(set(size.values())) > 1  # the phantom's cases differ in slice count
+    parts = split_volumes(dataset, ids, 2)
+    assert sorted(c for p in parts for c in p) == sorted(ids) and all(p == sorted(p) for p in parts)
+    loads = [sum(size[c] for c in p) for p in parts]
+    # the largest-first greedy split: no part exceeds the ideal half by more than the largest volume
+    assert max(loads) - sum(loads) / 2 <= max(size.values())
+    assert max(loads) <= max(sum(size[c] for c in ids[i::2]) for i in range(2))  # never worse than round-robin
+    assert split_volumes(dataset, ids, 10) == [[c] for c in sorted(ids, key=lambda c: (-size[c], c))]
+
+
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

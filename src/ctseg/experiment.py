@@ -24,6 +24,7 @@ import torch
 from ctseg.config import ExperimentConfig, config_to_dict, parse_config, save_config
 from ctseg.errors import CtsegError
 from ctseg.registry import NETWORKS
+from ctseg.runtime import auto_jobs, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +109,24 @@ def _warn_few_candidates(cfg: ExperimentConfig, runs: list[ExperimentConfig], au
                         "experiment.stack_seeds for a real selection)", aug, name, n, cfg.stack.top_k)
 
 
-def _cv_job(job: tuple[dict, str, str, str, str, str | None]) -> str:
-    """One cross-validation in a worker process of `run_experiment(jobs=N)`: one torch thread, no progress bars."""
+def _cv_job(job: tuple[dict, str, str, str, str, str | None, int]) -> str:
+    """One cross-validation in a worker process of `run_experiment(jobs=N)`: its share of the CPUs as torch
+    threads, no progress bars."""
     from ctseg.cv import run_cv
 
-    cfg_dict, data_dir, run_dir, cache_dir, folds_file, device = job
-    torch.set_num_threads(1)
+    cfg_dict, data_dir, run_dir, cache_dir, folds_file, device, threads = job
+    torch.set_num_threads(threads)
     run_cv(parse_config(cfg_dict), data_dir, run_dir, cache_dir=cache_dir, folds_file=folds_file, device=device,
            progress=False)
     return run_dir
+
+
+def experiment_jobs(cfg: ExperimentConfig, jobs: int | str, device: str | None) -> int:
+    """`--jobs`: a number as given, or "auto": one worker process per usable CPU for the cross-validations that
+    run in parallel (all but the first), 1 on a GPU (`runtime.auto_jobs`)."""
+    if jobs != "auto":
+        return int(jobs)
+    return auto_jobs(sum(map(len, run_configs(cfg))) - 1, device or cfg.train.device)
 
 
 def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, *, title: str | None = None,
@@ -125,8 +135,11 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
     """Run (or continue) the whole experiment; returns the path of `report/index.html`.
 
     jobs > 1: after the first cross-validation (which builds the shared caches and folds), the others run in
-    `jobs` worker processes of one torch thread each, and the stress test in `jobs` parts by volume (small
-    CPU networks train faster as N one-thread processes than as one N-thread process; results are identical)."""
+    `jobs` worker processes that share the CPUs (`runtime.worker_threads`: one torch thread each on a 2-core
+    machine), and the stress test in `jobs` parts by volume. Small CPU networks train ~1.4x faster as N one-thread
+    processes than as one N-thread process. Torch's CPU kernels sum in an order that depends on the thread count,
+    so trained weights, and the Dice figures, differ in the last digits between `jobs` settings; each run's
+    run.json records its thread count."""
     from ctseg.cv import RunIdentity, run_cv, run_stack
     from ctseg.cv.run import cv_log_csvs, load_cv_records
     from ctseg.progress import progress_bar
@@ -161,7 +174,7 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
             bar.update(task, description=f"[bold magenta]experiment[/] · {len(parallel)} runs in {jobs} processes")
             dev = None if device is None else str(device)
             jobs_args = [(config_to_dict(rc), str(data_dir), str(run_dirs[RunIdentity.of(rc).name]), str(cache_dir),
-                          str(folds_file), dev) for rc in parallel]
+                          str(folds_file), dev, worker_threads(jobs)) for rc in parallel]
             with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 for done in as_completed([pool.submit(_cv_job, j) for j in jobs_args]):
                     done.result()
@@ -204,13 +217,13 @@ def run_experiment(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | P
     return html
 
 
-def _stress_job(job: tuple[list[str], str, str, dict, str, list[str], str]) -> str:
+def _stress_job(job: tuple[list[str], str, str, dict, str, list[str], str, int]) -> str:
     """One part (a subset of the volumes) of the experiment's stress test in a worker process."""
     from ctseg.config import StressConfig
     from ctseg.stress.runner import model_specs_from_cv, run_stress
 
-    cv_dirs, data_dir, out_dir, stress_cfg, layout, volumes, device = job
-    torch.set_num_threads(1)
+    cv_dirs, data_dir, out_dir, stress_cfg, layout, volumes, device, threads = job
+    torch.set_num_threads(threads)
     specs, _ = model_specs_from_cv(cv_dirs)
     run_stress(specs, data_dir, out_dir, StressConfig.model_validate(stress_cfg), layout=layout, case_ids=volumes,
                device=device, progress=False)
@@ -220,9 +233,11 @@ def _stress_job(job: tuple[list[str], str, str, dict, str, list[str], str]) -> s
 def run_experiment_stress(cfg: ExperimentConfig, cv_dirs: list[Path], data_dir: str | Path, out_dir: Path, *,
                           device: str | torch.device | None = None, progress: bool = True, jobs: int = 1) -> Path:
     """The stress test of the experiment's table runs, out-of-fold (`ctseg.stress.runner`); returns its folder.
-    jobs > 1: the volumes in `jobs` parts (`out_dir/part-K`), run in parallel processes, then merged."""
+    jobs > 1: the volumes in `jobs` parts of about equal size (`split_volumes`, `out_dir/part-K`), run in parallel
+    processes, then merged."""
     from ctseg.evaluate.folds import load_folds
-    from ctseg.stress.runner import choose_volumes, merge_stress_parts, model_specs_from_cv, run_stress
+    from ctseg.datasets import open_dataset
+    from ctseg.stress.runner import choose_volumes, merge_stress_parts, model_specs_from_cv, run_stress, split_volumes
 
     specs, manifest = model_specs_from_cv(cv_dirs)
     case_ids = [cid for fold in load_folds(manifest.folds_file).folds for cid in fold]
@@ -235,10 +250,10 @@ def run_experiment_stress(cfg: ExperimentConfig, cv_dirs: list[Path], data_dir: 
     from concurrent.futures import ProcessPoolExecutor
 
     volumes = choose_volumes(case_ids, cfg.stress.max_volumes, cfg.stress.seed)
-    parts = [volumes[i::jobs] for i in range(jobs) if volumes[i::jobs]]
+    parts = split_volumes(open_dataset(data_dir, cfg.data.layout), volumes, jobs)
     part_cfg = cfg.stress.model_copy(update={"max_volumes": None}).model_dump()
     args = [([str(d) for d in cv_dirs], str(data_dir), str(out_dir / f"part-{i}"), part_cfg, cfg.data.layout, part,
-             str(dev)) for i, part in enumerate(parts)]
+             str(dev), worker_threads(len(parts))) for i, part in enumerate(parts)]
     with ProcessPoolExecutor(len(args), mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_stress_job, args))
     merge_stress_parts([out_dir / f"part-{i}" for i in range(len(parts))], specs, out_dir, cfg.stress)

@@ -29,6 +29,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def jobs_arg(text: str) -> int | str:
+    """A worker-process count: an integer >= 1, or "auto" (chosen from the CPUs and the device)."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
 def int_range(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: an integer in low..high."""
     def parse(text: str) -> int:

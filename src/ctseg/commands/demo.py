@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.panel import Panel
 
 from ctseg.commands._output import stdout_console
-from ctseg.commands._types import positive_int, seed_int
+from ctseg.commands._types import jobs_arg, positive_int, seed_int
 from ctseg.errors import CtsegError
 
 if TYPE_CHECKING:
@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=positive_int, help="number of phantom cases (default: by profile)")
     parser.add_argument("--seed", type=seed_int, default=0, help="phantom seed")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--jobs", type=jobs_arg, default="auto",
+                        help="cross-validations (and stress-test parts) run in N processes that share the CPUs; "
+                        "auto (default): one per CPU on a CPU, 1 on a GPU")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -98,7 +101,7 @@ def _phantom(out: Path, n_cases: int, size: str, seed: int, progress: bool, cons
 def run(args: argparse.Namespace) -> int:
     from ctseg.commands.report import summary_table
     from ctseg.evaluate.report import load_results
-    from ctseg.experiment import run_experiment
+    from ctseg.experiment import experiment_jobs, run_experiment
 
     from ctseg.datasets import LAYOUTS
 
@@ -128,10 +131,11 @@ def run(args: argparse.Namespace) -> int:
         f"cross-validation of {augs}\n{models}{' -> stacked ensemble' if cfg.experiment.stack else ''}"
         f"{' -> stress test' if cfg.stress.enabled else ''} -> report in {escape(str(args.out))}",
         border_style="cyan"))
+    jobs = experiment_jobs(cfg, args.jobs, args.device)
     t0 = time.perf_counter()
     data = _phantom(args.out, n_cases, size, args.seed, progress, console)
     t_data = time.perf_counter() - t0
-    html = run_experiment(cfg, data, args.out, device=args.device, progress=progress,
+    html = run_experiment(cfg, data, args.out, device=args.device, progress=progress, jobs=jobs,
                           title=f"ctseg demo ({args.profile}): {augs} on phantom kidney CTs",
                           intro=f"synthetic phantom data ({n_cases} cases, {size} size); networks shrunk to fit "
                                 "the profile, so absolute Dice is far below the paper's")
@@ -141,6 +145,6 @@ def run(args: argparse.Namespace) -> int:
     console.print(Panel.fit(f"[bold]{results['headline']['text']}[/]\n\n"
                         f"report:  [bold cyan]{html.resolve()}[/]\n"
                         f"tables:  {(args.out / 'results.md').resolve()}\n"
-                        f"time:    {total:.0f} s (phantom data {t_data:.0f} s)",
+                        f"time:    {total:.0f} s (phantom data {t_data:.0f} s; {jobs} process{'es' if jobs > 1 else ''})",
                         title="demo finished", border_style="green"))
     return 0

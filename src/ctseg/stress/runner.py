@@ -95,6 +95,26 @@ def choose_volumes(case_ids: Sequence[str], max_volumes: int | None, seed: int) 
     return sorted(ids[i] for i in pick)
 
 
+def split_volumes(dataset: Dataset, volumes: Sequence[str], parts: int) -> list[list[str]]:
+    """`volumes` in at most `parts` non-empty groups of about equal work, for parallel stress-test parts: each
+    volume, the largest first, goes to the group with the fewest voxels so far (sizes from the image headers; a
+    volume whose header is unreadable counts as the median). Each group sorted. Which part scores a volume does
+    not change its rows: every perturbation is seeded by (seed, case, axis, severity)."""
+    from ctseg.inference.cases import header_shape
+
+    shapes = {cid: header_shape(dataset.image_path(cid)) for cid in volumes}
+    known = [int(np.prod(s)) for s in shapes.values() if s is not None]
+    fallback = int(np.median(known)) if known else 1
+    size = {cid: int(np.prod(s)) if s is not None else fallback for cid, s in shapes.items()}
+    groups: list[list[str]] = [[] for _ in range(max(1, min(parts, len(volumes))))]
+    load = [0] * len(groups)
+    for cid in sorted(volumes, key=lambda c: (-size[c], c)):
+        k = load.index(min(load))
+        groups[k].append(cid)
+        load[k] += size[cid]
+    return [sorted(g) for g in groups if g]
+
+
 def _severity_key(v: float) -> str:
     return f"{float(v):g}"
 

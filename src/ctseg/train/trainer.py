@@ -124,7 +124,7 @@ def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = RES
 
 def _versions() -> dict[str, str]:
     return {"ctseg": ctseg.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
 
 
 # --- the trainer --------------------------------------------------------------------------------------------
