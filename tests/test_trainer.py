@@ -227,7 +227,8 @@ def test_run_folder_contents_and_load_trained(cache, tmp_path):
     assert info["classes"] == {"0": "background", "1": "kidney", "2": "tumour"} and info["num_classes"] == 3
     assert info["train_ids"] == ["case00", "case01", "case02"] and info["val_ids"] == ["case03"]
     assert info["intensity_plan"] == cache.plan.to_dict() and info["config"]["train"]["steps_per_epoch"] == 3
-    assert set(info["versions"]) == {"ctseg", "torch", "numpy", "python"} and len(info["dataset_fingerprint"]) == 64
+    assert set(info["versions"]) == {"ctseg", "torch", "numpy", "python", "torch_threads"}
+    assert info["versions"]["torch_threads"] == str(torch.get_num_threads()) and len(info["dataset_fingerprint"]) == 64
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["3", "6"]
     assert set(rows[0]) == {"epoch", "step", "train_loss", "val_dice_kidney", "val_dice_tumour", "val_dice_mean",
