@@ -60,7 +60,7 @@ def test_a_composed_arm_shares_one_gate_and_applies_every_step():
 def test_the_paper_arms_keep_their_names_and_behaviour():
     for name, cls in (("ctia", CTIAugmenter), ("mia", PaperMIAugmenter)):
         assert type(build_augmenter(AugmentConfig(name=name), "2d")) is cls
-    robust = build_augmenter(AugmentConfig(name="robust"), "2d")  # the shipped recommendation (docs/ABLATION.md)
+    robust = build_augmenter(AugmentConfig(name="robust"), "2d")  # the 160-step ablation's pick (docs/ABLATION.md §6)
     assert isinstance(robust, PaperMIAugmenter) and robust.cfg.rotation_p == 0 and robust.cfg.scale_p > 0
     with pytest.raises(ValueError, match="reserved"):
         _aug({"ctia": {"steps": [{"family": "mia"}]}}, "ctia")
